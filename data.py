@@ -1,0 +1,770 @@
+"""Data: from MIMIC-style CSV extracts to the processed hierarchical dataset, and back out as batches.
+
+Usage: `python medhmp.py preprocess --raw RAW --out data/processed` (see `preprocess`), then
+`load_processed(dir)` and the `StayDataset` / `AdmissionDataset` / `PatientDataset` classes.
+Reads the CSV extracts (MIMIC-III, MIMIC-IV or a diagnosis extract) and writes the folder described in
+docs/data-format.md: meta.json, stays.pt, admissions.pt, labels.csv, splits.json, note_cache.pt.
+Imports no project module; the progress reporter and `InputError` live here because every stage uses them.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from torch.utils.data import DataLoader, Dataset
+
+from extract import (STATIC_CATEGORIES, StayIndex, age_at, find_notes, item_names, load_core, load_trinetx,
+                     read_diagnoses, read_drugs, read_notes, stream_events)
+from features import (apply_static, apply_timeseries, build_vocab, codes_to_csr, embed_notes, fit_static,
+                      fit_timeseries)
+from tables import InputError, find_layout
+
+
+# --------------------------------------------------------------------------------------------- progress
+class Reporter:
+    """Rich progress bars on a terminal, plain throttled log lines elsewhere (CI, pipes, files).
+
+    `with reporter.task("CHARTEVENTS", total=n_bytes, unit="bytes") as advance: advance(k)`.
+    `quiet=True` silences everything (tests). Messages go to stderr; stdout is left for results.
+    """
+
+    def __init__(self, quiet: bool = False, interval: float = 10.0):
+        self.quiet = quiet
+        self.interval = interval  # seconds between plain progress lines
+        self.console = Console(stderr=True, highlight=False)
+        self.live = self.console.is_terminal and not os.environ.get("CI")
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, markup=False, soft_wrap=True)
+
+    def task(self, description: str, total: float | None, unit: str = "rows"):
+        return _Task(self, description, total, unit)
+
+    def bytes_task(self, description: str, total: float | None):
+        return _Task(self, description, total, "bytes")
+
+
+class _Task:
+    def __init__(self, rep: Reporter, description: str, total: float | None, unit: str):
+        self.rep, self.description, self.total, self.unit = rep, description, total, unit
+        self.done, self.status = 0.0, ""
+        self.start = self.last = time.perf_counter()
+        self.progress = None
+
+    def __enter__(self):
+        if self.rep.quiet:
+            return self.advance
+        if self.rep.live:
+            sizes = [DownloadColumn(), TransferSpeedColumn()] if self.unit == "bytes" else [MofNCompleteColumn()]
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), *sizes, TimeElapsedColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                                     console=self.rep.console, transient=False)
+            self.progress.start()
+            self.id = self.progress.add_task(self.description, total=self.total, status="")
+        return self.advance
+
+    def advance(self, n: float = 1, status: str | None = None) -> None:
+        self.done += n
+        if status is not None:
+            self.status = status
+        if self.rep.quiet:
+            return
+        if self.progress is not None:
+            self.progress.update(self.id, advance=n, status=self.status)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.rep.interval:
+            self.last = now
+            self.rep.log(f"{self.description}: {self._amount()} {self.status}".rstrip())
+
+    def _amount(self) -> str:
+        def fmt(x):
+            return f"{x / 2**20:.1f} MiB" if self.unit == "bytes" else f"{int(x):,}"
+        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        return f"{fmt(self.done)}{f' / {fmt(self.total)}' if self.total else ''}{pct} " \
+               f"in {time.perf_counter() - self.start:.1f} s"
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+        elif not self.rep.quiet and exc[0] is None:
+            self.rep.log(f"{self.description}: done, {self._amount()} {self.status}".rstrip())
+        return False
+
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class PreprocessConfig:
+    raw: Path = Path("data/raw")
+    notes: Path | None = None                 # a note table or folder; default: the layout's own
+    out: Path = Path("data/processed")
+    text_model: str = "hashing"               # "hashing", a local Hugging Face folder, or a hub name
+    text_device: str = "cpu"                  # where a Hugging Face text model runs
+    limit_patients: int | None = None         # a deterministic sample of this many patients
+    seq_len: int = 48                         # paper App. A: T = 48 one-hour bins
+    min_frequency: float = 0.05               # paper App. A: drop features seen in < 5% of stays
+    n_bins: int = 5                           # FIDDLE discretize: quintiles
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # official code 80/10/10 (here by patient)
+    seed: int = 0
+    exclude_label_items: bool = True          # DESIGN §4: ARF/shock-defining items are not features
+    drug_code: str = "drug"                   # PRESCRIPTIONS column used as the drug code: drug|ndc|gsn
+    vocab_from: Path | None = None            # reuse the code vocabularies of another processed folder
+    note_max_tokens: int = 512                # spec §12.7: Clinical-T5 was trained on 512 tokens
+    note_pooling: str = "mean"                # "mean" (attention-masked) or "mean_unmasked" (official)
+    hashing_dim: int = 768                    # width of the built-in hashing text model (Clinical-T5-Base: 768)
+    text_batch_size: int = 16
+    readmission_days: int = 30                # paper §3.3: 30-day readmission
+    patient_gap_days: int = 180               # paper App. A: history ends six months before diagnosis
+    controls_per_case: int = 3                # paper App. A: three matched controls per case
+    quiet: bool = False
+
+
+FORMAT_VERSION = 1
+STAY_TASKS = ("arf", "shock", "mortality")
+# ICD-9 groups of the patient-level tasks (prefix match on codes without dots)
+PATIENT_CODES = {
+    "hf": ("428", "39891", "40201", "40211", "40291", "40401", "40403", "40411", "40413", "40491", "40493"),
+    "copd": ("491", "492", "496"),
+    "amnesia": ("78093", "2940", "2911", "29283"),
+}
+MINUTES_PER_DAY = 1440
+
+
+def preprocess(cfg: PreprocessConfig) -> dict:
+    """Read the extract at `cfg.raw`, write the processed folder `cfg.out` atomically; returns meta."""
+    rep = Reporter(cfg.quiet)
+    raw, out = Path(cfg.raw), Path(cfg.out)
+    layout = find_layout(raw)
+    _check_out(out)
+    rep.log(f"reading {raw} ({layout} layout)")
+    cache = _load_cache(out)
+    sources = {}
+    build = _build_trinetx if layout == "trinetx" else _build_mimic
+    result = build(cfg, raw, layout, sources, rep, cache)
+    meta = result["meta"]
+    meta.update(format_version=FORMAT_VERSION, layout=layout, created=time.strftime("%Y-%m-%d %H:%M:%S"),
+                config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                sources={k: s.describe() for k, s in sources.items()})
+    _write_folder(out, result, cache, rep)
+    _print_attrition(meta, rep)
+    rep.log(f"wrote {out}: {meta['counts']}")
+    return meta
+
+
+# ------------------------------------------------------------------------------------------- building
+def _take(table: dict, rows) -> dict:
+    """Rows of a dict of arrays / lists (None stays None)."""
+    idx = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+    return {k: (v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx] if v is not None else None)
+            for k, v in table.items()}
+
+
+def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions of `ids` in `sorted_ids`, -1 where absent."""
+    if len(sorted_ids) == 0:
+        return np.full(len(ids), -1)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == ids, pos, -1)
+
+
+def assign_splits(subject_ids: np.ndarray, seed: int, fractions) -> np.ndarray:
+    """0 train / 1 val / 2 test per patient from a hash of (seed, subject_id): deterministic, and adding
+    patients never moves the others (the FEMR convention)."""
+    u = np.array([int(hashlib.sha1(f"{seed}:{s}".encode()).hexdigest()[:12], 16) / 16 ** 12
+                  for s in subject_ids.tolist()])
+    edges = np.cumsum(fractions)[:2] / np.sum(fractions)
+    return np.searchsorted(edges, u, side="right").astype(np.int8)
+
+
+def _sample_patients(subject_ids: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Sorted ids of the patients kept: all, or a deterministic hash-ordered sample of --limit-patients."""
+    ids = np.unique(subject_ids)
+    if cfg.limit_patients is None or cfg.limit_patients >= len(ids):
+        return ids
+    key = [hashlib.sha1(f"sample:{cfg.seed}:{s}".encode()).hexdigest() for s in ids.tolist()]
+    return np.sort(ids[np.argsort(key)[:cfg.limit_patients]])
+
+
+def _build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
+    core = load_core(raw, layout, sources)
+    pats, adms, sts = core["patients"], core["admissions"], core["stays"]
+    attrition = {"patients": [["patients in the patients table", len(pats["subject_id"])]]}
+    subjects = _sample_patients(pats["subject_id"], cfg)
+    if len(subjects) < len(pats["subject_id"]):
+        attrition["patients"].append([f"sampled (--limit-patients {cfg.limit_patients})", len(subjects)])
+    order = np.argsort(pats["subject_id"])
+    pats = _take(pats, order[_lookup(pats["subject_id"][order], subjects)])   # rows aligned with `subjects`
+    split = assign_splits(subjects, cfg.seed, cfg.split)
+
+    a_att = attrition["admissions"] = [["admissions in the admissions table", len(adms["hadm_id"])]]
+    adms = _take(adms, _lookup(subjects, adms["subject_id"]) >= 0)
+    a_att.append(["of kept patients", len(adms["hadm_id"])])
+    adms = _take(adms, np.argsort(adms["hadm_id"]))
+    a_subject = _lookup(subjects, adms["subject_id"])
+
+    s_att = attrition["stays"] = [["ICU stays in the icustays table", len(sts["stay_id"])]]
+    s_adm = _lookup(adms["hadm_id"], sts["hadm_id"])
+    for name, keep in (("of kept admissions", lambda: s_adm >= 0),
+                       ("MetaVision (the label items are MetaVision itemids)", lambda: sts["metavision"]),
+                       ("with an outtime", lambda: sts["outtime"] > sts["intime"])):
+        mask = keep()
+        sts, s_adm = _take(sts, mask), s_adm[mask]
+        s_att.append([name, len(sts["stay_id"])])
+    s_subject = a_subject[s_adm]
+    age = age_at(pats, s_subject, sts["intime"])
+    keep = age >= 18
+    sts, s_adm, s_subject, age = _take(sts, keep), s_adm[keep], s_subject[keep], age[keep]
+    s_att.append(["age >= 18 at ICU admission", len(sts["stay_id"])])
+
+    index = StayIndex(sts["hadm_id"], sts["intime"], sts["outtime"])
+    events, onsets, skipped = stream_events(raw, layout, index, len(sts["stay_id"]), cfg.seq_len,
+                                            cfg.exclude_label_items, sources, rep.bytes_task)
+    has_events = np.zeros(len(sts["stay_id"]), bool)
+    has_events[events["stay"]] = True
+    new_row = np.cumsum(has_events) - 1
+    events = dict(events, stay=new_row[events["stay"]])
+    sts, s_adm, s_subject, age = _take(sts, has_events), s_adm[has_events], s_subject[has_events], age[has_events]
+    onsets = {k: v[has_events] for k, v in onsets.items()}
+    s_att.append([f"with events in the first {cfg.seq_len} h", len(sts["stay_id"])])
+
+    train_stay = split[s_subject] == 0
+    rep.log(f"fitting features on {int(train_stay.sum())} training stays")
+    ts_spec = fit_timeseries(events, train_stay, item_names(raw, layout), cfg.min_frequency, cfg.n_bins)
+    ts_ptr, ts_idx = apply_timeseries(events, ts_spec, len(sts["stay_id"]), cfg.seq_len)
+    static_cols = {"age": age.astype(np.float64), "hadm_to_icu_hours": (sts["intime"] - adms["admittime"][s_adm]) / 60.0,
+                   "gender": [pats["gender"][i] for i in s_subject],
+                   **{c: [adms[c][i] for i in s_adm] for c in STATIC_CATEGORIES if c in adms and adms[c] is not None},
+                   "first_careunit": sts["first_careunit"] or [""] * len(s_adm)}
+    static_spec = fit_static(static_cols, train_stay, cfg.min_frequency, cfg.n_bins)
+    static = apply_static(static_cols, static_spec)
+
+    codes = _admission_codes(cfg, raw, layout, adms, split[a_subject] == 0, sources, rep, a_att)
+    notes = _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped)
+    order = np.lexsort((sts["intime"], s_adm))                      # stays grouped by admission
+    admissions = {"hadm_id": adms["hadm_id"], "subject_id": adms["subject_id"],
+                  "admittime": adms["admittime"] / 60.0, "dischtime": adms["dischtime"] / 60.0,
+                  "died": adms["died"], **codes["csr"], **notes["arrays"],
+                  "stay_ptr": np.searchsorted(s_adm[order], np.arange(len(adms["hadm_id"]) + 1)),
+                  "stay_rows": order}
+    stays = {"stay_id": sts["stay_id"], "hadm_id": sts["hadm_id"], "subject_id": sts["subject_id"],
+             "ts_ptr": ts_ptr, "ts_idx": ts_idx, "static": static}
+    labels = stay_labels(sts, adms, s_adm, onsets, cfg, attrition)
+    labels += readmission_labels(adms, admissions, cfg, attrition)
+    labels += patient_labels(adms["subject_id"], adms["admittime"], adms["dischtime"], codes["raw"],
+                             pats, subjects, cfg, attrition)
+    meta = {"seq_len": cfg.seq_len, "n_features": len(ts_spec["columns"]), "n_static": static.shape[1],
+            "n_icd": len(codes["icd_vocab"]), "n_drug": len(codes["drug_vocab"]), "note_dim": notes["dim"],
+            "feature_names": ts_spec["columns"], "static_names": static_spec["columns"],
+            "features": {"variables": ts_spec["variables"], "static": static_spec["variables"],
+                         "excluded_label_items": cfg.exclude_label_items},
+            "icd_vocab": codes["icd_vocab"], "drug_vocab": codes["drug_vocab"], "drug_code": cfg.drug_code,
+            "notes": notes["info"], "attrition": attrition, "skipped": skipped,
+            "counts": {"patients": len(subjects), "admissions": len(adms["hadm_id"]),
+                       "stays": len(sts["stay_id"]), "active_cells": len(ts_idx),
+                       "density": round(len(ts_idx) / max(1, len(sts["stay_id"]) * cfg.seq_len
+                                                          * max(1, len(ts_spec["columns"]))), 5)}}
+    return {"meta": meta, "stays": stays, "admissions": admissions, "labels": labels,
+            "splits": _splits_json(subjects, split, cfg)}
+
+
+def _splits_json(subjects, split, cfg) -> dict:
+    names = ("train", "val", "test")
+    return {"seed": cfg.seed, "fractions": list(cfg.split), "method": "sha1(seed:subject_id) buckets",
+            **{n: subjects[split == i].tolist() for i, n in enumerate(names)}}
+
+
+def _vocabularies(cfg, icd, drug, train_pairs_icd, train_pairs_drug):
+    if cfg.vocab_from is None:
+        return build_vocab(icd, train_pairs_icd), build_vocab(drug, train_pairs_drug)
+    path = Path(cfg.vocab_from) / "meta.json"
+    if not path.is_file():
+        raise InputError(f"{path}: not found (--vocab-from needs a processed folder)")
+    other = json.loads(path.read_text())
+    return other["icd_vocab"], other["drug_vocab"]
+
+
+def _admission_codes(cfg, raw, layout, adms, train_adm, sources, rep, a_att) -> dict:
+    """ICD-9 and drug code sets per admission: raw pairs (for cohorts) and vocabulary CSR (for models)."""
+    d_hadm, d_code, counts = read_diagnoses(raw, layout, sources)
+    g_hadm, g_code = read_drugs(raw, layout, cfg.drug_code, sources, rep.bytes_task)
+    d_row, g_row = _lookup(adms["hadm_id"], d_hadm), _lookup(adms["hadm_id"], g_hadm)
+    d_row, d_code = d_row[d_row >= 0], d_code[d_row >= 0]
+    g_row, g_code = g_row[g_row >= 0], g_code[g_row >= 0]
+    has_icd = np.zeros(len(adms["hadm_id"]), bool)
+    has_icd[d_row] = True
+    a_att.append(["with ICD-9 diagnosis codes", int(has_icd.sum())])
+    icd_vocab, drug_vocab = _vocabularies(cfg, d_code, g_code, train_adm[d_row], train_adm[g_row])
+    icd_ptr, icd_idx, icd_oov = codes_to_csr(d_row, d_code, icd_vocab, len(adms["hadm_id"]))
+    drug_ptr, drug_idx, drug_oov = codes_to_csr(g_row, g_code, drug_vocab, len(adms["hadm_id"]))
+    rep.log(f"codes: {len(icd_vocab)} ICD-9, {len(drug_vocab)} drugs ({cfg.drug_code}); {counts}")
+    return {"raw": (d_row, d_code), "icd_vocab": icd_vocab, "drug_vocab": drug_vocab,
+            "csr": {"icd_ptr": icd_ptr, "icd_idx": icd_idx, "drug_ptr": drug_ptr, "drug_idx": drug_idx},
+            "counts": {**counts, "ICD codes outside the vocabulary": icd_oov, "drug codes outside": drug_oov}}
+
+
+def _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped) -> dict:
+    """One embedded note per admission (its latest discharge summary), zeros and mask 0 where none."""
+    path = find_notes(raw, cfg.notes, layout)
+    texts, counts = ({}, {"note table": "missing"}) if path is None else \
+        read_notes(path, set(adms["hadm_id"].tolist()), sources, rep.bytes_task)
+    skipped["notes"] = counts
+    hadms = [h for h in adms["hadm_id"].tolist() if h in texts]
+    if path is None or not hadms:
+        rep.log(f"warning: no notes found{'' if path is None else f' for these admissions in {path}'}; "
+                "the note modality is masked everywhere")
+    vectors, info = embed_notes([texts[h] for h in hadms], cfg.text_model, cache, dim=cfg.hashing_dim,
+                                max_tokens=cfg.note_max_tokens, pooling=cfg.note_pooling,
+                                device=cfg.text_device, batch_size=cfg.text_batch_size, task=rep.task)
+    dim = vectors.shape[1] if len(hadms) else (cfg.hashing_dim if cfg.text_model == "hashing" else 0)
+    note = np.zeros((len(adms["hadm_id"]), dim), np.float16)
+    rows = _lookup(adms["hadm_id"], np.array(hadms, dtype=np.int64))
+    note[rows] = vectors
+    mask = np.zeros(len(adms["hadm_id"]), bool)
+    mask[rows] = True
+    info.update(source=str(path) if path else None, selection="latest discharge summary per admission",
+                with_note=int(mask.sum()))
+    return {"arrays": {"note": note, "note_mask": mask}, "dim": int(dim), "info": info}
+
+
+# ------------------------------------------------------------------------------------------- labels
+def stay_labels(sts, adms, s_adm, onsets, cfg, attrition) -> list[tuple]:
+    """ARF, shock and mortality at T = seq_len hours (FIDDLE inclusion rule, spec §2.6): stays of at least
+    T hours, alive at T; ARF/shock also without onset before T, labelled by onset at or after T;
+    mortality labelled by in-hospital death."""
+    t_min = cfg.seq_len * 60
+    died = adms["died"][s_adm]
+    death = adms["deathtime"][s_adm] if adms["deathtime"] is not None else np.full(len(s_adm), -1)
+    death = np.where(death >= 0, death, np.where(died, adms["dischtime"][s_adm], -1))  # no deathtime: discharge
+    long_enough = sts["outtime"] - sts["intime"] >= t_min
+    base = long_enough & ((death < 0) | (death >= sts["intime"] + t_min))
+    rows = []
+    for task in STAY_TASKS:
+        steps = [["featurised stays", len(s_adm)], [f"ICU stay >= {cfg.seq_len} h", int(long_enough.sum())],
+                 [f"alive at {cfg.seq_len} h", int(base.sum())]]
+        cohort, label = base, died
+        if task != "mortality":
+            cohort = base & ~(onsets[task] < cfg.seq_len)
+            label = np.isfinite(onsets[task])
+            steps.append([f"no {task} onset before {cfg.seq_len} h", int(cohort.sum())])
+        attrition[task] = steps
+        for i in np.flatnonzero(cohort):
+            rows.append((task, "stay", int(sts["subject_id"][i]), int(sts["hadm_id"][i]),
+                         int(sts["stay_id"][i]), int(label[i]), ""))
+    return rows
+
+
+def readmission_labels(adms, admissions, cfg, attrition) -> list[tuple]:
+    """30-day readmission: admissions with a featurised stay and ICD-9 codes, discharged alive, labelled by
+    the same patient's next admission starting within `readmission_days` of this discharge."""
+    order = np.lexsort((adms["admittime"], adms["subject_id"]))
+    subject, admit = adms["subject_id"][order], adms["admittime"][order]
+    has_next = np.append(subject[1:] == subject[:-1], False)
+    gap = np.append(admit[1:], 0) - adms["dischtime"][order]
+    label = np.zeros(len(order), bool)
+    label[order] = has_next & (gap <= cfg.readmission_days * MINUTES_PER_DAY)
+    has_stay = np.diff(admissions["stay_ptr"]) > 0
+    has_icd = np.diff(admissions["icd_ptr"]) > 0
+    steps = [["admissions", len(order)]]
+    cohort = np.ones(len(order), bool)
+    for name, keep in (("with a featurised ICU stay", has_stay), ("with ICD-9 codes in the vocabulary", has_icd),
+                       ("discharged alive", ~adms["died"])):
+        cohort &= keep
+        steps.append([name, int(cohort.sum())])
+    attrition["readmission"] = steps
+    return [("readmission", "admission", int(adms["subject_id"][i]), int(adms["hadm_id"][i]), "", int(label[i]), "")
+            for i in np.flatnonzero(cohort)]
+
+
+def patient_labels(a_subject_id, admittime, dischtime, raw_codes, pats, subjects, cfg, attrition) -> list[tuple]:
+    """HF, COPD and amnesia (paper App. A): cases are first diagnosed at a visit that has at least one
+    visit discharged `patient_gap_days` before it; history ends there (the cutoff). Controls are never
+    diagnosed, their cutoff is `patient_gap_days` before their last visit; `controls_per_case` are matched
+    on gender and 10-year age band. Times are minutes; the cutoff is written in hours."""
+    d_row, d_code = raw_codes
+    coded = np.zeros(len(admittime), bool)
+    coded[d_row] = True
+    v = np.flatnonzero(coded)                                           # visits = admissions with codes
+    v_subj = _lookup(subjects, a_subject_id[v])
+    gap = cfg.patient_gap_days * MINUTES_PER_DAY
+    rows = []
+    for task, prefixes in PATIENT_CODES.items():
+        hit = np.zeros(len(d_code), bool)
+        for p in prefixes:
+            hit |= np.char.startswith(d_code, p.encode())
+        dx = np.zeros(len(admittime), bool)
+        dx[d_row[hit]] = True
+        first_dx = np.full(len(subjects), np.inf)
+        np.minimum.at(first_dx, v_subj[dx[v]], admittime[v][dx[v]])
+        last = np.full(len(subjects), -np.inf)
+        np.maximum.at(last, v_subj, admittime[v])
+        case = np.isfinite(first_dx)
+        cutoff = np.where(case, first_dx, last) - gap
+        history = np.bincount(v_subj[dischtime[v] <= cutoff[v_subj]], minlength=len(subjects))
+        eligible = history >= 1
+        cases, pool = np.flatnonzero(case & eligible), np.flatnonzero(~case & eligible)
+        controls = _match_controls(cases, pool, pats, cutoff, cfg)
+        attrition[task] = [["patients with coded visits", int(np.isfinite(last).sum())],
+                           ["diagnosed", int(case.sum())],
+                           [f"cases with a visit >= {cfg.patient_gap_days} days before diagnosis", len(cases)],
+                           ["eligible controls (never diagnosed, same history rule)", len(pool)],
+                           [f"matched controls (up to {cfg.controls_per_case} per case)", len(controls)]]
+        for i, lab in [(i, 1) for i in cases] + [(i, 0) for i in controls]:
+            rows.append((task, "patient", int(subjects[i]), "", "", lab, float(cutoff[i] / 60.0)))
+    return rows
+
+
+def _match_controls(cases, pool, pats, cutoff, cfg) -> np.ndarray:
+    """Controls drawn without replacement with the case's gender and 10-year age band at the cutoff."""
+    def strata(idx):
+        ages = age_at(pats, idx, cutoff[idx])
+        return [(pats["gender"][i], int(a // 10)) for i, a in zip(idx.tolist(), ages)]
+    rng = np.random.default_rng(cfg.seed)
+    free: dict = {}
+    shuffled = rng.permutation(pool)
+    for i, s in zip(shuffled.tolist(), strata(shuffled)):
+        free.setdefault(s, []).append(i)
+    chosen = []
+    for s in strata(cases):
+        group = free.get(s, [])
+        chosen += group[:cfg.controls_per_case]
+        free[s] = group[cfg.controls_per_case:]
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def _build_trinetx(cfg, raw, layout, sources, rep, cache) -> dict:
+    """A diagnosis extract: visits (encounters) with ICD-9 sets and the patient-level tasks only."""
+    t = load_trinetx(raw, sources)
+    pat, dia = t["patients"], t["diagnoses"]
+    numeric = all(s.isdigit() for s in pat["subject_id"].tolist())   # keep numeric ids, number the others
+    ids = pat["subject_id"].astype(np.int64) if numeric else np.arange(len(pat["subject_id"]), dtype=np.int64)
+    names = np.sort(pat["subject_id"])
+    by_name = ids[np.argsort(pat["subject_id"])]
+    d_pos = _lookup(names, dia["subject_id"])
+    attrition = {"patients": [["patients in the patient table", len(ids)]]}
+    subjects = _sample_patients(ids, cfg)
+    if len(subjects) < len(ids):
+        attrition["patients"].append([f"sampled (--limit-patients {cfg.limit_patients})", len(subjects)])
+    pats = _take({"gender": pat["gender"], "year_of_birth": pat["year_of_birth"], "id": ids},
+                 np.argsort(ids)[_lookup(np.sort(ids), subjects)])
+    d_subject = np.where(d_pos >= 0, by_name[np.maximum(d_pos, 0)], -1)
+    keep = _lookup(subjects, d_subject) >= 0
+    enc_key = np.char.add(np.char.add(dia["subject_id"][keep], b"\x00"), dia["hadm_id"][keep])
+    enc, d_row = np.unique(enc_key, return_inverse=True)             # visits = (patient, encounter)
+    v_subject = np.zeros(len(enc), np.int64)
+    v_subject[d_row] = d_subject[keep]
+    first, last = np.full(len(enc), np.iinfo(np.int64).max), np.full(len(enc), np.iinfo(np.int64).min)
+    np.minimum.at(first, d_row, dia["date"][keep])
+    np.maximum.at(last, d_row, dia["date"][keep])
+    order = np.lexsort((first, v_subject))
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    d_row, v_subject, first, last = rank[d_row], v_subject[order], first[order], last[order]
+    codes = dia["code"][keep]
+    split = assign_splits(subjects, cfg.seed, cfg.split)
+    train = split[_lookup(subjects, v_subject)] == 0
+    icd_vocab, drug_vocab = _vocabularies(cfg, codes, np.zeros(0, "S1"), train[d_row], np.zeros(0, bool))
+    icd_ptr, icd_idx, oov = codes_to_csr(d_row, codes, icd_vocab, len(enc))
+    n = len(enc)
+    attrition["visits"] = [["encounters with ICD-9 codes", n]]
+    admissions = {"hadm_id": np.arange(n, dtype=np.int64), "subject_id": v_subject,
+                  "admittime": first / 60.0, "dischtime": last / 60.0 + 24.0,   # a dated visit lasts its day
+                  "died": np.zeros(n, bool), "icd_ptr": icd_ptr, "icd_idx": icd_idx,
+                  "drug_ptr": np.zeros(n + 1, np.int64), "drug_idx": np.zeros(0, np.int32),
+                  "note": np.zeros((n, 0), np.float16), "note_mask": np.zeros(n, bool),
+                  "stay_ptr": np.zeros(n + 1, np.int64), "stay_rows": np.zeros(0, np.int64)}
+    labels = patient_labels(v_subject, first, last + MINUTES_PER_DAY, (d_row, codes), pats, subjects, cfg, attrition)
+    meta = {"seq_len": cfg.seq_len, "n_features": 0, "n_static": 0, "n_icd": len(icd_vocab),
+            "n_drug": len(drug_vocab), "note_dim": 0, "feature_names": [], "static_names": [],
+            "icd_vocab": icd_vocab, "drug_vocab": drug_vocab, "drug_code": None,
+            "ids": "source patient ids" if numeric else "patients numbered in sorted order of patient_id; "
+                   "encounters numbered per patient in date order",
+            "attrition": attrition, "skipped": {"diagnoses": {**t["counts"], "ICD codes outside the vocabulary": oov}},
+            "counts": {"patients": len(subjects), "admissions": n, "stays": 0}}
+    stays = {"stay_id": np.zeros(0, np.int64), "hadm_id": np.zeros(0, np.int64), "subject_id": np.zeros(0, np.int64),
+             "ts_ptr": np.zeros(1, np.int64), "ts_idx": np.zeros(0, np.int32), "static": np.zeros((0, 0), np.uint8)}
+    return {"meta": meta, "stays": stays, "admissions": admissions, "labels": labels,
+            "splits": _splits_json(subjects, split, cfg)}
+
+
+# ------------------------------------------------------------------------------------------- writing
+LABEL_COLUMNS = ("task", "level", "subject_id", "hadm_id", "stay_id", "label", "cutoff")
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").exists())):
+        raise InputError(f"{out}: exists and is not a processed folder; choose another --out")
+
+
+def _load_cache(out: Path) -> dict:
+    """{text key: vector} saved by the last run into this folder (note_cache.pt), else empty."""
+    path = out / "note_cache.pt"
+    if not path.is_file():
+        return {}
+    saved = torch.load(path, weights_only=True)
+    return {k: v for dim in saved["dims"] for k, v in zip(saved[f"keys_{dim}"], saved[f"vectors_{dim}"].numpy())}
+
+
+def _save_cache(cache: dict, path: Path) -> None:
+    """The note cache grouped by width: keys_<E> (list) and vectors_<E> (n, E) float16."""
+    groups: dict = {}
+    for k, v in cache.items():
+        groups.setdefault(len(v), []).append(k)
+    saved = {"dims": sorted(groups)}
+    for dim, keys in groups.items():
+        saved[f"keys_{dim}"] = keys
+        saved[f"vectors_{dim}"] = torch.from_numpy(np.stack([cache[k] for k in keys]).astype(np.float16))
+    torch.save(saved, path)
+
+
+def _write_folder(out: Path, result: dict, cache: dict, rep: Reporter) -> None:
+    """Write everything under a temporary name, then swap it in: a folder that exists is always whole."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name in ("stays", "admissions"):
+            torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in result[name].items()},
+                       tmp / f"{name}.pt")
+        with open(tmp / "labels.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(LABEL_COLUMNS)
+            w.writerows(result["labels"])
+        (tmp / "splits.json").write_text(json.dumps(result["splits"]))
+        _save_cache(cache, tmp / "note_cache.pt")
+        (tmp / "meta.json").write_text(json.dumps(result["meta"], indent=1))
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _print_attrition(meta: dict, rep: Reporter) -> None:
+    for name, steps in meta["attrition"].items():
+        rep.log(f"{name}: " + " -> ".join(f"{step} {n:,}" for step, n in steps))
+
+
+# ------------------------------------------------------------------------------------------- loading
+@dataclass
+class Processed:
+    """A processed folder in memory: meta, stay and admission tensors, labels per task, splits."""
+    root: Path
+    meta: dict
+    stays: dict
+    admissions: dict
+    labels: dict      # task -> {"row", "subject_id", "label", "cutoff"} numpy arrays
+    splits: dict      # "train"/"val"/"test" -> sorted subject ids
+
+    def split_of(self, subject_ids: np.ndarray) -> np.ndarray:
+        """Split name per subject ('' where the subject is in no split)."""
+        out = np.full(len(subject_ids), "", dtype=object)
+        for name, ids in self.splits.items():
+            out[_lookup(ids, np.asarray(subject_ids)) >= 0] = name
+        return out
+
+    def pretrain_rows(self, level: str, split: str) -> np.ndarray:
+        """Rows for pretraining: every featurised stay of the split (stay level), or the split's admissions
+        with a featurised stay and ICD codes (admission level, as the paper's 99k admissions)."""
+        if level == "stay":
+            return np.flatnonzero(self.split_of(self.stays["subject_id"].numpy()) == split)
+        a = self.admissions
+        usable = (np.diff(a["stay_ptr"].numpy()) > 0) & (np.diff(a["icd_ptr"].numpy()) > 0)
+        return np.flatnonzero(usable & (self.split_of(a["subject_id"].numpy()) == split))
+
+    def examples(self, task: str, split: str) -> dict:
+        """The task's examples in a split: {"row", "subject_id", "label", "cutoff"} numpy arrays."""
+        t = self.labels.get(task)
+        if t is None:
+            return {k: np.zeros(0) for k in ("row", "subject_id", "label", "cutoff")}
+        keep = self.split_of(t["subject_id"]) == split
+        return {k: (v[keep] if isinstance(v, np.ndarray) else v) for k, v in t.items()}
+
+
+def load_processed(root: Path) -> Processed:
+    """Load a folder written by `preprocess`; a missing folder or another format version is an InputError."""
+    root = Path(root)
+    if not (root / "meta.json").is_file():
+        raise InputError(f"{root}: no processed data here (run `python medhmp.py preprocess --out {root}`)")
+    meta = json.loads((root / "meta.json").read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{root}: format version {meta.get('format_version')}, this medhmp reads "
+                         f"{FORMAT_VERSION}; re-run `python medhmp.py preprocess`")
+    stays = torch.load(root / "stays.pt", weights_only=True)
+    admissions = torch.load(root / "admissions.pt", weights_only=True)
+    splits = json.loads((root / "splits.json").read_text())
+    splits = {n: np.array(sorted(splits[n]), dtype=np.int64) for n in ("train", "val", "test")}
+    return Processed(root, meta, stays, admissions, _read_labels(root, stays, admissions), splits)
+
+
+def _read_labels(root: Path, stays: dict, admissions: dict) -> dict:
+    with open(root / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        level = mine[0]["level"]
+        if level == "stay":
+            row = _lookup(stays["stay_id"].numpy(), np.array([int(r["stay_id"]) for r in mine]))
+        elif level == "admission":
+            row = _lookup(admissions["hadm_id"].numpy(), np.array([int(r["hadm_id"]) for r in mine]))
+        else:
+            row = np.full(len(mine), -1)
+        out[task] = {"row": row, "level": level,
+                     "subject_id": np.array([int(r["subject_id"]) for r in mine], dtype=np.int64),
+                     "label": np.array([float(r["label"]) for r in mine], dtype=np.float32),
+                     "cutoff": np.array([float(r["cutoff"] or "nan") for r in mine])}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- batches
+def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Concatenated aranges [s, s + c) for each (s, c): the gather index of CSR slices, vectorised."""
+    total = int(counts.sum())
+    offsets = torch.repeat_interleave(starts - (torch.cumsum(counts, 0) - counts), counts)
+    return offsets + torch.arange(total)
+
+
+def _multi_hot(ptr: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """(len(rows), width) float32 multi-hot of the CSR sets `rows`."""
+    counts = ptr[rows + 1] - ptr[rows]
+    out = torch.zeros(len(rows), width)
+    owner = torch.repeat_interleave(torch.arange(len(rows)), counts)
+    out[owner, idx[_ranges(ptr[rows], counts)].long()] = 1.0
+    return out
+
+
+def collate_stay(data: Processed, rows: torch.Tensor) -> dict:
+    """Stay batch (docs/data-format.md): ts_idx flat into (B, T, F), static (B, S)."""
+    ptr = data.stays["ts_ptr"]
+    counts = ptr[rows + 1] - ptr[rows]
+    cells = data.stays["ts_idx"][_ranges(ptr[rows], counts)].long()            # (nnz,) t * F + f
+    size = data.meta["seq_len"] * data.meta["n_features"]
+    owner = torch.repeat_interleave(torch.arange(len(rows)), counts)             # (nnz,) batch row
+    return {"ts_idx": cells + owner * size, "static": data.stays["static"][rows].float()}
+
+
+def collate_admission(data: Processed, rows: torch.Tensor, max_stays: int) -> dict:
+    """Admission batch: the real stays packed (ts_idx into (Ns, T, F), static (Ns, S)) with stay_mask
+    (B, K), multi-hot icd/drug (B, V), note (B, E) and modality masks (B,)."""
+    a, m = data.admissions, data.meta
+    first = a["stay_ptr"][rows]
+    n_stays = torch.clamp(a["stay_ptr"][rows + 1] - first, max=max_stays)        # (B,)
+    k = max(int(n_stays.max()) if len(rows) else 1, 1)
+    batch = collate_stay(data, a["stay_rows"][_ranges(first, n_stays)])
+    icd_count = a["icd_ptr"][rows + 1] - a["icd_ptr"][rows]
+    drug_count = a["drug_ptr"][rows + 1] - a["drug_ptr"][rows]
+    batch.update(stay_mask=torch.arange(k)[None, :] < n_stays[:, None],          # (B, K)
+                 icd=_multi_hot(a["icd_ptr"], a["icd_idx"], rows, m["n_icd"]),
+                 drug=_multi_hot(a["drug_ptr"], a["drug_idx"], rows, m["n_drug"]),
+                 note=a["note"][rows].float(), note_mask=a["note_mask"][rows].clone(),
+                 icd_mask=icd_count > 0, drug_mask=drug_count > 0)
+    return batch
+
+
+class StayDataset(Dataset):
+    """Stays (rows of stays.pt), optionally labelled; batches come from one vectorised gather."""
+
+    def __init__(self, data: Processed, rows: np.ndarray, labels: np.ndarray | None = None):
+        self.data, self.rows = data, torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def _gather(self, rows):
+        return collate_stay(self.data, rows)
+
+    def __getitems__(self, idx) -> dict:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        batch = self._gather(self.rows[idx])
+        if self.labels is not None:
+            batch["label"] = self.labels[idx]
+        return batch
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])
+
+
+class AdmissionDataset(StayDataset):
+    """Admissions (rows of admissions.pt) with up to `max_stays` stays each."""
+
+    def __init__(self, data, rows, labels=None, max_stays: int = 3):  # paper: M = 3 stay slots at most
+        super().__init__(data, rows, labels)
+        self.max_stays = max_stays
+
+    def _gather(self, rows):
+        return collate_admission(self.data, rows, self.max_stays)
+
+
+class PatientDataset(Dataset):
+    """Patients as visit sequences: the coded admissions discharged by each example's cutoff, the last
+    `max_visits`, oldest first."""
+
+    def __init__(self, data: Processed, subject_ids, cutoffs, labels, max_visits: int = 50):  # paper: 50
+        a = data.admissions
+        coded = (np.diff(a["icd_ptr"].numpy()) > 0)
+        order = np.lexsort((a["admittime"].numpy(), a["subject_id"].numpy()))
+        order = order[coded[order]]
+        subj, disch = a["subject_id"].numpy()[order], a["dischtime"].numpy()[order]
+        lo, hi = np.searchsorted(subj, subject_ids, "left"), np.searchsorted(subj, subject_ids, "right")
+        self.visits = []
+        for s, e, cut in zip(lo, hi, np.asarray(cutoffs)):
+            mine = order[s:e][disch[s:e] <= cut]
+            self.visits.append(torch.as_tensor(mine[-max_visits:], dtype=torch.long))
+        self.data = data
+        self.cutoffs = torch.as_tensor(np.asarray(cutoffs), dtype=torch.float64)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+
+    def __len__(self):
+        return len(self.visits)
+
+    def __getitems__(self, idx) -> dict:
+        a, n_icd = self.data.admissions, self.data.meta["n_icd"]
+        visits = [self.visits[i] for i in idx]
+        lengths = torch.tensor([len(v) for v in visits])
+        width = max(int(lengths.max()), 1)
+        mask = torch.arange(width)[None, :] < lengths[:, None]                    # (B, L)
+        flat = torch.cat(visits)                                                  # (sum L,)
+        icd = torch.zeros(len(idx), width, n_icd)
+        icd[mask] = _multi_hot(a["icd_ptr"], a["icd_idx"], flat, n_icd)
+        days = torch.zeros(len(idx), width)
+        cut = torch.repeat_interleave(self.cutoffs[torch.as_tensor(idx)], lengths)
+        days[mask] = ((cut - a["dischtime"][flat]) / 24.0).float()
+        return {"icd": icd, "visit_mask": mask, "visit_time": days,
+                "label": self.labels[torch.as_tensor(idx, dtype=torch.long)]}
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])
+
+
+def _passthrough(batch):
+    return batch
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+                num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+    """A DataLoader whose batches are built by the dataset's vectorised `__getitems__` (no per-sample
+    Python work); shuffling is seeded, evaluation loaders never shuffle."""
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, collate_fn=_passthrough,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+                      persistent_workers=num_workers > 0)

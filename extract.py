@@ -1,0 +1,415 @@
+"""Extract: the raw tables of one layout, read into plain numpy arrays with the canonical column names.
+
+Own module so that data.py keeps to the processed format and cohorts; imports only `tables` and numpy.
+  * `load_core` reads PATIENTS / ADMISSIONS / ICUSTAYS (or the MIMIC-IV and diagnosis-extract
+    equivalents), checks ids and times, and reports bad input as one-line `InputError`s.
+  * `stream_events` streams the six event tables once, in blocks, keeping for every (stay, hour, variable)
+    only the last value in the first T hours, plus the onset hour of the ARF and shock label items.
+    Memory grows with that output, never with the size of CHARTEVENTS or LABEVENTS.
+  * `read_codes` and `read_notes` collect ICD-9 diagnosis codes, drug codes and one note per admission.
+Times are int64 minutes since 1970-01-01 throughout (-1 where missing).
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tables import (ALIASES, LAYOUTS, InputError, Source, decode, find_file, open_text,
+                    parse_float, parse_int, parse_minutes, read_blocks, read_table)
+
+# Label-defining MetaVision items (FIDDLE generate_labels.py; DESIGN §4), as (table, itemid).
+ARF_ITEMS = {("chartevents", 220339), ("procedureevents", 225792), ("procedureevents", 225794)}
+SHOCK_ITEMS = {("inputevents", i) for i in (221906, 221289, 221662, 222315, 221749)}
+
+# How each event table becomes (time, variable, value). `num` is read as a number, `value` as a category
+# when `num` is empty; interval tables (`end`) are spread over every hour they overlap.
+EVENT_TABLES = {
+    "chartevents": dict(code=1, time="charttime", num="valuenum", value="value", skip=("error", b"1")),
+    "labevents": dict(code=2, time="charttime", num="valuenum", value="value"),
+    "outputevents": dict(code=3, time="charttime", num="value"),
+    "datetimeevents": dict(code=4, time="charttime"),
+    "inputevents": dict(code=5, time="starttime", end="endtime", num="amount",
+                        skip=("statusdescription", b"Rewritten")),
+    "procedureevents": dict(code=6, time="starttime", end="endtime"),
+}
+VAR_SPAN = 10 ** 8  # variable key = table code * VAR_SPAN + itemid
+STATIC_CATEGORIES = ("gender", "admission_type", "admission_location", "insurance", "language",
+                     "religion", "marital_status", "race", "first_careunit")
+MINUTES_PER_YEAR = 525960  # 365.25 days
+
+
+def source_path(raw: Path, layout: str, table: str, required: bool) -> Path | None:
+    path = find_file(raw, LAYOUTS[layout][table])
+    if path is None and required:
+        raise InputError(f"{raw}: missing core table {LAYOUTS[layout][table]}.csv[.gz] ({layout} layout)")
+    return path
+
+
+def _times(table: dict, column: str, src: Source, required: bool) -> np.ndarray:
+    """Minutes of a time column; empty is -1; an unparsable (or, if required, empty) value is an error."""
+    values = table[column]
+    minutes, ok = parse_minutes(values)
+    empty = np.char.str_len(values) == 0
+    bad = ~ok & (~empty | required)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        shown = values[i].decode(errors="replace") or "(empty)"
+        raise InputError(f"{src.path}: row {table['__row__'][i]}, column '{column}': "
+                         f"cannot read '{shown}' as a timestamp")
+    return np.where(ok, minutes, -1)
+
+
+def _ids(table: dict, column: str, src: Source, unique: bool = False) -> np.ndarray:
+    values, ok = parse_int(table[column])
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise InputError(f"{src.path}: row {table['__row__'][i]}, column '{column}': "
+                         f"'{table[column][i].decode(errors='replace')}' is not an integer id")
+    if unique:
+        order = np.argsort(values, kind="stable")
+        dup = np.flatnonzero(np.diff(values[order]) == 0)
+        if len(dup):
+            i, j = order[dup[0]], order[dup[0] + 1]
+            raise InputError(f"{src.path}: row {table['__row__'][j]}, column '{column}': duplicated id "
+                             f"{values[j]} (first at row {table['__row__'][i]})")
+    return values
+
+
+def _read_core(raw: Path, layout: str, table: str, columns: dict, sources: dict):
+    path = source_path(raw, layout, table, required=True)
+    out, src = read_table(path, columns, ALIASES[layout])
+    sources[table] = src
+    if len(out["__row__"]) == 0:
+        raise InputError(f"{path}: the table has a header but no rows")
+    return out, src
+
+
+def load_core(raw: Path, layout: str, sources: dict) -> dict:
+    """Patients, admissions and ICU stays of a MIMIC layout as dicts of arrays (see module docstring)."""
+    m3 = layout == "mimic3"
+    pat, psrc = _read_core(raw, layout, "patients", {"subject_id": True, "gender": True, "dob": m3,
+                                                     "anchor_age": not m3, "anchor_year": not m3}, sources)
+    adm_cols = {"subject_id": True, "hadm_id": True, "admittime": True, "dischtime": True,
+                "deathtime": False, "hospital_expire_flag": False}
+    adm_cols.update({c: False for c in STATIC_CATEGORIES if c not in ("gender", "first_careunit")})
+    adm, asrc = _read_core(raw, layout, "admissions", adm_cols, sources)
+    icu, isrc = _read_core(raw, layout, "icustays", {"subject_id": True, "hadm_id": True, "stay_id": True,
+                                                     "dbsource": False, "first_careunit": False,
+                                                     "intime": True, "outtime": False}, sources)
+    patients = {"subject_id": _ids(pat, "subject_id", psrc, unique=True), "gender": decode(pat["gender"])}
+    if m3:
+        patients["dob"] = _times(pat, "dob", psrc, required=True)
+    else:
+        patients["anchor_age"] = parse_float(pat["anchor_age"])
+        patients["anchor_year"] = parse_float(pat["anchor_year"])
+    admissions = {"hadm_id": _ids(adm, "hadm_id", asrc, unique=True), "subject_id": _ids(adm, "subject_id", asrc),
+                  "admittime": _times(adm, "admittime", asrc, True), "dischtime": _times(adm, "dischtime", asrc, True),
+                  "deathtime": _times(adm, "deathtime", asrc, False) if "deathtime" in adm else None}
+    flag = adm.get("hospital_expire_flag")
+    admissions["died"] = (flag == b"1") if flag is not None else admissions["deathtime"] >= 0
+    for c in STATIC_CATEGORIES:
+        if c in adm:
+            admissions[c] = decode(adm[c])
+    stays = {"stay_id": _ids(icu, "stay_id", isrc, unique=True), "hadm_id": _ids(icu, "hadm_id", isrc),
+             "subject_id": _ids(icu, "subject_id", isrc), "intime": _times(icu, "intime", isrc, True),
+             "outtime": _times(icu, "outtime", isrc, False),
+             "first_careunit": decode(icu["first_careunit"]) if "first_careunit" in icu else None,
+             # MIMIC-IV is all MetaVision; MIMIC-III says per stay (CareVue stays chart other itemids)
+             "metavision": (np.char.lower(np.char.strip(icu["dbsource"])) == b"metavision")
+             if "dbsource" in icu else np.ones(len(icu["__row__"]), bool)}
+    return {"patients": patients, "admissions": admissions, "stays": stays}
+
+
+def age_at(patients: dict, rows: np.ndarray, minutes: np.ndarray) -> np.ndarray:
+    """Age in years of patients[rows] at `minutes`. MIMIC-III shifts ages over 89 to about 300 years: they
+    become 91.4 (FIDDLE extract_data.py); MIMIC-IV gives anchor_age at anchor_year; a diagnosis extract
+    gives the year of birth."""
+    year = 1970 + minutes / MINUTES_PER_YEAR
+    if "dob" in patients:
+        age = (minutes - patients["dob"][rows]) / MINUTES_PER_YEAR
+        return np.where(age > 89, 91.4, age)  # fidelity: FIDDLE
+    if "anchor_age" in patients:
+        return patients["anchor_age"][rows] + np.floor(year) - patients["anchor_year"][rows]
+    return np.floor(year) - patients["year_of_birth"][rows]
+
+
+def item_names(raw: Path, layout: str) -> dict:
+    """Readable names of event variables from D_ITEMS / D_LABITEMS where present: {variable key: name}."""
+    names = {}
+    for table, event_tables in (("d_items", ("chartevents", "outputevents", "datetimeevents", "inputevents",
+                                              "procedureevents")), ("d_labitems", ("labevents",))):
+        path = source_path(raw, layout, table, required=False) if table in LAYOUTS[layout] else None
+        if path is None:
+            continue
+        t, _ = read_table(path, {"itemid": True, "label": True})
+        ids, ok = parse_int(t["itemid"])
+        for item, label in zip(ids[ok].tolist(), decode(t["label"][ok])):
+            for ev in event_tables:
+                names[EVENT_TABLES[ev]["code"] * VAR_SPAN + item] = f"{ev[:-6]} {item} {label}"
+    return names
+
+
+# ------------------------------------------------------------------------------------------- events
+class StayIndex:
+    """Finds, for an event (hadm_id, time), the ICU stay of that admission it falls in, vectorised."""
+
+    def __init__(self, hadm_id: np.ndarray, intime: np.ndarray, outtime: np.ndarray):
+        self.hadms = np.unique(hadm_id)
+        h = np.searchsorted(self.hadms, hadm_id)
+        self.t0 = int(intime.min()) if len(intime) else 0
+        key = h * 2 ** 34 + (intime - self.t0)       # stays sorted by (admission, intime)
+        self.order = np.argsort(key, kind="stable")
+        self.key, self.h = key[self.order], h[self.order]
+        self.intime, self.outtime = intime, outtime
+
+    def admissions(self, hadm: np.ndarray) -> np.ndarray:
+        """Mask of events whose admission has a stay in the index."""
+        pos = np.minimum(np.searchsorted(self.hadms, hadm), max(len(self.hadms) - 1, 0))
+        return self.hadms[pos] == hadm if len(self.hadms) else np.zeros(len(hadm), bool)
+
+    def match(self, hadm: np.ndarray, minutes: np.ndarray):
+        """(stay row or -1, minutes since that stay's intime) for events inside [intime, outtime)."""
+        h = np.searchsorted(self.hadms, hadm)
+        pos = np.searchsorted(self.key, h * 2 ** 34 + (minutes - self.t0), side="right") - 1
+        pos = np.maximum(pos, 0)
+        row = self.order[pos]
+        since = minutes - self.intime[row]
+        ok = (self.h[pos] == h) & (since >= 0) & (minutes < self.outtime[row]) & (minutes >= self.t0)
+        return np.where(ok, row, -1), since
+
+
+class EventStore:
+    """Accumulates (stay, hour, variable) -> last value, merging as it goes so memory tracks the output."""
+
+    def __init__(self):
+        self.parts, self.size, self.reduced = [], 0, 0
+        self.categories: dict[bytes, int] = {}
+
+    def category_ids(self, values: np.ndarray) -> np.ndarray:
+        uniq, inverse = np.unique(values, return_inverse=True)
+        ids = np.array([self.categories.setdefault(u, len(self.categories)) for u in uniq.tolist()], np.int32)
+        return ids[inverse] if len(uniq) else np.zeros(0, np.int32)
+
+    def add(self, stay, hour, var, minutes, num, cat) -> None:
+        key = ((stay.astype(np.int64) << 8) | hour) << 34 | var     # stay | hour | variable key
+        self.parts.append((key, minutes, num.astype(np.float32), cat.astype(np.int32)))
+        self.size += len(key)
+        if self.size > 2 * self.reduced + (1 << 22):              # amortised: merge when doubled
+            self._reduce()
+
+    def _reduce(self) -> None:
+        key, minutes, num, cat = (np.concatenate(c) for c in zip(*self.parts)) if self.parts else \
+            (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int32))
+        order = np.lexsort((minutes, key))                         # by key, then time: last one wins
+        key = key[order]
+        last = np.append(key[1:] != key[:-1], True) if len(key) else np.zeros(0, bool)
+        keep = order[last]
+        self.parts = [(key[last], minutes[keep], num[keep], cat[keep])]
+        self.size = self.reduced = len(keep)
+
+    def result(self) -> dict:
+        self._reduce()
+        key, _, num, cat = self.parts[0]
+        names = {v: k.decode("utf-8", "replace").strip() for k, v in self.categories.items()}
+        return {"stay": (key >> 42).astype(np.int64), "hour": ((key >> 34) & 255).astype(np.int64),
+                "var": key & (2 ** 34 - 1), "num": num, "cat": cat,
+                "category_names": [names[i] for i in range(len(names))]}
+
+
+def stream_events(raw: Path, layout: str, index: StayIndex, n_stays: int, hours: int, exclude_labels: bool,
+                  sources: dict, task) -> tuple[dict, dict, dict]:
+    """Stream every event table once; returns (events, onsets, skipped counts). `onsets` maps "arf" and
+    "shock" to the first onset hour per stay (inf where never). `task(name, total_bytes)` gives progress."""
+    store = EventStore()
+    onsets = {"arf": np.full(n_stays, np.inf), "shock": np.full(n_stays, np.inf)}
+    label_keys = {"arf": _keys(ARF_ITEMS), "shock": _keys(SHOCK_ITEMS)}
+    skipped = {}
+    for table, spec in EVENT_TABLES.items():
+        path = source_path(raw, layout, table, required=False)
+        if path is None:
+            skipped[table] = "missing (optional table)"
+            continue
+        src = sources[table] = Source(path)
+        cols = {"hadm_id": True, spec["time"]: True, "itemid": True}
+        cols.update({spec[k]: False for k in ("num", "value", "end") if k in spec})
+        if "skip" in spec:
+            cols[spec["skip"][0]] = False
+        with task(table, path.stat().st_size) as advance:
+            done = 0
+            for block in read_blocks(src, cols, ALIASES[layout]):
+                counts = _event_block(block, spec, index, hours, store, onsets, label_keys, exclude_labels)
+                for k, v in counts.items():
+                    skipped.setdefault(table, {}).setdefault(k, 0)
+                    skipped[table][k] += v
+                advance(src.bytes_read - done)
+                done = src.bytes_read
+        if src.bad_rows:
+            skipped.setdefault(table, {})["malformed rows"] = src.bad_rows
+    return store.result(), onsets, skipped
+
+
+def _keys(items) -> np.ndarray:
+    return np.array([EVENT_TABLES[t]["code"] * VAR_SPAN + i for t, i in items], dtype=np.int64)
+
+
+def _event_block(block, spec, index, hours, store, onsets, label_keys, exclude_labels) -> dict:
+    """One block of an event table into the store; returns counts of skipped rows by reason."""
+    hadm, ok = parse_int(block["hadm_id"])
+    sel = np.flatnonzero(ok & index.admissions(hadm))                    # rows of cohort admissions
+    if "skip" in spec and spec["skip"][0] in block:
+        sel = sel[np.char.strip(block.get(spec["skip"][0], sel)) != spec["skip"][1]]
+    start, ok = parse_minutes(block.get(spec["time"], sel))
+    counts = {"unparsable time": int((~ok).sum())}
+    sel, start, hadm = sel[ok], start[ok], hadm[sel[ok]]
+    stay, since = index.match(hadm, start)
+    inside = stay >= 0
+    sel, start, stay, since = sel[inside], start[inside], stay[inside], since[inside]
+    item, ok = parse_int(block.get("itemid", sel))
+    counts["unparsable itemid"] = int((~ok).sum())
+    var = spec["code"] * VAR_SPAN + item
+    for name, keys in label_keys.items():                                # onsets over the whole stay
+        hit = ok & np.isin(var, keys)
+        np.minimum.at(onsets[name], stay[hit], since[hit] / 60.0)
+        if exclude_labels:
+            ok &= ~hit
+    ok &= since < hours * 60                                              # features: first T hours only
+    sel, start, stay, since, var = sel[ok], start[ok], stay[ok], since[ok], var[ok]
+    num = parse_float(block.get(spec["num"], sel)) if "num" in spec and spec["num"] in block \
+        else np.full(len(sel), np.nan)
+    cat = np.full(len(sel), -1, np.int32)
+    if "value" in spec and spec["value"] in block:                        # categorical where not numeric
+        text = np.isnan(num)
+        values = np.char.strip(block.get(spec["value"], sel[text]))
+        cat[text] = np.where(values == b"", -1, store.category_ids(values))
+    hour = since // 60
+    if "end" in spec and spec["end"] in block:                            # spread intervals over hours
+        end, ok = parse_minutes(block.get(spec["end"], sel))
+        last = np.where(ok, (end - start + since - 1) // 60, hour)
+        span = np.clip(np.minimum(last, hours - 1) - hour + 1, 1, hours)
+        rep = np.repeat(np.arange(len(sel)), span)
+        hour = hour[rep] + np.arange(len(rep)) - np.repeat(np.cumsum(span) - span, span)
+        stay, var, start, num, cat = stay[rep], var[rep], start[rep], num[rep], cat[rep]
+    store.add(stay, hour, var, start, num, cat)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------- codes
+def read_diagnoses(raw: Path, layout: str, sources: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(hadm_id, ICD-9 code without dots) pairs of a MIMIC layout; ICD-10 rows are dropped and counted."""
+    path = source_path(raw, layout, "diagnoses", required=True)
+    table, src = read_table(path, {"hadm_id": True, "icd_code": True, "icd_version": False}, ALIASES[layout])
+    sources["diagnoses"] = src
+    nine = table["icd_version"] == b"9" if "icd_version" in table else np.ones(len(table["__row__"]), bool)
+    hadm, ok = parse_int(table["hadm_id"])
+    codes = normalise_icd(table["icd_code"])
+    keep = nine & ok & (codes != b"")
+    counts = {"ICD-10 rows dropped": int((~nine).sum()),
+              "rows without code or admission": int((nine & ~keep).sum())}
+    return hadm[keep], codes[keep], counts
+
+
+def normalise_icd(codes: np.ndarray) -> np.ndarray:
+    """'428.0 ' -> b'4280': MIMIC stores ICD-9 without the dot, TriNetX with it."""
+    return np.char.upper(np.char.replace(np.char.strip(codes), b".", b""))
+
+
+def read_drugs(raw: Path, layout: str, code: str, sources: dict, task) -> tuple[np.ndarray, np.ndarray]:
+    """(hadm_id, drug code) pairs from PRESCRIPTIONS; `code` names the column (drug, ndc or gsn)."""
+    path = source_path(raw, layout, "prescriptions", required=False)
+    if path is None:
+        return np.zeros(0, np.int64), np.zeros(0, "S1")
+    src = sources["prescriptions"] = Source(path)
+    hadms, codes = [], []
+    with task("prescriptions", path.stat().st_size) as advance:
+        done = 0
+        for block in read_blocks(src, {"hadm_id": True, code: True}, ALIASES[layout]):
+            hadm, ok = parse_int(block["hadm_id"])
+            value = np.char.lower(np.char.strip(block.get(code, ok)))
+            good = (value != b"") & (value != b"0")
+            hadms.append(hadm[ok][good])
+            codes.append(value[good])
+            advance(src.bytes_read - done)
+            done = src.bytes_read
+    return np.concatenate(hadms), np.concatenate(codes)
+
+
+# ------------------------------------------------------------------------------------------- notes
+def find_notes(raw: Path, notes: Path | None, layout: str) -> Path | None:
+    """The note table: --notes (a file, or a folder holding NOTEEVENTS*/discharge*), else the layout's own."""
+    if notes is None:
+        return source_path(raw, layout, "notes", required=False) if layout != "trinetx" else None
+    if notes.is_file():
+        return notes
+    for folder in (notes, notes / "note"):
+        if folder.is_dir():
+            hits = sorted(p for p in folder.iterdir() if p.name.lower().startswith(("noteevents", "discharge"))
+                          and p.name.lower().endswith((".csv", ".csv.gz")))
+            if hits:
+                return hits[0]
+    raise InputError(f"{notes}: no NOTEEVENTS*.csv[.gz] or discharge.csv[.gz] found for --notes")
+
+
+def read_notes(path: Path, hadms: set, sources: dict, task) -> tuple[dict, dict]:
+    """One text per admission: its latest discharge summary (MIMIC-III category 'Discharge summary',
+    MIMIC-IV-Note discharge table), error rows (iserror = 1) skipped. Returns ({hadm_id: text}, counts)."""
+    src = sources["notes"] = Source(path)
+    csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))  # discharge summaries exceed csv's 128 KB default
+    chosen, counts, done = {}, {"rows": 0, "error rows": 0, "other categories": 0, "unknown admission": 0}, 0
+    raw, f = open_text(path)
+    with raw, f, task("notes", path.stat().st_size) as advance:
+        reader = csv.reader(f)
+        header = [c.strip().lower() for c in next(reader, [])]
+        if "hadm_id" not in header or "text" not in header:
+            raise InputError(f"{path}: a note table needs columns hadm_id and text (columns are: {', '.join(header)})")
+        col = {c: header.index(c) for c in ("hadm_id", "text", "category", "iserror", "chartdate", "charttime",
+                                            "note_seq") if c in header}
+        for i, row in enumerate(reader):
+            if len(row) != len(header):
+                continue
+            counts["rows"] += 1
+            if "iserror" in col and row[col["iserror"]].strip() == "1":
+                counts["error rows"] += 1
+                continue
+            if "category" in col and row[col["category"]].strip().lower() != "discharge summary":
+                counts["other categories"] += 1
+                continue
+            hadm = row[col["hadm_id"]].strip()
+            if not hadm.isdigit() or int(hadm) not in hadms:
+                counts["unknown admission"] += 1
+                continue
+            when = tuple(row[col[c]] for c in ("chartdate", "charttime", "note_seq") if c in col) + (i,)
+            if int(hadm) not in chosen or when >= chosen[int(hadm)][0]:   # the latest one wins
+                chosen[int(hadm)] = (when, row[col["text"]])
+            if i % 1024 == 0:
+                advance(raw.tell() - done)
+                done = raw.tell()
+    return {h: text for h, (_, text) in chosen.items()}, counts
+
+
+def load_trinetx(raw: Path, sources: dict) -> dict:
+    """A diagnosis extract: patients (sex, year of birth) and dated ICD-9 codes per encounter.
+    Ids stay byte strings here (TriNetX ids need not be numbers); data.py numbers them."""
+    pat, psrc = _read_core(raw, "trinetx", "patients", {"subject_id": True, "sex": True,
+                                                        "year_of_birth": True}, sources)
+    dia, dsrc = _read_core(raw, "trinetx", "diagnoses", {"subject_id": True, "hadm_id": True, "date": True,
+                                                         "code": True, "code_system": True}, sources)
+    order = np.argsort(pat["subject_id"], kind="stable")
+    dup = np.flatnonzero(pat["subject_id"][order][1:] == pat["subject_id"][order][:-1])
+    if len(dup):
+        row = pat["__row__"][order[dup[0] + 1]]
+        raise InputError(f"{psrc.path}: row {row}, column 'patient_id': duplicated id "
+                         f"{pat['subject_id'][order[dup[0] + 1]].decode(errors='replace')}")
+    nine = np.char.find(np.char.upper(dia["code_system"]), b"ICD-9") >= 0
+    codes = normalise_icd(dia["code"])
+    keep = nine & (codes != b"")
+    return {"patients": {"subject_id": np.char.strip(pat["subject_id"]), "gender": decode(pat["sex"]),
+                         "year_of_birth": parse_float(pat["year_of_birth"])},
+            "diagnoses": {"subject_id": np.char.strip(dia["subject_id"][keep]),
+                          "hadm_id": np.char.strip(dia["hadm_id"][keep]),
+                          "date": _times({k: v[keep] for k, v in dia.items()}, "date", dsrc, required=True),
+                          "code": codes[keep]},
+            "counts": {"ICD-10 rows dropped": int((~nine).sum()),
+                       "rows without code": int((nine & ~keep).sum())}}

@@ -1,0 +1,244 @@
+"""Features: FIDDLE-style binary features fitted on training stays, code vocabularies, note embeddings.
+
+Own module so data.py keeps to the processed format; imports numpy (and torch/transformers only inside
+`embed_notes` for a Hugging Face text model). Everything is fitted on the training split and then applied
+unchanged to every stay (DESIGN §4):
+  * time series: per (stay, hour, variable) the last value becomes a presence column plus a one-hot
+    quantile bin (numbers) or category (text); variables and columns seen in fewer than theta of the
+    training stays are dropped; the result is stored sparse as flat indices t * F + f.
+  * static vector: one-hot categories and quantile bins of numbers, same frequency rule.
+  * notes: embedded once by a frozen text model, cached by text hash and model.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+
+import numpy as np
+
+
+def _quantile_edges(values: np.ndarray, n_bins: int) -> list[float]:
+    """Inner edges of `n_bins` quantile bins (FIDDLE discretize: quintiles), duplicates removed."""
+    if len(values) == 0:
+        return []
+    qs = np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1])
+    return [float(q) for q in np.unique(qs)]
+
+
+def _stay_frequency(stay: np.ndarray, column: np.ndarray, n_columns: int, n_train: int) -> np.ndarray:
+    """Fraction of training stays in which each column is active at least once."""
+    pairs = np.unique(column.astype(np.int64) * (int(stay.max()) + 1 if len(stay) else 1) + stay)
+    counts = np.bincount(pairs // (int(stay.max()) + 1 if len(stay) else 1), minlength=n_columns)
+    return counts / max(n_train, 1)
+
+
+# ------------------------------------------------------------------------------------------- time series
+def fit_timeseries(events: dict, train: np.ndarray, names: dict, theta: float, n_bins: int) -> dict:
+    """Choose variables, bins and categories on the training stays (`train`: bool per stay).
+
+    Returns a JSON-able spec: per variable its key, name, kind and bins/categories, plus the names of the
+    F output columns in order. `names` maps variable keys to readable names.
+    """
+    tr = train[events["stay"]]
+    stay, var, num, cat = events["stay"][tr], events["var"][tr], events["num"][tr], events["cat"][tr]
+    n_train = int(train.sum())
+    keys, inverse = np.unique(var, return_inverse=True)
+    freq = _stay_frequency(stay, inverse, len(keys), n_train)
+    variables, columns = [], []
+    for k in np.flatnonzero(freq >= theta):
+        mine = inverse == k
+        nums, cats = num[mine], cat[mine]
+        finite = nums[np.isfinite(nums)]
+        v = {"key": int(keys[k]), "name": names.get(int(keys[k]), str(keys[k])), "frequency": float(freq[k])}
+        if len(finite) >= 0.5 * mine.sum() and len(finite):
+            v.update(kind="numeric", edges=_quantile_edges(finite, n_bins))
+            values = [f"q{i + 1}" for i in range(len(v["edges"]) + 1)]
+        elif (cats >= 0).any():
+            v.update(kind="categorical", categories=sorted(set(np.unique(cats[cats >= 0]).tolist())))
+            values = [f"= {events['category_names'][c]}" for c in v["categories"]]
+        else:
+            v.update(kind="presence")
+            values = []
+        v["columns"] = [len(columns)] + list(range(len(columns) + 1, len(columns) + 1 + len(values)))
+        columns += [f"{v['name']} present"] + [f"{v['name']} {x}" for x in values]
+        variables.append(v)
+    spec = {"variables": variables, "columns": columns}
+    # post-filter (FIDDLE theta_2): drop value columns active in fewer than theta of the training stays
+    t_stay, _, t_col = _columns(events, spec, train)
+    keep = _stay_frequency(t_stay, t_col, len(columns), n_train) >= theta
+    new_index = np.cumsum(keep) - 1
+    for v in variables:
+        v["columns"] = [int(new_index[c]) if keep[c] else -1 for c in v["columns"]]
+    spec["columns"] = [c for c, k in zip(columns, keep) if k]
+    return spec
+
+
+def _columns(events: dict, spec: dict, rows: np.ndarray | None = None):
+    """(stay, hour, column) of every active cell under `spec`; columns may be -1 (dropped) before filtering."""
+    sel = np.ones(len(events["stay"]), bool) if rows is None else rows[events["stay"]]
+    var, num, cat = events["var"][sel], events["num"][sel], events["cat"][sel]
+    stay, hour = events["stay"][sel], events["hour"][sel]
+    keys = np.array([v["key"] for v in spec["variables"]], dtype=np.int64)
+    pos = np.minimum(np.searchsorted(keys, var), max(len(keys) - 1, 0))
+    known = keys[pos] == var if len(keys) else np.zeros(len(var), bool)
+    present = np.array([v["columns"][0] for v in spec["variables"]], dtype=np.int64)
+    value_col = np.full(len(var), -1, np.int64)
+    for i, v in enumerate(spec["variables"]):
+        if v["kind"] == "presence":
+            continue
+        mine = np.flatnonzero(known & (pos == i))
+        if v["kind"] == "numeric":
+            ok = np.isfinite(num[mine])
+            bins = np.searchsorted(np.array(v["edges"]), num[mine[ok]], side="right")
+            value_col[mine[ok]] = np.array(v["columns"][1:])[bins]
+        else:
+            lookup = dict(zip(v["categories"], v["columns"][1:]))
+            value_col[mine] = [lookup.get(c, -1) for c in cat[mine].tolist()]
+    pres = np.where(known, present[pos] if len(keys) else -1, -1)
+    stay2, hour2 = np.concatenate([stay, stay]), np.concatenate([hour, hour])
+    col = np.concatenate([pres, value_col])
+    ok = col >= 0
+    return stay2[ok], hour2[ok], col[ok]
+
+
+def apply_timeseries(events: dict, spec: dict, n_stays: int, hours: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse binary (T, F) matrices of every stay as CSR: (ts_ptr (N+1,), ts_idx (nnz,) = t * F + f)."""
+    stay, hour, col = _columns(events, spec)
+    n_features = len(spec["columns"])
+    cell = np.unique(stay * (hours * n_features) + hour * n_features + col)  # sorted by stay, then t, f
+    owner = cell // (hours * n_features)
+    ptr = np.searchsorted(owner, np.arange(n_stays + 1)).astype(np.int64)
+    return ptr, (cell % (hours * n_features)).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------- static
+def fit_static(columns: dict, train: np.ndarray, theta: float, n_bins: int) -> dict:
+    """Spec of the static vector: quantile bins for number columns, categories for text columns,
+    each output column kept when active in at least theta of the training stays."""
+    spec, names = [], []
+    for name, values in columns.items():
+        if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+            finite = values[train & np.isfinite(values)]
+            edges = _quantile_edges(finite, n_bins)
+            bins = np.searchsorted(np.array(edges), finite, side="right")
+            freq = np.bincount(bins, minlength=len(edges) + 1) / max(train.sum(), 1)
+            spec.append({"name": name, "edges": edges, "keep": [bool(f >= theta) for f in freq]})
+            names += [f"{name} q{i + 1}" for i, f in enumerate(freq) if f >= theta]
+        else:
+            values = np.asarray(values, dtype=object)
+            cats, counts = np.unique(values[train & (values != "")], return_counts=True)
+            kept = [str(c) for c, n in zip(cats, counts) if n / max(train.sum(), 1) >= theta]
+            spec.append({"name": name, "categories": kept})
+            names += [f"{name} = {c}" for c in kept]
+    return {"variables": spec, "columns": names}
+
+
+def apply_static(columns: dict, spec: dict) -> np.ndarray:
+    """(N, S) uint8 static vectors under `spec`."""
+    parts = []
+    for v in spec["variables"]:
+        values = columns[v["name"]]
+        if "edges" in v:
+            bins = np.searchsorted(np.array(v["edges"]), values, side="right")
+            onehot = (bins[:, None] == np.arange(len(v["keep"]))[None, :]) & np.isfinite(values)[:, None]
+            parts.append(onehot[:, np.array(v["keep"], dtype=bool)])
+        else:
+            values = np.asarray(values, dtype=object)
+            parts.append(np.stack([values == c for c in v["categories"]], axis=1) if v["categories"]
+                         else np.zeros((len(values), 0), bool))
+    n = len(next(iter(columns.values()))) if columns else 0
+    return np.concatenate(parts, axis=1).astype(np.uint8) if parts else np.zeros((n, 0), np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- codes
+def build_vocab(codes: np.ndarray, train_rows: np.ndarray) -> list[str]:
+    """Codes seen in training admissions, most frequent first (ties by code): the vocabulary."""
+    cats, counts = np.unique(codes[train_rows], return_counts=True)
+    order = np.lexsort((cats, -counts))
+    return [c.decode("utf-8", "replace") for c in cats[order].tolist()]
+
+
+def codes_to_csr(rows: np.ndarray, codes: np.ndarray, vocab: list[str], n_rows: int):
+    """CSR sets (ptr (n_rows+1,), idx) of vocabulary indices per row; out-of-vocabulary codes are dropped.
+    Returns (ptr, idx, n_dropped)."""
+    table = np.array([v.encode() for v in vocab], dtype=bytes) if vocab else np.zeros(0, "S1")
+    order = np.argsort(table)
+    pos = np.minimum(np.searchsorted(table[order], codes), max(len(vocab) - 1, 0))
+    known = table[order][pos] == codes if len(vocab) else np.zeros(len(codes), bool)
+    pair = np.unique(rows[known].astype(np.int64) * (len(vocab) + 1) + order[pos[known]])
+    ptr = np.searchsorted(pair // (len(vocab) + 1), np.arange(n_rows + 1)).astype(np.int64)
+    return ptr, (pair % (len(vocab) + 1)).astype(np.int32), int((~known).sum())
+
+
+# ------------------------------------------------------------------------------------------- notes
+TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def hashing_embed(text: str, dim: int) -> np.ndarray:
+    """The built-in `hashing` text model: signed feature hashing of word unigrams and bigrams,
+    log-scaled counts, L2-normalised. No weights, offline, deterministic (crc32)."""
+    words = TOKEN.findall(text.lower())
+    grams = words + [a + " " + b for a, b in zip(words, words[1:])]
+    vec = np.zeros(dim, np.float32)
+    if grams:
+        h = np.array([zlib.crc32(g.encode()) for g in grams], dtype=np.int64)
+        np.add.at(vec, h % dim, np.where((h >> 20) & 1, 1.0, -1.0))
+        vec = np.sign(vec) * np.log1p(np.abs(vec))
+        vec /= max(float(np.linalg.norm(vec)), 1e-12)
+    return vec
+
+
+def text_key(model_id: str, pooling: str, text: str) -> str:
+    return hashlib.sha1(f"{model_id}\0{pooling}\0{text}".encode()).hexdigest()
+
+
+def embed_notes(texts: list[str], model: str, cache: dict, *, dim: int, max_tokens: int, pooling: str,
+                device: str, batch_size: int, task) -> tuple[np.ndarray, dict]:
+    """(n, E) float16 embeddings of `texts` by a frozen text model, reusing and filling `cache`
+    ({text key: vector}). `model` is "hashing" or a local Hugging Face folder / hub name."""
+    model_id = f"hashing-{dim}" if model == "hashing" else model
+    keys = [text_key(model_id, pooling, t) for t in texts]
+    todo = sorted({k: t for k, t in zip(keys, texts) if k not in cache}.items(), key=lambda kt: len(kt[1]))
+    info = {"text_model": model, "pooling": pooling if model != "hashing" else "hashed bag of words",
+            "max_tokens": max_tokens, "cached": len(texts) - len(todo)}
+    with task("embedding notes", len(todo)) as advance:
+        if model == "hashing":
+            for k, t in todo:
+                cache[k] = hashing_embed(t, dim).astype(np.float16)
+                advance(1)
+        elif todo:
+            _embed_hf(todo, model, cache, max_tokens, pooling, device, batch_size, advance, info)
+    if not texts:
+        return np.zeros((0, dim if model == "hashing" else info.get("dim", 0)), np.float16), info
+    out = np.stack([cache[k] for k in keys]).astype(np.float16)
+    info["dim"] = int(out.shape[1])
+    return out, info
+
+
+def _embed_hf(todo, model, cache, max_tokens, pooling, device, batch_size, advance, info) -> None:
+    """Frozen Hugging Face encoder (T5 models through their encoder only), mean-pooled last hidden state."""
+    import torch
+    from pathlib import Path
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    local = Path(model).exists()
+    config = AutoConfig.from_pretrained(model, local_files_only=local)
+    cls = T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else AutoModel
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=local)
+    net = cls.from_pretrained(model, local_files_only=local).to(device).eval()
+    info["architecture"] = type(net).__name__
+    with torch.inference_mode():
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            # fidelity: the official code mean-pools T5 over all 512 positions, padding included
+            pad = "max_length" if pooling == "mean_unmasked" else True
+            enc = tokenizer([t for _, t in chunk], padding=pad, truncation=True, max_length=max_tokens,
+                            return_tensors="pt").to(device)
+            hidden = net(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            mask = torch.ones_like(enc["attention_mask"]) if pooling == "mean_unmasked" else enc["attention_mask"]
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (b, E)
+            for (k, _), v in zip(chunk, pooled.float().cpu().numpy()):
+                cache[k] = v.astype(np.float16)
+            advance(len(chunk))

@@ -1,0 +1,378 @@
+"""Tables: finding and reading the CSV extracts fast, column by column, in bounded memory.
+
+The lowest module of medhmp (imports numpy and the stdlib only; `data.py` builds on it). It is its own file
+so that data.py keeps to cohorts, features and the processed format. What it does:
+  * `find_layout(raw)` tells MIMIC-III (flat TABLE.csv[.gz]), MIMIC-IV (hosp/ + icu/) and a diagnosis extract
+    (patient + diagnosis) apart; file and column names match case-insensitively; `.csv` or `.csv.gz`.
+  * `read_blocks(path, columns)` streams a table in blocks of about 16 MB of text and returns the wanted
+    columns as numpy byte-string arrays. Rows without quotes (nearly all event rows) are cut with numpy on
+    the raw bytes; rows with quotes go through `csv.reader`, so quoting is honoured and row order kept.
+  * vectorised parsers for ids, numbers and timestamps, returning values plus a validity mask.
+Memory is bounded by the block size, never by the size of the file.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+BLOCK_BYTES = 1 << 24  # 16 MiB of decompressed text per block: large enough to amortise numpy calls
+
+
+class InputError(Exception):
+    """Bad user input: the message is one actionable line naming the file, column or row."""
+
+
+# ------------------------------------------------------------------------------------------- layouts
+# logical table -> file stem per layout. MIMIC-IV notes live in a separate MIMIC-IV-Note folder (note/).
+LAYOUTS = {
+    "mimic3": {"patients": "PATIENTS", "admissions": "ADMISSIONS", "icustays": "ICUSTAYS",
+               "diagnoses": "DIAGNOSES_ICD", "prescriptions": "PRESCRIPTIONS", "notes": "NOTEEVENTS",
+               "chartevents": "CHARTEVENTS", "labevents": "LABEVENTS", "outputevents": "OUTPUTEVENTS",
+               "inputevents": "INPUTEVENTS_MV", "procedureevents": "PROCEDUREEVENTS_MV",
+               "datetimeevents": "DATETIMEEVENTS", "d_items": "D_ITEMS", "d_labitems": "D_LABITEMS"},
+    "mimic4": {"patients": "hosp/patients", "admissions": "hosp/admissions", "icustays": "icu/icustays",
+               "diagnoses": "hosp/diagnoses_icd", "prescriptions": "hosp/prescriptions",
+               "notes": "note/discharge", "chartevents": "icu/chartevents", "labevents": "hosp/labevents",
+               "outputevents": "icu/outputevents", "inputevents": "icu/inputevents",
+               "procedureevents": "icu/procedureevents", "datetimeevents": "icu/datetimeevents",
+               "d_items": "icu/d_items", "d_labitems": "hosp/d_labitems"},
+    "trinetx": {"patients": "patient", "diagnoses": "diagnosis"},
+}
+CORE_TABLES = {"mimic3": ("patients", "admissions", "icustays", "diagnoses"),
+               "mimic4": ("patients", "admissions", "icustays", "diagnoses"),
+               "trinetx": ("patients", "diagnoses")}
+# canonical column -> column name in the source, where they differ (MIMIC-III icustay_id is stay_id)
+ALIASES = {"mimic3": {"stay_id": "icustay_id", "icd_code": "icd9_code", "race": "ethnicity"},
+           "mimic4": {}, "trinetx": {"subject_id": "patient_id", "hadm_id": "encounter_id"}}
+
+
+def find_file(folder: Path, stem: str) -> Path | None:
+    """The file `stem.csv` or `stem.csv.gz` under `folder`, matching every path part case-insensitively."""
+    here = folder
+    for part in stem.split("/")[:-1]:
+        here = _child(here, lambda name: name.lower() == part.lower())
+        if here is None:
+            return None
+    name = stem.split("/")[-1].lower()
+    return _child(here, lambda n: n.lower() in (f"{name}.csv", f"{name}.csv.gz"))
+
+
+def _child(folder: Path, match) -> Path | None:
+    if not folder.is_dir():
+        return None
+    hits = sorted(p for p in folder.iterdir() if match(p.name))
+    return hits[0] if hits else None
+
+
+def find_layout(raw: Path) -> str:
+    """Which layout `raw` holds; an InputError says what was expected when none (or several) match."""
+    if not raw.is_dir():
+        raise InputError(f"{raw}: no such folder (pass --raw with the folder of CSV extracts)")
+    found = [name for name, tables in LAYOUTS.items()
+             if find_file(raw, tables["admissions" if "admissions" in tables else "diagnoses"])
+             and find_file(raw, tables["patients"])]
+    if len(found) != 1:
+        what = "both " + " and ".join(found) if found else "no known layout"
+        raise InputError(f"{raw}: {what}; expected ADMISSIONS.csv[.gz] + PATIENTS (MIMIC-III), "
+                         "hosp/admissions.csv[.gz] + hosp/patients (MIMIC-IV), or patient + diagnosis "
+                         "(diagnosis extract), alone in one folder")
+    return found[0]
+
+
+# ------------------------------------------------------------------------------------------- reading
+@dataclass
+class Source:
+    """One table being read: where it is, how far, and the hash of its bytes (for meta.json)."""
+    path: Path
+    header: list[str] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)  # canonical names of the columns found
+    bytes_read: int = 0
+    rows: int = 0
+    bad_rows: int = 0
+    first_bad_row: int = 0
+    sha256: str = ""
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "bytes": self.path.stat().st_size, "rows": self.rows,
+                "sha256": self.sha256, "bad_rows": self.bad_rows}
+
+
+def _raw_chunks(src: Source, chunk: int):
+    """Decompressed bytes of the file, gzip detected by its magic number; hashes the raw bytes as it goes."""
+    digest = hashlib.sha256()
+    with open(src.path, "rb") as raw:
+        head = raw.read(2)
+        raw.seek(0)
+        unzip = zlib.decompressobj(16 + zlib.MAX_WBITS) if head == b"\x1f\x8b" else None
+        while True:
+            data = raw.read(chunk)
+            src.bytes_read = raw.tell()
+            if not data:
+                break
+            digest.update(data)
+            try:
+                yield unzip.decompress(data) if unzip else data
+            except zlib.error as err:
+                raise InputError(f"{src.path}: not a readable gzip file ({err})") from None
+        if unzip:
+            yield unzip.flush()
+    src.sha256 = digest.hexdigest()
+
+
+def read_blocks(src: Source, columns: dict[str, bool], aliases: dict[str, str] | None = None,
+                block_bytes: int = BLOCK_BYTES):
+    """Yield a `Block` per ~16 MB of `src`; `block[name]` or `block.get(name, rows)` gathers a column.
+
+    `columns` maps canonical names to whether they are required; a missing required column is an
+    InputError naming the file and column, a missing optional one is absent (`name in block` is False).
+    Gathering is lazy, so callers filter on cheap columns first and cut the wide ones only for kept rows.
+    """
+    aliases = aliases or {}
+    pending, row0, want = b"", 1, None
+    for data in _raw_chunks(src, block_bytes // 4):
+        data = pending + data
+        if want is None:
+            if b"\n" not in data and data:
+                pending = data
+                continue
+            data, want = _read_header(src, data, columns, aliases)
+        cut = data.rfind(b"\n") + 1
+        pending, data = data[cut:], data[:cut]
+        if data:
+            block = _parse_block(src, data, want, row0)
+            row0 += block.n_lines
+            yield block
+    if want is None:
+        raise InputError(f"{src.path}: the file is empty (no header line)")
+    if pending.strip():
+        yield _parse_block(src, pending + b"\n", want, row0)
+
+
+def _read_header(src: Source, data: bytes, columns: dict[str, bool], aliases: dict[str, str]):
+    end = data.find(b"\n") + 1 if b"\n" in data else len(data)
+    line = data[:end].decode("utf-8-sig", errors="replace").strip("\r\n")
+    src.header = [c.strip().lower() for c in next(csv.reader([line]), [])]
+    if not any(src.header):
+        raise InputError(f"{src.path}: the file is empty (no header line)")
+    want = {}
+    for name, required in columns.items():
+        source_name = aliases.get(name, name)
+        if source_name in src.header:
+            want[name] = src.header.index(source_name)
+        elif required:
+            raise InputError(f"{src.path}: missing column '{source_name}' "
+                             f"(columns are: {', '.join(src.header)})")
+    src.columns = [name for name in want]
+    want["__ncol__"] = len(src.header)
+    return data[end:], want
+
+
+class Block:
+    """Whole lines of one table: field k of good row i is buf[starts[i, k]:ends[i, k]]."""
+
+    def __init__(self, buf, starts, ends, names, rows, n_lines):
+        self.buf, self.starts, self.ends = buf, starts, ends
+        self.names = {name: k for k, name in enumerate(names)}
+        self.rows = rows            # (n,) 1-based line numbers of the good rows, for messages
+        self.n_lines = n_lines
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __contains__(self, name):
+        return name in self.names
+
+    def __getitem__(self, name):
+        return self.get(name)
+
+    def get(self, name, sel=None):
+        """Column `name` as an S array, for all good rows or the rows `sel` (index or mask)."""
+        k = self.names[name]
+        s, e = self.starts[:, k], self.ends[:, k]
+        if sel is not None:
+            s, e = s[sel], e[sel]
+        return _gather(self.buf, s, e)
+
+
+def _parse_block(src: Source, data: bytes, want: dict[str, int], row0: int) -> Block:
+    """Find the fields of `data` (whole lines): numpy on the raw bytes; rows with quotes via csv.reader."""
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n")
+    ncol, names = want["__ncol__"], [n for n in want if n != "__ncol__"]
+    cols = np.array([want[n] for n in names], dtype=np.int64)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    nl = np.flatnonzero(buf == 10)                             # (lines,) end of each line
+    line_start = np.concatenate(([0], nl[:-1] + 1))            # (lines,) start of each line
+    bounds = np.concatenate(([0], nl))
+    commas = np.flatnonzero(buf == 44)
+    n_commas = np.diff(np.searchsorted(commas, bounds))        # commas per line
+    n_quotes = np.diff(np.searchsorted(np.flatnonzero(buf == 34), bounds))
+    if (n_quotes % 2).any():                                   # a quoted field spans lines: csv does it all
+        return _parse_with_csv(src, data, names, cols, ncol, row0)
+    blank = nl == line_start
+    clean = (n_commas == ncol - 1) & (n_quotes == 0) & ~blank
+    # field k of a clean line starts after comma k-1 and ends at comma k (or the line's ends)
+    first = np.searchsorted(commas, line_start[clean])
+    cut = commas[first[:, None] + np.arange(ncol - 1)]         # (n_clean, ncol-1)
+    left = np.concatenate([line_start[clean, None], cut + 1], axis=1)   # (n_clean, ncol)
+    right = np.concatenate([cut, nl[clean, None]], axis=1)             # (n_clean, ncol)
+    starts, ends = left[:, cols], right[:, cols]
+    dirty = np.flatnonzero(~clean & ~blank)
+    good = clean
+    if len(dirty):                                             # quoted lines: csv.reader, fields appended
+        rows = list(csv.reader(data[line_start[i]:nl[i]].decode("utf-8", "replace") for i in dirty))
+        fits = np.array([len(r) == ncol for r in rows], dtype=bool)
+        _count_bad(src, row0 + dirty[~fits])
+        fields = [r[j].encode() for r, ok in zip(rows, fits) if ok for j in cols]
+        lens = np.array([len(f) for f in fields], dtype=np.int64)
+        extra_start = len(buf) + np.concatenate(([0], np.cumsum(lens)[:-1])) if len(lens) else lens
+        buf = np.concatenate([buf, np.frombuffer(b"".join(fields), dtype=np.uint8)])
+        good = clean.copy()
+        good[dirty[fits]] = True
+        order = np.argsort(np.concatenate([np.flatnonzero(clean), dirty[fits]]), kind="stable")
+        starts = np.concatenate([starts, extra_start.reshape(-1, len(cols))])[order]
+        ends = np.concatenate([ends, (extra_start + lens).reshape(-1, len(cols))])[order]
+    src.rows += int(good.sum())
+    return Block(buf, starts, ends, names, row0 + np.flatnonzero(good), len(nl))
+
+
+def _parse_with_csv(src: Source, data: bytes, names, cols, ncol: int, row0: int) -> Block:
+    """Slow path for blocks where a quoted field holds a newline (rare outside note tables)."""
+    rows = [r for r in csv.reader(data.decode("utf-8", "replace").splitlines(keepends=True)) if r]
+    fits = np.array([len(r) == ncol for r in rows], dtype=bool)
+    _count_bad(src, row0 + np.flatnonzero(~fits))
+    fields = [r[j].encode() for r, ok in zip(rows, fits) if ok for j in cols]
+    lens = np.array([len(f) for f in fields], dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(lens)[:-1])) if len(lens) else lens
+    buf = np.frombuffer(b"".join(fields), dtype=np.uint8)
+    src.rows += int(fits.sum())
+    shape = (-1, len(cols))
+    return Block(buf, starts.reshape(shape), (starts + lens).reshape(shape), names,
+                 row0 + np.flatnonzero(fits), len(rows))
+
+
+def _count_bad(src: Source, row_numbers: np.ndarray) -> None:
+    if len(row_numbers):
+        if not src.bad_rows:
+            src.first_bad_row = int(row_numbers[0])
+        src.bad_rows += len(row_numbers)
+
+
+def _gather(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Byte fields buf[starts[i]:ends[i]] as one fixed-width S array, without a Python loop."""
+    lens = ends - starts
+    width = max(int(lens.max()) if len(lens) else 1, 1)
+    padded = np.concatenate([buf, np.zeros(width, np.uint8)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, width)  # (len(buf)+1, width) view
+    out = windows[starts]                                               # (n, width) copy
+    out *= np.arange(width, dtype=np.int64)[None, :] < lens[:, None]    # zero the bytes past each field
+    return out.view(f"S{width}").ravel()
+
+
+def read_table(path: Path, columns: dict[str, bool], aliases: dict[str, str] | None = None):
+    """A whole (small) table: ({column: S-array, "__row__": line numbers}, Source)."""
+    src = Source(path)
+    blocks = list(read_blocks(src, columns, aliases))
+    out = {name: np.concatenate([b[name] for b in blocks]) if blocks else np.zeros(0, "S1")
+           for name in src.columns}
+    out["__row__"] = np.concatenate([b.rows for b in blocks]) if blocks else np.zeros(0, np.int64)
+    return out, src
+
+
+# ------------------------------------------------------------------------------------------- parsing
+def parse_int(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decimal integers (ids) from an S array -> (int64 values, ok mask); empty or non-digit is not ok."""
+    digits = values.view(np.uint8).reshape(len(values), -1).astype(np.int64) - 48  # (n, w)
+    lens = np.char.str_len(values)
+    ok = lens > 0
+    out = np.zeros(len(values), np.int64)
+    for k in range(digits.shape[1]):
+        used = k < lens
+        d = digits[:, k]
+        ok &= ~used | ((d >= 0) & (d <= 9))
+        out = np.where(used, out * 10 + d, out)
+    return np.where(ok, out, 0), ok
+
+
+def parse_float(values: np.ndarray) -> np.ndarray:
+    """Numbers from an S array -> float64, NaN where empty or not a number."""
+    vals = np.char.strip(values)
+    vals = np.where(vals == b"", b"nan", vals)
+    try:
+        return vals.astype(np.float64)
+    except ValueError:
+        return np.array([_to_float(v) for v in vals], dtype=np.float64)
+
+
+def _to_float(v: bytes) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        return float("nan")
+
+
+def parse_minutes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Timestamps -> (int64 minutes since 1970-01-01, ok mask).
+
+    Accepts 'YYYY-MM-DD HH:MM:SS' (MIMIC), 'YYYY-MM-DD HH:MM', 'YYYY-MM-DDTHH:MM:SS', 'YYYY-MM-DD' and
+    'YYYYMMDD' (TriNetX). Empty or malformed values are not ok (the caller counts or reports them).
+    """
+    n = len(values)
+    d = np.full((n, 19), -48, np.int64)                  # digit values; -48 marks "no character"
+    raw = values.view(np.uint8).reshape(n, -1)[:, :19]
+    d[:, :raw.shape[1]] = raw.astype(np.int64) - 48
+    lens = np.char.str_len(values)
+    compact = lens == 8                                  # YYYYMMDD
+    if compact.any():                                    # re-seat YYYYMMDD as YYYY-MM-DD
+        d[compact, 8:10], d[compact, 5:7], d[compact, 4] = d[compact, 6:8], d[compact, 4:6], -3
+        d[compact, 7] = -3
+        lens = np.where(compact, 10, lens)
+    is_digit = (d >= 0) & (d <= 9)
+    digit_pos = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18]
+    need = np.array(digit_pos)[None, :] < lens[:, None]  # digit positions this length uses
+    ok = np.isin(lens, [10, 16, 19]) & (is_digit[:, digit_pos] | ~need).all(axis=1)
+    ok &= (d[:, 4] == -3) & (d[:, 7] == -3)              # '-' separators ('-' is 45 = 48 - 3)
+
+    def num(*cols):
+        v = np.zeros(n, np.int64)
+        for c in cols:
+            v = v * 10 + np.where(is_digit[:, c], d[:, c], 0)
+        return v
+    month, day = num(5, 6), num(8, 9)
+    hour = np.where(lens >= 16, num(11, 12), 0)
+    minute = np.where(lens >= 16, num(14, 15), 0)
+    ok &= (month >= 1) & (month <= 12) & (day >= 1) & (day <= 31) & (hour <= 23) & (minute <= 59)
+    days = _days_from_civil(num(0, 1, 2, 3), np.clip(month, 1, 12), day)
+    return np.where(ok, days * 1440 + hour * 60 + minute, 0), ok
+
+
+def _days_from_civil(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm), vectorised."""
+    y = y - (m <= 2)
+    era = np.floor_divide(y, 400)
+    yoe = y - era * 400
+    doy = (153 * ((m + 9) % 12) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def decode(values: np.ndarray) -> list[str]:
+    """S array -> list of stripped str (for categories and names)."""
+    return [v.decode("utf-8", "replace").strip() for v in values.tolist()]
+
+
+def open_text(path: Path):
+    """(raw binary file, text stream) over `.csv` or `.csv.gz`; raw.tell() gives progress in file bytes.
+    For note tables, whose quoted fields span lines."""
+    raw = open(path, "rb")
+    gz = raw.read(2) == b"\x1f\x8b"
+    raw.seek(0)
+    inner = gzip.GzipFile(fileobj=raw) if gz else raw
+    return raw, io.TextIOWrapper(inner, encoding="utf-8", errors="replace", newline="")
