@@ -1,0 +1,444 @@
+"""Models: the MedHMP encoders, fusion blocks, pretraining objectives, losses and classifiers.
+
+Usage: `cfg = ModelConfig.from_meta(meta)`, then e.g. `StayPretrainer(StayEncoder(cfg), cfg)(batch)["loss"]`,
+`AdmissionPretrainer(AdmissionEncoder(cfg), cfg)(batch)`, `Classifier(encoder)(batch)` → logits.
+Reads and writes nothing: pure torch modules and functions. Batches are the `dict[str, Tensor]` of
+docs/data-format.md, already on the module's device. Imports no project module.
+
+Shape legend:
+    B  batch                         T  hours (seq_len, 48)          F  time-series features (n_features)
+    S  static features (n_static)   K  stay slots per admission     Ns real stays in a batch
+    V  code vocabulary (V_icd, V_drug)                               E  note-embedding dim (note_dim)
+    D  model width (d_model)        L  visits per patient           N  tokens entering a fusion block
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and objective settings; the six sizes come from meta.json (`from_meta`)."""
+    seq_len: int  # T, meta.json
+    n_features: int  # F, meta.json
+    n_static: int  # S, meta.json
+    n_icd: int  # V_icd, meta.json
+    n_drug: int  # V_drug, meta.json
+    note_dim: int  # E, meta.json
+    d_model: int = 256  # paper App. B/C: d_r = 256 everywhere
+    n_heads: int = 4  # official operations.py SelfAttention
+    dropout: float = 0.1  # official SelfAttention and LSTM inter-layer dropout
+    static_hidden: int = 64  # official table_encoder 73→64→256
+    mask_rate: float = 0.15  # paper App. B, "following BERT"
+    temperature: float = 0.1  # paper App. B (also the info-nce default the official code uses)
+    cl_weight: float = 0.1  # paper Eq. 11, λ
+    cl_include_positive: bool = False  # paper Eq. 10 excludes the positive; official info-nce includes it
+
+    SIZES = ("seq_len", "n_features", "n_static", "n_icd", "n_drug", "note_dim")
+
+    @classmethod
+    def from_meta(cls, meta: dict, **overrides) -> "ModelConfig":
+        """Build from a processed folder's meta.json dict; `overrides` replace any field."""
+        missing = [k for k in cls.SIZES if k not in meta]
+        if missing:
+            raise KeyError(f"meta.json lacks {missing}; re-run `python medhmp.py preprocess`")
+        return cls(**{**{k: int(meta[k]) for k in cls.SIZES}, **overrides})
+
+
+def densify(ts_idx: torch.Tensor, n: int, T: int, F: int) -> torch.Tensor:
+    """Binary (n, T, F) float tensor with ones at the flat indices `ts_idx` = (i*T + t)*F + f."""
+    return torch.zeros(n * T * F, device=ts_idx.device).index_fill_(0, ts_idx, 1.0).view(n, T, F)
+
+
+# ------------------------------------------------------------------------------------------- losses
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L = mean_{b,t,f} (pred − target)²; pred, target (B, T, F) → scalar.
+
+    Paper Eq. 3 sums ‖m_t − m̃_t‖² over the F features before averaging over stays and hours, so this is
+    Eq. 3 divided by the constant F (the official `nn.MSELoss()` does the same).
+    """
+    return F.mse_loss(pred, target)
+
+
+def masked_code_loss(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """L = Σ m ⊙ (σ(pred) − target)² / Σ m; pred logits, target 0/1, loss_mask m bool, all (B, V) → scalar.
+
+    Paper Eq. 9 is an MSE between σ(logits) and the masked codes; its element-wise product (lost in the
+    printed equation) is read as restricting the mean to the positions the model cannot see (m = every
+    position except the still-visible present codes). An empty mask gives 0.
+    """
+    err = (torch.sigmoid(pred) - target) ** 2  # (B, V)
+    m = loss_mask.to(err.dtype)
+    return (err * m).sum() / m.sum().clamp(min=1.0)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1,
+             include_positive: bool = False) -> torch.Tensor:
+    """One-directional InfoNCE a → b with in-batch negatives; a, b (B, D) → scalar (mean over B).
+
+    s_ij = cos(a_i, b_j) / τ.  Paper Eq. 10 (include_positive=False): u_i = −s_ii + log Σ_{j≠i} e^{s_ij}.
+    Official info-nce (include_positive=True): u_i = −s_ii + log Σ_j e^{s_ij}, i.e. cross-entropy with
+    diagonal labels. The paper form needs B ≥ 2 (B = 1 leaves an empty denominator: −inf).
+    """
+    s = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature  # (B, B)
+    pos = s.diagonal()  # (B,)
+    if not include_positive:
+        s = s.masked_fill(torch.eye(len(s), dtype=torch.bool, device=s.device), float("-inf"))
+    return (torch.logsumexp(s, dim=1) - pos).mean()
+
+
+def random_code_mask(codes: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """keep (bool, same shape as codes): False exactly at the present codes that got masked.
+
+    Each present code is masked independently with probability `rate` (paper App. B: 15 %); absent codes
+    are always kept, and no code is guaranteed to be masked (as in the official code).
+    """
+    u = torch.rand(codes.shape, generator=generator, device=codes.device)
+    return (u >= rate) | (codes == 0)
+
+
+# ----------------------------------------------------------------------------------------- encoders
+class TimeSeriesEncoder(nn.Module):
+    """Binary hourly matrix (sparse) → stay vector h = final cell state of the top LSTM layer (paper Eq. 1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.d_model
+        self.T, self.F = cfg.seq_len, cfg.n_features
+        # perf/fidelity: the paper's first LSTM(F→D) input weight (4D, F) is factored as W_ih (4D, D) · P (D, F),
+        # rank ≤ D, so the 4%-dense binary input is projected by summing rows of P over the active cells
+        # instead of a dense F-wide matmul. P needs no bias: the LSTM's own input bias absorbs it.
+        bound = self.F ** -0.5  # nn.Linear's default init
+        self.input_proj = nn.Parameter(torch.empty(self.F, D).uniform_(-bound, bound))  # (F, D)
+        self.rnn1 = nn.LSTM(D, D, batch_first=True)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.norm = nn.LayerNorm(D)
+        self.rnn2 = nn.LSTM(D, D, num_layers=2, batch_first=True, dropout=cfg.dropout)  # official LSTM_Encoder
+
+    def project(self, ts_idx: torch.Tensor, n: int) -> torch.Tensor:
+        """Linear(F→D, no bias) of the binary (n, T, F) matrix given by `ts_idx`, without densifying it."""
+        # embedding_bag wants each (stay, hour) row's cells contiguous: data.py emits ts_idx sorted, and
+        # sorting again (~3 ms at batch 128) makes any order safe
+        ts_idx = ts_idx.sort().values  # (nnz,)
+        rows = torch.div(ts_idx, self.F, rounding_mode="floor")  # (nnz,) row i*T + t of each active cell
+        offsets = torch.searchsorted(rows, torch.arange(n * self.T, device=rows.device))  # (n*T,) bag starts
+        # perf: a fused gather-sum; index_add_ over weight[cols] materialises (nnz, D) and was 15x slower on CPU
+        x = F.embedding_bag(ts_idx % self.F, self.input_proj, offsets, mode="sum")  # (n*T, D)
+        return x.view(n, self.T, -1)  # (n, T, D)
+
+    def forward(self, ts_idx: torch.Tensor, n: int) -> torch.Tensor:
+        x, _ = self.rnn1(self.project(ts_idx, n))  # (n, T, D)
+        x = self.norm(self.drop(x))
+        _, (_, c) = self.rnn2(x)  # c (2, n, D)
+        return c[-1]  # (n, D): cell state of the top layer at hour T
+
+
+class StaticEncoder(nn.Module):
+    """Demographics MLP: Linear(S→64) → ReLU → Linear(64→D) (official table_encoder; paper "MLP with ReLU")."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_static, cfg.static_hidden), nn.ReLU(),
+                                 nn.Linear(cfg.static_hidden, cfg.d_model))
+
+    def forward(self, static: torch.Tensor) -> torch.Tensor:
+        return self.mlp(static)  # (n, S) → (n, D)
+
+
+class CodeEncoder(nn.Module):
+    """Multi-hot code set → D: Linear-LN-ReLU-Linear-LN-ReLU (official embbedding1/2). Input (..., V)."""
+
+    def __init__(self, n_codes: int, d_model: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(n_codes, d_model), nn.LayerNorm(d_model), nn.ReLU(),
+                                 nn.Linear(d_model, d_model), nn.LayerNorm(d_model), nn.ReLU())
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.mlp(codes)  # (..., V) → (..., D)
+
+
+class NoteEncoder(nn.Module):
+    """Frozen text-model vector → D: Linear(E→D)-LN-ReLU (official embbedding4)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(cfg.note_dim, cfg.d_model), nn.LayerNorm(cfg.d_model), nn.ReLU())
+
+    def forward(self, note: torch.Tensor) -> torch.Tensor:
+        return self.mlp(note)  # (B, E) → (B, D)
+
+
+class Fusion(nn.Module):
+    """One self-attention layer over modality tokens + masked max-pool (paper Eq. 2 and 7).
+
+    x (B, N, D), mask (B, N) bool, True = token present (None = all present) → (B, D). Absent tokens
+    are neither attended to nor pooled; a row with no token at all returns zeros.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # official operations.py: bias-free Q/K/V/output projections, dropout after the output projection
+        self.attn = nn.MultiheadAttention(cfg.d_model, cfg.n_heads, bias=False, batch_first=True)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        # fidelity: no FFN after the attention (paper Eq. 2/7); the official code adds a 4D FFN here.
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            y, _ = self.attn(x, x, x, need_weights=False)  # (B, N, D)
+            return self.norm(x + self.drop(y)).amax(dim=1)  # post-LN residual, then max over tokens → (B, D)
+        empty = ~mask.any(dim=1)  # (B,) rows with no token
+        # an empty row attends over its (meaningless) tokens so softmax sees no all-masked row, then is zeroed
+        pad = ~(mask | empty[:, None])  # (B, N) True = ignored key
+        y, _ = self.attn(x, x, x, key_padding_mask=pad, need_weights=False)  # (B, N, D)
+        z = self.norm(x + self.drop(y))  # (B, N, D)
+        z = z.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)  # (B, D) max over present tokens
+        return z.masked_fill(empty[:, None], 0.0)
+
+
+class StayEncoder(nn.Module):
+    """ICU stay → b: tokens [h (time series), d (demographics)] → Fusion (paper §2.2.1, Eq. 1–2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.d_model = cfg.d_model
+        self.ts_encoder = TimeSeriesEncoder(cfg)
+        self.static_encoder = StaticEncoder(cfg)
+        self.fusion = Fusion(cfg)
+
+    def encode(self, ts_idx: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+        """Packed stays: ts_idx flat into (n, T, F), static (n, S) → b (n, D)."""
+        h = self.ts_encoder(ts_idx, static.shape[0])  # (n, D)
+        d = self.static_encoder(static)  # (n, D)
+        return self.fusion(torch.stack([h, d], dim=1))  # (n, 2, D) → (n, D)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.encode(batch["ts_idx"], batch["static"])  # (B, D)
+
+
+class AdmissionEncoder(nn.Module):
+    """Admission → a: tokens ⟨s, c, g, l⟩ (stays, ICD, drugs, note) → Fusion (paper §2.3.1, Eq. 4–7)."""
+
+    TOKENS = ("stay", "icd", "drug", "note")  # paper Eq. 6 order; official code uses [l, c, g, s]
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.d_model = D = cfg.d_model
+        self.stay_encoder = StayEncoder(cfg)
+        self.stay_proj = nn.Sequential(nn.Linear(D, D), nn.LayerNorm(D), nn.ReLU())  # official embbedding3
+        self.icd_encoder = CodeEncoder(cfg.n_icd, D)
+        self.drug_encoder = CodeEncoder(cfg.n_drug, D)
+        self.note_encoder = NoteEncoder(cfg)
+        self.fusion = Fusion(cfg)
+
+    def encode_stays(self, batch: dict) -> torch.Tensor:
+        """s (B, D): the admission's real stays, encoded once as a packed batch, masked mean, Linear-LN-ReLU."""
+        stay_mask = batch["stay_mask"]  # (B, K)
+        B, Ns, D = stay_mask.shape[0], batch["static"].shape[0], self.d_model
+        if Ns == 0:  # no admission in the batch has a stay (cuDNN rejects an empty batch)
+            return self.stay_proj(batch["static"].new_zeros(B, D))
+        b = self.stay_encoder.encode(batch["ts_idx"], batch["static"])  # (Ns, D)
+        n = stay_mask.sum(dim=1)  # (B,) stays per admission
+        # stays are packed in row-major order of stay_mask, so admission i owns the next n_i rows;
+        # output_size keeps this free of a device→host sync
+        owner = torch.arange(B, device=b.device).repeat_interleave(n, output_size=Ns)  # (Ns,)
+        mean = b.new_zeros(B, D).index_add_(0, owner, b) / n.clamp(min=1)[:, None]  # (B, D)
+        # fidelity: paper Eq. 4 applies a linear layer to the concatenation of a fixed M = 3 stays (official:
+        # Linear(3D→D)-LN-ReLU over 3 padded slots); a masked mean keeps K free and padding out of s.
+        return self.stay_proj(mean)  # (B, D)
+
+    def tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unimodal embeddings x (B, 4, D) in TOKENS order and their presence mask (B, 4) bool."""
+        x = torch.stack([self.encode_stays(batch), self.icd_encoder(batch["icd"]),
+                         self.drug_encoder(batch["drug"]), self.note_encoder(batch["note"])], dim=1)  # (B, 4, D)
+        mask = torch.stack([batch["stay_mask"].any(dim=1), batch["icd_mask"],
+                            batch["drug_mask"], batch["note_mask"]], dim=1)  # (B, 4)
+        return x, mask
+
+    def fuse(self, x: torch.Tensor, mask: torch.Tensor, keep: tuple[str, ...] = TOKENS) -> torch.Tensor:
+        """Fuse the tokens named in `keep` (a subset of TOKENS) of x (B, 4, D) → (B, D)."""
+        if tuple(keep) == self.TOKENS:
+            return self.fusion(x, mask)
+        idx = [self.TOKENS.index(t) for t in keep]
+        return self.fusion(x[:, idx], mask[:, idx])  # (B, len(keep), D) → (B, D)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.fuse(*self.tokens(batch))  # (B, D)
+
+
+# ------------------------------------------------------------------------------------- pretraining
+class StayPretrainer(nn.Module):
+    """Stage 1: reconstruct the (T, F) binary matrix from b with an LSTM decoder; MSE (paper §2.2.2, Eq. 3)."""
+
+    def __init__(self, stay_encoder: StayEncoder, cfg: ModelConfig):
+        super().__init__()
+        self.encoder = stay_encoder
+        self.T, self.F = cfg.seq_len, cfg.n_features
+        # fidelity: paper §2.2.2 makes b the decoder's initial hidden state, so the decoder has width D and a
+        # linear read-out to F. The official code instead feeds b as the first input step of an F-wide LSTM.
+        self.decoder = nn.LSTM(cfg.d_model, cfg.d_model, batch_first=True)
+        self.readout = nn.Linear(cfg.d_model, cfg.n_features)
+
+    def forward(self, batch: dict) -> dict:
+        b = self.encoder(batch)  # (B, D)
+        B = b.shape[0]
+        h0 = b.unsqueeze(0)  # (1, B, D)
+        out, _ = self.decoder(b.new_zeros(B, self.T, b.shape[1]), (h0, torch.zeros_like(h0)))  # (B, T, D)
+        recon = torch.sigmoid(self.readout(out))  # (B, T, F), in (0, 1) like the binary targets
+        target = densify(batch["ts_idx"], B, self.T, self.F)  # (B, T, F)
+        return {"loss": reconstruction_loss(recon, target), "recon": recon}
+
+
+class AdmissionPretrainer(nn.Module):
+    """Stage 2: masked code prediction + inter-modality contrastive learning (paper §2.3.2–2.3.3, Eq. 6–11)."""
+
+    def __init__(self, admission_encoder: AdmissionEncoder, cfg: ModelConfig):
+        super().__init__()
+        self.encoder = admission_encoder
+        self.cfg = cfg
+        # fidelity: paper Eq. 8 is one FC + sigmoid per code set; the official code puts an FFN before each.
+        self.icd_head = nn.Linear(cfg.d_model, cfg.n_icd)
+        self.drug_head = nn.Linear(cfg.d_model, cfg.n_drug)
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        enc, cfg = self.encoder, self.cfg
+        x, mask = enc.tokens(batch)  # (B, 4, D), (B, 4): full inputs, stays encoded once per step
+        icd, drug = batch["icd"], batch["drug"]  # (B, V_icd), (B, V_drug)
+
+        # (a) MCP: one view ⟨s, c', g', l⟩ with both code sets masked (paper Eq. 6; the official code builds
+        # one view per code set and adds a learned count-of-masked-codes embedding; we follow the paper)
+        keep_icd = random_code_mask(icd, cfg.mask_rate, generator)  # (B, V_icd)
+        keep_drug = random_code_mask(drug, cfg.mask_rate, generator)  # (B, V_drug)
+        x_masked = torch.stack([x[:, 0], enc.icd_encoder(icd * keep_icd), enc.drug_encoder(drug * keep_drug),
+                                x[:, 3]], dim=1)  # (B, 4, D), TOKENS order: stay and note unchanged
+        a_masked = enc.fuse(x_masked, mask)  # (B, D)
+        # targets are the masked codes; scored where the code is not visible, in admissions that have the set
+        hidden_icd = ~(icd.bool() & keep_icd) & batch["icd_mask"][:, None]  # (B, V_icd)
+        hidden_drug = ~(drug.bool() & keep_drug) & batch["drug_mask"][:, None]  # (B, V_drug)
+        mcp = 0.5 * (masked_code_loss(self.icd_head(a_masked), icd * ~keep_icd, hidden_icd)
+                     + masked_code_loss(self.drug_head(a_masked), drug * ~keep_drug, hidden_drug))  # official ½(·+·)
+
+        # (b) CL: r ∈ {c, g, l} (s is never the anchor, paper §2.3.3) against the fusion of the other three
+        terms = []
+        for i, name in enumerate(enc.TOKENS[1:], start=1):
+            present = mask[:, i]  # (B,)
+            if int(present.sum()) < 2:  # no in-batch negative: skip the term (one host sync per term)
+                continue
+            key = enc.fuse(x, mask, keep=tuple(t for t in enc.TOKENS if t != name))  # (B, D) = a\r
+            terms.append(info_nce(x[present, i], key[present], cfg.temperature, cfg.cl_include_positive))
+        cl = torch.stack(terms).mean() if terms else x.new_zeros(())
+
+        loss = mcp + cfg.cl_weight * cl  # paper Eq. 11
+        return {"loss": loss, "mcp": mcp.detach(), "cl": cl.detach()}
+
+
+# ---------------------------------------------------------------------------------------- downstream
+class Classifier(nn.Module):
+    """encoder(batch) (B, D) → Dropout → Linear(D→n_out) → logits (B,) (or (B, n_out) when n_out > 1).
+
+    Wraps a StayEncoder or AdmissionEncoder (anything with `d_model` mapping a batch to (B, D)); its
+    weights live under the state-dict prefix `encoder.`, so a pretrained encoder loads with `load_encoder`.
+    """
+
+    def __init__(self, encoder: nn.Module, n_out: int = 1, dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.d_model, n_out)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        logits = self.head(self.drop(self.encoder(batch)))  # (B, n_out)
+        return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
+
+
+class LSTMSequence(nn.Module):
+    """LSTM over visits; the patient vector is the hidden state at the last real visit."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # official health_risk_prediction.py: num_layers 2, dropout between layers
+        self.rnn = nn.LSTM(cfg.d_model, cfg.d_model, num_layers=2, batch_first=True, dropout=cfg.dropout)
+
+    def forward(self, x: torch.Tensor, visit_mask: torch.Tensor, visit_time: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)  # (B, L, D); causal, so right-padding cannot reach the real visits
+        last = (visit_mask.sum(dim=1) - 1).clamp(min=0)  # (B,) index of the last real visit (left-aligned)
+        # fidelity: the official LSTM_encoder max-pools the valid outputs; we take the last hidden state
+        return out[torch.arange(len(out), device=out.device), last]  # (B, D)
+
+
+class Retain(nn.Module):
+    """RETAIN (Choi et al. 2016): reverse-time GRUs give visit attention α and variable attention β;
+    the patient vector is c = Σ_j α_j β_j ⊙ v_j over the real visits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.d_model
+        self.alpha_rnn = nn.GRU(D, D, batch_first=True)
+        self.beta_rnn = nn.GRU(D, D, batch_first=True)
+        self.alpha = nn.Linear(D, 1)  # e_j = w_α·g_j + b_α
+        self.beta = nn.Linear(D, D)  # β_j = tanh(W_β h_j + b_β)
+
+    def forward(self, x: torch.Tensor, visit_mask: torch.Tensor, visit_time: torch.Tensor) -> torch.Tensor:
+        L = x.shape[1]
+        n = visit_mask.sum(dim=1, keepdim=True)  # (B, 1) real visits
+        # reverse each patient's real visits (newest first) and keep them left-aligned; the padding slots
+        # repeat visit 0 and are masked below. fidelity: the official Retain runs its GRUs forward in time.
+        rev = (n - 1 - torch.arange(L, device=x.device)).clamp(min=0)  # (B, L)
+        v = x.gather(1, rev[..., None].expand_as(x))  # (B, L, D)
+        e = self.alpha(self.alpha_rnn(v)[0]).squeeze(-1)  # (B, L)
+        alpha = torch.softmax(e.masked_fill(~visit_mask, torch.finfo(e.dtype).min), dim=1)  # (B, L)
+        beta = torch.tanh(self.beta(self.beta_rnn(v)[0]))  # (B, L, D)
+        return (alpha[..., None] * beta * v).sum(dim=1)  # (B, D)
+
+
+# one class per model: __init__(cfg), forward(x (B, L, D), visit_mask (B, L), visit_time (B, L)) → (B, D).
+# Dipole, AdaCare and HiTANet slot in here as one class each.
+SEQUENCE_MODELS = {"lstm": LSTMSequence, "retain": Retain}
+
+
+class SequenceClassifier(nn.Module):
+    """Patient-level risk model: CodeEncoder per visit → a SEQUENCE_MODELS model → Linear → logits (B,).
+
+    `code_encoder` is the admission encoder's ICD MLP (pretrained, `--init admission`) or a fresh one.
+    """
+
+    def __init__(self, code_encoder: CodeEncoder, kind: str, cfg: ModelConfig, dropout: float | None = None):
+        super().__init__()
+        if kind not in SEQUENCE_MODELS:
+            raise ValueError(f"unknown sequence model {kind!r}; choose from {sorted(SEQUENCE_MODELS)}")
+        self.code_encoder = code_encoder
+        self.drop = nn.Dropout(cfg.dropout if dropout is None else dropout)
+        self.model = SEQUENCE_MODELS[kind](cfg)
+        self.head = nn.Linear(cfg.d_model, 1)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        x = self.drop(self.code_encoder(batch["icd"]))  # (B, L, V_icd) → (B, L, D)
+        z = self.model(x, batch["visit_mask"], batch["visit_time"])  # (B, D)
+        return self.head(self.drop(z)).squeeze(-1)  # (B,)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def load_encoder(model: nn.Module, state_dict: dict, prefix: str, expected_missing=()) -> int:
+    """Load the entries of `state_dict` whose keys start with `prefix` (prefix stripped) into `model`;
+    returns the number of tensors loaded.
+
+    Strict: raises RuntimeError listing every key of `model` that is missing (apart from
+    `expected_missing`) and every key under `prefix` that `model` does not have. Shape mismatches raise
+    from `load_state_dict`. E.g. stay → admission: `load_encoder(adm.stay_encoder, stay_sd, "encoder.")`.
+    """
+    sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    own = set(model.state_dict())
+    missing = sorted(own - set(sub) - set(expected_missing))
+    unexpected = sorted(set(sub) - own)
+    if missing or unexpected:
+        raise RuntimeError(f"cannot load prefix {prefix!r} ({len(sub)} keys) into {type(model).__name__}: "
+                           f"missing {missing}, unexpected {unexpected}")
+    model.load_state_dict(sub, strict=False)  # strictness checked above, allowing expected_missing
+    return len(sub)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (elements) of `module`."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
