@@ -25,8 +25,8 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 from torch.utils.data import DataLoader, Dataset
 
-from extract import (STATIC_CATEGORIES, StayIndex, age_at, find_notes, item_names, load_core, load_trinetx,
-                     read_diagnoses, read_drugs, read_notes, stream_events)
+from extract import (STATIC_CATEGORIES, StayIndex, age_at, find_notes, load_core, load_trinetx, read_diagnoses,
+                     read_drugs, read_notes, stream_events, variable_names)
 from features import (apply_static, apply_timeseries, build_vocab, codes_to_csr, embed_notes, fit_static,
                       fit_timeseries)
 from tables import InputError, find_layout
@@ -230,6 +230,7 @@ def _build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
     sts, s_adm, s_subject, age = _take(sts, keep), s_adm[keep], s_subject[keep], age[keep]
     s_att.append(["age >= 18 at ICU admission", len(sts["stay_id"])])
 
+    codes = _admission_codes(cfg, raw, layout, adms, split[a_subject] == 0, sources, rep, a_att)  # small: first
     index = StayIndex(sts["hadm_id"], sts["intime"], sts["outtime"])
     events, onsets, skipped = stream_events(raw, layout, index, len(sts["stay_id"]), cfg.seq_len,
                                             cfg.exclude_label_items, sources, rep.bytes_task)
@@ -243,7 +244,8 @@ def _build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
 
     train_stay = split[s_subject] == 0
     rep.log(f"fitting features on {int(train_stay.sum())} training stays")
-    ts_spec = fit_timeseries(events, train_stay, item_names(raw, layout), cfg.min_frequency, cfg.n_bins)
+    names = variable_names(raw, layout, events["var"])
+    ts_spec = fit_timeseries(events, train_stay, names, cfg.min_frequency, cfg.n_bins)
     ts_ptr, ts_idx = apply_timeseries(events, ts_spec, len(sts["stay_id"]), cfg.seq_len)
     static_cols = {"age": age.astype(np.float64), "hadm_to_icu_hours": (sts["intime"] - adms["admittime"][s_adm]) / 60.0,
                    "gender": [pats["gender"][i] for i in s_subject],
@@ -252,7 +254,6 @@ def _build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
     static_spec = fit_static(static_cols, train_stay, cfg.min_frequency, cfg.n_bins)
     static = apply_static(static_cols, static_spec)
 
-    codes = _admission_codes(cfg, raw, layout, adms, split[a_subject] == 0, sources, rep, a_att)
     notes = _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped)
     order = np.lexsort((sts["intime"], s_adm))                      # stays grouped by admission
     admissions = {"hadm_id": adms["hadm_id"], "subject_id": adms["subject_id"],
@@ -760,11 +761,14 @@ def _passthrough(batch):
     return batch
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
-                num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
+                pin_memory: bool = False, drop_last: bool = False, batches=None) -> DataLoader:
     """A DataLoader whose batches are built by the dataset's vectorised `__getitems__` (no per-sample
-    Python work); shuffling is seeded, evaluation loaders never shuffle."""
+    Python work). Shuffling is seeded; `batches` (lists of indices) replaces batch_size/shuffle when given,
+    so a training loop can resume mid-epoch. Evaluation loaders never shuffle."""
+    common = dict(collate_fn=_passthrough, num_workers=num_workers, pin_memory=pin_memory,
+                  persistent_workers=num_workers > 0)
+    if batches is not None:
+        return DataLoader(dataset, batch_sampler=batches, **common)
     gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, collate_fn=_passthrough,
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
-                      persistent_workers=num_workers > 0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last, **common)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tables import (ALIASES, LAYOUTS, InputError, Source, decode, find_file, open_text,
+from tables import (ALIASES, LAYOUTS, EmptyFile, InputError, Source, decode, find_file, open_text,
                     parse_float, parse_int, parse_minutes, read_blocks, read_table)
 
 # Label-defining MetaVision items (FIDDLE generate_labels.py; DESIGN §4), as (table, itemid).
@@ -57,7 +57,7 @@ def _times(table: dict, column: str, src: Source, required: bool) -> np.ndarray:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         shown = values[i].decode(errors="replace") or "(empty)"
-        raise InputError(f"{src.path}: row {table['__row__'][i]}, column '{column}': "
+        raise InputError(f"{src.path}: row {table['__row__'][i]}, column '{src.names.get(column, column)}': "
                          f"cannot read '{shown}' as a timestamp")
     return np.where(ok, minutes, -1)
 
@@ -66,14 +66,14 @@ def _ids(table: dict, column: str, src: Source, unique: bool = False) -> np.ndar
     values, ok = parse_int(table[column])
     if not ok.all():
         i = int(np.flatnonzero(~ok)[0])
-        raise InputError(f"{src.path}: row {table['__row__'][i]}, column '{column}': "
+        raise InputError(f"{src.path}: row {table['__row__'][i]}, column '{src.names.get(column, column)}': "
                          f"'{table[column][i].decode(errors='replace')}' is not an integer id")
     if unique:
         order = np.argsort(values, kind="stable")
         dup = np.flatnonzero(np.diff(values[order]) == 0)
         if len(dup):
             i, j = order[dup[0]], order[dup[0] + 1]
-            raise InputError(f"{src.path}: row {table['__row__'][j]}, column '{column}': duplicated id "
+            raise InputError(f"{src.path}: row {table['__row__'][j]}, column '{src.names.get(column, column)}': duplicated id "
                              f"{values[j]} (first at row {table['__row__'][i]})")
     return values
 
@@ -136,19 +136,22 @@ def age_at(patients: dict, rows: np.ndarray, minutes: np.ndarray) -> np.ndarray:
     return np.floor(year) - patients["year_of_birth"][rows]
 
 
-def item_names(raw: Path, layout: str) -> dict:
-    """Readable names of event variables from D_ITEMS / D_LABITEMS where present: {variable key: name}."""
-    names = {}
-    for table, event_tables in (("d_items", ("chartevents", "outputevents", "datetimeevents", "inputevents",
-                                              "procedureevents")), ("d_labitems", ("labevents",))):
+def variable_names(raw: Path, layout: str, keys: np.ndarray) -> dict:
+    """Readable names of event variables, 'chart 220045 Heart Rate' (labels from D_ITEMS / D_LABITEMS when
+    the extract has them, else 'chart 220045'): {variable key: name}."""
+    tables = {spec["code"]: name[:-len("events")] for name, spec in EVENT_TABLES.items()}
+    names = {int(k): f"{tables[int(k) // VAR_SPAN]} {int(k) % VAR_SPAN}" for k in np.unique(keys)}
+    for table in ("d_items", "d_labitems"):
         path = source_path(raw, layout, table, required=False) if table in LAYOUTS[layout] else None
         if path is None:
             continue
         t, _ = read_table(path, {"itemid": True, "label": True})
         ids, ok = parse_int(t["itemid"])
-        for item, label in zip(ids[ok].tolist(), decode(t["label"][ok])):
-            for ev in event_tables:
-                names[EVENT_TABLES[ev]["code"] * VAR_SPAN + item] = f"{ev[:-6]} {item} {label}"
+        labels = dict(zip(ids[ok].tolist(), decode(t["label"][ok])))
+        for k in names:
+            is_lab = k // VAR_SPAN == EVENT_TABLES["labevents"]["code"]
+            if (table == "d_labitems") == is_lab and k % VAR_SPAN in labels:
+                names[k] += f" {labels[k % VAR_SPAN]}"
     return names
 
 
@@ -237,15 +240,19 @@ def stream_events(raw: Path, layout: str, index: StayIndex, n_stays: int, hours:
         cols.update({spec[k]: False for k in ("num", "value", "end") if k in spec})
         if "skip" in spec:
             cols[spec["skip"][0]] = False
-        with task(table, path.stat().st_size) as advance:
-            done = 0
-            for block in read_blocks(src, cols, ALIASES[layout]):
-                counts = _event_block(block, spec, index, hours, store, onsets, label_keys, exclude_labels)
-                for k, v in counts.items():
-                    skipped.setdefault(table, {}).setdefault(k, 0)
-                    skipped[table][k] += v
-                advance(src.bytes_read - done)
-                done = src.bytes_read
+        counts = skipped[table] = {}
+        try:
+            with task(table, path.stat().st_size) as advance:
+                done = 0
+                for block in read_blocks(src, cols, ALIASES[layout]):
+                    for k, v in _event_block(block, spec, index, hours, store, onsets, label_keys,
+                                             exclude_labels).items():
+                        counts[k] = counts.get(k, 0) + v
+                    advance(src.bytes_read - done)
+                    done = src.bytes_read
+        except EmptyFile:
+            skipped[table] = "empty file (optional table)"
+            continue
         if src.bad_rows:
             skipped.setdefault(table, {})["malformed rows"] = src.bad_rows
     return store.result(), onsets, skipped
@@ -277,8 +284,11 @@ def _event_block(block, spec, index, hours, store, onsets, label_keys, exclude_l
             ok &= ~hit
     ok &= since < hours * 60                                              # features: first T hours only
     sel, start, stay, since, var = sel[ok], start[ok], stay[ok], since[ok], var[ok]
-    num = parse_float(block.get(spec["num"], sel)) if "num" in spec and spec["num"] in block \
-        else np.full(len(sel), np.nan)
+    num = np.full(len(sel), np.nan)
+    if "num" in spec and spec["num"] in block:
+        text = np.char.strip(block.get(spec["num"], sel))
+        num = parse_float(text)
+        counts["unparsable number"] = int((np.isnan(num) & (text != b"") & (np.char.lower(text) != b"nan")).sum())
     cat = np.full(len(sel), -1, np.int32)
     if "value" in spec and spec["value"] in block:                        # categorical where not numeric
         text = np.isnan(num)
@@ -386,6 +396,7 @@ def read_notes(path: Path, hadms: set, sources: dict, task) -> tuple[dict, dict]
             if i % 1024 == 0:
                 advance(raw.tell() - done)
                 done = raw.tell()
+        advance(raw.tell() - done)
     return {h: text for h, (_, text) in chosen.items()}, counts
 
 

@@ -50,7 +50,7 @@ def fit_timeseries(events: dict, train: np.ndarray, names: dict, theta: float, n
         mine = inverse == k
         nums, cats = num[mine], cat[mine]
         finite = nums[np.isfinite(nums)]
-        v = {"key": int(keys[k]), "name": names.get(int(keys[k]), str(keys[k])), "frequency": float(freq[k])}
+        v = {"key": int(keys[k]), "name": names[int(keys[k])], "frequency": float(freq[k])}
         if len(finite) >= 0.5 * mine.sum() and len(finite):
             v.update(kind="numeric", edges=_quantile_edges(finite, n_bins))
             values = [f"q{i + 1}" for i in range(len(v["edges"]) + 1)]

@@ -29,6 +29,10 @@ class InputError(Exception):
     """Bad user input: the message is one actionable line naming the file, column or row."""
 
 
+class EmptyFile(InputError):
+    """A table without a header line (a zero-byte file, or a gzip of nothing)."""
+
+
 # ------------------------------------------------------------------------------------------- layouts
 # logical table -> file stem per layout. MIMIC-IV notes live in a separate MIMIC-IV-Note folder (note/).
 LAYOUTS = {
@@ -93,6 +97,7 @@ class Source:
     path: Path
     header: list[str] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)  # canonical names of the columns found
+    names: dict = field(default_factory=dict)          # canonical name -> name in the file (for messages)
     bytes_read: int = 0
     rows: int = 0
     bad_rows: int = 0
@@ -123,6 +128,8 @@ def _raw_chunks(src: Source, chunk: int):
                 raise InputError(f"{src.path}: not a readable gzip file ({err})") from None
         if unzip:
             yield unzip.flush()
+            if not unzip.eof:
+                raise InputError(f"{src.path}: the gzip file is truncated (re-download or re-compress it)")
     src.sha256 = digest.hexdigest()
 
 
@@ -139,20 +146,30 @@ def read_blocks(src: Source, columns: dict[str, bool], aliases: dict[str, str] |
     for data in _raw_chunks(src, block_bytes // 4):
         data = pending + data
         if want is None:
-            if b"\n" not in data and data:
+            if b"\n" not in data:
                 pending = data
                 continue
             data, want = _read_header(src, data, columns, aliases)
-        cut = data.rfind(b"\n") + 1
+        cut = _row_end(data)
         pending, data = data[cut:], data[:cut]
         if data:
             block = _parse_block(src, data, want, row0)
             row0 += block.n_lines
             yield block
-    if want is None:
-        raise InputError(f"{src.path}: the file is empty (no header line)")
+    if want is None:                                      # a header without a newline, or nothing at all
+        pending, want = _read_header(src, pending, columns, aliases)
     if pending.strip():
         yield _parse_block(src, pending + b"\n", want, row0)
+
+
+def _row_end(data: bytes) -> int:
+    """Offset just past the last newline that ends a row (not one inside a quoted field); 0 if none."""
+    if b'"' not in data:
+        return data.rfind(b"\n") + 1
+    buf = np.frombuffer(data, dtype=np.uint8)
+    nl = np.flatnonzero(buf == 10)
+    outside = np.searchsorted(np.flatnonzero(buf == 34), nl) % 2 == 0   # even quotes before: between rows
+    return int(nl[outside][-1]) + 1 if outside.any() else 0
 
 
 def _read_header(src: Source, data: bytes, columns: dict[str, bool], aliases: dict[str, str]):
@@ -160,7 +177,7 @@ def _read_header(src: Source, data: bytes, columns: dict[str, bool], aliases: di
     line = data[:end].decode("utf-8-sig", errors="replace").strip("\r\n")
     src.header = [c.strip().lower() for c in next(csv.reader([line]), [])]
     if not any(src.header):
-        raise InputError(f"{src.path}: the file is empty (no header line)")
+        raise EmptyFile(f"{src.path}: the file is empty (no header line)")
     want = {}
     for name, required in columns.items():
         source_name = aliases.get(name, name)
@@ -170,6 +187,7 @@ def _read_header(src: Source, data: bytes, columns: dict[str, bool], aliases: di
             raise InputError(f"{src.path}: missing column '{source_name}' "
                              f"(columns are: {', '.join(src.header)})")
     src.columns = [name for name in want]
+    src.names = {name: aliases.get(name, name) for name in want}
     want["__ncol__"] = len(src.header)
     return data[end:], want
 
@@ -289,7 +307,7 @@ def read_table(path: Path, columns: dict[str, bool], aliases: dict[str, str] | N
 # ------------------------------------------------------------------------------------------- parsing
 def parse_int(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Decimal integers (ids) from an S array -> (int64 values, ok mask); empty or non-digit is not ok."""
-    digits = values.view(np.uint8).reshape(len(values), -1).astype(np.int64) - 48  # (n, w)
+    digits = values.view(np.uint8).reshape(len(values), values.itemsize).astype(np.int64) - 48  # (n, w)
     lens = np.char.str_len(values)
     ok = lens > 0
     out = np.zeros(len(values), np.int64)
@@ -326,7 +344,7 @@ def parse_minutes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     n = len(values)
     d = np.full((n, 19), -48, np.int64)                  # digit values; -48 marks "no character"
-    raw = values.view(np.uint8).reshape(n, -1)[:, :19]
+    raw = values.view(np.uint8).reshape(n, values.itemsize)[:, :19]
     d[:, :raw.shape[1]] = raw.astype(np.int64) - 48
     lens = np.char.str_len(values)
     compact = lens == 8                                  # YYYYMMDD
