@@ -45,13 +45,14 @@ def fit_timeseries(events: dict, train: np.ndarray, names: dict, theta: float, n
     n_train = int(train.sum())
     keys, inverse = np.unique(var, return_inverse=True)
     freq = _stay_frequency(stay, inverse, len(keys), n_train)
+    order, bounds = _groups(inverse, len(keys))
     variables, columns = [], []
     for k in np.flatnonzero(freq >= theta):
-        mine = inverse == k
+        mine = order[bounds[k]:bounds[k + 1]]                 # this variable's training events
         nums, cats = num[mine], cat[mine]
         finite = nums[np.isfinite(nums)]
         v = {"key": int(keys[k]), "name": names[int(keys[k])], "frequency": float(freq[k])}
-        if len(finite) >= 0.5 * mine.sum() and len(finite):
+        if len(finite) >= 0.5 * len(mine) and len(finite):
             v.update(kind="numeric", edges=_quantile_edges(finite, n_bins))
             values = [f"q{i + 1}" for i in range(len(v["edges"]) + 1)]
         elif (cats >= 0).any():
@@ -74,30 +75,40 @@ def fit_timeseries(events: dict, train: np.ndarray, names: dict, theta: float, n
     return spec
 
 
+def _groups(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, bounds): the items with label k are order[bounds[k]:bounds[k + 1]] (one sort, no n-fold scan)."""
+    order = np.argsort(labels, kind="stable")
+    return order, np.searchsorted(labels[order], np.arange(n + 1))
+
+
 def _columns(events: dict, spec: dict, rows: np.ndarray | None = None):
     """(stay, hour, column) of every active cell under `spec`; columns may be -1 (dropped) before filtering."""
     sel = np.ones(len(events["stay"]), bool) if rows is None else rows[events["stay"]]
     var, num, cat = events["var"][sel], events["num"][sel], events["cat"][sel]
     stay, hour = events["stay"][sel], events["hour"][sel]
-    keys = np.array([v["key"] for v in spec["variables"]], dtype=np.int64)
+    variables = spec["variables"]
+    keys = np.array([v["key"] for v in variables], dtype=np.int64)
     pos = np.minimum(np.searchsorted(keys, var), max(len(keys) - 1, 0))
-    known = keys[pos] == var if len(keys) else np.zeros(len(var), bool)
-    present = np.array([v["columns"][0] for v in spec["variables"]], dtype=np.int64)
+    pos = np.where(keys[pos] == var, pos, -1) if len(keys) else np.full(len(var), -1)   # -1: not a feature
+    present = np.array([v["columns"][0] for v in variables] + [-1], dtype=np.int64)
     value_col = np.full(len(var), -1, np.int64)
-    for i, v in enumerate(spec["variables"]):
-        if v["kind"] == "presence":
-            continue
-        mine = np.flatnonzero(known & (pos == i))
+    order, bounds = _groups(pos + 1, len(keys) + 1)             # group 0 holds the unknown variables
+    for i, v in enumerate(variables):                           # numbers: per-variable quantile bins
         if v["kind"] == "numeric":
-            ok = np.isfinite(num[mine])
-            bins = np.searchsorted(np.array(v["edges"]), num[mine[ok]], side="right")
-            value_col[mine[ok]] = np.array(v["columns"][1:])[bins]
-        else:
-            lookup = dict(zip(v["categories"], v["columns"][1:]))
-            value_col[mine] = [lookup.get(c, -1) for c in cat[mine].tolist()]
-    pres = np.where(known, present[pos] if len(keys) else -1, -1)
+            mine = order[bounds[i + 1]:bounds[i + 2]]
+            mine = mine[np.isfinite(num[mine])]
+            value_col[mine] = np.array(v["columns"][1:])[np.searchsorted(v["edges"], num[mine], side="right")]
+    pairs = [(i, c, col) for i, v in enumerate(variables) if v["kind"] == "categorical"
+             for c, col in zip(v["categories"], v["columns"][1:])]
+    if pairs:                                                   # categories: one lookup of (variable, category)
+        p = np.array(pairs, dtype=np.int64)
+        table = p[:, 0] << 32 | p[:, 1]
+        key = pos.astype(np.int64) << 32 | cat.astype(np.int64)
+        hit = np.minimum(np.searchsorted(table, key), len(table) - 1)
+        found = (table[hit] == key) & (cat >= 0)
+        value_col[found] = p[hit[found], 2]
     stay2, hour2 = np.concatenate([stay, stay]), np.concatenate([hour, hour])
-    col = np.concatenate([pres, value_col])
+    col = np.concatenate([present[pos], value_col])
     ok = col >= 0
     return stay2[ok], hour2[ok], col[ok]
 

@@ -236,12 +236,10 @@ def _parse_block(src: Source, data: bytes, want: dict[str, int], row0: int) -> B
         return _parse_with_csv(src, data, names, cols, ncol, row0)
     blank = nl == line_start
     clean = (n_commas == ncol - 1) & (n_quotes == 0) & ~blank
-    # field k of a clean line starts after comma k-1 and ends at comma k (or the line's ends)
-    first = np.searchsorted(commas, line_start[clean])
-    cut = commas[first[:, None] + np.arange(ncol - 1)]         # (n_clean, ncol-1)
-    left = np.concatenate([line_start[clean, None], cut + 1], axis=1)   # (n_clean, ncol)
-    right = np.concatenate([cut, nl[clean, None]], axis=1)             # (n_clean, ncol)
-    starts, ends = left[:, cols], right[:, cols]
+    # field j of a clean line starts after its comma j-1 and ends at its comma j (or at the line's ends)
+    first = np.searchsorted(commas, line_start[clean])        # (n_clean,) each line's first comma
+    starts = np.stack([line_start[clean] if j == 0 else commas[first + j - 1] + 1 for j in cols], axis=1)
+    ends = np.stack([nl[clean] if j == ncol - 1 else commas[first + j] for j in cols], axis=1)  # (n_clean, k)
     dirty = np.flatnonzero(~clean & ~blank)
     good = clean
     if len(dirty):                                             # quoted lines: csv.reader, fields appended
