@@ -4,12 +4,13 @@ Usage: `python medhmp.py preprocess --raw RAW --out data/processed` (see `prepro
 `load_processed(dir)` and the `StayDataset` / `AdmissionDataset` / `PatientDataset` classes.
 Reads the CSV extracts (MIMIC-III, MIMIC-IV or a diagnosis extract) and writes the folder described in
 docs/data-format.md: meta.json, stays.pt, admissions.pt, labels.csv, splits.json, note_cache.pt.
-Imports no project module; the progress reporter and `InputError` live here because every stage uses them.
+The work is shared with four lower modules that import nothing above them: tables (CSV reading), extract
+(the raw tables of each layout), features (FIDDLE-style features, vocabularies, note embeddings) and
+cohorts (task cohorts, labels, splits). `InputError` and `Reporter` are re-exported for the stages above.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -19,91 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 from torch.utils.data import DataLoader, Dataset
 
 from extract import (STATIC_CATEGORIES, StayIndex, age_at, find_notes, load_core, load_trinetx, read_diagnoses,
                      read_drugs, read_notes, stream_events, variable_names)
+from cohorts import (MINUTES_PER_DAY, assign_splits, lookup, patient_labels, readmission_labels, sample_patients,
+                     stay_labels, task_counts)
 from features import (apply_static, apply_timeseries, build_vocab, codes_to_csr, embed_notes, fit_static,
                       fit_timeseries)
-from tables import InputError, find_layout
-
-
-# --------------------------------------------------------------------------------------------- progress
-class Reporter:
-    """Rich progress bars on a terminal, plain throttled log lines elsewhere (CI, pipes, files).
-
-    `with reporter.task("CHARTEVENTS", total=n_bytes, unit="bytes") as advance: advance(k)`.
-    `quiet=True` silences everything (tests). Messages go to stderr; stdout is left for results.
-    """
-
-    def __init__(self, quiet: bool = False, interval: float = 10.0):
-        self.quiet = quiet
-        self.interval = interval  # seconds between plain progress lines
-        self.console = Console(stderr=True, highlight=False)
-        self.live = self.console.is_terminal and not os.environ.get("CI")
-
-    def log(self, message: str) -> None:
-        if not self.quiet:
-            self.console.print(message, markup=False, soft_wrap=True)
-
-    def task(self, description: str, total: float | None, unit: str = "rows"):
-        return _Task(self, description, total, unit)
-
-    def bytes_task(self, description: str, total: float | None):
-        return _Task(self, description, total, "bytes")
-
-
-class _Task:
-    def __init__(self, rep: Reporter, description: str, total: float | None, unit: str):
-        self.rep, self.description, self.total, self.unit = rep, description, total, unit
-        self.done, self.status = 0.0, ""
-        self.start = self.last = time.perf_counter()
-        self.progress = None
-
-    def __enter__(self):
-        if self.rep.quiet:
-            return self.advance
-        if self.rep.live:
-            sizes = [DownloadColumn(), TransferSpeedColumn()] if self.unit == "bytes" else [MofNCompleteColumn()]
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), *sizes, TimeElapsedColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                                     console=self.rep.console, transient=False)
-            self.progress.start()
-            self.id = self.progress.add_task(self.description, total=self.total, status="")
-        return self.advance
-
-    def advance(self, n: float = 1, status: str | None = None) -> None:
-        self.done += n
-        if status is not None:
-            self.status = status
-        if self.rep.quiet:
-            return
-        if self.progress is not None:
-            self.progress.update(self.id, advance=n, status=self.status)
-            return
-        now = time.perf_counter()
-        if now - self.last >= self.rep.interval:
-            self.last = now
-            self.rep.log(f"{self.description}: {self._amount()} {self.status}".rstrip())
-
-    def _amount(self) -> str:
-        def fmt(x):
-            return f"{x / 2**20:.1f} MiB" if self.unit == "bytes" else f"{int(x):,}"
-        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        return f"{fmt(self.done)}{f' / {fmt(self.total)}' if self.total else ''}{pct} " \
-               f"in {time.perf_counter() - self.start:.1f} s"
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.stop()
-        elif not self.rep.quiet and exc[0] is None:
-            self.rep.log(f"{self.description}: done, {self._amount()} {self.status}".rstrip())
-        return False
-
+from progress import Reporter  # noqa: F401  (re-exported: train, evaluate and synthetic report through it)
+from tables import InputError, find_layout  # noqa: F401  (InputError re-exported)
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -134,14 +60,6 @@ class PreprocessConfig:
 
 
 FORMAT_VERSION = 1
-STAY_TASKS = ("arf", "shock", "mortality")
-# ICD-9 groups of the patient-level tasks (prefix match on codes without dots)
-PATIENT_CODES = {
-    "hf": ("428", "39891", "40201", "40211", "40291", "40401", "40403", "40411", "40413", "40491", "40493"),
-    "copd": ("491", "492", "496"),
-    "amnesia": ("78093", "2940", "2911", "29283"),
-}
-MINUTES_PER_DAY = 1440
 
 
 def preprocess(cfg: PreprocessConfig) -> dict:
@@ -156,11 +74,14 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     build = _build_trinetx if layout == "trinetx" else _build_mimic
     result = build(cfg, raw, layout, sources, rep, cache)
     meta = result["meta"]
+    meta["tasks"] = task_counts(result["labels"], result["splits"])
     meta.update(format_version=FORMAT_VERSION, layout=layout, created=time.strftime("%Y-%m-%d %H:%M:%S"),
                 config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                 sources={k: s.describe() for k, s in sources.items()})
     _write_folder(out, result, cache, rep)
     _print_attrition(meta, rep)
+    for task, c in meta["tasks"].items():
+        rep.log(f"{task} ({c['level']}): " + ", ".join(f"{s} {c[s][0]} ({c[s][1]} positive)" for s in ("train", "val", "test")))
     rep.log(f"wrote {out}: {meta['counts']}")
     return meta
 
@@ -173,51 +94,25 @@ def _take(table: dict, rows) -> dict:
             for k, v in table.items()}
 
 
-def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Positions of `ids` in `sorted_ids`, -1 where absent."""
-    if len(sorted_ids) == 0:
-        return np.full(len(ids), -1)
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return np.where(sorted_ids[pos] == ids, pos, -1)
-
-
-def assign_splits(subject_ids: np.ndarray, seed: int, fractions) -> np.ndarray:
-    """0 train / 1 val / 2 test per patient from a hash of (seed, subject_id): deterministic, and adding
-    patients never moves the others (the FEMR convention)."""
-    u = np.array([int(hashlib.sha1(f"{seed}:{s}".encode()).hexdigest()[:12], 16) / 16 ** 12
-                  for s in subject_ids.tolist()])
-    edges = np.cumsum(fractions)[:2] / np.sum(fractions)
-    return np.searchsorted(edges, u, side="right").astype(np.int8)
-
-
-def _sample_patients(subject_ids: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Sorted ids of the patients kept: all, or a deterministic hash-ordered sample of --limit-patients."""
-    ids = np.unique(subject_ids)
-    if cfg.limit_patients is None or cfg.limit_patients >= len(ids):
-        return ids
-    key = [hashlib.sha1(f"sample:{cfg.seed}:{s}".encode()).hexdigest() for s in ids.tolist()]
-    return np.sort(ids[np.argsort(key)[:cfg.limit_patients]])
-
-
 def _build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
     core = load_core(raw, layout, sources)
     pats, adms, sts = core["patients"], core["admissions"], core["stays"]
     attrition = {"patients": [["patients in the patients table", len(pats["subject_id"])]]}
-    subjects = _sample_patients(pats["subject_id"], cfg)
+    subjects = sample_patients(pats["subject_id"], cfg)
     if len(subjects) < len(pats["subject_id"]):
         attrition["patients"].append([f"sampled (--limit-patients {cfg.limit_patients})", len(subjects)])
     order = np.argsort(pats["subject_id"])
-    pats = _take(pats, order[_lookup(pats["subject_id"][order], subjects)])   # rows aligned with `subjects`
+    pats = _take(pats, order[lookup(pats["subject_id"][order], subjects)])   # rows aligned with `subjects`
     split = assign_splits(subjects, cfg.seed, cfg.split)
 
     a_att = attrition["admissions"] = [["admissions in the admissions table", len(adms["hadm_id"])]]
-    adms = _take(adms, _lookup(subjects, adms["subject_id"]) >= 0)
+    adms = _take(adms, lookup(subjects, adms["subject_id"]) >= 0)
     a_att.append(["of kept patients", len(adms["hadm_id"])])
     adms = _take(adms, np.argsort(adms["hadm_id"]))
-    a_subject = _lookup(subjects, adms["subject_id"])
+    a_subject = lookup(subjects, adms["subject_id"])
 
     s_att = attrition["stays"] = [["ICU stays in the icustays table", len(sts["stay_id"])]]
-    s_adm = _lookup(adms["hadm_id"], sts["hadm_id"])
+    s_adm = lookup(adms["hadm_id"], sts["hadm_id"])
     for name, keep in (("of kept admissions", lambda: s_adm >= 0),
                        ("MetaVision (the label items are MetaVision itemids)", lambda: sts["metavision"]),
                        ("with an outtime", lambda: sts["outtime"] > sts["intime"])):
@@ -302,7 +197,7 @@ def _admission_codes(cfg, raw, layout, adms, train_adm, sources, rep, a_att) -> 
     """ICD-9 and drug code sets per admission: raw pairs (for cohorts) and vocabulary CSR (for models)."""
     d_hadm, d_code, counts = read_diagnoses(raw, layout, sources)
     g_hadm, g_code = read_drugs(raw, layout, cfg.drug_code, sources, rep.bytes_task)
-    d_row, g_row = _lookup(adms["hadm_id"], d_hadm), _lookup(adms["hadm_id"], g_hadm)
+    d_row, g_row = lookup(adms["hadm_id"], d_hadm), lookup(adms["hadm_id"], g_hadm)
     d_row, d_code = d_row[d_row >= 0], d_code[d_row >= 0]
     g_row, g_code = g_row[g_row >= 0], g_code[g_row >= 0]
     has_icd = np.zeros(len(adms["hadm_id"]), bool)
@@ -332,118 +227,13 @@ def _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped) -> di
                                 device=cfg.text_device, batch_size=cfg.text_batch_size, task=rep.task)
     dim = vectors.shape[1] if len(hadms) else (cfg.hashing_dim if cfg.text_model == "hashing" else 0)
     note = np.zeros((len(adms["hadm_id"]), dim), np.float16)
-    rows = _lookup(adms["hadm_id"], np.array(hadms, dtype=np.int64))
+    rows = lookup(adms["hadm_id"], np.array(hadms, dtype=np.int64))
     note[rows] = vectors
     mask = np.zeros(len(adms["hadm_id"]), bool)
     mask[rows] = True
     info.update(source=str(path) if path else None, selection="latest discharge summary per admission",
                 with_note=int(mask.sum()))
     return {"arrays": {"note": note, "note_mask": mask}, "dim": int(dim), "info": info}
-
-
-# ------------------------------------------------------------------------------------------- labels
-def stay_labels(sts, adms, s_adm, onsets, cfg, attrition) -> list[tuple]:
-    """ARF, shock and mortality at T = seq_len hours (FIDDLE inclusion rule, spec §2.6): stays of at least
-    T hours, alive at T; ARF/shock also without onset before T, labelled by onset at or after T;
-    mortality labelled by in-hospital death."""
-    t_min = cfg.seq_len * 60
-    died = adms["died"][s_adm]
-    death = adms["deathtime"][s_adm] if adms["deathtime"] is not None else np.full(len(s_adm), -1)
-    death = np.where(death >= 0, death, np.where(died, adms["dischtime"][s_adm], -1))  # no deathtime: discharge
-    long_enough = sts["outtime"] - sts["intime"] >= t_min
-    base = long_enough & ((death < 0) | (death >= sts["intime"] + t_min))
-    rows = []
-    for task in STAY_TASKS:
-        steps = [["featurised stays", len(s_adm)], [f"ICU stay >= {cfg.seq_len} h", int(long_enough.sum())],
-                 [f"alive at {cfg.seq_len} h", int(base.sum())]]
-        cohort, label = base, died
-        if task != "mortality":
-            cohort = base & ~(onsets[task] < cfg.seq_len)
-            label = np.isfinite(onsets[task])
-            steps.append([f"no {task} onset before {cfg.seq_len} h", int(cohort.sum())])
-        attrition[task] = steps
-        for i in np.flatnonzero(cohort):
-            rows.append((task, "stay", int(sts["subject_id"][i]), int(sts["hadm_id"][i]),
-                         int(sts["stay_id"][i]), int(label[i]), ""))
-    return rows
-
-
-def readmission_labels(adms, admissions, cfg, attrition) -> list[tuple]:
-    """30-day readmission: admissions with a featurised stay and ICD-9 codes, discharged alive, labelled by
-    the same patient's next admission starting within `readmission_days` of this discharge."""
-    order = np.lexsort((adms["admittime"], adms["subject_id"]))
-    subject, admit = adms["subject_id"][order], adms["admittime"][order]
-    has_next = np.append(subject[1:] == subject[:-1], False)
-    gap = np.append(admit[1:], 0) - adms["dischtime"][order]
-    label = np.zeros(len(order), bool)
-    label[order] = has_next & (gap <= cfg.readmission_days * MINUTES_PER_DAY)
-    has_stay = np.diff(admissions["stay_ptr"]) > 0
-    has_icd = np.diff(admissions["icd_ptr"]) > 0
-    steps = [["admissions", len(order)]]
-    cohort = np.ones(len(order), bool)
-    for name, keep in (("with a featurised ICU stay", has_stay), ("with ICD-9 codes in the vocabulary", has_icd),
-                       ("discharged alive", ~adms["died"])):
-        cohort &= keep
-        steps.append([name, int(cohort.sum())])
-    attrition["readmission"] = steps
-    return [("readmission", "admission", int(adms["subject_id"][i]), int(adms["hadm_id"][i]), "", int(label[i]), "")
-            for i in np.flatnonzero(cohort)]
-
-
-def patient_labels(a_subject_id, admittime, dischtime, raw_codes, pats, subjects, cfg, attrition) -> list[tuple]:
-    """HF, COPD and amnesia (paper App. A): cases are first diagnosed at a visit that has at least one
-    visit discharged `patient_gap_days` before it; history ends there (the cutoff). Controls are never
-    diagnosed, their cutoff is `patient_gap_days` before their last visit; `controls_per_case` are matched
-    on gender and 10-year age band. Times are minutes; the cutoff is written in hours."""
-    d_row, d_code = raw_codes
-    coded = np.zeros(len(admittime), bool)
-    coded[d_row] = True
-    v = np.flatnonzero(coded)                                           # visits = admissions with codes
-    v_subj = _lookup(subjects, a_subject_id[v])
-    gap = cfg.patient_gap_days * MINUTES_PER_DAY
-    rows = []
-    for task, prefixes in PATIENT_CODES.items():
-        hit = np.zeros(len(d_code), bool)
-        for p in prefixes:
-            hit |= np.char.startswith(d_code, p.encode())
-        dx = np.zeros(len(admittime), bool)
-        dx[d_row[hit]] = True
-        first_dx = np.full(len(subjects), np.inf)
-        np.minimum.at(first_dx, v_subj[dx[v]], admittime[v][dx[v]])
-        last = np.full(len(subjects), -np.inf)
-        np.maximum.at(last, v_subj, admittime[v])
-        case = np.isfinite(first_dx)
-        cutoff = np.where(case, first_dx, last) - gap
-        history = np.bincount(v_subj[dischtime[v] <= cutoff[v_subj]], minlength=len(subjects))
-        eligible = history >= 1
-        cases, pool = np.flatnonzero(case & eligible), np.flatnonzero(~case & eligible)
-        controls = _match_controls(cases, pool, pats, cutoff, cfg)
-        attrition[task] = [["patients with coded visits", int(np.isfinite(last).sum())],
-                           ["diagnosed", int(case.sum())],
-                           [f"cases with a visit >= {cfg.patient_gap_days} days before diagnosis", len(cases)],
-                           ["eligible controls (never diagnosed, same history rule)", len(pool)],
-                           [f"matched controls (up to {cfg.controls_per_case} per case)", len(controls)]]
-        for i, lab in [(i, 1) for i in cases] + [(i, 0) for i in controls]:
-            rows.append((task, "patient", int(subjects[i]), "", "", lab, float(cutoff[i] / 60.0)))
-    return rows
-
-
-def _match_controls(cases, pool, pats, cutoff, cfg) -> np.ndarray:
-    """Controls drawn without replacement with the case's gender and 10-year age band at the cutoff."""
-    def strata(idx):
-        ages = age_at(pats, idx, cutoff[idx])
-        return [(pats["gender"][i], int(a // 10)) for i, a in zip(idx.tolist(), ages)]
-    rng = np.random.default_rng(cfg.seed)
-    free: dict = {}
-    shuffled = rng.permutation(pool)
-    for i, s in zip(shuffled.tolist(), strata(shuffled)):
-        free.setdefault(s, []).append(i)
-    chosen = []
-    for s in strata(cases):
-        group = free.get(s, [])
-        chosen += group[:cfg.controls_per_case]
-        free[s] = group[cfg.controls_per_case:]
-    return np.array(sorted(chosen), dtype=np.int64)
 
 
 def _build_trinetx(cfg, raw, layout, sources, rep, cache) -> dict:
@@ -454,15 +244,15 @@ def _build_trinetx(cfg, raw, layout, sources, rep, cache) -> dict:
     ids = pat["subject_id"].astype(np.int64) if numeric else np.arange(len(pat["subject_id"]), dtype=np.int64)
     names = np.sort(pat["subject_id"])
     by_name = ids[np.argsort(pat["subject_id"])]
-    d_pos = _lookup(names, dia["subject_id"])
+    d_pos = lookup(names, dia["subject_id"])
     attrition = {"patients": [["patients in the patient table", len(ids)]]}
-    subjects = _sample_patients(ids, cfg)
+    subjects = sample_patients(ids, cfg)
     if len(subjects) < len(ids):
         attrition["patients"].append([f"sampled (--limit-patients {cfg.limit_patients})", len(subjects)])
     pats = _take({"gender": pat["gender"], "year_of_birth": pat["year_of_birth"], "id": ids},
-                 np.argsort(ids)[_lookup(np.sort(ids), subjects)])
+                 np.argsort(ids)[lookup(np.sort(ids), subjects)])
     d_subject = np.where(d_pos >= 0, by_name[np.maximum(d_pos, 0)], -1)
-    keep = _lookup(subjects, d_subject) >= 0
+    keep = lookup(subjects, d_subject) >= 0
     enc_key = np.char.add(np.char.add(dia["subject_id"][keep], b"\x00"), dia["hadm_id"][keep])
     enc, d_row = np.unique(enc_key, return_inverse=True)             # visits = (patient, encounter)
     v_subject = np.zeros(len(enc), np.int64)
@@ -476,7 +266,7 @@ def _build_trinetx(cfg, raw, layout, sources, rep, cache) -> dict:
     d_row, v_subject, first, last = rank[d_row], v_subject[order], first[order], last[order]
     codes = dia["code"][keep]
     split = assign_splits(subjects, cfg.seed, cfg.split)
-    train = split[_lookup(subjects, v_subject)] == 0
+    train = split[lookup(subjects, v_subject)] == 0
     icd_vocab, drug_vocab = _vocabularies(cfg, codes, np.zeros(0, "S1"), train[d_row], np.zeros(0, bool))
     icd_ptr, icd_idx, oov = codes_to_csr(d_row, codes, icd_vocab, len(enc))
     n = len(enc)
@@ -579,7 +369,7 @@ class Processed:
         """Split name per subject ('' where the subject is in no split)."""
         out = np.full(len(subject_ids), "", dtype=object)
         for name, ids in self.splits.items():
-            out[_lookup(ids, np.asarray(subject_ids)) >= 0] = name
+            out[lookup(ids, np.asarray(subject_ids)) >= 0] = name
         return out
 
     def pretrain_rows(self, level: str, split: str) -> np.ndarray:
@@ -624,9 +414,9 @@ def _read_labels(root: Path, stays: dict, admissions: dict) -> dict:
         mine = [r for r in rows if r["task"] == task]
         level = mine[0]["level"]
         if level == "stay":
-            row = _lookup(stays["stay_id"].numpy(), np.array([int(r["stay_id"]) for r in mine]))
+            row = lookup(stays["stay_id"].numpy(), np.array([int(r["stay_id"]) for r in mine]))
         elif level == "admission":
-            row = _lookup(admissions["hadm_id"].numpy(), np.array([int(r["hadm_id"]) for r in mine]))
+            row = lookup(admissions["hadm_id"].numpy(), np.array([int(r["hadm_id"]) for r in mine]))
         else:
             row = np.full(len(mine), -1)
         out[task] = {"row": row, "level": level,
