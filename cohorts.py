@@ -11,6 +11,7 @@ import hashlib
 import numpy as np
 
 from extract import age_at
+from tables import unique
 
 STAY_TASKS = ("arf", "shock", "mortality")
 # ICD-9 groups of the patient-level tasks (prefix match on codes without dots)
@@ -41,7 +42,7 @@ def assign_splits(subject_ids: np.ndarray, seed: int, fractions) -> np.ndarray:
 
 def sample_patients(subject_ids: np.ndarray, cfg) -> np.ndarray:
     """Sorted ids of the patients kept: all, or a deterministic hash-ordered sample of --limit-patients."""
-    ids = np.unique(subject_ids)
+    ids = unique(subject_ids)
     if cfg.limit_patients is None or cfg.limit_patients >= len(ids):
         return ids
     key = [hashlib.sha1(f"sample:{cfg.seed}:{s}".encode()).hexdigest() for s in ids.tolist()]

@@ -29,7 +29,7 @@ from cohorts import (MINUTES_PER_DAY, assign_splits, lookup, patient_labels, rea
 from features import (apply_static, apply_timeseries, build_vocab, codes_to_csr, embed_notes, fit_static,
                       fit_timeseries)
 from progress import Reporter  # noqa: F401  (re-exported: train, evaluate and synthetic report through it)
-from tables import InputError, find_layout  # noqa: F401  (InputError re-exported)
+from tables import InputError, find_layout, unique  # noqa: F401  (InputError re-exported)
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -141,7 +141,10 @@ def _build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
     rep.log(f"fitting features on {int(train_stay.sum())} training stays")
     names = variable_names(raw, layout, events["var"])
     ts_spec = fit_timeseries(events, train_stay, names, cfg.min_frequency, cfg.n_bins)
-    ts_ptr, ts_idx = apply_timeseries(events, ts_spec, len(sts["stay_id"]), cfg.seq_len)
+    if len(ts_spec["columns"]) >= 2 ** 15:
+        raise InputError(f"{len(ts_spec['columns'])} time-series features do not fit int16 storage; "
+                         "raise --min-frequency")
+    ts = apply_timeseries(events, ts_spec, len(sts["stay_id"]), cfg.seq_len)
     static_cols = {"age": age.astype(np.float64), "hadm_to_icu_hours": (sts["intime"] - adms["admittime"][s_adm]) / 60.0,
                    "gender": [pats["gender"][i] for i in s_subject],
                    **{c: [adms[c][i] for i in s_adm] for c in STATIC_CATEGORIES if c in adms and adms[c] is not None},
@@ -157,7 +160,7 @@ def _build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
                   "stay_ptr": np.searchsorted(s_adm[order], np.arange(len(adms["hadm_id"]) + 1)),
                   "stay_rows": order}
     stays = {"stay_id": sts["stay_id"], "hadm_id": sts["hadm_id"], "subject_id": sts["subject_id"],
-             "ts_ptr": ts_ptr, "ts_idx": ts_idx, "static": static}
+             **ts, "static": static}
     labels = stay_labels(sts, adms, s_adm, onsets, cfg, attrition)
     labels += readmission_labels(adms, admissions, cfg, attrition)
     labels += patient_labels(adms["subject_id"], adms["admittime"], adms["dischtime"], codes["raw"],
@@ -170,8 +173,8 @@ def _build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
             "icd_vocab": codes["icd_vocab"], "drug_vocab": codes["drug_vocab"], "drug_code": cfg.drug_code,
             "notes": notes["info"], "attrition": attrition, "skipped": skipped,
             "counts": {"patients": len(subjects), "admissions": len(adms["hadm_id"]),
-                       "stays": len(sts["stay_id"]), "active_cells": len(ts_idx),
-                       "density": round(len(ts_idx) / max(1, len(sts["stay_id"]) * cfg.seq_len
+                       "stays": len(sts["stay_id"]), "active_cells": len(ts["ts_feat"]),
+                       "density": round(len(ts["ts_feat"]) / max(1, len(sts["stay_id"]) * cfg.seq_len
                                                           * max(1, len(ts_spec["columns"]))), 5)}}
     return {"meta": meta, "stays": stays, "admissions": admissions, "labels": labels,
             "splits": _splits_json(subjects, split, cfg)}
@@ -254,7 +257,7 @@ def _build_trinetx(cfg, raw, layout, sources, rep, cache) -> dict:
     d_subject = np.where(d_pos >= 0, by_name[np.maximum(d_pos, 0)], -1)
     keep = lookup(subjects, d_subject) >= 0
     enc_key = np.char.add(np.char.add(dia["subject_id"][keep], b"\x00"), dia["hadm_id"][keep])
-    enc, d_row = np.unique(enc_key, return_inverse=True)             # visits = (patient, encounter)
+    enc, d_row = unique(enc_key, return_inverse=True)             # visits = (patient, encounter)
     v_subject = np.zeros(len(enc), np.int64)
     v_subject[d_row] = d_subject[keep]
     first, last = np.full(len(enc), np.iinfo(np.int64).max), np.full(len(enc), np.iinfo(np.int64).min)
@@ -286,7 +289,8 @@ def _build_trinetx(cfg, raw, layout, sources, rep, cache) -> dict:
             "attrition": attrition, "skipped": {"diagnoses": {**t["counts"], "ICD codes outside the vocabulary": oov}},
             "counts": {"patients": len(subjects), "admissions": n, "stays": 0}}
     stays = {"stay_id": np.zeros(0, np.int64), "hadm_id": np.zeros(0, np.int64), "subject_id": np.zeros(0, np.int64),
-             "ts_ptr": np.zeros(1, np.int64), "ts_idx": np.zeros(0, np.int32), "static": np.zeros((0, 0), np.uint8)}
+             "ts_ptr": np.zeros(1, np.int64), "ts_count": np.zeros((0, cfg.seq_len), np.int16),
+             "ts_feat": np.zeros(0, np.int16), "static": np.zeros((0, 0), np.uint8)}
     return {"meta": meta, "stays": stays, "admissions": admissions, "labels": labels,
             "splits": _splits_json(subjects, split, cfg)}
 
@@ -445,12 +449,12 @@ def _multi_hot(ptr: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, width: 
 
 def collate_stay(data: Processed, rows: torch.Tensor) -> dict:
     """Stay batch (docs/data-format.md): ts_idx flat into (B, T, F), static (B, S)."""
-    ptr = data.stays["ts_ptr"]
-    counts = ptr[rows + 1] - ptr[rows]
-    cells = data.stays["ts_idx"][_ranges(ptr[rows], counts)].long()            # (nnz,) t * F + f
-    size = data.meta["seq_len"] * data.meta["n_features"]
-    owner = torch.repeat_interleave(torch.arange(len(rows)), counts)             # (nnz,) batch row
-    return {"ts_idx": cells + owner * size, "static": data.stays["static"][rows].float()}
+    s, n_features = data.stays, data.meta["n_features"]
+    ptr = s["ts_ptr"]
+    feat = s["ts_feat"][_ranges(ptr[rows], ptr[rows + 1] - ptr[rows])].long()    # (nnz,) f, in (t, f) order
+    per_hour = s["ts_count"][rows].long().flatten()                              # (B*T,) active cells per hour
+    bag = torch.repeat_interleave(torch.arange(len(per_hour)), per_hour, output_size=len(feat))  # b * T + t
+    return {"ts_idx": bag * n_features + feat, "static": s["static"][rows].float()}
 
 
 def collate_admission(data: Processed, rows: torch.Tensor, max_stays: int) -> dict:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tables import (ALIASES, LAYOUTS, EmptyFile, InputError, Source, decode, find_file, open_text,
-                    parse_float, parse_int, parse_minutes, read_blocks, read_table)
+from tables import (ALIASES, LAYOUTS, EmptyFile, InputError, Source, decode, find_file, open_text, parse_float,
+                    parse_int, parse_minutes, read_blocks, read_table, unique)
 
 # Label-defining MetaVision items (FIDDLE generate_labels.py; DESIGN §4), as (table, itemid).
 ARF_ITEMS = {("chartevents", 220339), ("procedureevents", 225792), ("procedureevents", 225794)}
@@ -140,7 +140,7 @@ def variable_names(raw: Path, layout: str, keys: np.ndarray) -> dict:
     """Readable names of event variables, 'chart 220045 Heart Rate' (labels from D_ITEMS / D_LABITEMS when
     the extract has them, else 'chart 220045'): {variable key: name}."""
     tables = {spec["code"]: name[:-len("events")] for name, spec in EVENT_TABLES.items()}
-    names = {int(k): f"{tables[int(k) // VAR_SPAN]} {int(k) % VAR_SPAN}" for k in np.unique(keys)}
+    names = {int(k): f"{tables[int(k) // VAR_SPAN]} {int(k) % VAR_SPAN}" for k in unique(keys)}
     for table in ("d_items", "d_labitems"):
         path = source_path(raw, layout, table, required=False) if table in LAYOUTS[layout] else None
         if path is None:
@@ -156,11 +156,20 @@ def variable_names(raw: Path, layout: str, keys: np.ndarray) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- events
+def _last_per_key(key, minutes, num, cat):
+    """Keep, for every key, the row with the latest time (FIDDLE: the last value in each hour)."""
+    order = np.lexsort((minutes, key))                             # by key, then time: last one wins
+    key = key[order]
+    last = np.append(key[1:] != key[:-1], True) if len(key) else np.zeros(0, bool)
+    keep = order[last]
+    return key[last], minutes[keep], num[keep], cat[keep]
+
+
 class StayIndex:
     """Finds, for an event (hadm_id, time), the ICU stay of that admission it falls in, vectorised."""
 
     def __init__(self, hadm_id: np.ndarray, intime: np.ndarray, outtime: np.ndarray):
-        self.hadms = np.unique(hadm_id)
+        self.hadms = unique(hadm_id)
         h = np.searchsorted(self.hadms, hadm_id)
         self.t0 = int(intime.min()) if len(intime) else 0
         key = h * 2 ** 34 + (intime - self.t0)       # stays sorted by (admission, intime)
@@ -192,26 +201,23 @@ class EventStore:
         self.categories: dict[bytes, int] = {}
 
     def category_ids(self, values: np.ndarray) -> np.ndarray:
-        uniq, inverse = np.unique(values, return_inverse=True)
+        uniq, inverse = unique(values, return_inverse=True)
         ids = np.array([self.categories.setdefault(u, len(self.categories)) for u in uniq.tolist()], np.int32)
         return ids[inverse] if len(uniq) else np.zeros(0, np.int32)
 
     def add(self, stay, hour, var, minutes, num, cat) -> None:
         key = ((stay.astype(np.int64) << 8) | hour) << 34 | var     # stay | hour | variable key
-        self.parts.append((key, minutes, num.astype(np.float32), cat.astype(np.int32)))
-        self.size += len(key)
-        if self.size > 2 * self.reduced + (1 << 22):              # amortised: merge when doubled
+        self.parts.append(_last_per_key(key, minutes, num.astype(np.float32), cat.astype(np.int32)))
+        self.size += len(self.parts[-1][0])
+        if self.size > 2 * self.reduced + (1 << 20):              # amortised: merge when doubled
             self._reduce()
 
     def _reduce(self) -> None:
-        key, minutes, num, cat = (np.concatenate(c) for c in zip(*self.parts)) if self.parts else \
-            (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int32))
-        order = np.lexsort((minutes, key))                         # by key, then time: last one wins
-        key = key[order]
-        last = np.append(key[1:] != key[:-1], True) if len(key) else np.zeros(0, bool)
-        keep = order[last]
-        self.parts = [(key[last], minutes[keep], num[keep], cat[keep])]
-        self.size = self.reduced = len(keep)
+        if not self.parts:
+            self.parts = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
+                           np.zeros(0, np.int32))]
+        self.parts = [_last_per_key(*(np.concatenate(c) for c in zip(*self.parts)))]
+        self.size = self.reduced = len(self.parts[0][0])
 
     def result(self) -> dict:
         self._reduce()

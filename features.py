@@ -1,6 +1,6 @@
 """Features: FIDDLE-style binary features fitted on training stays, code vocabularies, note embeddings.
 
-Own module so data.py keeps to the processed format; imports numpy (and torch/transformers only inside
+Own module so data.py keeps to the processed format; imports numpy and `tables` (and torch/transformers only inside
 `embed_notes` for a Hugging Face text model). Everything is fitted on the training split and then applied
 unchanged to every stay (DESIGN §4):
   * time series: per (stay, hour, variable) the last value becomes a presence column plus a one-hot
@@ -17,18 +17,20 @@ import zlib
 
 import numpy as np
 
+from tables import unique
+
 
 def _quantile_edges(values: np.ndarray, n_bins: int) -> list[float]:
     """Inner edges of `n_bins` quantile bins (FIDDLE discretize: quintiles), duplicates removed."""
     if len(values) == 0:
         return []
     qs = np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1])
-    return [float(q) for q in np.unique(qs)]
+    return [float(q) for q in unique(qs)]
 
 
 def _stay_frequency(stay: np.ndarray, column: np.ndarray, n_columns: int, n_train: int) -> np.ndarray:
     """Fraction of training stays in which each column is active at least once."""
-    pairs = np.unique(column.astype(np.int64) * (int(stay.max()) + 1 if len(stay) else 1) + stay)
+    pairs = unique(column.astype(np.int64) * (int(stay.max()) + 1 if len(stay) else 1) + stay)
     counts = np.bincount(pairs // (int(stay.max()) + 1 if len(stay) else 1), minlength=n_columns)
     return counts / max(n_train, 1)
 
@@ -43,7 +45,7 @@ def fit_timeseries(events: dict, train: np.ndarray, names: dict, theta: float, n
     tr = train[events["stay"]]
     stay, var, num, cat = events["stay"][tr], events["var"][tr], events["num"][tr], events["cat"][tr]
     n_train = int(train.sum())
-    keys, inverse = np.unique(var, return_inverse=True)
+    keys, inverse = unique(var, return_inverse=True)
     freq = _stay_frequency(stay, inverse, len(keys), n_train)
     order, bounds = _groups(inverse, len(keys))
     variables, columns = [], []
@@ -56,7 +58,7 @@ def fit_timeseries(events: dict, train: np.ndarray, names: dict, theta: float, n
             v.update(kind="numeric", edges=_quantile_edges(finite, n_bins))
             values = [f"q{i + 1}" for i in range(len(v["edges"]) + 1)]
         elif (cats >= 0).any():
-            v.update(kind="categorical", categories=sorted(set(np.unique(cats[cats >= 0]).tolist())))
+            v.update(kind="categorical", categories=sorted(set(unique(cats[cats >= 0]).tolist())))
             values = [f"= {events['category_names'][c]}" for c in v["categories"]]
         else:
             v.update(kind="presence")
@@ -113,14 +115,17 @@ def _columns(events: dict, spec: dict, rows: np.ndarray | None = None):
     return stay2[ok], hour2[ok], col[ok]
 
 
-def apply_timeseries(events: dict, spec: dict, n_stays: int, hours: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sparse binary (T, F) matrices of every stay as CSR: (ts_ptr (N+1,), ts_idx (nnz,) = t * F + f)."""
+def apply_timeseries(events: dict, spec: dict, n_stays: int, hours: int) -> dict:
+    """Sparse binary (T, F) matrices of every stay, compactly: per stay and hour the count of active
+    features (`ts_count` (N, T) int16), the active feature indices in (hour, feature) order (`ts_feat`
+    (nnz,) int16) and CSR offsets into them (`ts_ptr` (N+1,)). Two bytes per active cell."""
     stay, hour, col = _columns(events, spec)
     n_features = len(spec["columns"])
-    cell = np.unique(stay * (hours * n_features) + hour * n_features + col)  # sorted by stay, then t, f
-    owner = cell // (hours * n_features)
-    ptr = np.searchsorted(owner, np.arange(n_stays + 1)).astype(np.int64)
-    return ptr, (cell % (hours * n_features)).astype(np.int32)
+    cell = unique((stay * hours + hour) * n_features + col)   # sorted by stay, then hour, then feature
+    bag = cell // n_features                                      # stay * T + hour
+    count = np.bincount(bag, minlength=n_stays * hours).reshape(n_stays, hours)
+    ptr = np.concatenate(([0], np.cumsum(count.sum(axis=1)))).astype(np.int64)
+    return {"ts_ptr": ptr, "ts_count": count.astype(np.int16), "ts_feat": (cell % n_features).astype(np.int16)}
 
 
 # ------------------------------------------------------------------------------------------- static
@@ -138,7 +143,7 @@ def fit_static(columns: dict, train: np.ndarray, theta: float, n_bins: int) -> d
             names += [f"{name} q{i + 1}" for i, f in enumerate(freq) if f >= theta]
         else:
             values = np.asarray(values, dtype=object)
-            cats, counts = np.unique(values[train & (values != "")], return_counts=True)
+            cats, counts = unique(values[train & (values != "")], return_counts=True)
             kept = [str(c) for c, n in zip(cats, counts) if n / max(train.sum(), 1) >= theta]
             spec.append({"name": name, "categories": kept})
             names += [f"{name} = {c}" for c in kept]
@@ -165,7 +170,7 @@ def apply_static(columns: dict, spec: dict) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- codes
 def build_vocab(codes: np.ndarray, train_rows: np.ndarray) -> list[str]:
     """Codes seen in training admissions, most frequent first (ties by code): the vocabulary."""
-    cats, counts = np.unique(codes[train_rows], return_counts=True)
+    cats, counts = unique(codes[train_rows], return_counts=True)
     order = np.lexsort((cats, -counts))
     return [c.decode("utf-8", "replace") for c in cats[order].tolist()]
 
@@ -177,7 +182,7 @@ def codes_to_csr(rows: np.ndarray, codes: np.ndarray, vocab: list[str], n_rows: 
     order = np.argsort(table)
     pos = np.minimum(np.searchsorted(table[order], codes), max(len(vocab) - 1, 0))
     known = table[order][pos] == codes if len(vocab) else np.zeros(len(codes), bool)
-    pair = np.unique(rows[known].astype(np.int64) * (len(vocab) + 1) + order[pos[known]])
+    pair = unique(rows[known].astype(np.int64) * (len(vocab) + 1) + order[pos[known]])
     ptr = np.searchsorted(pair // (len(vocab) + 1), np.arange(n_rows + 1)).astype(np.int64)
     return ptr, (pair % (len(vocab) + 1)).astype(np.int32), int((~known).sum())
 

@@ -379,6 +379,25 @@ def _days_from_civil(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> np.ndarray:
     return era * 146097 + doe - 719468
 
 
+def unique(x: np.ndarray, return_inverse: bool = False, return_counts: bool = False):
+    """np.unique by sorting. numpy 2.x hashes integers in np.unique, which is ~50x slower than a sort on
+    wide int64 keys (measured: 9.5 s vs 0.11 s for 3M random 40-bit keys), and our composite keys are wide."""
+    if not (return_inverse or return_counts):
+        s = np.sort(x)
+        return s[np.append(True, s[1:] != s[:-1])] if len(s) else s
+    order = np.argsort(x, kind="stable")
+    s = x[order]
+    first = np.append(True, s[1:] != s[:-1]) if len(s) else np.zeros(0, bool)
+    out = [s[first]]
+    if return_inverse:
+        inverse = np.empty(len(x), np.int64)
+        inverse[order] = np.cumsum(first) - 1
+        out.append(inverse)
+    if return_counts:
+        out.append(np.diff(np.append(np.flatnonzero(first), len(s))))
+    return tuple(out)
+
+
 def decode(values: np.ndarray) -> list[str]:
     """S array -> list of stripped str (for categories and names)."""
     return [v.decode("utf-8", "replace").strip() for v in values.tolist()]

@@ -38,8 +38,9 @@ def test_mimic3_demo_counts_and_attrition(demo_out):
     assert meta["notes"]["with_note"] == 129                # the paired open notes, one per admission
     assert 0.005 < meta["counts"]["density"] < 0.1           # sparse, as FIDDLE's ~4%
     d = data.load_processed(out)
-    assert d.stays["ts_idx"].dtype == torch.int32 and len(d.stays["stay_id"]) == 77
-    assert int(d.stays["ts_ptr"][-1]) == len(d.stays["ts_idx"])
+    assert d.stays["ts_feat"].dtype == torch.int16 and len(d.stays["stay_id"]) == 77
+    assert int(d.stays["ts_ptr"][-1]) == len(d.stays["ts_feat"]) == int(d.stays["ts_count"].sum())
+    assert torch.equal(d.stays["ts_count"].long().sum(1), d.stays["ts_ptr"].diff())
     assert d.meta["n_features"] == len(d.meta["feature_names"]) and d.stays["static"].shape == (77, d.meta["n_static"])
 
 
@@ -225,3 +226,30 @@ def test_limit_patients_is_a_deterministic_sample(tiny, tmp_path):
     assert a["counts"]["patients"] == 4 and a["counts"]["stays"] == 4
     assert json.loads((tmp_path / "a" / "splits.json").read_text()) == json.loads((tmp_path / "b" / "splits.json").read_text())
     shutil.rmtree(tmp_path / "a")
+
+
+def test_stored_cells_round_trip_to_the_dense_hourly_matrix(tiny, tmp_path):
+    """Hand-placed events come back at the right (hour, feature) cells of the densified batch."""
+    from models import densify
+    for s in (1, 2):
+        tiny.patient(s)
+        tiny.admission(s, s * 10, T0, 96)
+        tiny.stay(s, s * 10, s * 100, T0, 72, vitals_hours=0)
+        tiny.chart_row(s, s * 10, s * 100, 220045, hours_after(T0, 0.2), 70 + s)     # hour 0: numeric
+        tiny.chart_row(s, s * 10, s * 100, 220045, hours_after(T0, 5.9), 90 + s)     # hour 5
+        tiny.chart_row(s, s * 10, s * 100, 224641, hours_after(T0, 2.5), "Yes")      # hour 2: category
+        tiny.chart_row(s, s * 10, s * 100, 224641, hours_after(T0, 50), "No")        # after 48 h: not a feature
+    raw = tiny.write(tmp_path / "raw")
+    meta = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out", split=(1.0, 0.0, 0.0),
+                                                 min_frequency=0.0, quiet=True))
+    names = meta["feature_names"]
+    d = data.load_processed(tmp_path / "out")
+    batch = data.StayDataset(d, [0, 1]).__getitems__([0, 1])
+    x = densify(batch["ts_idx"], 2, meta["seq_len"], meta["n_features"])      # (2, T, F)
+    hr, alarm = names.index("chart 220045 present"), names.index("chart 224641 present")
+    assert "chart 224641 = Yes" in names and "chart 224641 = No" not in names
+    yes = names.index("chart 224641 = Yes")
+    for i in range(2):
+        assert torch.nonzero(x[i, :, hr]).flatten().tolist() == [0, 5]
+        assert torch.nonzero(x[i, :, alarm]).flatten().tolist() == [2] and x[i, 2, yes] == 1
+        assert int(x[i].sum()) == 6         # 2 x (present + value bin) + (present + category)
