@@ -410,6 +410,13 @@ def load_processed(root: Path) -> Processed:
     return Processed(root, meta, stays, admissions, _read_labels(root, stays, admissions), splits)
 
 
+def _row_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row of each wanted id in `ids` (any order), -1 where absent."""
+    order = np.argsort(ids, kind="stable")
+    pos = lookup(ids[order], wanted)
+    return np.where(pos >= 0, order[np.maximum(pos, 0)], -1)
+
+
 def _read_labels(root: Path, stays: dict, admissions: dict) -> dict:
     with open(root / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -418,9 +425,9 @@ def _read_labels(root: Path, stays: dict, admissions: dict) -> dict:
         mine = [r for r in rows if r["task"] == task]
         level = mine[0]["level"]
         if level == "stay":
-            row = lookup(stays["stay_id"].numpy(), np.array([int(r["stay_id"]) for r in mine]))
+            row = _row_of(stays["stay_id"].numpy(), np.array([int(r["stay_id"]) for r in mine]))
         elif level == "admission":
-            row = lookup(admissions["hadm_id"].numpy(), np.array([int(r["hadm_id"]) for r in mine]))
+            row = _row_of(admissions["hadm_id"].numpy(), np.array([int(r["hadm_id"]) for r in mine]))
         else:
             row = np.full(len(mine), -1)
         out[task] = {"row": row, "level": level,

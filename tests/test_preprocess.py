@@ -1,4 +1,5 @@
 """Preprocessing end to end: the real MIMIC-III demo, bad inputs, atomic output, splits, fitting, text models."""
+import csv
 import gzip
 import json
 import re
@@ -42,6 +43,11 @@ def test_mimic3_demo_counts_and_attrition(demo_out):
     assert int(d.stays["ts_ptr"][-1]) == len(d.stays["ts_feat"]) == int(d.stays["ts_count"].sum())
     assert torch.equal(d.stays["ts_count"].long().sum(1), d.stays["ts_ptr"].diff())
     assert d.meta["n_features"] == len(d.meta["feature_names"]) and d.stays["static"].shape == (77, d.meta["n_static"])
+    with open(out / "labels.csv", newline="") as f:        # every label row points at its own stay/admission
+        rows = [r for r in csv.DictReader(f) if r["task"] in ("mortality", "readmission")]
+    for task, column, table in (("mortality", "stay_id", d.stays), ("readmission", "hadm_id", d.admissions)):
+        ids = np.array([int(r[column]) for r in rows if r["task"] == task])
+        assert np.array_equal(table[column].numpy()[d.labels[task]["row"]], ids)
 
 
 @needs_demo
