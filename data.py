@@ -152,6 +152,7 @@ def _build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
     static_spec = fit_static(static_cols, train_stay, cfg.min_frequency, cfg.n_bins)
     static = apply_static(static_cols, static_spec)
 
+    skipped["diagnoses and prescriptions"] = codes["counts"]
     notes = _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped)
     order = np.lexsort((sts["intime"], s_adm))                      # stays grouped by admission
     admissions = {"hadm_id": adms["hadm_id"], "subject_id": adms["subject_id"],
