@@ -59,7 +59,7 @@ class PreprocessConfig:
     quiet: bool = False
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                            # 2: stays stored as int16 features with per-hour counts
 
 
 def preprocess(cfg: PreprocessConfig) -> dict:

@@ -1,0 +1,86 @@
+"""Tests for demo.py and the end-to-end pipeline: the demo from the command line at a reduced size, and the
+real MIMIC-III demo (../shared/data/mimic3-demo) through preprocess → pretrain → evaluate from the CLI.
+
+Reduced sizes (width 16, one or two epochs, one seed) keep the file to about half a minute on a CPU.
+Run: `python -m pytest -q tests/test_demo.py`.
+"""
+import csv
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import data
+import demo
+import evaluate
+from medhmp import cli
+
+MIMIC3_DEMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "mimic3-demo"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: tiny LSTMs gain nothing from two, and a busy machine made two 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_demo_from_the_cli_writes_every_task(tmp_path, monkeypatch):
+    small = functools.partial(demo.DemoConfig, d_model=16, stay_epochs=1, admission_epochs=1, seeds=1, epochs=2,
+                              patience=1, trinetx_patients=200)
+    monkeypatch.setattr(demo, "DemoConfig", small)
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--patients", "200", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / "run" / "results.csv")
+    assert sorted((r["task"], r["init"]) for r in rows) == sorted((t, i) for t in evaluate.TASKS
+                                                                  for i in ("admission", "none"))
+    evaluated = [r for r in rows if not r["skipped"]]
+    assert {r["task"] for r in evaluated} >= {"arf", "shock", "mortality", "readmission"}
+    assert all(0 <= float(r["auroc"]) <= 1 and r["seeds"] == "1" for r in evaluated)
+    patient = [t for t, spec in evaluate.TASKS.items() if spec.level == "patient"]
+    trinetx = read_csv(out / "trinetx" / "run" / "results.csv")
+    assert sorted((r["task"], r["init"]) for r in trinetx) == sorted((t, i) for t in patient
+                                                                     for i in ("admission", "none"))
+    meta = json.loads((out / "trinetx" / "processed" / "meta.json").read_text())
+    assert meta["icd_vocab"] == json.loads((out / "processed" / "meta.json").read_text())["icd_vocab"]
+    table = result.output[result.output.index("MedHMP demo"):]
+    assert all(t in table for t in evaluate.TASKS) and "(trinetx)" in table and "Δ AUROC" in table
+    assert "demo finished" in result.output
+
+
+@pytest.mark.skipif(not MIMIC3_DEMO.is_dir(), reason="../shared/data/mimic3-demo is not available")
+def test_mimic3_demo_through_preprocess_pretrain_evaluate(tmp_path):
+    processed, run = tmp_path / "processed", tmp_path / "run"
+    runner = CliRunner()
+    steps = [["preprocess", "--raw", str(MIMIC3_DEMO), "--out", str(processed)],
+             ["pretrain", "--level", "stay", "--data", str(processed), "--run", str(run), "--max-steps", "2",
+              "--batch-size", "16"],
+             ["pretrain", "--level", "admission", "--data", str(processed), "--run", str(run), "--max-steps", "2",
+              "--batch-size", "16"],
+             ["evaluate", "--task", "all", "--data", str(processed), "--run", str(run), "--seeds", "1",
+              "--epochs", "2"]]
+    for args in steps:
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 0, (args, result.output)
+    d = data.load_processed(processed)
+    both = {t for t in evaluate.TASKS
+            if all(0 < d.examples(t, s)["label"].sum() < len(d.examples(t, s)["label"]) for s in evaluate.SPLITS)}
+    assert "mortality" in both  # 100 demo patients: mortality has both classes in every split
+    rows = read_csv(run / "results.csv")
+    assert sorted((r["task"], r["init"]) for r in rows) == sorted((t, i) for t in evaluate.TASKS
+                                                                  for i in ("admission", "none"))
+    assert {r["task"] for r in rows if not r["skipped"]} == both
+    for r in rows:
+        if r["task"] in both:
+            assert 0 <= float(r["auroc_lo"]) <= float(r["auroc_hi"]) <= 1 and int(r["n_test"]) > 0

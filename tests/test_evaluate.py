@@ -1,0 +1,244 @@
+"""Tests for evaluate.py: metrics against scikit-learn (random and heavily tied scores), bootstrap CIs, weight
+transfer per init, fine-tuning beats chance on every synthetic task, skipped tasks, result files, the CLI.
+
+Fine-tuning runs on a 600-patient synthetic cohort (split 60/20/20) at width 32 with one seed and a few
+epochs. Run: `python -m pytest -q tests/test_evaluate.py`.
+"""
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from sklearn.metrics import (auc, average_precision_score, cohen_kappa_score, f1_score, precision_recall_curve,
+                             roc_auc_score)
+
+import data
+import evaluate
+import synthetic
+import train
+from evaluate import (Checkpoints, FinetuneConfig, auprc, auprc_trapezoid, auroc, binary_metrics, bootstrap_ci,
+                      build_model, f1, kappa)
+from medhmp import cli
+
+D = 32               # model width of the fine-tuning tests
+AUROC_FLOOR = 0.65   # every synthetic task from scratch, one seed; chance is 0.5, seeds 0-3 gave 0.72-0.94
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: tiny LSTMs gain nothing from two, and a busy machine made two 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def sklearn_metrics(y, p) -> dict:
+    precision, recall, _ = precision_recall_curve(y, p)
+    return {"auroc": roc_auc_score(y, p), "auprc": average_precision_score(y, p),
+            "auprc_trapezoid": auc(recall, precision), "f1": f1_score(y, p >= 0.5, zero_division=0),
+            "kappa": cohen_kappa_score(y, p >= 0.5)}
+
+
+def random_case(rng, n: int, tie: str):
+    y = (rng.random(n) < rng.uniform(0.1, 0.6)).astype(int)
+    y[:2] = [0, 1]  # both classes
+    p = {"none": rng.random(n), "rounded": np.round(rng.random(n) * 0.6 + 0.35 * y, 1),
+         "three": rng.choice([0.2, 0.5, 0.8], n), "constant": np.full(n, 0.5)}[tie]
+    return y, p
+
+
+@pytest.mark.parametrize("tie", ["none", "rounded", "three", "constant"])
+def test_metrics_match_sklearn(tie):
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 17, 100, 1000):
+        for _ in range(10):
+            y, p = random_case(rng, n, tie)
+            ours, ref = binary_metrics(y, p), sklearn_metrics(y, p)
+            for name, value in ref.items():
+                assert ours[name] == pytest.approx(value, abs=1e-12, nan_ok=True), (name, n, tie)
+
+
+def test_metric_hand_values():
+    y, p = np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])
+    assert auroc(y, p) == pytest.approx(0.75)
+    # (recall, precision) at thresholds 0.8, 0.4, 0.35, 0.1: (.5, 1), (.5, .5), (1, 2/3), (1, .5)
+    assert auprc(y, p) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert auprc_trapezoid(y, p) == pytest.approx(0.5 * (1 + 1) / 2 + 0.5 * (0.5 + 2 / 3) / 2)  # from (0, 1)
+    assert f1(y, p) == pytest.approx(2 / 3) and kappa(y, p) == pytest.approx(0.5)
+
+
+def test_metrics_of_a_single_class_are_nan():
+    y, p = np.zeros(5), np.linspace(0, 1, 5)
+    assert math.isnan(auroc(y, p)) and math.isnan(auprc(y, p)) and math.isnan(auprc_trapezoid(y, p))
+
+
+def test_bootstrap_ci_contains_the_estimate_and_is_deterministic():
+    rng = np.random.default_rng(1)
+    y = (rng.random(300) < 0.2).astype(int)
+    p = np.clip(rng.normal(0.3 + 0.3 * y, 0.2), 0, 1)
+    for metric in (auroc, auprc, auprc_trapezoid, f1):
+        lo, hi = bootstrap_ci(y, p, metric, n=300, seed=7)
+        assert lo < metric(y, p) < hi and hi - lo < 0.5
+        assert bootstrap_ci(y, p, metric, n=300, seed=7) == (lo, hi)
+        assert bootstrap_ci(y, p, metric, n=300, seed=8) != (lo, hi)
+
+
+def test_bootstrap_ci_over_seeds_scores_the_mean_of_the_rows():
+    rng = np.random.default_rng(2)
+    y = (rng.random(200) < 0.3).astype(int)
+    p = np.stack([np.clip(rng.normal(0.3 + 0.2 * y, 0.2), 0, 1) for _ in range(3)])
+    lo, hi = bootstrap_ci(y, p, auroc, n=200, seed=0)
+    assert lo < np.mean([auroc(y, row) for row in p]) < hi
+    same = bootstrap_ci(y, np.stack([p[0]] * 3), auroc, n=200, seed=0)
+    assert same == pytest.approx(bootstrap_ci(y, p[0], auroc, n=200, seed=0))
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> data.Processed:
+    """600 synthetic patients split 60/20/20, so every task's test split has a few dozen examples (the
+    session cohort's 80/10/10 of 400 leaves ~10 patients per patient-level test split: too noisy to judge)."""
+    root = tmp_path_factory.mktemp("eval_cohort")
+    synthetic.synthesize(synthetic.SynthConfig(out=root / "raw", patients=600, seed=1, quiet=True))
+    data.preprocess(data.PreprocessConfig(raw=root / "raw", out=root / "processed", split=(0.6, 0.2, 0.2),
+                                          quiet=True))
+    return data.load_processed(root / "processed")
+
+
+@pytest.fixture(scope="module")
+def run(cohort, tmp_path_factory) -> Path:
+    """Both pretraining stages, 4 steps each at width D (read-only; copy to change)."""
+    run = tmp_path_factory.mktemp("eval") / "run"
+    for level in ("stay", "admission"):
+        train.pretrain(train.LEVELS[level](data=cohort.root, run=run, d_model=D, batch_size=64, max_steps=4,
+                                           quiet=True))
+    return run
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def cfg_for(processed: Path, run: Path, **kw) -> FinetuneConfig:
+    base = dict(data=processed, run=run, seeds=1, epochs=3, bootstrap=50, quiet=True, table=False)
+    return FinetuneConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("task", ["mortality", "readmission", "hf"])
+def test_init_admission_loads_the_checkpoint_and_none_is_random(task, cohort, run):
+    ckpts = Checkpoints(run, cohort.meta)
+    cfg = cfg_for(cohort.root, run, task=task)
+    name, prefix, target, _ = evaluate.TRANSFERS[evaluate.TASKS[task].level, "admission"]
+    saved = {k[len(prefix):]: v for k, v in ckpts.get(name)["model"].items() if k.startswith(prefix)}
+    torch.manual_seed(0)
+    pretrained, n = build_model(task, "admission", cfg, ckpts)
+    loaded = pretrained.get_submodule(target).state_dict()
+    assert n == len(saved) == len(loaded) > 0
+    for key, value in loaded.items():
+        assert torch.equal(value, saved[key]), key
+    torch.manual_seed(0)
+    scratch, n = build_model(task, "none", cfg, ckpts)
+    assert n == 0
+    fresh = scratch.get_submodule(target).state_dict()
+    weights = [k for k, v in fresh.items() if v.dim() == 2]   # matrices: random at init, never all ones/zeros
+    assert weights and all(not torch.equal(fresh[k], saved[k]) for k in weights)
+    assert [tuple(v.shape) for v in fresh.values()] == [tuple(v.shape) for v in loaded.values()]  # like-for-like
+    torch.manual_seed(1)
+    other, _ = build_model(task, "none", cfg, ckpts)
+    assert not torch.equal(other.get_submodule(target).state_dict()[weights[0]], fresh[weights[0]])
+
+
+def test_init_stay_loads_the_stay_checkpoint(cohort, run):
+    ckpts = Checkpoints(run, cohort.meta)
+    saved = ckpts.get("stay")["model"]
+    for task, target in (("arf", "encoder"), ("readmission", "encoder.stay_encoder")):
+        model, n = build_model(task, "stay", cfg_for(cohort.root, run, task=task), ckpts)
+        for key, value in model.get_submodule(target).state_dict().items():
+            assert torch.equal(value, saved["encoder." + key]), key
+        assert n == len(model.get_submodule(target).state_dict())
+
+
+def test_a_checkpoint_from_other_data_is_refused_with_the_fix(cohort, run):
+    meta = {**cohort.meta, "icd_vocab": list(reversed(cohort.meta["icd_vocab"]))}
+    with pytest.raises(data.InputError, match="--vocab-from"):
+        build_model("hf", "admission", cfg_for(cohort.root, run), Checkpoints(run, meta))
+    meta = {**cohort.meta, "n_features": cohort.meta["n_features"] + 1}
+    with pytest.raises(data.InputError, match="n_features"):
+        build_model("arf", "admission", cfg_for(cohort.root, run), Checkpoints(run, meta))
+
+
+def test_finetuned_models_beat_chance_on_every_synthetic_task(cohort, run, tmp_path):
+    """From scratch, seed 0: test AUROC >= AUROC_FLOOR on each task (8 epochs for the stay and admission
+    tasks, 20 for the cheap patient tasks); also checks every result file and that rows are replaced."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    reports = {}
+    for task, spec in evaluate.TASKS.items():
+        epochs, patience = (20, 5) if spec.level == "patient" else (8, 3)
+        reports.update(evaluate.evaluate(cfg_for(cohort.root, out, task=task, init="none", epochs=epochs,
+                                                 patience=patience)))
+    for task, report in reports.items():
+        result = report["results"]["none/" + report["model"]]
+        assert "skipped" not in result, (task, result)
+        assert result["mean"]["auroc"] >= AUROC_FLOOR, (task, result["mean"])
+        n_test = report["splits"]["test"]["n"]
+        saved = json.loads((out / "eval" / f"{task}.json").read_text())
+        assert saved["splits"]["test"]["n"] == n_test and saved["results"]["none/" + report["model"]]["seeds"]
+        lo, hi = saved["results"]["none/" + report["model"]]["ci"]["auroc"]
+        assert 0 <= lo <= hi <= 1
+        rows = read_csv(out / "eval" / f"{task}_predictions.csv")
+        assert len(rows) == n_test and {r["split"] for r in rows} == {"test"}
+        probs = np.array([float(r["probability"]) for r in rows])
+        labels = np.array([int(r["label"]) for r in rows])
+        assert auroc(labels, probs) == pytest.approx(result["mean"]["auroc"], abs=1e-4)
+        if report["level"] == "stay":
+            assert all(r["stay_id"] and r["hadm_id"] for r in rows)
+    table = read_csv(out / "results.csv")
+    assert sorted((r["task"], r["init"]) for r in table) == sorted((t, "none") for t in evaluate.TASKS)
+    assert all(float(r["auroc_lo"]) <= float(r["auroc_hi"]) for r in table)
+    # a second run of one task replaces its row instead of adding one
+    evaluate.evaluate(cfg_for(cohort.root, out, task="hf", init="none", epochs=1))
+    assert len(read_csv(out / "results.csv")) == len(table)
+
+
+def test_a_single_class_task_is_skipped_with_a_reason(cohort, run, tmp_path):
+    processed = tmp_path / "processed"
+    shutil.copytree(cohort.root, processed)
+    with open(processed / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        if r["task"] == "mortality":
+            r["label"] = "0"
+    with open(processed / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    report = evaluate.evaluate(cfg_for(processed, out, task="mortality"))["mortality"]
+    for init in ("admission", "none"):
+        assert "single-class" in report["results"][f"{init}/medhmp"]["skipped"]
+    table = read_csv(out / "results.csv")
+    assert {r["init"] for r in table} == {"admission", "none"}
+    assert all("single-class" in r["skipped"] and r["auroc"] == "" for r in table)
+
+
+def test_patient_tasks_have_no_stay_transfer(cohort, run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    report = evaluate.evaluate(cfg_for(cohort.root, out, task="hf", init="stay", compare_none=False))["hf"]
+    assert "no encoder" in report["results"]["stay/lstm"]["skipped"]
+
+
+def test_cli_evaluate_missing_checkpoint_is_one_line(cohort, tmp_path):
+    result = CliRunner().invoke(cli, ["evaluate", "--task", "arf", "--data", str(cohort.root), "--run",
+                                      str(tmp_path / "nothing"), "--epochs", "1", "--seeds", "1"])
+    assert result.exit_code == 1 and "Error:" in result.output and "pretrain" in result.output.splitlines()[-1]
