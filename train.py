@@ -87,7 +87,20 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if precision == "fp16" and device.type != "cuda":
         raise InputError("--precision fp16 needs CUDA; use fp32 or bf16 on the CPU")
+    if precision == "bf16" and device.type == "cpu" and not _cpu_bf16_autocast_works():
+        raise InputError("--precision bf16 is not supported by this CPU's LSTM kernels (oneDNN needs AVX-512 "
+                         "or newer); use --precision fp32")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _cpu_bf16_autocast_works() -> bool:
+    """Probe: on CPUs without AVX-512 (e.g. AVX2 only) oneDNN has no bf16 LSTM and autocast fails mid-step."""
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.LSTM(4, 4)(torch.zeros(1, 1, 4))
+        return True
+    except RuntimeError:
+        return False
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -134,12 +147,16 @@ def _build(cfg, data: Processed, device: torch.device, rep: Reporter):
         sets = [StayDataset(data, data.pretrain_rows("stay", s)) for s in ("train", "val")]
         return model, mcfg, sets
     model = AdmissionPretrainer(AdmissionEncoder(mcfg), mcfg)
-    if cfg.init_from_stay and not cfg.resume:
+    # --resume only skips the stay initialisation when there is an admission checkpoint to resume from
+    if cfg.init_from_stay and not (cfg.resume and (Path(cfg.run) / "admission.pt").is_file()):
         stay = load_checkpoint(Path(cfg.run) / "stay.pt")
         if stay["model_config"] != asdict(mcfg) or stay["sizes"] != _sizes(data.meta):
             raise InputError(f"{cfg.run}/stay.pt was trained with another model config or data; "
                              "re-run `pretrain --level stay` with the same --data and sizes")
-        n = load_encoder(model.encoder.stay_encoder, stay["model"], "encoder.")
+        try:
+            n = load_encoder(model.encoder.stay_encoder, stay["model"], "encoder.")
+        except RuntimeError as err:  # missing or unexpected keys: one line on the command line, not a traceback
+            raise InputError(f"{cfg.run}/stay.pt: {err}") from None
         rep.log(f"initialised the stay encoder from {cfg.run}/stay.pt ({n} tensors, all keys matched)")
     sets = [AdmissionDataset(data, data.pretrain_rows("admission", s), max_stays=cfg.max_stays)
             for s in ("train", "val")]
@@ -226,15 +243,20 @@ def pretrain(cfg) -> dict:
         while step < total:
             epoch, skip = divmod(step, steps_per_epoch)
             t_wait = time.perf_counter()
-            for batch in make_loader(train_set, 0, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                     batches=_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, skip)):
+            loader = make_loader(train_set, 0, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                 batches=_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, skip))
+            # a DataLoader iterator draws its base seed from the global RNG; fork it so that the dropout and
+            # masking streams do not depend on where a loader started (a mid-epoch --resume starts one more)
+            with torch.random.fork_rng(devices=[]):
+                batches = iter(loader)
+            for batch in batches:
                 batch = to_device(batch, device)
                 waited += time.perf_counter() - t_wait
                 with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
                     out = model(batch)
                 loss = out["loss"]
                 if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"the {cfg.level} loss became {float(loss)} at step {step + 1}; "
+                    raise NonFiniteLoss(f"the {cfg.level} loss became {float(loss.detach())} at step {step + 1}; "
                                         f"the last good checkpoint is kept at {path}")
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
