@@ -35,6 +35,7 @@ class ModelConfig:
     temperature: float = 0.1  # paper App. B (also the info-nce default the official code uses)
     cl_weight: float = 0.1  # paper Eq. 11, λ
     cl_include_positive: bool = False  # paper Eq. 10 excludes the positive; official info-nce includes it
+    rnn_chunk: int = 512  # perf, CPU only: stays per LSTM call (bench/train.py); 0 runs every stay at once
 
     SIZES = ("seq_len", "n_features", "n_static", "n_icd", "n_drug", "note_dim")
 
@@ -116,6 +117,7 @@ class TimeSeriesEncoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.norm = nn.LayerNorm(D)
         self.rnn2 = nn.LSTM(D, D, num_layers=2, batch_first=True, dropout=cfg.dropout)  # official LSTM_Encoder
+        self.rnn_chunk = cfg.rnn_chunk
 
     def project(self, ts_idx: torch.Tensor, n: int) -> torch.Tensor:
         """Linear(F→D, no bias) of the binary (n, T, F) matrix given by `ts_idx`, without densifying it."""
@@ -129,7 +131,17 @@ class TimeSeriesEncoder(nn.Module):
         return x.view(n, self.T, -1)  # (n, T, D)
 
     def forward(self, ts_idx: torch.Tensor, n: int) -> torch.Tensor:
-        x, _ = self.rnn1(self.project(ts_idx, n))  # (n, T, D)
+        if n == 0:
+            return self.input_proj.new_zeros(0, self.input_proj.shape[1])  # (0, D)
+        x = self.project(ts_idx, n)  # (n, T, D)
+        # perf: on the CPU, oneDNN's LSTMs over thousands of stays at once lose cache locality; chunks of
+        # `rnn_chunk` stays gave the same result 20% faster at 4,500 stays (an admission batch of 4,096).
+        # cuDNN wants the whole batch, so CUDA runs it in one piece.
+        size = n if x.is_cuda or self.rnn_chunk <= 0 else self.rnn_chunk
+        return torch.cat([self._recur(x[i:i + size]) for i in range(0, n, size)])  # (n, D)
+
+    def _recur(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.rnn1(x)  # (n, T, D)
         x = self.norm(self.drop(x))
         _, (_, c) = self.rnn2(x)  # c (2, n, D)
         return c[-1]  # (n, D): cell state of the top layer at hour T
@@ -278,14 +290,16 @@ class StayPretrainer(nn.Module):
         self.T, self.F = cfg.seq_len, cfg.n_features
         # fidelity: paper §2.2.2 makes b the decoder's initial hidden state, so the decoder has width D and a
         # linear read-out to F. The official code instead feeds b as the first input step of an F-wide LSTM.
-        self.decoder = nn.LSTM(cfg.d_model, cfg.d_model, batch_first=True)
+        # The decoder's inputs are all zero (everything it knows is in b), so its input width is 1: a D-wide
+        # zero input only multiplied zeros (7% of a step's FLOPs, bench/train.py).
+        self.decoder = nn.LSTM(1, cfg.d_model, batch_first=True)
         self.readout = nn.Linear(cfg.d_model, cfg.n_features)
 
     def forward(self, batch: dict) -> dict:
         b = self.encoder(batch)  # (B, D)
         B = b.shape[0]
         h0 = b.unsqueeze(0)  # (1, B, D)
-        out, _ = self.decoder(b.new_zeros(B, self.T, b.shape[1]), (h0, torch.zeros_like(h0)))  # (B, T, D)
+        out, _ = self.decoder(b.new_zeros(B, self.T, 1), (h0, torch.zeros_like(h0)))  # (B, T, D)
         recon = torch.sigmoid(self.readout(out))  # (B, T, F), in (0, 1) like the binary targets
         target = densify(batch["ts_idx"], B, self.T, self.F)  # (B, T, F)
         return {"loss": reconstruction_loss(recon, target), "recon": recon}

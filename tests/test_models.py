@@ -111,6 +111,16 @@ def test_time_series_encoder_returns_top_layer_cell_state(cfg):
     assert torch.allclose(h, cell[-1], atol=1e-5) and not torch.allclose(h, hidden[-1])
 
 
+def test_time_series_encoder_chunks_give_the_same_result(cfg):
+    """CPU chunking of the LSTMs (rnn_chunk) is a speed choice only: any chunk size gives the same h."""
+    ts_idx, _, _ = stay_inputs(7, gen(5))
+    whole = TimeSeriesEncoder(ModelConfig(**{**cfg.__dict__, "rnn_chunk": 0})).eval()
+    chunked = TimeSeriesEncoder(ModelConfig(**{**cfg.__dict__, "rnn_chunk": 3})).eval()
+    chunked.load_state_dict(whole.state_dict())
+    assert torch.allclose(whole(ts_idx, 7), chunked(ts_idx, 7), atol=1e-6)
+    assert chunked(ts_idx[:0], 0).shape == (0, D)
+
+
 def test_modality_encoder_shapes(cfg):
     assert StaticEncoder(cfg)(torch.rand(4, S)).shape == (4, D)
     code = CodeEncoder(V_ICD, D)
