@@ -10,6 +10,7 @@ validation pass included in the time) and prediction samples/s. `--threads 1` is
 threads on a busy 2-core machine were 10-50x slower for these small LSTMs; pass 0 for torch's default.
 """
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -30,10 +31,13 @@ LEVEL_TASKS = {"stay": "mortality", "admission": "readmission", "patient": "hf"}
 
 
 def cohort(args) -> Path:
-    """The processed synthetic cohort of `args.patients` patients, built on first use."""
+    """The processed synthetic cohort of `args.patients` patients, built on first use (and rebuilt when the
+    processed format has changed since)."""
     raw, processed = args.out / f"raw-{args.patients}", args.out / f"processed-{args.patients}"
-    if not (processed / "meta.json").is_file():
-        synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=args.patients, quiet=True))
+    meta = processed / "meta.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("format_version") != data.FORMAT_VERSION:
+        if not raw.is_dir():
+            synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=args.patients, quiet=True))
         data.preprocess(data.PreprocessConfig(raw=raw, out=processed, quiet=True))
     return processed
 
