@@ -374,7 +374,7 @@ def read_notes(path: Path, hadms: set, sources: dict, task) -> tuple[dict, dict]
     src = sources["notes"] = Source(path)
     csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))  # discharge summaries exceed csv's 128 KB default
     chosen, counts, done = {}, {"rows": 0, "error rows": 0, "other categories": 0, "unknown admission": 0}, 0
-    raw, f = open_text(path)
+    raw, f = open_text(src)
     with raw, f, task("notes", path.stat().st_size) as advance:
         reader = csv.reader(f)
         header = [c.strip().lower() for c in next(reader, [])]
@@ -400,9 +400,10 @@ def read_notes(path: Path, hadms: set, sources: dict, task) -> tuple[dict, dict]
             if int(hadm) not in chosen or when >= chosen[int(hadm)][0]:   # the latest one wins
                 chosen[int(hadm)] = (when, row[col["text"]])
             if i % 1024 == 0:
-                advance(raw.tell() - done)
-                done = raw.tell()
-        advance(raw.tell() - done)
+                advance(raw.bytes_read - done)
+                done = raw.bytes_read
+        advance(raw.bytes_read - done)
+    src.rows, src.sha256 = counts["rows"], raw.digest.hexdigest()
     return {h: text for h, (_, text) in chosen.items()}, counts
 
 

@@ -403,11 +403,32 @@ def decode(values: np.ndarray) -> list[str]:
     return [v.decode("utf-8", "replace").strip() for v in values.tolist()]
 
 
-def open_text(path: Path):
-    """(raw binary file, text stream) over `.csv` or `.csv.gz`; raw.tell() gives progress in file bytes.
-    For note tables, whose quoted fields span lines."""
-    raw = open(path, "rb")
-    gz = raw.read(2) == b"\x1f\x8b"
-    raw.seek(0)
-    inner = gzip.GzipFile(fileobj=raw) if gz else raw
+class _HashingReader(io.RawIOBase):
+    """A raw binary stream over a file that hashes every byte read and counts them (for progress)."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.bytes_read = f, hashlib.sha256(), 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = self.f.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:n])
+        self.bytes_read += n
+        return n
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def open_text(src: Source):
+    """(hashing raw reader, text stream) over `src.path`, `.csv` or `.csv.gz`. For note tables, whose quoted
+    fields span lines; `raw.bytes_read` gives progress and `raw.digest` the file's sha256."""
+    with open(src.path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    raw = _HashingReader(open(src.path, "rb"))
+    buffered = io.BufferedReader(raw)
+    inner = gzip.GzipFile(fileobj=buffered) if gz else buffered
     return raw, io.TextIOWrapper(inner, encoding="utf-8", errors="replace", newline="")

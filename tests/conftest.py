@@ -121,6 +121,17 @@ class TinyMimic3:
         return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread for the whole suite: the test models are tiny, and on a busy 2-core machine two
+    spin-waiting OpenMP threads made training steps 10-50x slower than one."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny():
     return TinyMimic3()

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import data
@@ -21,13 +20,6 @@ from medhmp import cli
 MIMIC3_DEMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "mimic3-demo"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: tiny LSTMs gain nothing from two, and a busy machine made two 10-50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -29,13 +29,6 @@ D = 32               # model width of the fine-tuning tests
 AUROC_FLOOR = 0.65   # every synthetic task from scratch, one seed; chance is 0.5, seeds 0-3 gave 0.72-0.94
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: tiny LSTMs gain nothing from two, and a busy machine made two 10-50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------- metrics

@@ -103,7 +103,7 @@ def test_patient_level_cases_controls_and_cutoff(tiny, tmp_path):
     tiny.admission(6, 601, "2150-01-01 08:00:00", 48, codes=("4280",))
     tiny.admission(6, 602, "2151-01-01 08:00:00", 48, codes=("4280",))
     tiny.stay(1, 101, 1, hours_after("2150-01-01 08:00:00", 1), 50)
-    meta = _run(tiny.write(tmp_path / "raw"), tmp_path / "out", seed=3)
+    _run(tiny.write(tmp_path / "raw"), tmp_path / "out", seed=3)
     hf = _labels(tmp_path / "out")["hf"]
     assert hf[1] == 1 and sorted(hf.values()).count(0) == 3 and 6 not in hf
     assert set(hf) - {1} <= {2, 3, 4, 5}

@@ -228,7 +228,7 @@ def test_limit_patients_is_a_deterministic_sample(tiny, tmp_path):
         tiny.stay(s, s * 10, s * 100, hours_after(T0, 1), 60)
     raw = tiny.write(tmp_path / "raw")
     a = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "a", limit_patients=4, quiet=True))
-    b = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "b", limit_patients=4, quiet=True))
+    data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "b", limit_patients=4, quiet=True))
     assert a["counts"]["patients"] == 4 and a["counts"]["stays"] == 4
     assert json.loads((tmp_path / "a" / "splits.json").read_text()) == json.loads((tmp_path / "b" / "splits.json").read_text())
     shutil.rmtree(tmp_path / "a")

@@ -27,27 +27,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
 
 
-def _cpu_bf16_lstm() -> bool:
-    """Whether an LSTM runs under CPU bf16 autocast here (oneDNN has no bf16 LSTM on AVX2-only CPUs)."""
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            torch.nn.LSTM(4, 4)(torch.zeros(1, 1, 4))
-        return True
-    except RuntimeError:
-        return False
+CPU_BF16 = train.cpu_bf16_autocast_works()  # oneDNN has no bf16 LSTM on AVX2-only CPUs
 
 
-CPU_BF16 = _cpu_bf16_lstm()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny LSTMs gain nothing from a second thread, and on a busy 2-core machine spin-waiting OpenMP threads
-    made steps 10-50x slower (seen while other jobs ran); one thread keeps the file fast everywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def config(level: str, data_dir: Path, run: Path, **kw):
