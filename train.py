@@ -87,13 +87,13 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if precision == "fp16" and device.type != "cuda":
         raise InputError("--precision fp16 needs CUDA; use fp32 or bf16 on the CPU")
-    if precision == "bf16" and device.type == "cpu" and not _cpu_bf16_autocast_works():
+    if precision == "bf16" and device.type == "cpu" and not cpu_bf16_autocast_works():
         raise InputError("--precision bf16 is not supported by this CPU's LSTM kernels (oneDNN needs AVX-512 "
                          "or newer); use --precision fp32")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _cpu_bf16_autocast_works() -> bool:
+def cpu_bf16_autocast_works() -> bool:
     """Probe: on CPUs without AVX-512 (e.g. AVX2 only) oneDNN has no bf16 LSTM and autocast fails mid-step."""
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
