@@ -412,6 +412,39 @@ def write_task(task: str, report: dict, probs: dict, examples: dict, data: Proce
              "probability": f"{p[i, j]:.6g}"}
             for init, p in probs.items() for i in range(len(p)) for j in range(len(y))]
     _replace_rows(out / f"{task}_predictions.csv", PREDICTION_COLUMNS, rows, ("init", "model"))
+    plot_curves(task, probs, np.asarray(y), out / f"{task}_curves.png")
+
+
+def plot_curves(task: str, probs: dict, y: np.ndarray, path: Path) -> bool:
+    """ROC and PR curves of the test split, one line per init (probabilities averaged over seeds), as a PNG;
+    only when matplotlib is installed (it is optional, never required). Returns whether a file was written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not probs or not _both_classes(np.asarray(y)):
+        return False
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(9, 4))
+    for init, p in probs.items():
+        p = np.asarray(p).mean(axis=0)                                     # (n,) mean over seeds
+        order = np.argsort(-p, kind="stable")
+        last = np.r_[np.flatnonzero(np.diff(p[order])), len(p) - 1]      # one point per distinct score
+        tp, fp = np.cumsum(y[order])[last], np.cumsum(1 - y[order])[last]
+        roc.plot(np.r_[0, fp / fp[-1]], np.r_[0, tp / tp[-1]], label=f"{init} (AUROC {auroc(y, p):.3f})")
+        recall, precision = _pr_points(y, p)
+        pr.step(recall, precision, where="post", label=f"{init} (AUPRC {auprc(y, p):.3f})")
+    roc.plot([0, 1], [0, 1], ":", color="grey")
+    pr.axhline(float(np.mean(y)), linestyle=":", color="grey")
+    roc.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{task}: ROC (test)")
+    pr.set(xlabel="recall", ylabel="precision", title=f"{task}: precision-recall (test)")
+    roc.legend(loc="lower right")
+    pr.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def _result_rows(task: str, report: dict, cfg: FinetuneConfig) -> list[dict]:

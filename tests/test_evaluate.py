@@ -235,3 +235,13 @@ def test_cli_evaluate_missing_checkpoint_is_one_line(cohort, tmp_path):
     result = CliRunner().invoke(cli, ["evaluate", "--task", "arf", "--data", str(cohort.root), "--run",
                                       str(tmp_path / "nothing"), "--epochs", "1", "--seeds", "1"])
     assert result.exit_code == 1 and "Error:" in result.output and "pretrain" in result.output.splitlines()[-1]
+
+
+def test_roc_pr_curves_png_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    y = np.array([0, 0, 1, 1, 0, 1, 0, 0], dtype=float)
+    probs = {"admission": np.array([[0.1, 0.3, 0.8, 0.6, 0.2, 0.9, 0.4, 0.1]] * 2),
+             "none": np.array([[0.5, 0.4, 0.6, 0.5, 0.3, 0.7, 0.6, 0.2]])}
+    assert evaluate.plot_curves("mortality", probs, y, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not evaluate.plot_curves("mortality", probs, np.zeros(8), tmp_path / "none.png")   # one class
