@@ -31,8 +31,10 @@ class DemoConfig:
     # demo sizes, not the paper's: the default demo ends in 3-4 minutes on 2 busy CPU cores
     # (paper: d = 256, 200 + 300 pretraining epochs, 5 seeds of up to 30 fine-tuning epochs)
     d_model: int = 64                 # paper 256; 64 fine-tunes ~6x faster per sample on a CPU (bench/evaluate.py)
-    stay_epochs: int = 15             # stage 1 reconstruction, batch 32: validation loss flat after ~12
+    stay_epochs: int = 60             # stage 1 reconstruction, batch 32: ~15 epochs only learn the average
+    #                                   pattern; by 60 the stay vectors carry the patient (models.StayPretrainer)
     stay_batch_size: int = 32
+    stay_lr: float = 1e-3             # paper 5e-4 at batch 128 over 200 epochs; 2e-3 made b collapse here
     admission_epochs: int = 15        # stage 2 MCP + contrastive: validation loss lowest at ~12, then rises
     admission_batch_size: int = 64    # paper 4096; in-batch negatives only need a few dozen here
     admission_lr: float = 1e-3        # paper 2e-5 is for batch 4096 over 300 epochs on 99k admissions
@@ -64,7 +66,8 @@ def _mimic(cfg: DemoConfig) -> dict:
     # one checkpoint per stage, written at its end (a run of a few minutes needs no intermediate ones)
     common = dict(data=processed, run=run, d_model=cfg.d_model, device=cfg.device, seed=cfg.seed, quiet=cfg.quiet,
                   checkpoint_every=10 ** 9)
-    train.pretrain(train.StayPretrainConfig(epochs=cfg.stay_epochs, batch_size=cfg.stay_batch_size, **common))
+    train.pretrain(train.StayPretrainConfig(epochs=cfg.stay_epochs, batch_size=cfg.stay_batch_size, lr=cfg.stay_lr,
+                                            **common))
     train.pretrain(train.AdmissionPretrainConfig(epochs=cfg.admission_epochs, batch_size=cfg.admission_batch_size,
                                                  lr=cfg.admission_lr, **common))
     return evaluate.evaluate(_finetune_config(cfg, task="all", data=processed, run=run))

@@ -79,6 +79,7 @@ class FinetuneConfig:
     seed: int = 0                     # run i uses seed + i (weights, dropout, batch order)
     epochs: int = 30                  # paper App. B: at most 30 epochs
     patience: int = 5                 # paper App. B: early-stopping patience 5
+    label_fraction: float = 1.0       # share of the training examples fine-tuned on (paper Fig. 5: 1% to 100%)
     # learning rate: `lr` applies to every level when given, else the level's own. Paper App. B grid: batch
     # {16, 32, 64} x lr [2e-5, 5e-3]. Stay/admission: the grid's top, 5e-3 with batch 16, was the best of
     # {5e-3, 2e-2, 5e-2} on the 400-patient synthetic cohort. Patient: 5e-2, beyond the grid: ~100 training
@@ -203,6 +204,10 @@ def task_datasets(task: str, data: Processed, cfg: FinetuneConfig) -> tuple[dict
     if level != "patient":  # a labelled stay or admission missing from the tensors cannot be scored
         examples = {s: {k: (v[e["row"] >= 0] if isinstance(v, np.ndarray) else v) for k, v in e.items()}
                     for s, e in examples.items()}
+    if cfg.label_fraction < 1.0:  # low-resource setting (paper Fig. 5): a fixed share of the training labels
+        train = examples["train"]
+        keep = np.random.default_rng(cfg.seed).random(len(train["label"])) < cfg.label_fraction
+        examples["train"] = {k: (v[keep] if isinstance(v, np.ndarray) else v) for k, v in train.items()}
     sets = {}
     for s, e in examples.items():
         if level == "stay":

@@ -36,6 +36,7 @@ class ModelConfig:
     cl_weight: float = 0.1  # paper Eq. 11, λ
     cl_include_positive: bool = False  # paper Eq. 10 excludes the positive; official info-nce includes it
     rnn_chunk: int = 512  # perf, CPU only: stays per LSTM call (bench/train.py); 0 runs every stay at once
+    decoder_input: str = "stay"  # stage-1 decoder input at every hour: "stay" (b) or "zeros" (paper text, see below)
 
     SIZES = ("seq_len", "n_features", "n_static", "n_icd", "n_drug", "note_dim")
 
@@ -289,17 +290,22 @@ class StayPretrainer(nn.Module):
         self.encoder = stay_encoder
         self.T, self.F = cfg.seq_len, cfg.n_features
         # fidelity: paper §2.2.2 makes b the decoder's initial hidden state, so the decoder has width D and a
-        # linear read-out to F. The official code instead feeds b as the first input step of an F-wide LSTM.
-        # The decoder's inputs are all zero (everything it knows is in b), so its input width is 1: a D-wide
-        # zero input only multiplied zeros (7% of a step's FLOPs, bench/train.py).
-        self.decoder = nn.LSTM(1, cfg.d_model, batch_first=True)
+        # linear read-out to F (the official code feeds b as the first input of an F-wide LSTM instead). With b
+        # as the initial state only (decoder_input "zeros") the decoder learns the features' average pattern
+        # and b collapses: on the synthetic cohort (400 patients, d 64, 60 epochs) 5-fold linear probes of b
+        # gave mortality/ARF/shock AUROC 0.75/0.51/0.78, no better than an untrained encoder (0.75/0.61/0.78).
+        # Feeding b as every hour's input as well ("stay", the default) gave 0.83/0.65/0.84.
+        self.decoder_input = cfg.decoder_input
+        self.decoder = nn.LSTM(cfg.d_model if cfg.decoder_input == "stay" else 1, cfg.d_model, batch_first=True)
         self.readout = nn.Linear(cfg.d_model, cfg.n_features)
 
     def forward(self, batch: dict) -> dict:
         b = self.encoder(batch)  # (B, D)
         B = b.shape[0]
         h0 = b.unsqueeze(0)  # (1, B, D)
-        out, _ = self.decoder(b.new_zeros(B, self.T, 1), (h0, torch.zeros_like(h0)))  # (B, T, D)
+        steps = b.unsqueeze(1).expand(B, self.T, b.shape[1]) if self.decoder_input == "stay" \
+            else b.new_zeros(B, self.T, 1)  # (B, T, D) or (B, T, 1)
+        out, _ = self.decoder(steps, (h0, torch.zeros_like(h0)))  # (B, T, D)
         recon = torch.sigmoid(self.readout(out))  # (B, T, F), in (0, 1) like the binary targets
         target = densify(batch["ts_idx"], B, self.T, self.F)  # (B, T, F)
         return {"loss": reconstruction_loss(recon, target), "recon": recon}

@@ -255,6 +255,15 @@ def test_stay_pretrainer_shapes(cfg):
     assert out["loss"].item() == pytest.approx(reconstruction_loss(out["recon"], target).item())
 
 
+@pytest.mark.parametrize("decoder_input", ["stay", "zeros"])
+def test_stay_decoder_inputs(cfg, decoder_input):
+    """Both decoder variants reconstruct (B, T, F); with "stay" inputs b reaches every hour's input."""
+    model = StayPretrainer(StayEncoder(cfg), ModelConfig(**{**cfg.__dict__, "decoder_input": decoder_input}))
+    out = model(stay_batch())
+    assert out["recon"].shape == (4, T, F) and torch.isfinite(out["loss"])
+    assert model.decoder.input_size == (D if decoder_input == "stay" else 1)
+
+
 def test_admission_pretrainer_outputs(cfg):
     model = AdmissionPretrainer(AdmissionEncoder(cfg), cfg).eval()
     batch = admission_batch()
