@@ -111,6 +111,9 @@ def pretrain(level, **options):
               help=_default(evaluate.FinetuneConfig, "device"))
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help=_default(evaluate.FinetuneConfig, "precision"))
+@click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True),
+              help="Fine-tune on this share of the training labels (low-resource runs). "
+              + _default(evaluate.FinetuneConfig, "label_fraction"))
 @click.option("--seed", type=int, help=_default(evaluate.FinetuneConfig, "seed"))
 def evaluate_command(**options):
     """Fine-tune on downstream tasks (pretrained vs from scratch) and write metrics with bootstrap CIs."""

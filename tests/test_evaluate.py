@@ -245,3 +245,13 @@ def test_roc_pr_curves_png_when_matplotlib_is_installed(tmp_path):
     assert evaluate.plot_curves("mortality", probs, y, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not evaluate.plot_curves("mortality", probs, np.zeros(8), tmp_path / "none.png")   # one class
+
+
+def test_label_fraction_keeps_a_fixed_share_of_training_examples(processed_cohort):
+    d = data.load_processed(processed_cohort)
+    full, _ = evaluate.task_datasets("mortality", d, evaluate.FinetuneConfig(task="mortality"))
+    part, ex = evaluate.task_datasets("mortality", d, evaluate.FinetuneConfig(task="mortality", label_fraction=0.3))
+    again, _ = evaluate.task_datasets("mortality", d, evaluate.FinetuneConfig(task="mortality", label_fraction=0.3))
+    assert 0.15 * len(full["train"]) < len(part["train"]) < 0.45 * len(full["train"])
+    assert torch.equal(part["train"].rows, again["train"].rows)                # deterministic per seed
+    assert len(part["val"]) == len(full["val"]) and len(part["test"]) == len(full["test"])
