@@ -19,6 +19,7 @@ import torch
 
 import data
 import evaluate
+import results
 import synthetic
 import train
 
@@ -100,10 +101,10 @@ def demo(cfg: DemoConfig) -> dict:
             reports.update(_trinetx(cfg))
     finally:
         torch.set_num_threads(threads)
-    header, rows = evaluate.results_table(reports)
-    evaluate.print_table(header, rows, rep, f"MedHMP demo ({cfg.patients} synthetic patients): pretrained "
+    header, rows = results.results_table(reports)
+    results.print_table(header, rows, rep, f"MedHMP demo ({cfg.patients} synthetic patients): pretrained "
                                             "(init=admission) vs from scratch (init=none), test split")
-    for line in evaluate.skipped_lines(reports):
+    for line in results.skipped_lines(reports):
         rep.log(line)
     rep.log(f"demo finished in {time.perf_counter() - start:.0f} s; results in {Path(cfg.out) / 'run' / 'results.csv'}"
             + (f" and {Path(cfg.out) / 'trinetx' / 'run' / 'results.csv'}" if cfg.trinetx else ""))

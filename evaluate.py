@@ -15,10 +15,7 @@ task also runs from scratch (init=none, same architecture), so the value of pret
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.table import Table
 from torch import nn
 
 from data import (AdmissionDataset, InputError, PatientDataset, Processed, Reporter, StayDataset, load_processed,
                   make_loader)
+from metrics import METRIC_FUNCTIONS, METRICS, binary_metrics, bootstrap_ci
 from models import (SEQUENCE_MODELS, AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, SequenceClassifier,
                     StayEncoder, load_encoder)
+from results import SPLITS, print_table, results_table, skipped_lines, write_task
 from train import NonFiniteLoss, load_checkpoint, resolve_device, resolve_dtype, to_device
 
 
@@ -54,8 +52,6 @@ TASKS = {
 }
 INITS = ("admission", "stay", "none")    # MedHMP a+s, MedHMP s, random weights
 PATIENT_MODELS = tuple(SEQUENCE_MODELS)
-METRICS = ("auroc", "auprc", "auprc_trapezoid", "f1", "kappa")
-SPLITS = ("train", "val", "test")
 STAY_SIZES = ("seq_len", "n_features", "n_static")
 # (level, init) -> (checkpoint, key prefix in it, submodule of the fine-tuned model, sizes that must match)
 TRANSFERS = {
@@ -106,94 +102,6 @@ class FinetuneConfig:
     precision: str = "auto"           # auto | fp32 | bf16 | fp16 (fp32 on the CPU unless asked)
     table: bool = True                # print the results table at the end
     quiet: bool = False
-
-
-# ------------------------------------------------------------------------------------------- metrics
-def _both_classes(y: np.ndarray) -> bool:
-    return 0 < y.sum() < len(y)
-
-
-def auroc(y: np.ndarray, p: np.ndarray) -> float:
-    """Area under the ROC curve = Mann-Whitney U / (P·N) with average ranks for tied scores; nan if one class."""
-    y = np.asarray(y, dtype=bool)
-    if not _both_classes(y):
-        return math.nan
-    _, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
-    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0           # 1-based mean rank of each distinct score
-    n_pos = int(y.sum())
-    u = avg_rank[inverse][y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * (len(y) - n_pos)))
-
-
-def _pr_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(recall, precision) at each distinct score taken as threshold, highest score first."""
-    order = np.argsort(-np.asarray(p), kind="stable")
-    y, p = np.asarray(y, dtype=float)[order], np.asarray(p)[order]
-    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]         # last example of each distinct score
-    tp = np.cumsum(y)[last]
-    return tp / tp[-1], tp / (last + 1)
-
-
-def auprc(y: np.ndarray, p: np.ndarray) -> float:
-    """Average precision, step-wise: Σ_k (R_k − R_{k−1}) P_k over distinct thresholds (sklearn's AP)."""
-    if not _both_classes(np.asarray(y)):
-        return math.nan
-    recall, precision = _pr_points(y, p)
-    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
-
-
-def auprc_trapezoid(y: np.ndarray, p: np.ndarray) -> float:
-    """Trapezoidal area under the PR curve from (0, 1): the paper's `auc(recall, precision)` (official code)."""
-    if not _both_classes(np.asarray(y)):
-        return math.nan
-    recall, precision = _pr_points(y, p)
-    return float(np.trapezoid(np.r_[1.0, precision], np.r_[0.0, recall]))
-
-
-def _confusion(y, p, threshold: float = 0.5) -> tuple[int, int, int, int]:
-    y, pred = np.asarray(y, dtype=bool), np.asarray(p) >= threshold
-    return int((y & pred).sum()), int((~y & pred).sum()), int((y & ~pred).sum()), int((~y & ~pred).sum())
-
-
-def f1(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> float:
-    """F1 of the positive class at `threshold`; 0 when there is no positive at all (sklearn's default)."""
-    tp, fp, fn, _ = _confusion(y, p, threshold)
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-
-
-def kappa(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> float:
-    """Cohen's κ = (p_o − p_e) / (1 − p_e) between labels and predictions at `threshold`; nan if p_e = 1."""
-    tp, fp, fn, tn = _confusion(y, p, threshold)
-    n = tp + fp + fn + tn
-    p_o = (tp + tn) / n
-    p_e = ((tp + fn) * (tp + fp) + (tn + fp) * (tn + fn)) / n ** 2
-    return (p_o - p_e) / (1 - p_e) if p_e < 1 else math.nan
-
-
-METRIC_FUNCTIONS = {"auroc": auroc, "auprc": auprc, "auprc_trapezoid": auprc_trapezoid, "f1": f1, "kappa": kappa}
-
-
-def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict:
-    """Every metric of METRICS for labels y (n,) in {0, 1} and probabilities p (n,)."""
-    return {name: METRIC_FUNCTIONS[name](y, p) for name in METRICS}
-
-
-def bootstrap_ci(y, p, metric, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile CI of `metric(y, p)` over `n` resamples of the examples (with replacement); deterministic
-    per seed. p may be (seeds, N): each resample then scores the mean of the metric over the rows, so the
-    CI belongs to the reported mean over seeds. Single-class resamples are left out."""
-    y, p = np.asarray(y), np.atleast_2d(np.asarray(p))
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        if _both_classes(y[idx]):
-            values.append(np.mean([metric(y[idx], row[idx]) for row in p]))
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)
 
 
 # ---------------------------------------------------------------------------------------- datasets
@@ -367,28 +275,7 @@ def run_init(task: str, init: str, sets: dict, cfg: FinetuneConfig, ckpts: Check
     return result, probs
 
 
-# ----------------------------------------------------------------------------------------- outputs
-def _replace_rows(path: Path, columns: list, rows: list[dict], key: tuple) -> None:
-    """Rewrite the CSV at `path` with `rows`, dropping earlier rows with the same `key` values; atomic."""
-    old = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-    new_keys = {tuple(str(r[k]) for k in key) for r in rows}
-    kept = [r for r in old if tuple(r.get(k, "") for k in key) not in new_keys]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(kept + rows)
-    os.replace(tmp, path)
-
-
-RESULT_COLUMNS = ["task", "level", "init", "model", "seeds", "n_train", "n_val", "n_test", "prevalence",
-                  *[f"{m}{s}" for m in METRICS for s in ("", "_sd", "_lo", "_hi")], "skipped", "data", "updated"]
-PREDICTION_COLUMNS = ["subject_id", "hadm_id", "stay_id", "split", "seed", "init", "model", "label", "probability"]
-
-
+# ------------------------------------------------------------------------------------------ outputs
 def _ids(task: str, data: Processed, examples: dict) -> dict:
     """subject/hadm/stay id columns of the test examples ('' where the level has none)."""
     level, rows, n = TASKS[task].level, examples["row"], len(examples["label"])
@@ -398,120 +285,6 @@ def _ids(task: str, data: Processed, examples: dict) -> dict:
     elif level == "admission":
         ids["hadm_id"] = data.admissions["hadm_id"].numpy()[rows]
     return ids
-
-
-def write_task(task: str, report: dict, probs: dict, examples: dict, data: Processed, cfg: FinetuneConfig) -> None:
-    """RUN/eval/<task>.json (merged by init/model), <task>_predictions.csv and the task's results.csv rows."""
-    out = Path(cfg.run) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    _replace_rows(Path(cfg.run) / "results.csv", RESULT_COLUMNS, _result_rows(task, report, cfg),
-                  ("task", "init", "model"))
-    path = out / f"{task}.json"
-    merged = json.loads(path.read_text()) if path.is_file() else {}
-    report = {**report, "results": {**merged.get("results", {}), **report["results"]}}
-    path.with_name(path.name + ".tmp").write_text(json.dumps(report, indent=1))
-    os.replace(path.with_name(path.name + ".tmp"), path)
-    ids, y, model = _ids(task, data, examples["test"]), examples["test"]["label"], report["model"]
-    rows = [{"subject_id": int(ids["subject_id"][j]), "hadm_id": ids["hadm_id"][j], "stay_id": ids["stay_id"][j],
-             "split": "test", "seed": cfg.seed + i, "init": init, "model": model, "label": int(y[j]),
-             "probability": f"{p[i, j]:.6g}"}
-            for init, p in probs.items() for i in range(len(p)) for j in range(len(y))]
-    _replace_rows(out / f"{task}_predictions.csv", PREDICTION_COLUMNS, rows, ("init", "model"))
-    plot_curves(task, probs, np.asarray(y), out / f"{task}_curves.png")
-
-
-def plot_curves(task: str, probs: dict, y: np.ndarray, path: Path) -> bool:
-    """ROC and PR curves of the test split, one line per init (probabilities averaged over seeds), as a PNG;
-    only when matplotlib is installed (it is optional, never required). Returns whether a file was written."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    if not probs or not _both_classes(np.asarray(y)):
-        return False
-    fig, (roc, pr) = plt.subplots(1, 2, figsize=(9, 4))
-    for init, p in probs.items():
-        p = np.asarray(p).mean(axis=0)                                     # (n,) mean over seeds
-        order = np.argsort(-p, kind="stable")
-        last = np.r_[np.flatnonzero(np.diff(p[order])), len(p) - 1]      # one point per distinct score
-        tp, fp = np.cumsum(y[order])[last], np.cumsum(1 - y[order])[last]
-        roc.plot(np.r_[0, fp / fp[-1]], np.r_[0, tp / tp[-1]], label=f"{init} (AUROC {auroc(y, p):.3f})")
-        recall, precision = _pr_points(y, p)
-        pr.step(recall, precision, where="post", label=f"{init} (AUPRC {auprc(y, p):.3f})")
-    roc.plot([0, 1], [0, 1], ":", color="grey")
-    pr.axhline(float(np.mean(y)), linestyle=":", color="grey")
-    roc.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{task}: ROC (test)")
-    pr.set(xlabel="recall", ylabel="precision", title=f"{task}: precision-recall (test)")
-    roc.legend(loc="lower right")
-    pr.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def _result_rows(task: str, report: dict, cfg: FinetuneConfig) -> list[dict]:
-    """results.csv rows of this run's inits: means, sds and CI bounds, or the reason a run was skipped."""
-    stats, rows = report["splits"], []
-    for res in report["results"].values():
-        row = {"task": task, "level": report["level"], "init": res["init"], "model": report["model"],
-               "seeds": cfg.seeds, **{f"n_{s}": stats[s]["n"] for s in SPLITS},
-               "prevalence": round(stats["test"]["prevalence"], 4), "skipped": res.get("skipped", ""),
-               "data": str(cfg.data), "updated": time.strftime("%Y-%m-%d %H:%M")}
-        for m in METRICS if "mean" in res else ():
-            lo, hi = res["ci"][m]
-            row.update({m: f"{res['mean'][m]:.4f}", f"{m}_sd": f"{res['sd'][m]:.4f}",
-                        f"{m}_lo": f"{lo:.4f}", f"{m}_hi": f"{hi:.4f}"})
-        rows.append(row)
-    return rows
-
-
-def results_table(reports: dict) -> tuple[list, list[list[str]]]:
-    """Header and rows (strings): task, level, n test (prevalence), then AUROC and AUPRC per init as
-    'mean ±sd [lo, hi]', and Δ AUROC = pretrained − none where both ran."""
-    inits = list(dict.fromkeys(i for r in reports.values() for i in (v["init"] for v in r["results"].values())))
-    header = ["task", "level", "n test (prev)"] + [f"{m} {i}" for i in inits for m in ("AUROC", "AUPRC")]
-    header += ["Δ AUROC"] if "none" in inits and len(inits) > 1 else []
-    rows = []
-    for name, r in reports.items():
-        t = r["splits"]["test"]
-        row = [name, r["level"], f"{t['n']} ({t['prevalence']:.2f})"]
-        by_init = {v["init"]: v for v in r["results"].values()}
-        for i in inits:
-            v = by_init.get(i, {"skipped": "not run"})
-            row += ([f"{v['mean'][m]:.3f} ±{v['sd'][m]:.3f} [{v['ci'][m][0]:.2f}, {v['ci'][m][1]:.2f}]"
-                     for m in ("auroc", "auprc")] if "mean" in v else ["skipped", ""])
-        if len(header) > len(row):
-            pre, none = by_init.get(inits[0], {}), by_init.get("none", {})
-            row.append(f"{pre['mean']['auroc'] - none['mean']['auroc']:+.3f}" if "mean" in pre and "mean" in none
-                       else "")
-        rows.append(row)
-    return header, rows
-
-
-def print_table(header: list, rows: list, rep: Reporter, title: str) -> None:
-    """A rich table on a terminal, aligned plain text otherwise (logs, CI, pipes)."""
-    if rep.quiet:
-        return
-    if rep.live:
-        table = Table(*header, title=title)
-        for row in rows:
-            table.add_row(*row)
-        rep.console.print(table)
-        return
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    rep.log(title)
-    for row in [header, *rows]:
-        rep.log("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
-
-
-def skipped_lines(reports: dict) -> list[str]:
-    """One line per skipped (task, reason), for under the table."""
-    reasons = dict.fromkeys((t, v["skipped"]) for t, r in reports.items() for v in r["results"].values()
-                            if "skipped" in v)
-    return [f"{t}: skipped, {why}" for t, why in reasons]
 
 
 # ------------------------------------------------------------------------------------------- entry
@@ -535,7 +308,7 @@ def evaluate_task(task: str, cfg: FinetuneConfig, data: Processed, ckpts: Checkp
             rep.log(f"{task} init={init}: skipped ({reason})")
             continue
         report["results"][f"{init}/{model}"], probs[init] = run_init(task, init, sets, cfg, ckpts, device, amp, rep)
-    write_task(task, report, probs, examples, data, cfg)
+    write_task(task, report, probs, _ids(task, data, examples["test"]), examples["test"]["label"])
     return report
 
 

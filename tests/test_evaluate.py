@@ -19,10 +19,11 @@ from sklearn.metrics import (auc, average_precision_score, cohen_kappa_score, f1
 
 import data
 import evaluate
+import results
 import synthetic
 import train
-from evaluate import (Checkpoints, FinetuneConfig, auprc, auprc_trapezoid, auroc, binary_metrics, bootstrap_ci,
-                      build_model, f1, kappa)
+from evaluate import Checkpoints, FinetuneConfig, build_model
+from metrics import auprc, auprc_trapezoid, auroc, binary_metrics, bootstrap_ci, f1, kappa
 from medhmp import cli
 
 D = 32               # model width of the fine-tuning tests
@@ -242,9 +243,9 @@ def test_roc_pr_curves_png_when_matplotlib_is_installed(tmp_path):
     y = np.array([0, 0, 1, 1, 0, 1, 0, 0], dtype=float)
     probs = {"admission": np.array([[0.1, 0.3, 0.8, 0.6, 0.2, 0.9, 0.4, 0.1]] * 2),
              "none": np.array([[0.5, 0.4, 0.6, 0.5, 0.3, 0.7, 0.6, 0.2]])}
-    assert evaluate.plot_curves("mortality", probs, y, tmp_path / "curves.png")
+    assert results.plot_curves("mortality", probs, y, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not evaluate.plot_curves("mortality", probs, np.zeros(8), tmp_path / "none.png")   # one class
+    assert not results.plot_curves("mortality", probs, np.zeros(8), tmp_path / "none.png")   # one class
 
 
 def test_label_fraction_keeps_a_fixed_share_of_training_examples(processed_cohort):

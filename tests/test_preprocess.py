@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import cohorts
 import data
 from conftest import MIMIC3_DEMO, NOTES, T0, hours_after
 from medhmp import cli
@@ -57,7 +58,7 @@ def test_splits_are_disjoint_by_patient_and_cover_everyone(demo_out):
     sets = [set(splits[n]) for n in ("train", "val", "test")]
     assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
     assert len(sets[0] | sets[1] | sets[2]) == 100
-    again = data.assign_splits(np.array(sorted(sets[0] | sets[1] | sets[2])), splits["seed"], splits["fractions"])
+    again = cohorts.assign_splits(np.array(sorted(sets[0] | sets[1] | sets[2])), splits["seed"], splits["fractions"])
     assert (again == 0).sum() == len(sets[0])
 
 

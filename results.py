@@ -1,0 +1,160 @@
+"""Results: the files and tables of an evaluation run, from the reports that evaluate.py builds.
+
+Usage: `write_task(task, report, probs, ids, y)` writes RUN/eval/<task>.json, RUN/eval/<task>_predictions.csv,
+the task's rows of RUN/results.csv and (with matplotlib) RUN/eval/<task>_curves.png; `results_table(reports)`
+and `print_table(...)` show them. Rows and entries of an earlier run with the same key are replaced.
+A module of its own (DESIGN §1) so that evaluate.py stays the fine-tuning protocol; it needs no torch.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from metrics import METRICS, auprc, auroc, both_classes, pr_points
+from progress import Reporter
+
+SPLITS = ("train", "val", "test")
+
+
+def _replace_rows(path: Path, columns: list, rows: list[dict], key: tuple) -> None:
+    """Rewrite the CSV at `path` with `rows`, dropping earlier rows with the same `key` values; atomic."""
+    old = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+    new_keys = {tuple(str(r[k]) for k in key) for r in rows}
+    kept = [r for r in old if tuple(r.get(k, "") for k in key) not in new_keys]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(kept + rows)
+    os.replace(tmp, path)
+
+
+RESULT_COLUMNS = ["task", "level", "init", "model", "seeds", "n_train", "n_val", "n_test", "prevalence",
+                  *[f"{m}{s}" for m in METRICS for s in ("", "_sd", "_lo", "_hi")], "skipped", "data", "updated"]
+PREDICTION_COLUMNS = ["subject_id", "hadm_id", "stay_id", "split", "seed", "init", "model", "label", "probability"]
+
+
+def write_task(task: str, report: dict, probs: dict, ids: dict, y: np.ndarray) -> None:
+    """RUN/eval/<task>.json (merged by init/model), <task>_predictions.csv and the task's results.csv rows.
+    `report` is evaluate.evaluate_task's (its "config" gives RUN, the data folder and the seeds), `probs` maps
+    init -> test probabilities (seeds, n), `ids` the subject/hadm/stay id columns (n,) and `y` the labels (n,)."""
+    cfg = report["config"]
+    out = Path(cfg["run"]) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    _replace_rows(Path(cfg["run"]) / "results.csv", RESULT_COLUMNS, _result_rows(task, report),
+                  ("task", "init", "model"))
+    path = out / f"{task}.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    report = {**report, "results": {**merged.get("results", {}), **report["results"]}}
+    path.with_name(path.name + ".tmp").write_text(json.dumps(report, indent=1))
+    os.replace(path.with_name(path.name + ".tmp"), path)
+    model = report["model"]
+    rows = [{"subject_id": int(ids["subject_id"][j]), "hadm_id": ids["hadm_id"][j], "stay_id": ids["stay_id"][j],
+             "split": "test", "seed": cfg["seed"] + i, "init": init, "model": model, "label": int(y[j]),
+             "probability": f"{p[i, j]:.6g}"}
+            for init, p in probs.items() for i in range(len(p)) for j in range(len(y))]
+    _replace_rows(out / f"{task}_predictions.csv", PREDICTION_COLUMNS, rows, ("init", "model"))
+    plot_curves(task, probs, np.asarray(y), out / f"{task}_curves.png")
+
+
+def plot_curves(task: str, probs: dict, y: np.ndarray, path: Path) -> bool:
+    """ROC and PR curves of the test split, one line per init (probabilities averaged over seeds), as a PNG;
+    only when matplotlib is installed (it is optional, never required). Returns whether a file was written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not probs or not both_classes(np.asarray(y)):
+        return False
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(9, 4))
+    for init, p in probs.items():
+        p = np.asarray(p).mean(axis=0)                                     # (n,) mean over seeds
+        order = np.argsort(-p, kind="stable")
+        last = np.r_[np.flatnonzero(np.diff(p[order])), len(p) - 1]      # one point per distinct score
+        tp, fp = np.cumsum(y[order])[last], np.cumsum(1 - y[order])[last]
+        roc.plot(np.r_[0, fp / fp[-1]], np.r_[0, tp / tp[-1]], label=f"{init} (AUROC {auroc(y, p):.3f})")
+        recall, precision = pr_points(y, p)
+        pr.step(recall, precision, where="post", label=f"{init} (AUPRC {auprc(y, p):.3f})")
+    roc.plot([0, 1], [0, 1], ":", color="grey")
+    pr.axhline(float(np.mean(y)), linestyle=":", color="grey")
+    roc.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{task}: ROC (test)")
+    pr.set(xlabel="recall", ylabel="precision", title=f"{task}: precision-recall (test)")
+    roc.legend(loc="lower right")
+    pr.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _result_rows(task: str, report: dict) -> list[dict]:
+    """results.csv rows of this run's inits: means, sds and CI bounds, or the reason a run was skipped."""
+    stats, cfg, rows = report["splits"], report["config"], []
+    for res in report["results"].values():
+        row = {"task": task, "level": report["level"], "init": res["init"], "model": report["model"],
+               "seeds": cfg["seeds"], **{f"n_{s}": stats[s]["n"] for s in SPLITS},
+               "prevalence": round(stats["test"]["prevalence"], 4), "skipped": res.get("skipped", ""),
+               "data": cfg["data"], "updated": time.strftime("%Y-%m-%d %H:%M")}
+        for m in METRICS if "mean" in res else ():
+            lo, hi = res["ci"][m]
+            row.update({m: f"{res['mean'][m]:.4f}", f"{m}_sd": f"{res['sd'][m]:.4f}",
+                        f"{m}_lo": f"{lo:.4f}", f"{m}_hi": f"{hi:.4f}"})
+        rows.append(row)
+    return rows
+
+
+def results_table(reports: dict) -> tuple[list, list[list[str]]]:
+    """Header and rows (strings): task, level, n test (prevalence), then AUROC and AUPRC per init as
+    'mean ±sd [lo, hi]', and Δ AUROC = pretrained − none where both ran."""
+    inits = list(dict.fromkeys(i for r in reports.values() for i in (v["init"] for v in r["results"].values())))
+    header = ["task", "level", "n test (prev)"] + [f"{m} {i}" for i in inits for m in ("AUROC", "AUPRC")]
+    header += ["Δ AUROC"] if "none" in inits and len(inits) > 1 else []
+    rows = []
+    for name, r in reports.items():
+        t = r["splits"]["test"]
+        row = [name, r["level"], f"{t['n']} ({t['prevalence']:.2f})"]
+        by_init = {v["init"]: v for v in r["results"].values()}
+        for i in inits:
+            v = by_init.get(i, {"skipped": "not run"})
+            row += ([f"{v['mean'][m]:.3f} ±{v['sd'][m]:.3f} [{v['ci'][m][0]:.2f}, {v['ci'][m][1]:.2f}]"
+                     for m in ("auroc", "auprc")] if "mean" in v else ["skipped", ""])
+        if len(header) > len(row):
+            pre, none = by_init.get(inits[0], {}), by_init.get("none", {})
+            row.append(f"{pre['mean']['auroc'] - none['mean']['auroc']:+.3f}" if "mean" in pre and "mean" in none
+                       else "")
+        rows.append(row)
+    return header, rows
+
+
+def print_table(header: list, rows: list, rep: Reporter, title: str) -> None:
+    """A rich table on a terminal, aligned plain text otherwise (logs, CI, pipes)."""
+    if rep.quiet:
+        return
+    if rep.live:
+        table = Table(*header, title=title)
+        for row in rows:
+            table.add_row(*row)
+        rep.console.print(table)
+        return
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    rep.log(title)
+    for row in [header, *rows]:
+        rep.log("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def skipped_lines(reports: dict) -> list[str]:
+    """One line per skipped (task, reason), for under the table."""
+    reasons = dict.fromkeys((t, v["skipped"]) for t, r in reports.items() for v in r["results"].values()
+                            if "skipped" in v)
+    return [f"{t}: skipped, {why}" for t, why in reasons]
