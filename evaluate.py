@@ -28,9 +28,9 @@ from torch import nn
 from data import (AdmissionDataset, InputError, PatientDataset, Processed, Reporter, StayDataset, load_processed,
                   make_loader)
 from metrics import METRIC_FUNCTIONS, METRICS, binary_metrics, bootstrap_ci
-from models import (SEQUENCE_MODELS, AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, SequenceClassifier,
-                    StayEncoder, load_encoder)
+from models import AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, StayEncoder, load_encoder
 from results import SPLITS, print_table, results_table, skipped_lines, write_task
+from sequence import SEQUENCE_MODELS, SequenceClassifier
 from train import NonFiniteLoss, load_checkpoint, resolve_device, resolve_dtype, to_device
 
 
@@ -70,7 +70,7 @@ class FinetuneConfig:
     run: Path = Path("runs/default")  # reads the checkpoints here, writes eval/ and results.csv here
     init: str = "admission"           # admission (MedHMP a+s) | stay (MedHMP s) | none (random weights)
     compare_none: bool = True         # also run init=none (same architecture) beside a pretrained init
-    model: str = "lstm"               # patient-level sequence model (models.SEQUENCE_MODELS)
+    model: str = "lstm"               # patient-level sequence model (sequence.SEQUENCE_MODELS)
     seeds: int = 5                    # paper App. B: mean of 5 runs
     seed: int = 0                     # run i uses seed + i (weights, dropout, batch order)
     epochs: int = 30                  # paper App. B: at most 30 epochs

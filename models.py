@@ -3,7 +3,8 @@
 Usage: `cfg = ModelConfig.from_meta(meta)`, then e.g. `StayPretrainer(StayEncoder(cfg), cfg)(batch)["loss"]`,
 `AdmissionPretrainer(AdmissionEncoder(cfg), cfg)(batch)`, `Classifier(encoder)(batch)` → logits.
 Reads and writes nothing: pure torch modules and functions. Batches are the `dict[str, Tensor]` of
-docs/data-format.md, already on the module's device. Imports no project module.
+docs/data-format.md, already on the module's device. Imports no project module. The patient-level
+sequence models (LSTM, RETAIN, Dipole, AdaCare, HiTANet) that build on CodeEncoder are in sequence.py.
 
 Shape legend:
     B  batch                         T  hours (seq_len, 48)          F  time-series features (n_features)
@@ -371,72 +372,6 @@ class Classifier(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         logits = self.head(self.drop(self.encoder(batch)))  # (B, n_out)
         return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
-
-
-class LSTMSequence(nn.Module):
-    """LSTM over visits; the patient vector is the hidden state at the last real visit."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        # official health_risk_prediction.py: num_layers 2, dropout between layers
-        self.rnn = nn.LSTM(cfg.d_model, cfg.d_model, num_layers=2, batch_first=True, dropout=cfg.dropout)
-
-    def forward(self, x: torch.Tensor, visit_mask: torch.Tensor, visit_time: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rnn(x)  # (B, L, D); causal, so right-padding cannot reach the real visits
-        last = (visit_mask.sum(dim=1) - 1).clamp(min=0)  # (B,) index of the last real visit (left-aligned)
-        # fidelity: the official LSTM_encoder max-pools the valid outputs; we take the last hidden state
-        return out[torch.arange(len(out), device=out.device), last]  # (B, D)
-
-
-class Retain(nn.Module):
-    """RETAIN (Choi et al. 2016): reverse-time GRUs give visit attention α and variable attention β;
-    the patient vector is c = Σ_j α_j β_j ⊙ v_j over the real visits."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        D = cfg.d_model
-        self.alpha_rnn = nn.GRU(D, D, batch_first=True)
-        self.beta_rnn = nn.GRU(D, D, batch_first=True)
-        self.alpha = nn.Linear(D, 1)  # e_j = w_α·g_j + b_α
-        self.beta = nn.Linear(D, D)  # β_j = tanh(W_β h_j + b_β)
-
-    def forward(self, x: torch.Tensor, visit_mask: torch.Tensor, visit_time: torch.Tensor) -> torch.Tensor:
-        L = x.shape[1]
-        n = visit_mask.sum(dim=1, keepdim=True)  # (B, 1) real visits
-        # reverse each patient's real visits (newest first) and keep them left-aligned; the padding slots
-        # repeat visit 0 and are masked below. fidelity: the official Retain runs its GRUs forward in time.
-        rev = (n - 1 - torch.arange(L, device=x.device)).clamp(min=0)  # (B, L)
-        v = x.gather(1, rev[..., None].expand_as(x))  # (B, L, D)
-        e = self.alpha(self.alpha_rnn(v)[0]).squeeze(-1)  # (B, L)
-        alpha = torch.softmax(e.masked_fill(~visit_mask, torch.finfo(e.dtype).min), dim=1)  # (B, L)
-        beta = torch.tanh(self.beta(self.beta_rnn(v)[0]))  # (B, L, D)
-        return (alpha[..., None] * beta * v).sum(dim=1)  # (B, D)
-
-
-# one class per model: __init__(cfg), forward(x (B, L, D), visit_mask (B, L), visit_time (B, L)) → (B, D).
-# Dipole, AdaCare and HiTANet slot in here as one class each.
-SEQUENCE_MODELS = {"lstm": LSTMSequence, "retain": Retain}
-
-
-class SequenceClassifier(nn.Module):
-    """Patient-level risk model: CodeEncoder per visit → a SEQUENCE_MODELS model → Linear → logits (B,).
-
-    `code_encoder` is the admission encoder's ICD MLP (pretrained, `--init admission`) or a fresh one.
-    """
-
-    def __init__(self, code_encoder: CodeEncoder, kind: str, cfg: ModelConfig, dropout: float | None = None):
-        super().__init__()
-        if kind not in SEQUENCE_MODELS:
-            raise ValueError(f"unknown sequence model {kind!r}; choose from {sorted(SEQUENCE_MODELS)}")
-        self.code_encoder = code_encoder
-        self.drop = nn.Dropout(cfg.dropout if dropout is None else dropout)
-        self.model = SEQUENCE_MODELS[kind](cfg)
-        self.head = nn.Linear(cfg.d_model, 1)
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        x = self.drop(self.code_encoder(batch["icd"]))  # (B, L, V_icd) → (B, L, D)
-        z = self.model(x, batch["visit_mask"], batch["visit_time"])  # (B, D)
-        return self.head(self.drop(z)).squeeze(-1)  # (B,)
 
 
 # ------------------------------------------------------------------------------------------ helpers

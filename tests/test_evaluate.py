@@ -256,3 +256,16 @@ def test_label_fraction_keeps_a_fixed_share_of_training_examples(processed_cohor
     assert 0.15 * len(full["train"]) < len(part["train"]) < 0.45 * len(full["train"])
     assert torch.equal(part["train"].rows, again["train"].rows)                # deterministic per seed
     assert len(part["val"]) == len(full["val"]) and len(part["test"]) == len(full["test"])
+
+
+def test_every_patient_model_learns_hf_and_keeps_its_own_row(cohort, run, tmp_path):
+    """Each sequence model (paper Table 4: LSTM, RETAIN, Dipole, AdaCare, HiTANet), from scratch, seed 0,
+    20 epochs: test AUROC >= AUROC_FLOOR on hf; results.csv then holds one row per model."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    for model in evaluate.PATIENT_MODELS:
+        report = evaluate.evaluate(cfg_for(cohort.root, out, task="hf", init="none", model=model, epochs=20))["hf"]
+        result = report["results"][f"none/{model}"]
+        assert result["mean"]["auroc"] >= AUROC_FLOOR, (model, result["mean"])
+    rows = read_csv(out / "results.csv")
+    assert sorted(r["model"] for r in rows) == sorted(evaluate.PATIENT_MODELS)

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import models
+import sequence
 from models import (AdmissionEncoder, AdmissionPretrainer, Classifier, CodeEncoder, Fusion, ModelConfig,
-                    NoteEncoder, SequenceClassifier, StaticEncoder, StayEncoder, StayPretrainer,
+                    NoteEncoder, StaticEncoder, StayEncoder, StayPretrainer,
                     TimeSeriesEncoder, count_parameters, densify, info_nce, load_encoder, masked_code_loss,
                     random_code_mask, reconstruction_loss)
+from sequence import SequenceClassifier
 
 META = {"seq_len": 6, "n_features": 11, "n_static": 5, "n_icd": 13, "n_drug": 7, "note_dim": 8, "format_version": 1}
 T, F, S, V_ICD, V_DRUG, E, D = 6, 11, 5, 13, 7, 8, 16
@@ -343,7 +345,7 @@ def test_classifiers_and_pretrained_transfer(cfg):
         SequenceClassifier(CodeEncoder(V_ICD, D), "nope", cfg)
 
 
-@pytest.mark.parametrize("kind", sorted(models.SEQUENCE_MODELS))
+@pytest.mark.parametrize("kind", sorted(sequence.SEQUENCE_MODELS))
 def test_sequence_classifier_respects_visit_mask(cfg, kind):
     model = SequenceClassifier(CodeEncoder(V_ICD, D), kind, cfg).eval()
     batch = patient_batch()
@@ -424,3 +426,47 @@ def test_sequence_models_match_per_patient_reference(cfg):
             beta = torch.tanh(m.beta(m.beta_rnn(v)[0]))  # (1, n, D)
             c = (alpha * beta * v).sum(1)[0]
             assert torch.allclose(retain(batch)[i], retain.head(c), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(sequence.SEQUENCE_MODELS))
+def test_sequence_models_score_each_patient_alone(cfg, kind):
+    """A patient's logit in a padded batch equals its logit alone with no padding: no model reads across
+    patients or into the padding, whatever its mechanism (convolutions, attention, recurrences)."""
+    torch.manual_seed(0)
+    model = SequenceClassifier(CodeEncoder(V_ICD, D), kind, cfg).eval()
+    lengths = (3, 1, 4, 2)
+    batch = patient_batch(lengths=lengths, L=6)
+    with torch.no_grad():
+        out = model(batch)  # (4,)
+        for i, n in enumerate(lengths):
+            alone = {k: v[i:i + 1, :n] for k, v in batch.items()}
+            assert torch.allclose(out[i], model(alone)[0], atol=1e-5), (kind, i)
+
+
+@pytest.mark.parametrize("kind", ["dipole", "hitanet"])
+def test_time_and_history_reach_the_attention_models(cfg, kind):
+    """HiTANet reads the time to prediction; Dipole's context reads the visits before the last."""
+    torch.manual_seed(0)
+    model = SequenceClassifier(CodeEncoder(V_ICD, D), kind, cfg).eval()
+    batch = patient_batch(lengths=(3, 4), L=4)
+    later = dict(batch, visit_time=batch["visit_time"] + 365.0)
+    first = dict(batch, icd=batch["icd"].clone())
+    first["icd"][:, 0] = 1 - first["icd"][:, 0]
+    with torch.no_grad():
+        out = model(batch)
+        assert not torch.allclose(out, model(first), atol=1e-6)
+        moved = model(later)
+    assert (kind == "hitanet") == (not torch.allclose(out, moved, atol=1e-6))
+
+
+def test_dipole_matches_its_formula(cfg):
+    model = SequenceClassifier(CodeEncoder(V_ICD, D), "dipole", cfg).eval()
+    batch = patient_batch(lengths=(3, 1), L=3)
+    m = model.model
+    with torch.no_grad():
+        for i, n in enumerate((3, 1)):
+            h = m.rnn(model.code_encoder(batch["icd"][i, :n])[None])[0][0]  # (n, D)
+            alpha = torch.softmax(m.score(h[:-1]).squeeze(-1), dim=0) if n > 1 else torch.zeros(0)
+            c = (alpha[:, None] * h[:-1]).sum(0)  # (D,): zeros for a single visit
+            z = torch.tanh(m.combine(torch.cat([c, h[-1]])))
+            assert torch.allclose(model(batch)[i], model.head(z), atol=1e-5)

@@ -11,7 +11,8 @@ from conftest import REPO
 ALLOWED = {
     "medhmp": {"data", "synthetic", "train", "evaluate", "demo"},
     "demo": {"synthetic", "data", "train", "evaluate", "results"},
-    "evaluate": {"data", "models", "train", "metrics", "results"},
+    "evaluate": {"data", "models", "sequence", "train", "metrics", "results"},
+    "sequence": {"models"},
     "results": {"metrics", "progress"},
     "metrics": set(),
     "train": {"data", "models"},
