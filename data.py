@@ -78,7 +78,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     _write_folder(out, result, cache, rep)
     _print_attrition(meta, rep)
     for task, c in meta["tasks"].items():
-        rep.log(f"{task} ({c['level']}): " + ", ".join(f"{s} {c[s][0]} ({c[s][1]} positive)" for s in ("train", "val", "test")))
+        parts = [f"{s} {c[s][0]} ({c[s][1]} positive)" for s in ("train", "val", "test")]
+        rep.log(f"{task} ({c['level']}): " + ", ".join(parts))
     rep.log(f"wrote {out}: {meta['counts']}")
     return meta
 

@@ -73,7 +73,8 @@ def _ids(table: dict, column: str, src: Source, unique: bool = False) -> np.ndar
         dup = np.flatnonzero(np.diff(values[order]) == 0)
         if len(dup):
             i, j = order[dup[0]], order[dup[0] + 1]
-            raise InputError(f"{src.path}: row {table['__row__'][j]}, column '{src.names.get(column, column)}': duplicated id "
+            name = src.names.get(column, column)
+            raise InputError(f"{src.path}: row {table['__row__'][j]}, column '{name}': duplicated id "
                              f"{values[j]} (first at row {table['__row__'][i]})")
     return values
 

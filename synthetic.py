@@ -18,10 +18,11 @@ NOTEEVENTS discharge summaries have a date-only `chartdate` and no `charttime`; 
 of admissions are coded in ICD-10 only, never a task case's admissions up to its first diagnosis.
 
 It is its own module so that data.py stays a readable reader: the generator is as long as the reader and
-shares nothing with it but the progress `Reporter` and `InputError` (it imports neither torch nor data). Patients are generated and written in chunks, so memory
-is bounded by a chunk, not by the extract (a MIMIC-III-sized extract is fine). The same config gives
-byte-identical files (numpy `default_rng` per chunk, gzip `mtime=0`). Output goes to `OUT.tmp-PID` and is
-renamed to OUT when complete, replacing an existing OUT, so a folder that exists is always whole.
+shares nothing with it but the progress `Reporter` and `InputError` (it imports neither torch nor data).
+Patients are generated and written in chunks, so memory is bounded by a chunk, not by the extract (a
+MIMIC-III-sized extract is fine). The same config gives byte-identical files (numpy `default_rng` per chunk,
+gzip `mtime=0`). Output goes to `OUT.tmp-PID` and is renamed to OUT when complete, replacing an existing OUT,
+so a folder that exists is always whole.
 """
 from __future__ import annotations
 
