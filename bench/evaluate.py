@@ -5,8 +5,8 @@ Usage: python bench/evaluate.py [--patients 400] [--d-model 256] [--batch-size 1
 Writes (once, then reuses) a synthetic MIMIC-III extract and its processed folder under OUT, then per level
 fine-tunes one task from scratch with evaluate.finetune (SGD steps plus the per-epoch validation pass, as in
 `medhmp.py evaluate`; one untimed warm-up epoch first) and scores its test split with evaluate.predict.
-Prints, per level: task, examples, parameters, fine-tuning samples/s (training examples per second, the
-validation pass included in the time) and prediction samples/s. `--threads 1` is the default because two
+Prints, per level (and per sequence model at patient level): task, examples, parameters, fine-tuning
+samples/s (training examples per second, the validation pass included in the time) and prediction samples/s. `--threads 1` is the default because two
 threads on a busy 2-core machine were 10-50x slower for these small LSTMs; pass 0 for torch's default.
 """
 import argparse
@@ -42,10 +42,10 @@ def cohort(args) -> Path:
     return processed
 
 
-def bench_level(level: str, processed: Path, d: data.Processed, args, device, amp) -> dict:
+def bench_level(level: str, processed: Path, d: data.Processed, args, device, amp, model_name: str = "lstm") -> dict:
     task = LEVEL_TASKS[level]
     cfg = evaluate.FinetuneConfig(task=task, data=processed, epochs=args.epochs, patience=args.epochs + 1,
-                                  batch_size=args.batch_size, device=str(device), quiet=True)
+                                  batch_size=args.batch_size, device=str(device), quiet=True, model=model_name)
     sets, _ = evaluate.task_datasets(task, d, cfg)
     mcfg = ModelConfig.from_meta(d.meta, d_model=args.d_model)
     torch.manual_seed(0)
@@ -59,7 +59,8 @@ def bench_level(level: str, processed: Path, d: data.Processed, args, device, am
     start = time.perf_counter()
     evaluate.predict(model, sets["test"], 4 * args.batch_size, device, amp)
     pred_s = time.perf_counter() - start
-    return {"level": level, "task": task, "train": n_train, "test": len(sets["test"]),
+    return {"level": level, "task": task, "model": model_name if level == "patient" else "medhmp",
+            "train": n_train, "test": len(sets["test"]),
             "parameters": sum(p.numel() for p in model.parameters()),
             "finetune_samples_per_s": n_train * args.epochs / fit_s,
             "predict_samples_per_s": len(sets["test"]) / pred_s}
@@ -83,10 +84,12 @@ def main():
     d = data.load_processed(processed)
     print(f"fine-tuning throughput: {args.patients} synthetic patients, d_model {args.d_model}, batch "
           f"{args.batch_size}, {args.epochs} epochs, device {device}, {torch.get_num_threads()} thread(s)")
-    print(f"{'level':<10} {'task':<12} {'train':>6} {'test':>5} {'params':>9} {'finetune/s':>11} {'predict/s':>10}")
-    for level in LEVEL_TASKS:
-        r = bench_level(level, processed, d, args, device, amp)
-        print(f"{r['level']:<10} {r['task']:<12} {r['train']:>6} {r['test']:>5} {r['parameters']:>9,} "
+    print(f"{'level':<10} {'task':<12} {'model':<8} {'train':>6} {'test':>5} {'params':>9} {'finetune/s':>11} "
+          f"{'predict/s':>10}")
+    runs = [("stay", "lstm"), ("admission", "lstm")] + [("patient", m) for m in evaluate.PATIENT_MODELS]
+    for level, model_name in runs:
+        r = bench_level(level, processed, d, args, device, amp, model_name)
+        print(f"{r['level']:<10} {r['task']:<12} {r['model']:<8} {r['train']:>6} {r['test']:>5} {r['parameters']:>9,} "
               f"{r['finetune_samples_per_s']:>11.0f} {r['predict_samples_per_s']:>10.0f}")
 
 
