@@ -31,13 +31,25 @@ def auroc(y: np.ndarray, p: np.ndarray) -> float:
     return float(u / (n_pos * (len(y) - n_pos)))
 
 
-def pr_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(recall, precision) at each distinct score taken as threshold, highest score first."""
+def _counts_at_thresholds(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, false positives) at each distinct score taken as threshold, highest score first."""
     order = np.argsort(-np.asarray(p), kind="stable")
     y, p = np.asarray(y, dtype=float)[order], np.asarray(p)[order]
     last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]         # last example of each distinct score
     tp = np.cumsum(y)[last]
-    return tp / tp[-1], tp / (last + 1)
+    return tp, (last + 1) - tp
+
+
+def pr_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) at each distinct score taken as threshold, highest score first."""
+    tp, fp = _counts_at_thresholds(y, p)
+    return tp / tp[-1], tp / (tp + fp)
+
+
+def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) from (0, 0) through each distinct score as threshold."""
+    tp, fp = _counts_at_thresholds(y, p)
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
 
 
 def auprc(y: np.ndarray, p: np.ndarray) -> float:

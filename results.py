@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from metrics import METRICS, auprc, auroc, both_classes, pr_points
+from metrics import METRICS, auprc, auroc, both_classes, pr_points, roc_points
 from progress import Reporter
 
 SPLITS = ("train", "val", "test")
@@ -80,10 +80,7 @@ def plot_curves(task: str, probs: dict, y: np.ndarray, path: Path) -> bool:
     fig, (roc, pr) = plt.subplots(1, 2, figsize=(9, 4))
     for init, p in probs.items():
         p = np.asarray(p).mean(axis=0)                                     # (n,) mean over seeds
-        order = np.argsort(-p, kind="stable")
-        last = np.r_[np.flatnonzero(np.diff(p[order])), len(p) - 1]      # one point per distinct score
-        tp, fp = np.cumsum(y[order])[last], np.cumsum(1 - y[order])[last]
-        roc.plot(np.r_[0, fp / fp[-1]], np.r_[0, tp / tp[-1]], label=f"{init} (AUROC {auroc(y, p):.3f})")
+        roc.plot(*roc_points(y, p), label=f"{init} (AUROC {auroc(y, p):.3f})")
         recall, precision = pr_points(y, p)
         pr.step(recall, precision, where="post", label=f"{init} (AUPRC {auprc(y, p):.3f})")
     roc.plot([0, 1], [0, 1], ":", color="grey")

@@ -23,6 +23,11 @@ def last_visit(visit_mask: torch.Tensor) -> torch.Tensor:
     return (visit_mask.sum(dim=1) - 1).clamp(min=0)
 
 
+def at_last_visit(h: torch.Tensor, visit_mask: torch.Tensor) -> torch.Tensor:
+    """h (B, L, D) at each patient's last real visit -> (B, D)."""
+    return h[torch.arange(len(h), device=h.device), last_visit(visit_mask)]
+
+
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over dim 1 of scores (B, L) restricted to mask (B, L); a row with no True is all zeros."""
     w = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=1)
@@ -39,9 +44,8 @@ class LSTMSequence(nn.Module):
 
     def forward(self, x: torch.Tensor, visit_mask: torch.Tensor, visit_time: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(x)  # (B, L, D); causal, so right-padding cannot reach the real visits
-        last = last_visit(visit_mask)  # (B,)
         # fidelity: the official LSTM_encoder max-pools the valid outputs; we take the last hidden state
-        return out[torch.arange(len(out), device=out.device), last]  # (B, D)
+        return at_last_visit(out, visit_mask)  # (B, D)
 
 
 class Retain(nn.Module):
@@ -58,13 +62,12 @@ class Retain(nn.Module):
 
     def forward(self, x: torch.Tensor, visit_mask: torch.Tensor, visit_time: torch.Tensor) -> torch.Tensor:
         L = x.shape[1]
-        n = visit_mask.sum(dim=1, keepdim=True)  # (B, 1) real visits
         # reverse each patient's real visits (newest first) and keep them left-aligned; the padding slots
         # repeat visit 0 and are masked below. fidelity: the official Retain runs its GRUs forward in time.
-        rev = (n - 1 - torch.arange(L, device=x.device)).clamp(min=0)  # (B, L)
+        rev = (last_visit(visit_mask)[:, None] - torch.arange(L, device=x.device)).clamp(min=0)  # (B, L)
         v = x.gather(1, rev[..., None].expand_as(x))  # (B, L, D)
         e = self.alpha(self.alpha_rnn(v)[0]).squeeze(-1)  # (B, L)
-        alpha = torch.softmax(e.masked_fill(~visit_mask, torch.finfo(e.dtype).min), dim=1)  # (B, L)
+        alpha = masked_softmax(e, visit_mask)  # (B, L)
         beta = torch.tanh(self.beta(self.beta_rnn(v)[0]))  # (B, L, D)
         return (alpha[..., None] * beta * v).sum(dim=1)  # (B, D)
 
@@ -85,9 +88,9 @@ class Dipole(nn.Module):
 
     def forward(self, x: torch.Tensor, visit_mask: torch.Tensor, visit_time: torch.Tensor) -> torch.Tensor:
         h, _ = self.rnn(x)  # (B, L, D)
-        last = last_visit(visit_mask)  # (B,)
-        h_t = h[torch.arange(len(h), device=h.device), last]  # (B, D)
-        before = visit_mask & (torch.arange(h.shape[1], device=h.device)[None, :] < last[:, None])  # (B, L)
+        h_t = at_last_visit(h, visit_mask)  # (B, D)
+        slot = torch.arange(h.shape[1], device=h.device)[None, :]  # (1, L)
+        before = visit_mask & (slot < last_visit(visit_mask)[:, None])  # (B, L) the real visits before the last
         alpha = masked_softmax(self.score(h).squeeze(-1), before)  # (B, L); zeros for a single visit
         c = (alpha[..., None] * h).sum(dim=1)  # (B, D)
         return torch.tanh(self.combine(torch.cat([c, h_t], dim=-1)))  # (B, D)
@@ -118,7 +121,7 @@ class AdaCare(nn.Module):
         conv = conv * torch.sigmoid(self.conv_gate(conv))  # (B, L, 3C) per-visit recalibration
         inp = x * torch.sigmoid(self.input_gate(x))  # (B, L, D)
         h, _ = self.rnn(torch.cat([conv, inp], dim=-1))  # (B, L, D)
-        return h[torch.arange(len(h), device=h.device), last_visit(visit_mask)]  # (B, D)
+        return at_last_visit(h, visit_mask)  # (B, D)
 
 
 class HiTANet(nn.Module):
@@ -148,7 +151,7 @@ class HiTANet(nn.Module):
         h = self.layer(x + tau, src_key_padding_mask=pad)  # (B, L, D)
         alpha = masked_softmax((self.query(tau) * self.key(h)).sum(-1) / math.sqrt(D), visit_mask)  # (B, L)
         beta = masked_softmax(self.self_score(h).squeeze(-1), visit_mask)  # (B, L)
-        theta = torch.sigmoid(self.gate(h[torch.arange(len(h), device=h.device), last_visit(visit_mask)]))  # (B, 1)
+        theta = torch.sigmoid(self.gate(at_last_visit(h, visit_mask)))  # (B, 1)
         return ((theta * alpha + (1 - theta) * beta)[..., None] * h).sum(dim=1)  # (B, D)
 
 
