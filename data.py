@@ -56,6 +56,12 @@ class PreprocessConfig:
     quiet: bool = False
 
 
+def config_record(cfg) -> dict:
+    """A config dataclass as a JSON-ready dict (paths as strings): what meta.json, checkpoints, run headers
+    and eval reports store as the resolved config."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+
+
 FORMAT_VERSION = 2                            # 2: stays stored as int16 features with per-hour counts
 
 
@@ -73,7 +79,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     meta = result["meta"]
     meta["tasks"] = task_counts(result["labels"], result["splits"])
     meta.update(format_version=FORMAT_VERSION, layout=layout, created=time.strftime("%Y-%m-%d %H:%M:%S"),
-                config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                config=config_record(cfg),
                 sources={k: s.describe() for k, s in sources.items()})
     _write_folder(out, result, cache, rep)
     _print_attrition(meta, rep)
@@ -179,8 +185,13 @@ class Processed:
         t = self.labels.get(task)
         if t is None:
             return {k: np.zeros(0) for k in ("row", "subject_id", "label", "cutoff")}
-        keep = self.split_of(t["subject_id"]) == split
-        return {k: (v[keep] if isinstance(v, np.ndarray) else v) for k, v in t.items()}
+        return select_rows(t, self.split_of(t["subject_id"]) == split)
+
+
+def select_rows(examples: dict, keep: np.ndarray) -> dict:
+    """The rows `keep` (a boolean mask or indices) of every array of an examples dict; other entries (the
+    task's "level") pass through."""
+    return {k: (v[keep] if isinstance(v, np.ndarray) else v) for k, v in examples.items()}
 
 
 def load_processed(root: Path) -> Processed:

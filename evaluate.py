@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import (AdmissionDataset, InputError, PatientDataset, Processed, Reporter, StayDataset, load_processed,
-                  make_loader)
+from data import (AdmissionDataset, InputError, PatientDataset, Processed, Reporter, StayDataset, config_record,
+                  load_processed, make_loader, select_rows)
 from metrics import METRIC_FUNCTIONS, METRICS, binary_metrics, bootstrap_ci
 from models import AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, StayEncoder, load_encoder
 from results import SPLITS, print_table, results_table, skipped_lines, write_task
 from sequence import SEQUENCE_MODELS, SequenceClassifier
-from train import NonFiniteLoss, load_checkpoint, resolve_device, resolve_dtype, to_device
+from train import NonFiniteLoss, load_checkpoint, optimizer_step, resolve_device, resolve_dtype, to_device
 
 
 @dataclass(frozen=True)
@@ -110,12 +110,10 @@ def task_datasets(task: str, data: Processed, cfg: FinetuneConfig) -> tuple[dict
     level = TASKS[task].level
     examples = {s: data.examples(task, s) for s in SPLITS}
     if level != "patient":  # a labelled stay or admission missing from the tensors cannot be scored
-        examples = {s: {k: (v[e["row"] >= 0] if isinstance(v, np.ndarray) else v) for k, v in e.items()}
-                    for s, e in examples.items()}
+        examples = {s: select_rows(e, e["row"] >= 0) for s, e in examples.items()}
     if cfg.label_fraction < 1.0:  # low-resource setting (paper Fig. 5): a fixed share of the training labels
-        train = examples["train"]
-        keep = np.random.default_rng(cfg.seed).random(len(train["label"])) < cfg.label_fraction
-        examples["train"] = {k: (v[keep] if isinstance(v, np.ndarray) else v) for k, v in train.items()}
+        keep = np.random.default_rng(cfg.seed).random(len(examples["train"]["label"])) < cfg.label_fraction
+        examples["train"] = select_rows(examples["train"], keep)
     sets = {}
     for s, e in examples.items():
         if level == "stay":
@@ -232,12 +230,7 @@ def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, devic
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"fine-tuning loss became {float(loss)} in epoch {epoch} (seed {seed}); "
                                     "lower --lr")
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(loss, model, opt, scaler, cfg.grad_clip)
         score = select(y_val, predict(model, sets["val"], 4 * cfg.batch_size, device, amp))
         if best_state is None or score > best:  # ties keep the earlier epoch
             best, best_epoch = score, epoch
@@ -296,11 +289,11 @@ def evaluate_task(task: str, cfg: FinetuneConfig, data: Processed, ckpts: Checkp
     stats = _split_stats(examples)
     inits = [cfg.init] + (["none"] if cfg.compare_none and cfg.init != "none" else [])
     model = cfg.model if level == "patient" else "medhmp"
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    report = {"task": task, "level": level, "model": model, "config": config, "splits": stats, "results": {}}
-    probs = {}
+    report = {"task": task, "level": level, "model": model, "config": config_record(cfg), "splits": stats,
+              "results": {}}
+    probs, cohort_reason = {}, _skip_reason(stats)
     for init in inits:
-        reason = _skip_reason(stats)
+        reason = cohort_reason
         if reason is None and init != "none" and (level, init) not in TRANSFERS:
             reason = f"RUN/{init}.pt has no encoder for {level}-level tasks; use --init admission or none"
         if reason is not None:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from data import AdmissionDataset, InputError, Processed, Reporter, StayDataset, load_processed, make_loader
+from data import (AdmissionDataset, InputError, Processed, Reporter, StayDataset, config_record, load_processed,
+                  make_loader)
 from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,
                     count_parameters, load_encoder)
 
@@ -136,6 +137,11 @@ def _sizes(meta: dict) -> dict:
     return {k: meta[k] for k in ModelConfig.SIZES}
 
 
+def _same_model(state: dict, mcfg: ModelConfig, meta: dict) -> bool:
+    """Whether a checkpoint was trained with this model config on data of these sizes."""
+    return state["model_config"] == asdict(mcfg) and state["sizes"] == _sizes(meta)
+
+
 # ------------------------------------------------------------------------------------------- building
 def _build(cfg, data: Processed, device: torch.device, rep: Reporter):
     """The pretrainer of cfg.level and its train/val datasets; the admission stage loads the stay stage."""
@@ -150,7 +156,7 @@ def _build(cfg, data: Processed, device: torch.device, rep: Reporter):
     # --resume only skips the stay initialisation when there is an admission checkpoint to resume from
     if cfg.init_from_stay and not (cfg.resume and (Path(cfg.run) / "admission.pt").is_file()):
         stay = load_checkpoint(Path(cfg.run) / "stay.pt")
-        if stay["model_config"] != asdict(mcfg) or stay["sizes"] != _sizes(data.meta):
+        if not _same_model(stay, mcfg, data.meta):
             raise InputError(f"{cfg.run}/stay.pt was trained with another model config or data; "
                              "re-run `pretrain --level stay` with the same --data and sizes")
         try:
@@ -191,6 +197,17 @@ def _validate(model, dataset, cfg, device, amp) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- the loop
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, scaler, grad_clip: float) -> None:
+    """Backward, unscale (fp16 only does anything), clip the gradient norm at `grad_clip`, step, clear.
+    Shared by pretraining and fine-tuning (evaluate.finetune)."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
 def pretrain(cfg) -> dict:
     """Run one pretraining stage (cfg.level); returns the final log record."""
     rep = Reporter(cfg.quiet)
@@ -208,7 +225,7 @@ def pretrain(cfg) -> dict:
     path = run / f"{cfg.level}.pt"
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    step = 0
+    step, saved_step = 0, None                  # saved_step: the step of the checkpoint at `path`, once known
     if cfg.resume and path.is_file():
         state = load_checkpoint(path)
         _check_resumable(state, cfg, mcfg, data)
@@ -218,24 +235,26 @@ def pretrain(cfg) -> dict:
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
-        step = state["step"]
+        step = saved_step = state["step"]
         rep.log(f"resuming {path} at step {step}")
     run.mkdir(parents=True, exist_ok=True)
-    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    resolved, versions = config_record(cfg), _versions()
     header = {"level": cfg.level, "config": resolved, "model_config": asdict(mcfg), "device": str(device),
               "dtype": str(amp).replace("torch.", ""), "parameters": count_parameters(model),
-              "train": len(train_set), "val": len(val_set), "steps": total, **_versions()}
+              "train": len(train_set), "val": len(val_set), "steps": total, **versions}
     (run / f"config_{cfg.level}.json").write_text(json.dumps(header, indent=1))
     rep.log(json.dumps(header))
 
     def checkpoint():
+        nonlocal saved_step
         rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                          "step": step, "epoch": step // steps_per_epoch, "rng": rng, "level": cfg.level,
                          "config": resolved, "model_config": asdict(mcfg), "sizes": _sizes(data.meta),
-                         "icd_vocab": data.meta["icd_vocab"], **_versions()}, path)
+                         "icd_vocab": data.meta["icd_vocab"], **versions}, path)
+        saved_step = step
 
     model.train()
     record, last_log, waited, samples = {}, time.perf_counter(), 0.0, 0
@@ -258,12 +277,7 @@ def pretrain(cfg) -> dict:
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"the {cfg.level} loss became {float(loss.detach())} at step {step + 1}; "
                                         f"the last good checkpoint is kept at {path}")
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
+                optimizer_step(loss, model, opt, scaler, cfg.grad_clip)
                 step += 1
                 samples += len(batch["static"]) if cfg.level == "stay" else len(batch["icd"])
                 parts = {k: round(float(v.detach()), 5) for k, v in out.items() if k in ("loss", "mcp", "cl")}
@@ -284,7 +298,7 @@ def pretrain(cfg) -> dict:
                 if step >= total:
                     break
                 t_wait = time.perf_counter()
-    if not path.is_file() or load_checkpoint(path)["step"] != step:
+    if saved_step != step:                      # the loop did not run (nothing to do, or resumed at the end)
         checkpoint()
     rep.log(f"wrote {path} (step {step}); log in {run / 'log.jsonl'}")
     return record
@@ -296,6 +310,6 @@ def _check_resumable(state: dict, cfg, mcfg: ModelConfig, data: Processed) -> No
             "eval_every"}
     changed = [f.name for f in fields(cfg) if f.name not in free
                and str(state["config"].get(f.name)) != str(getattr(cfg, f.name))]
-    if changed or state["model_config"] != asdict(mcfg) or state["sizes"] != _sizes(data.meta):
+    if changed or not _same_model(state, mcfg, data.meta):
         raise InputError(f"cannot resume {cfg.run}/{cfg.level}.pt: settings differ ({', '.join(changed) or 'data'}); "
                          "start a new --run or drop --resume")

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import synthetic  # noqa: E402
-from models import ModelConfig  # noqa: E402
+from models import ModelConfig, count_parameters  # noqa: E402
 from train import resolve_device, resolve_dtype  # noqa: E402
 
 LEVEL_TASKS = {"stay": "mortality", "admission": "readmission", "patient": "hf"}
@@ -61,7 +61,7 @@ def bench_level(level: str, processed: Path, d: data.Processed, args, device, am
     pred_s = time.perf_counter() - start
     return {"level": level, "task": task, "model": model_name if level == "patient" else "medhmp",
             "train": n_train, "test": len(sets["test"]),
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": count_parameters(model),
             "finetune_samples_per_s": n_train * args.epochs / fit_s,
             "predict_samples_per_s": len(sets["test"]) / pred_s}
 
