@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cohorts import (MINUTES_PER_DAY, assign_splits, lookup, patient_labels, readmission_labels, sample_patients,
+from cohorts import (MINUTES_PER_DAY, assign_splits, patient_labels, readmission_labels, sample_patients,
                      stay_labels)
 from extract import (STATIC_CATEGORIES, StayIndex, age_at, find_notes, load_core, load_trinetx, read_diagnoses,
                      read_drugs, read_notes, stream_events, variable_names)
 from features import (apply_static, apply_timeseries, build_vocab, codes_to_csr, embed_notes, fit_static,
                       fit_timeseries)
-from tables import InputError, unique
+from tables import InputError, lookup, row_of, unique
 
 
 def _take(table: dict, rows) -> dict:
@@ -38,8 +38,7 @@ def build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
     subjects = sample_patients(pats["subject_id"], cfg)
     if len(subjects) < len(pats["subject_id"]):
         attrition["patients"].append([f"sampled (--limit-patients {cfg.limit_patients})", len(subjects)])
-    order = np.argsort(pats["subject_id"])
-    pats = _take(pats, order[lookup(pats["subject_id"][order], subjects)])   # rows aligned with `subjects`
+    pats = _take(pats, row_of(pats["subject_id"], subjects))                # rows aligned with `subjects`
     split = assign_splits(subjects, cfg.seed, cfg.split)
 
     a_att = attrition["admissions"] = [["admissions in the admissions table", len(adms["hadm_id"])]]
@@ -178,7 +177,7 @@ def _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped) -> di
     vectors, info = embed_notes([texts[h] for h in hadms], cfg.text_model, cache, dim=cfg.hashing_dim,
                                 max_tokens=cfg.note_max_tokens, pooling=cfg.note_pooling,
                                 device=cfg.text_device, batch_size=cfg.text_batch_size, task=rep.task)
-    dim = vectors.shape[1] if len(hadms) else (cfg.hashing_dim if cfg.text_model == "hashing" else 0)
+    dim = vectors.shape[1]                    # embed_notes gives the model's width even for no notes
     note = np.zeros((len(adms["hadm_id"]), dim), np.float16)
     rows = lookup(adms["hadm_id"], np.array(hadms, dtype=np.int64))
     note[rows] = vectors
@@ -195,16 +194,14 @@ def build_trinetx(cfg, raw, layout, sources, rep, cache) -> dict:
     pat, dia = t["patients"], t["diagnoses"]
     numeric = all(s.isdigit() for s in pat["subject_id"].tolist())   # keep numeric ids, number the others
     ids = pat["subject_id"].astype(np.int64) if numeric else np.arange(len(pat["subject_id"]), dtype=np.int64)
-    names = np.sort(pat["subject_id"])
-    by_name = ids[np.argsort(pat["subject_id"])]
-    d_pos = lookup(names, dia["subject_id"])
+    d_pat = row_of(pat["subject_id"], dia["subject_id"])                   # patient row per diagnosis, -1 unknown
     attrition = {"patients": [["patients in the patient table", len(ids)]]}
     subjects = sample_patients(ids, cfg)
     if len(subjects) < len(ids):
         attrition["patients"].append([f"sampled (--limit-patients {cfg.limit_patients})", len(subjects)])
     pats = _take({"gender": pat["gender"], "year_of_birth": pat["year_of_birth"], "id": ids},
-                 np.argsort(ids)[lookup(np.sort(ids), subjects)])
-    d_subject = np.where(d_pos >= 0, by_name[np.maximum(d_pos, 0)], -1)
+                 row_of(ids, subjects))
+    d_subject = np.where(d_pat >= 0, ids[d_pat], -1)
     keep = lookup(subjects, d_subject) >= 0
     enc_key = np.char.add(np.char.add(dia["subject_id"][keep], b"\x00"), dia["hadm_id"][keep])
     enc, d_row = unique(enc_key, return_inverse=True)             # visits = (patient, encounter)

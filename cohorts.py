@@ -11,7 +11,7 @@ import hashlib
 import numpy as np
 
 from extract import age_at
-from tables import unique
+from tables import lookup, unique
 
 STAY_TASKS = ("arf", "shock", "mortality")
 # ICD-9 groups of the patient-level tasks (prefix match on codes without dots)
@@ -21,14 +21,6 @@ PATIENT_CODES = {
     "amnesia": ("78093", "2940", "2911", "29283"),
 }
 MINUTES_PER_DAY = 1440
-
-
-def lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Positions of `ids` in `sorted_ids`, -1 where absent."""
-    if len(sorted_ids) == 0:
-        return np.full(len(ids), -1)
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return np.where(sorted_ids[pos] == ids, pos, -1)
 
 
 def assign_splits(subject_ids: np.ndarray, seed: int, fractions) -> np.ndarray:
@@ -119,6 +111,8 @@ def patient_labels(a_subject_id, admittime, dischtime, raw_codes, pats, subjects
     v = np.flatnonzero(coded)                                           # visits = admissions with codes
     v_subj = lookup(subjects, a_subject_id[v])
     gap = cfg.patient_gap_days * MINUTES_PER_DAY
+    last = np.full(len(subjects), -np.inf)                              # each patient's last coded visit
+    np.maximum.at(last, v_subj, admittime[v])
     rows = []
     for task, prefixes in PATIENT_CODES.items():
         hit = np.zeros(len(d_code), bool)
@@ -128,8 +122,6 @@ def patient_labels(a_subject_id, admittime, dischtime, raw_codes, pats, subjects
         dx[d_row[hit]] = True
         first_dx = np.full(len(subjects), np.inf)
         np.minimum.at(first_dx, v_subj[dx[v]], admittime[v][dx[v]])
-        last = np.full(len(subjects), -np.inf)
-        np.maximum.at(last, v_subj, admittime[v])
         case = np.isfinite(first_dx)
         cutoff = np.where(case, first_dx, last) - gap
         history = np.bincount(v_subj[dischtime[v] <= cutoff[v_subj]], minlength=len(subjects))

@@ -24,9 +24,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from build import build_mimic, build_trinetx
-from cohorts import lookup, task_counts
+from cohorts import task_counts
 from progress import Reporter  # noqa: F401  (re-exported: train, evaluate and synthetic report through it)
-from tables import InputError, find_layout  # noqa: F401  (InputError re-exported)
+from tables import InputError, find_layout, lookup, row_of  # noqa: F401  (InputError re-exported)
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -210,13 +210,6 @@ def load_processed(root: Path) -> Processed:
     return Processed(root, meta, stays, admissions, _read_labels(root, stays, admissions), splits)
 
 
-def _row_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """Row of each wanted id in `ids` (any order), -1 where absent."""
-    order = np.argsort(ids, kind="stable")
-    pos = lookup(ids[order], wanted)
-    return np.where(pos >= 0, order[np.maximum(pos, 0)], -1)
-
-
 def _read_labels(root: Path, stays: dict, admissions: dict) -> dict:
     with open(root / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -225,9 +218,9 @@ def _read_labels(root: Path, stays: dict, admissions: dict) -> dict:
         mine = [r for r in rows if r["task"] == task]
         level = mine[0]["level"]
         if level == "stay":
-            row = _row_of(stays["stay_id"].numpy(), np.array([int(r["stay_id"]) for r in mine]))
+            row = row_of(stays["stay_id"].numpy(), np.array([int(r["stay_id"]) for r in mine]))
         elif level == "admission":
-            row = _row_of(admissions["hadm_id"].numpy(), np.array([int(r["hadm_id"]) for r in mine]))
+            row = row_of(admissions["hadm_id"].numpy(), np.array([int(r["hadm_id"]) for r in mine]))
         else:
             row = np.full(len(mine), -1)
         out[task] = {"row": row, "level": level,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tables import (ALIASES, LAYOUTS, EmptyFile, InputError, Source, decode, find_file, open_text, parse_float,
-                    parse_int, parse_minutes, read_blocks, read_table, unique)
+from tables import (ALIASES, LAYOUTS, EmptyFile, InputError, Source, decode, find_file, lookup, open_text,
+                    parse_float, parse_int, parse_minutes, read_blocks, read_table, unique)
 
 # Label-defining MetaVision items (FIDDLE generate_labels.py; DESIGN §4), as (table, itemid).
 ARF_ITEMS = {("chartevents", 220339), ("procedureevents", 225792), ("procedureevents", 225794)}
@@ -180,8 +180,7 @@ class StayIndex:
 
     def admissions(self, hadm: np.ndarray) -> np.ndarray:
         """Mask of events whose admission has a stay in the index."""
-        pos = np.minimum(np.searchsorted(self.hadms, hadm), max(len(self.hadms) - 1, 0))
-        return self.hadms[pos] == hadm if len(self.hadms) else np.zeros(len(hadm), bool)
+        return lookup(self.hadms, hadm) >= 0
 
     def match(self, hadm: np.ndarray, minutes: np.ndarray):
         """(stay row or -1, minutes since that stay's intime) for events inside [intime, outtime)."""

@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from tables import unique
+from tables import lookup, row_of, unique
 
 
 def _quantile_edges(values: np.ndarray, n_bins: int) -> list[float]:
@@ -90,8 +90,7 @@ def _columns(events: dict, spec: dict, rows: np.ndarray | None = None):
     stay, hour = events["stay"][sel], events["hour"][sel]
     variables = spec["variables"]
     keys = np.array([v["key"] for v in variables], dtype=np.int64)
-    pos = np.minimum(np.searchsorted(keys, var), max(len(keys) - 1, 0))
-    pos = np.where(keys[pos] == var, pos, -1) if len(keys) else np.full(len(var), -1)   # -1: not a feature
+    pos = lookup(keys, var)                                                  # -1: not a feature
     present = np.array([v["columns"][0] for v in variables] + [-1], dtype=np.int64)
     value_col = np.full(len(var), -1, np.int64)
     order, bounds = _groups(pos + 1, len(keys) + 1)             # group 0 holds the unknown variables
@@ -179,10 +178,9 @@ def codes_to_csr(rows: np.ndarray, codes: np.ndarray, vocab: list[str], n_rows: 
     """CSR sets (ptr (n_rows+1,), idx) of vocabulary indices per row; out-of-vocabulary codes are dropped.
     Returns (ptr, idx, n_dropped)."""
     table = np.array([v.encode() for v in vocab], dtype=bytes) if vocab else np.zeros(0, "S1")
-    order = np.argsort(table)
-    pos = np.minimum(np.searchsorted(table[order], codes), max(len(vocab) - 1, 0))
-    known = table[order][pos] == codes if len(vocab) else np.zeros(len(codes), bool)
-    pair = unique(rows[known].astype(np.int64) * (len(vocab) + 1) + order[pos[known]])
+    index = row_of(table, codes)                                             # -1: not in the vocabulary
+    known = index >= 0
+    pair = unique(rows[known].astype(np.int64) * (len(vocab) + 1) + index[known])
     ptr = np.searchsorted(pair // (len(vocab) + 1), np.arange(n_rows + 1)).astype(np.int64)
     return ptr, (pair % (len(vocab) + 1)).astype(np.int32), int((~known).sum())
 
@@ -229,7 +227,7 @@ def embed_notes(texts: list[str], model: str, cache: dict, *, dim: int, max_toke
         elif todo:
             _embed_hf(todo, model, cache, max_tokens, pooling, device, batch_size, advance, info)
     if not texts:
-        return np.zeros((0, dim if model == "hashing" else info.get("dim", 0)), np.float16), info
+        return np.zeros((0, dim if model == "hashing" else 0), np.float16), info   # HF width unknown unloaded
     out = np.stack([cache[k] for k in keys]).astype(np.float16)
     info["dim"] = int(out.shape[1])
     return out, info

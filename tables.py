@@ -49,9 +49,6 @@ LAYOUTS = {
                "d_items": "icu/d_items", "d_labitems": "hosp/d_labitems"},
     "trinetx": {"patients": "patient", "diagnoses": "diagnosis"},
 }
-CORE_TABLES = {"mimic3": ("patients", "admissions", "icustays", "diagnoses"),
-               "mimic4": ("patients", "admissions", "icustays", "diagnoses"),
-               "trinetx": ("patients", "diagnoses")}
 # canonical column -> column name in the source, where they differ (MIMIC-III icustay_id is stay_id)
 ALIASES = {"mimic3": {"stay_id": "icustay_id", "icd_code": "icd9_code", "race": "ethnicity"},
            "mimic4": {}, "trinetx": {"subject_id": "patient_id", "hadm_id": "encounter_id"}}
@@ -396,6 +393,21 @@ def unique(x: np.ndarray, return_inverse: bool = False, return_counts: bool = Fa
     if return_counts:
         out.append(np.diff(np.append(np.flatnonzero(first), len(s))))
     return tuple(out)
+
+
+def lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions of `ids` in `sorted_ids`, -1 where absent."""
+    if len(sorted_ids) == 0:
+        return np.full(len(ids), -1)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == ids, pos, -1)
+
+
+def row_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row of each wanted id in `ids` (any order, no duplicates), -1 where absent."""
+    order = np.argsort(ids, kind="stable")
+    pos = lookup(ids[order], wanted)
+    return np.where(pos >= 0, order[np.maximum(pos, 0)], -1)
 
 
 def decode(values: np.ndarray) -> list[str]:
