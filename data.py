@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from build import build_mimic, build_trinetx
 from cohorts import task_counts
 from progress import Reporter  # noqa: F401  (re-exported: train, evaluate and synthetic report through it)
-from tables import InputError, find_layout, lookup, row_of  # noqa: F401  (InputError re-exported)
+from tables import InputError, find_layout, lookup, row_of, swap_in  # noqa: F401  (InputError re-exported)
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -123,7 +123,6 @@ def _save_cache(cache: dict, path: Path) -> None:
 def _write_folder(out: Path, result: dict, cache: dict, rep: Reporter) -> None:
     """Write everything under a temporary name, then swap it in: a folder that exists is always whole."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -137,15 +136,10 @@ def _write_folder(out: Path, result: dict, cache: dict, rep: Reporter) -> None:
         (tmp / "splits.json").write_text(json.dumps(result["splits"]))
         _save_cache(cache, tmp / "note_cache.pt")
         (tmp / "meta.json").write_text(json.dumps(result["meta"], indent=1))
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _print_attrition(meta: dict, rep: Reporter) -> None:

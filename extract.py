@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tables import (ALIASES, LAYOUTS, EmptyFile, InputError, Source, decode, find_file, lookup, open_text,
+from tables import (ALIASES, LAYOUTS, EmptyFile, InputError, Source, decode, find_file, group_rank, lookup, open_text,
                     parse_float, parse_int, parse_minutes, read_blocks, read_table, unique)
 
 # Label-defining MetaVision items (FIDDLE generate_labels.py; DESIGN §4), as (table, itemid).
@@ -306,7 +306,7 @@ def _event_block(block, spec, index, hours, store, onsets, label_keys, exclude_l
         last = np.where(ok, (end - start + since - 1) // 60, hour)
         span = np.clip(np.minimum(last, hours - 1) - hour + 1, 1, hours)
         rep = np.repeat(np.arange(len(sel)), span)
-        hour = hour[rep] + np.arange(len(rep)) - np.repeat(np.cumsum(span) - span, span)
+        hour = hour[rep] + group_rank(span)                             # the hours the interval covers
         stay, var, start, num, cat = stay[rep], var[rep], start[rep], num[rep], cat[rep]
     store.add(stay, hour, var, start, num, cat)
     return counts

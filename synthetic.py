@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from progress import Reporter
-from tables import InputError
+from tables import InputError, group_rank, swap_in
 
 LAYOUTS = ("mimic3", "mimic4", "trinetx")
 
@@ -128,9 +128,6 @@ J90 K5660 K529 K921 L03115 M6281 N2581 R001 R079 R109 R262 R296 R339 R509 R7881 
 # Patient-level task groups (data.py's definitions); the first code of each is the usual first diagnosis.
 _TASK_CODES = {"hf": ("4280", "4281", "42822", "42832", "40491"), "copd": ("496", "49121", "4928"),
                "amn": ("78093", "2940", "2911", "29283")}
-# Codes that precede a first diagnosis (and occur, more rarely, in patients never diagnosed).
-_PRECURSORS = {"hf": ("4019", "41401", "42731", "25000"), "copd": ("3051", "49390", "486"),
-               "amn": ("3310", "78097", "30390")}
 _TASK_LATENT = {"hf": "cardiac", "copd": "pulm", "amn": "cog"}
 # ICD-10 equivalents of every planted code, for admissions coded in ICD-10 only.
 _ICD10_OF = {"4280": "I509", "4281": "I501", "42822": "I5022", "42832": "I5032", "40491": "I130",
@@ -378,12 +375,6 @@ def _label(name: str, layout: str, idx) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- formatting
-def _group_rank(counts) -> np.ndarray:
-    """Position of each element inside its group, for groups of `counts` laid end to end."""
-    counts = np.asarray(counts, dtype=np.int64)
-    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-
-
 def _civil(days):
     """(year, month, day) of days since 1970-01-01, vectorised (H. Hinnant's civil_from_days)."""
     z = days + 719468
@@ -637,7 +628,7 @@ def _stays(rng, pat: dict, adm: dict) -> dict:
     press_on = _onsets(rng, los, 0.12, -3.4 + 2.5 * circ)
     art = rng.random(n) < _sigmoid(-0.4 + 0.5 * circ + 0.4 * sev)
     cvl = rng.random(n) < _sigmoid(-0.9 + 0.5 * circ + 0.5 * sev)
-    return dict(adm=a, pat=p, j=_group_rank(adm["n_stays"]), resp=resp, circ=circ, sev=sev, los=los,
+    return dict(adm=a, pat=p, j=group_rank(adm["n_stays"]), resp=resp, circ=circ, sev=sev, los=los,
                 vent_on=vent_on, vent_off=_ends(rng, vent_on, los, 40), vent_niv=rng.random(n) < 0.2,
                 press_on=press_on, press_off=_ends(rng, press_on, los, 20),
                 pressor=rng.choice(len(_PRESSORS), n, p=_PRESSOR_P), second=rng.random(n) < 0.25,
@@ -653,7 +644,7 @@ def _admissions(rng, pat: dict, layout: str) -> tuple[dict, dict]:
     p = np.repeat(np.arange(len(n_plan)), n_plan)
     n = len(p)
     icu = rng.random(n) < 0.8
-    adm = dict(pat=p, k=_group_rank(n_plan), icu=icu, n_stays=icu * (1 + (rng.random(n) < 0.1)),
+    adm = dict(pat=p, k=group_rank(n_plan), icu=icu, n_stays=icu * (1 + (rng.random(n) < 0.1)),
                acute=0.5 * pat["frailty"][p] + 0.85 * rng.standard_normal(n),
                mv=(rng.random(n) < 0.85) | (layout == "mimic4"), atype=_pick(rng, "admit_type", n))
     st = _stays(rng, pat, adm)
@@ -758,11 +749,11 @@ def _cohort(rng, n: int, ids: dict, layout: str) -> tuple[dict, dict, dict]:
     st["lat"] = np.column_stack([st["resp"], st["circ"], st["sev"]])
     st["cg"] = rng.integers(14000, 22000, (len(st["adm"]), 3))
     st["cog"] = pat["cog"][st["pat"]]
-    _admission_features(pat, adm, st)
+    _admission_features(adm, st)
     return pat, adm, st
 
 
-def _admission_features(pat: dict, adm: dict, st: dict) -> None:
+def _admission_features(adm: dict, st: dict) -> None:
     """Per-admission summaries of its stays (any ventilation, shock; worst acuity) used by codes and notes."""
     n, a = len(adm["pat"]), st["adm"]
     for key, source in (("vent", st["vent_on"]), ("shock", st["press_on"])):
@@ -779,6 +770,7 @@ def _code_probs(pat: dict, adm: dict) -> dict:
     p = adm["pat"]
     f = {key: pat[key][p] for key in ("cardiac", "pulm", "cog", "chronic", "social", "frailty")}
     sig = _sigmoid
+    # precursor codes precede a first diagnosis (and occur, more rarely, in patients never diagnosed)
     pre = {d: -2.8 + 0.8 * f[lat] + 2.6 * pat[d][p] for d, lat in _TASK_LATENT.items()}
     vent, shock, died = adm["vent"], adm["shock"], adm["died"]
     probs = {
@@ -973,7 +965,7 @@ def _diagnoses_table(rng, adm: dict, rows, codes, layout: str) -> tuple[int, dic
         keep[i] = (rows[i], codes[i]) not in seen
         seen.add((rows[i], codes[i]))
     rows, codes, ten = rows[keep], codes[keep], ten[keep]
-    seq = _group_rank(np.bincount(rows, minlength=n_adm)) + 1
+    seq = group_rank(np.bincount(rows, minlength=n_adm)) + 1
     cols = dict(subject_id=adm["subject_id"][rows], hadm_id=adm["hadm_id"][rows], seq_num=_ids(seq),
                 icd_code=codes, icd_version=np.where(ten, "10", "9").astype(object))
     if layout == "trinetx":
@@ -996,7 +988,7 @@ def _prescriptions_table(rng, adm: dict, rows, drugs, layout: str) -> tuple[int,
     if layout == "mimic3":
         cols.update(startdate=_ts(start // _DAY * _DAY), enddate=_ts(stop // _DAY * _DAY))
         return n, cols
-    seq = _group_rank(np.bincount(adm["pat"][rows], minlength=len(adm["pat"]))) + 1
+    seq = group_rank(np.bincount(adm["pat"][rows], minlength=len(adm["pat"]))) + 1
     cols.update(starttime=_ts(start), stoptime=_ts(stop), pharmacy_id=_ids(rng.integers(10**7, 10**8, n)),
                 poe_id=np.array([f"{s}-{q}" for s, q in zip(cols["subject_id"], seq)], dtype=object),
                 poe_seq=_ids(seq), order_provider_id="", form_rx="",
@@ -1011,13 +1003,13 @@ def _lab_draws(rng, adm: dict, st: dict):
     days = ((adm["disch"] - adm["admit"]) // _DAY + 1).astype(int)
     a1 = np.repeat(np.arange(n), days)
     morning = (rng.uniform(4, 6.5, len(a1)) * _HOUR).astype(np.int64)
-    t1 = (adm["admit"][a1] // _DAY + _group_rank(days) + 1) * _DAY + morning
+    t1 = (adm["admit"][a1] // _DAY + group_rank(days) + 1) * _DAY + morning
     inside = t1 < adm["disch"][a1]
     a1, t1 = a1[inside], t1[inside]
     t0 = adm["admit"] + (rng.uniform(0.3, 2, n) * _HOUR).astype(np.int64)
     per_stay = np.ceil(np.minimum(st["los"], 72) / 12).astype(int)
     s2 = np.repeat(np.arange(len(st["adm"])), per_stay)
-    t2 = st["intime"][s2] + ((rng.uniform(0.5, 2, len(s2)) + 12 * _group_rank(per_stay)) * _HOUR).astype(np.int64)
+    t2 = st["intime"][s2] + ((rng.uniform(0.5, 2, len(s2)) + 12 * group_rank(per_stay)) * _HOUR).astype(np.int64)
     s2, t2 = s2[t2 < st["outtime"][s2]], t2[t2 < st["outtime"][s2]]
     a3 = np.flatnonzero(rng.random(n) < 0.35)
     t3 = adm["admit"][a3] - (rng.uniform(5, 60, len(a3)) * _DAY).astype(np.int64)
@@ -1076,8 +1068,8 @@ def _grid(st: dict):
     first = (st["intime"] // _HOUR + 1) * _HOUR
     count = np.maximum(0, -(-(st["outtime"] - first) // _HOUR))
     s = np.repeat(np.arange(len(first)), count)
-    t = first[s] + _group_rank(count) * _HOUR
-    return s, t, (t - st["intime"][s]) / _HOUR, _group_rank(count)
+    t = first[s] + group_rank(count) * _HOUR
+    return s, t, (t - st["intime"][s]) / _HOUR, group_rank(count)
 
 
 def _chart_rows(rng, st: dict, scale: float):
@@ -1102,7 +1094,7 @@ def _chart_rows(rng, st: dict, scale: float):
     if scale > 1:
         reps += int(scale - 1) + (rng.random(len(g)) < (scale - 1) % 1)
     g, var = np.repeat(g, reps), np.repeat(var, reps)
-    extra = _group_rank(reps) > 0
+    extra = group_rank(reps) > 0
     room = np.minimum(3540, st["outtime"][s[g]] - t[g] - 1)      # seconds left in the hour and the stay
     minute = np.where(~extra & (rng.random(len(g)) < 0.7), 0, rng.random(len(g)) * room) // 60 * 60
     when = t[g] + minute.astype(np.int64)
@@ -1190,7 +1182,7 @@ def _segments(stay, start, end, length):
     """Consecutive segments of about `length` hours covering each episode [start, end) (hours)."""
     count = np.maximum(1, np.ceil((end - start) / length)).astype(int)
     e = np.repeat(np.arange(len(stay)), count)
-    i = _group_rank(count)
+    i = group_rank(count)
     size = ((end - start) / count)[e]
     return stay[e], start[e] + i * size, start[e] + (i + 1) * size, i == count[e] - 1, e
 
@@ -1425,7 +1417,7 @@ def _stay_note_times(rng, st: dict):
     """Nursing notes / chest films: one ~6 h after intime, then every ~12 h (at most four) within the stay."""
     count = np.minimum(4, 1 + (st["los"] // 12).astype(int))
     s = np.repeat(np.arange(len(st["adm"])), count)
-    hours = rng.uniform(3, 9, len(s)) + 12 * _group_rank(count)
+    hours = rng.uniform(3, 9, len(s)) + 12 * group_rank(count)
     keep = hours < st["los"][s] - 0.1
     return s[keep], hours[keep]
 
@@ -1468,7 +1460,7 @@ def _radiology_table(rng, st: dict) -> tuple[int, dict]:
                              f"\n\nIMPRESSION: \n\n{findings[lv].split(',')[0].split(';')[0]}.\n")
                       for lv, h in zip(lungs, big_heart)], dtype=object)
     when = (st["intime"][s] + hours * _HOUR).astype(np.int64) // 60 * 60
-    seq = _group_rank(np.bincount(s, minlength=len(st["adm"]))) + 1
+    seq = group_rank(np.bincount(s, minlength=len(st["adm"]))) + 1
     return n, dict(note_id=np.array([f"{a}-RR-{b}" for a, b in zip(st["stay_id"][s], seq)], dtype=object),
                    subject_id=st["subject_id"][s], hadm_id=st["hadm_id"][s], note_type="RR", note_seq=_ids(seq),
                    charttime=_ts(when), storetime=_ts(when + rng.integers(20, 180, n) * 60), text=texts)
@@ -1530,20 +1522,6 @@ def _replaceable(folder: Path) -> bool:
     return True
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing `out` is replaced as a whole."""
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def synthesize(cfg: SynthConfig) -> dict:
     """Write a synthetic extract to `cfg.out` and return {"tables": {name: rows}, "patients", "admissions",
     "stays", "out"}. Nothing half-written is ever left at `cfg.out`."""
@@ -1572,7 +1550,7 @@ def synthesize(cfg: SynthConfig) -> dict:
                     advance(n, status=f"{sum(sink.rows.values()):,} rows")
         finally:
             sink.close()
-        _replace(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

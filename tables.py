@@ -16,6 +16,8 @@ import csv
 import gzip
 import hashlib
 import io
+import os
+import shutil
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,21 @@ LAYOUTS = {
 # canonical column -> column name in the source, where they differ (MIMIC-III icustay_id is stay_id)
 ALIASES = {"mimic3": {"stay_id": "icustay_id", "icd_code": "icd9_code", "race": "ethnicity"},
            "mimic4": {}, "trinetx": {"subject_id": "patient_id", "hadm_id": "encounter_id"}}
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished folder `tmp` to `out`, replacing an existing `out` as a whole; if the rename fails
+    the old `out` is put back. With writers that fill `tmp` first, a folder at `out` is always whole."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def find_file(folder: Path, stem: str) -> Path | None:
@@ -408,6 +425,12 @@ def row_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     order = np.argsort(ids, kind="stable")
     pos = lookup(ids[order], wanted)
     return np.where(pos >= 0, order[np.maximum(pos, 0)], -1)
+
+
+def group_rank(counts) -> np.ndarray:
+    """Position of each element inside its group, for groups of `counts` laid end to end."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def decode(values: np.ndarray) -> list[str]:

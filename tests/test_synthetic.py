@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import synthetic
+from metrics import auroc   # checked against scikit-learn in test_evaluate.py
 from tables import InputError
 from synthetic import SynthConfig, synthesize
 
@@ -44,16 +45,6 @@ def table(root: Path, name: str, contains: str | tuple = ()) -> list[dict]:
 
 def ts(s: str) -> datetime:
     return datetime.fromisoformat(s)        # the exact format is checked in test_quoting_..._timestamps_parse
-
-
-def auroc(y, score) -> float:
-    """Mann-Whitney AUROC (ties count half)."""
-    y, score = np.asarray(y, bool), np.asarray(score, float)
-    ranks = np.argsort(np.argsort(score, kind="stable"), kind="stable") + 1.0
-    for v in np.unique(score):                     # average ranks over ties
-        tie = score == v
-        ranks[tie] = ranks[tie].mean()
-    return (ranks[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (~y).sum())
 
 
 def digests(root: Path) -> dict:
