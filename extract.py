@@ -69,14 +69,19 @@ def _ids(table: dict, column: str, src: Source, unique: bool = False) -> np.ndar
         raise InputError(f"{src.path}: row {table['__row__'][i]}, column '{src.names.get(column, column)}': "
                          f"'{table[column][i].decode(errors='replace')}' is not an integer id")
     if unique:
-        order = np.argsort(values, kind="stable")
-        dup = np.flatnonzero(np.diff(values[order]) == 0)
-        if len(dup):
-            i, j = order[dup[0]], order[dup[0] + 1]
-            name = src.names.get(column, column)
-            raise InputError(f"{src.path}: row {table['__row__'][j]}, column '{name}': duplicated id "
-                             f"{values[j]} (first at row {table['__row__'][i]})")
+        _check_unique(values, table, column, src)
     return values
+
+
+def _check_unique(values: np.ndarray, table: dict, column: str, src: Source) -> None:
+    """An InputError naming the first repeated id of `column` (ints or byte strings) and both of its rows."""
+    order = np.argsort(values, kind="stable")
+    dup = np.flatnonzero(values[order][1:] == values[order][:-1])
+    if len(dup):
+        i, j = order[dup[0]], order[dup[0] + 1]
+        shown = values[j].decode(errors="replace") if isinstance(values[j], bytes) else values[j]
+        raise InputError(f"{src.path}: row {table['__row__'][j]}, column '{src.names.get(column, column)}': "
+                         f"duplicated id {shown} (first at row {table['__row__'][i]})")
 
 
 def _read_core(raw: Path, layout: str, table: str, columns: dict, sources: dict):
@@ -414,12 +419,7 @@ def load_trinetx(raw: Path, sources: dict) -> dict:
                                                         "year_of_birth": True}, sources)
     dia, dsrc = _read_core(raw, "trinetx", "diagnoses", {"subject_id": True, "hadm_id": True, "date": True,
                                                          "code": True, "code_system": True}, sources)
-    order = np.argsort(pat["subject_id"], kind="stable")
-    dup = np.flatnonzero(pat["subject_id"][order][1:] == pat["subject_id"][order][:-1])
-    if len(dup):
-        row = pat["__row__"][order[dup[0] + 1]]
-        raise InputError(f"{psrc.path}: row {row}, column 'patient_id': duplicated id "
-                         f"{pat['subject_id'][order[dup[0] + 1]].decode(errors='replace')}")
+    _check_unique(pat["subject_id"], pat, "subject_id", psrc)
     nine = np.char.find(np.char.upper(dia["code_system"]), b"ICD-9") >= 0
     codes = normalise_icd(dia["code"])
     keep = nine & (codes != b"")

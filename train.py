@@ -175,6 +175,11 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int, skip: int = 0):
     return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)][skip:]
 
 
+def _n_examples(batch: dict, level: str) -> int:
+    """Stays (stay level) or admissions (admission level, whose "static" rows are its stays) in a batch."""
+    return len(batch["static"]) if level == "stay" else len(batch["icd"])
+
+
 @torch.no_grad()
 def _validate(model, dataset, cfg, device, amp) -> dict:
     """Mean validation loss parts (eval mode, no shuffling)."""
@@ -187,7 +192,7 @@ def _validate(model, dataset, cfg, device, amp) -> dict:
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
             out = model(batch, generator=gen) if cfg.level == "admission" else model(batch)
-        k = len(batch["static"]) if cfg.level == "stay" else len(batch["icd"])
+        k = _n_examples(batch, cfg.level)
         for key in ("loss", "mcp", "cl"):
             if key in out:
                 totals[key] = totals.get(key, 0.0) + float(out[key]) * k
@@ -279,7 +284,7 @@ def pretrain(cfg) -> dict:
                                         f"the last good checkpoint is kept at {path}")
                 optimizer_step(loss, model, opt, scaler, cfg.grad_clip)
                 step += 1
-                samples += len(batch["static"]) if cfg.level == "stay" else len(batch["icd"])
+                samples += _n_examples(batch, cfg.level)
                 parts = {k: round(float(v.detach()), 5) for k, v in out.items() if k in ("loss", "mcp", "cl")}
                 end_of_epoch = step % steps_per_epoch == 0
                 if step % cfg.log_every == 0 or step == total or end_of_epoch:
