@@ -40,6 +40,9 @@ class StayPretrainConfig:
     grad_clip: float = 1.0            # not in the paper; keeps early LSTM steps stable
     d_model: int = 256                # paper App. B
     dropout: float = 0.1              # spec §13 (unknown in the official pretraining)
+    # stage-1 decoder input (models.ModelConfig): "stay" (b at every hour) or "zeros" (the paper's wording);
+    # the admission stage must use the value its stay checkpoint was trained with
+    decoder_input: str = ModelConfig.decoder_input
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA if supported, else fp32)
     num_workers: int = 0              # loader processes (0: batches built in the training process)
@@ -145,7 +148,7 @@ def _same_model(state: dict, mcfg: ModelConfig, meta: dict) -> bool:
 # ------------------------------------------------------------------------------------------- building
 def _build(cfg, data: Processed, device: torch.device, rep: Reporter):
     """The pretrainer of cfg.level and its train/val datasets; the admission stage loads the stay stage."""
-    mcfg = ModelConfig.from_meta(data.meta, d_model=cfg.d_model, dropout=cfg.dropout)
+    mcfg = ModelConfig.from_meta(data.meta, d_model=cfg.d_model, dropout=cfg.dropout, decoder_input=cfg.decoder_input)
     if cfg.level == "stay":
         if data.meta["n_features"] == 0:
             raise InputError(f"{cfg.data}: no ICU stays to pretrain on (a diagnosis extract has none)")
