@@ -149,9 +149,10 @@ def _same_model(state: dict, mcfg: ModelConfig, meta: dict) -> bool:
 def _build(cfg, data: Processed, device: torch.device, rep: Reporter):
     """The pretrainer of cfg.level and its train/val datasets; the admission stage loads the stay stage."""
     mcfg = ModelConfig.from_meta(data.meta, d_model=cfg.d_model, dropout=cfg.dropout, decoder_input=cfg.decoder_input)
+    if data.meta["n_features"] == 0:  # both stages need ICU stays (admission pretraining reads their features)
+        raise InputError(f"{cfg.data}: no ICU stays to pretrain on (a diagnosis extract has none; pretrain on a "
+                         "MIMIC extract and preprocess this one with --vocab-from)")
     if cfg.level == "stay":
-        if data.meta["n_features"] == 0:
-            raise InputError(f"{cfg.data}: no ICU stays to pretrain on (a diagnosis extract has none)")
         model = StayPretrainer(StayEncoder(mcfg), mcfg)
         sets = [StayDataset(data, data.pretrain_rows("stay", s)) for s in ("train", "val")]
         return model, mcfg, sets

@@ -4,9 +4,11 @@ import gzip
 import json
 
 import pytest
+from click.testing import CliRunner
 
 import data
 import synthetic
+from medhmp import cli
 
 
 def _rows(path) -> list[dict]:
@@ -71,3 +73,10 @@ def test_trinetx_extract_with_a_shared_vocabulary(tmp_path):
     batch = data.PatientDataset(d, ex["subject_id"], ex["cutoff"], ex["label"]).__getitems__(list(range(len(ex["label"]))))
     assert batch["icd"].shape[2] == len(m3["icd_vocab"]) and batch["visit_mask"].any(1).all()
     assert (batch["visit_time"][batch["visit_mask"]] >= 0).all()      # every visit ends by the cutoff
+    # neither pretraining stage runs on a diagnosis extract: one line, nothing written
+    for level in ("stay", "admission"):
+        result = CliRunner().invoke(cli, ["pretrain", "--level", level, "--data", str(tmp_path / "tx-out"),
+                                          "--run", str(tmp_path / "run"), "--epochs", "1"])
+        assert result.exit_code != 0 and "no ICU stays to pretrain on" in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "run").exists()
