@@ -1,6 +1,6 @@
 """Benchmark of what pretraining gives: linear probes and fine-tuning comparisons on the demo's cohorts.
 
-Usage: python bench/pretraining.py [--demo runs/demo] [--only probes,models,lowres,stopping,bigger]
+Usage: python bench/pretraining.py [--demo runs/demo] [--only probes,models,lowres,stopping,quarter,bigger]
                                    [--seeds 3] [--out bench/out]
 Reads the folders `python medhmp.py demo` writes (DEMO/processed, DEMO/run, DEMO/trinetx/processed,
 DEMO/trinetx/run) and never writes there: every fine-tuning run writes under OUT/pretraining/. Sections:
@@ -12,10 +12,12 @@ DEMO/trinetx/run) and never writes there: every fine-tuning run writes under OUT
   models    every patient-level model, init admission vs none, --seeds seeds, 30 epochs, both cohorts.
   lowres    HiTANet on the TriNetX-style amnesia task with 10/25/50/100% of the training labels, 5 seeds.
   stopping  LSTM on hf, 5 seeds per init: epochs run, best epoch and test AUROC of each run.
+  quarter   every task from the demo's checkpoints with the demo's fine-tuning settings on 25% of the
+            training labels.
   bigger    a 1,600-patient cohort pretrained with the demo's settings (stage 1 for 30 epochs), then every task
             fine-tuned on 25% of its training labels, --seeds seeds (about 8 minutes more).
 Prints one JSON line per result and writes OUT/pretraining.json. One torch thread, as the demo.
-On the project's 2-core machine the default sections (all but bigger) take about 12 minutes.
+On the project's 2-core machine the default sections (all but bigger) take about 15 minutes.
 """
 import argparse
 import json
@@ -201,6 +203,15 @@ def stopping(args, results: list) -> None:
                  test_auroc=round(auroc(sets["test"].labels.numpy(), p), 3))
 
 
+def quarter(args, results: list) -> None:
+    run = fresh_run(args, "quarter", args.demo / "run")
+    ft = evaluate.FinetuneConfig(data=args.demo / "processed", run=run, seeds=DEMO.seeds, epochs=DEMO.epochs,
+                                 patience=DEMO.patience, label_fraction=0.25, quiet=True, table=False)
+    for task, report in evaluate.evaluate(ft).items():
+        emit(results, section="quarter", task=task, label_fraction=0.25, n_train=report["splits"]["train"]["n"],
+             n_test=report["splits"]["test"]["n"], auroc=aurocs(report))
+
+
 def bigger(args, results: list) -> None:
     cfg = replace(DEMO, out=args.out / "pretraining" / "bigger", patients=1600, stay_epochs=30, trinetx=False,
                   quiet=True)
@@ -221,13 +232,14 @@ def bigger(args, results: list) -> None:
              auprc={v["init"]: round(v["mean"]["auprc"], 3) for v in report["results"].values() if "mean" in v})
 
 
-SECTIONS = {"probes": probes, "models": models, "lowres": lowres, "stopping": stopping, "bigger": bigger}
+SECTIONS = {"probes": probes, "models": models, "lowres": lowres, "stopping": stopping, "quarter": quarter,
+            "bigger": bigger}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", type=Path, default=ROOT / "runs" / "demo")
-    ap.add_argument("--only", default="probes,models,lowres,stopping")
+    ap.add_argument("--only", default="probes,models,lowres,stopping,quarter")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = ap.parse_args()
