@@ -224,6 +224,30 @@ def _read_labels(root: Path, stays: dict, admissions: dict) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------- counts
+def cell_counts(data: Processed, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """(T, F) int64: in how many of the stays `rows` each (hour, feature) cell is active. Read from the
+    sparse layout in chunks of `chunk` stays, so memory follows the chunk, not the data."""
+    s, T, F = data.stays, data.meta["seq_len"], data.meta["n_features"]
+    out = np.zeros(T * F, dtype=np.int64)
+    rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    for i in range(0, len(rows), chunk):
+        batch = collate_stay(data, rows[i:i + chunk])        # ts_idx = (b * T + t) * F + f
+        out += np.bincount((batch["ts_idx"] % (T * F)).numpy(), minlength=T * F)
+    return out.reshape(T, F)
+
+
+def code_counts(data: Processed, rows: np.ndarray, modality: str) -> tuple[np.ndarray, int]:
+    """(V,) how many of the admissions `rows` carry each code of `modality` ("icd" or "drug"), and how many
+    of them have any code of it (the admissions a code-set objective is scored on)."""
+    a = data.admissions
+    ptr, idx = a[f"{modality}_ptr"].numpy(), a[f"{modality}_idx"].numpy()
+    rows = np.asarray(rows, dtype=np.int64)
+    counts = ptr[rows + 1] - ptr[rows]
+    take = _ranges(torch.as_tensor(ptr[rows]), torch.as_tensor(counts)).numpy()
+    return np.bincount(idx[take], minlength=data.meta[f"n_{modality}"]), int((counts > 0).sum())
+
+
 # ------------------------------------------------------------------------------------------- batches
 def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Concatenated aranges [s, s + c) for each (s, c): the gather index of CSR slices, vectorised."""

@@ -12,6 +12,7 @@ Shape legend:
     V  code vocabulary (V_icd, V_drug)                               E  note-embedding dim (note_dim)
     D  model width (d_model)        L  visits per patient           N  tokens entering a fusion block
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +39,15 @@ class ModelConfig:
     cl_include_positive: bool = False  # paper Eq. 10 excludes the positive; official info-nce includes it
     rnn_chunk: int = 512  # perf, CPU only: stays per LSTM call (bench/train.py); 0 runs every stay at once
     decoder_input: str = "stay"  # stage-1 decoder input at every hour: "stay" (b) or "zeros" (paper text, see below)
+    # fidelity: the paper's read-out has an (F,) bias; a learned (T, F) bias, started at the training cells'
+    # means (StayPretrainer.init_pattern), lets b explain only how a stay departs from the population pattern
+    hour_bias: bool = True
+    recon_loss: str = "mse"  # stage-1 objective: "mse" (paper Eq. 3) or "bce" (see StayPretrainer)
+    code_loss: str = "mse"  # stage-2 masked-code objective: "mse" (paper Eq. 9) or "bce" (see masked_code_loss)
 
     SIZES = ("seq_len", "n_features", "n_static", "n_icd", "n_drug", "note_dim")
+    # what shapes the encoders' weights; the other fields only change the pretraining objectives
+    ENCODER = SIZES + ("d_model", "n_heads", "static_hidden")
 
     @classmethod
     def from_meta(cls, meta: dict, **overrides) -> "ModelConfig":
@@ -65,14 +73,19 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.mse_loss(pred, target)
 
 
-def masked_code_loss(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """L = Σ m ⊙ (σ(pred) − target)² / Σ m; pred logits, target 0/1, loss_mask m bool, all (B, V) → scalar.
+def masked_code_loss(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor,
+                     kind: str = "mse") -> torch.Tensor:
+    """L = Σ m ⊙ ℓ(pred, target) / Σ m; pred logits, target 0/1, loss_mask m bool, all (B, V) → scalar.
 
-    Paper Eq. 9 is an MSE between σ(logits) and the masked codes; its element-wise product (lost in the
-    printed equation) is read as restricting the mean to the positions the model cannot see (m = every
-    position except the still-visible present codes). An empty mask gives 0.
+    kind "mse": ℓ = (σ(pred) − target)², paper Eq. 9, an MSE between σ(logits) and the masked codes; its
+    element-wise product (lost in the printed equation) is read as restricting the mean to the positions
+    the model cannot see (m = every position except the still-visible present codes). kind "bce": ℓ is the
+    binary cross-entropy of the logits. An empty mask gives 0.
     """
-    err = (torch.sigmoid(pred) - target) ** 2  # (B, V)
+    if kind == "mse":
+        err = (torch.sigmoid(pred) - target) ** 2  # (B, V)
+    else:
+        err = F.binary_cross_entropy_with_logits(pred.float(), target.float(), reduction="none")  # (B, V)
     m = loss_mask.to(err.dtype)
     return (err * m).sum() / m.sum().clamp(min=1.0)
 
@@ -296,9 +309,19 @@ class StayPretrainer(nn.Module):
         # and b collapses: on the synthetic cohort (400 patients, d 64, 60 epochs) 5-fold linear probes of b
         # gave mortality/ARF/shock AUROC 0.75/0.51/0.78, no better than an untrained encoder (0.75/0.61/0.78).
         # Feeding b as every hour's input as well ("stay", the default) gave 0.83/0.65/0.84.
-        self.decoder_input = cfg.decoder_input
+        self.decoder_input, self.recon_loss = cfg.decoder_input, cfg.recon_loss
         self.decoder = nn.LSTM(cfg.d_model if cfg.decoder_input == "stay" else 1, cfg.d_model, batch_first=True)
         self.readout = nn.Linear(cfg.d_model, cfg.n_features)
+        self.hour_bias = nn.Parameter(torch.zeros(cfg.seq_len, cfg.n_features)) if cfg.hour_bias else None  # (T, F)
+
+    @torch.no_grad()
+    def init_pattern(self, cell_mean: torch.Tensor) -> None:
+        """Start the (T, F) bias at the logit of the training cells' means, so that step 0 already predicts
+        the population pattern and training spends its steps on what the stay vector adds."""
+        if self.hour_bias is not None:
+            self.hour_bias.copy_(torch.logit(cell_mean.clamp(1e-4, 1 - 1e-4)))
+        else:  # no (T, F) bias: the read-out's (F,) bias starts at each feature's rate
+            self.readout.bias.copy_(torch.logit(cell_mean.mean(0).clamp(1e-4, 1 - 1e-4)))
 
     def forward(self, batch: dict) -> dict:
         b = self.encoder(batch)  # (B, D)
@@ -307,9 +330,14 @@ class StayPretrainer(nn.Module):
         steps = b.unsqueeze(1).expand(B, self.T, b.shape[1]) if self.decoder_input == "stay" \
             else b.new_zeros(B, self.T, 1)  # (B, T, D) or (B, T, 1)
         out, _ = self.decoder(steps, (h0, torch.zeros_like(h0)))  # (B, T, D)
-        recon = torch.sigmoid(self.readout(out))  # (B, T, F), in (0, 1) like the binary targets
+        logits = self.readout(out)  # (B, T, F)
+        if self.hour_bias is not None:
+            logits = logits + self.hour_bias  # (B, T, F): b only has to explain how a stay departs from it
+        recon = torch.sigmoid(logits)  # (B, T, F), in (0, 1) like the binary targets
         target = densify(batch["ts_idx"], B, self.T, self.F)  # (B, T, F)
-        return {"loss": reconstruction_loss(recon, target), "recon": recon}
+        mse = reconstruction_loss(recon, target)
+        loss = mse if self.recon_loss == "mse" else F.binary_cross_entropy_with_logits(logits.float(), target)
+        return {"loss": loss, "mse": mse.detach(), "recon": recon}
 
 
 class AdmissionPretrainer(nn.Module):
@@ -323,7 +351,21 @@ class AdmissionPretrainer(nn.Module):
         self.icd_head = nn.Linear(cfg.d_model, cfg.n_icd)
         self.drug_head = nn.Linear(cfg.d_model, cfg.n_drug)
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+    @torch.no_grad()
+    def init_priors(self, prior: dict) -> None:
+        """Start each code head at its no-learning prior ({"icd": (V_icd,), "drug": (V_drug,)} probabilities):
+        bias = logit(prior), weight = 0, so step 0 predicts each code's frequency exactly (instead of ½
+        everywhere, which Adam's bounded steps take thousands of steps to undo) and training spends its steps
+        on what the admission adds. The weights leave 0 at the first step."""
+        for m, head in (("icd", self.icd_head), ("drug", self.drug_head)):
+            head.bias.copy_(torch.logit(prior[m].clamp(1e-6, 1 - 1e-6)))
+            head.weight.zero_()
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None, priors: dict | None = None) -> dict:
+        """Loss parts of one batch. `priors` ({name: {"icd": (V_icd,), "drug": (V_drug,)} probabilities}) adds
+        "mcp_<name>": the masked-code loss of predicting those constant probabilities on the same masks (the
+        no-learning baselines a run is judged against). "cl_chance" is the contrastive loss of uniform
+        similarities on the same rows: the mean over terms of log(n − 1) (log n with the positive included)."""
         enc, cfg = self.encoder, self.cfg
         x, mask = enc.tokens(batch)  # (B, 4, D), (B, 4): full inputs, stays encoded once per step
         icd, drug = batch["icd"], batch["drug"]  # (B, V_icd), (B, V_drug)
@@ -336,23 +378,32 @@ class AdmissionPretrainer(nn.Module):
                                 x[:, 3]], dim=1)  # (B, 4, D), TOKENS order: stay and note unchanged
         a_masked = enc.fuse(x_masked, mask)  # (B, D)
         # targets are the masked codes; scored where the code is not visible, in admissions that have the set
-        hidden_icd = ~(icd.bool() & keep_icd) & batch["icd_mask"][:, None]  # (B, V_icd)
-        hidden_drug = ~(drug.bool() & keep_drug) & batch["drug_mask"][:, None]  # (B, V_drug)
-        mcp = 0.5 * (masked_code_loss(self.icd_head(a_masked), icd * ~keep_icd, hidden_icd)
-                     + masked_code_loss(self.drug_head(a_masked), drug * ~keep_drug, hidden_drug))  # official ½(·+·)
+        targets = {"icd": (icd * ~keep_icd, ~(icd.bool() & keep_icd) & batch["icd_mask"][:, None]),  # (B, V_icd)
+                   "drug": (drug * ~keep_drug, ~(drug.bool() & keep_drug) & batch["drug_mask"][:, None])}
+        logits = {"icd": self.icd_head(a_masked), "drug": self.drug_head(a_masked)}  # (B, V) each
+        mcp = 0.5 * sum(masked_code_loss(logits[m], *targets[m], kind=cfg.code_loss) for m in targets)  # official ½(·+·)
+        out = {}
+        for name, prior in (priors or {}).items():
+            out[f"mcp_{name}"] = 0.5 * sum(masked_code_loss(torch.logit(prior[m], eps=1e-6).expand_as(t), t, h,
+                                                            kind=cfg.code_loss)
+                                           for m, (t, h) in targets.items()).detach()
 
         # (b) CL: r ∈ {c, g, l} (s is never the anchor, paper §2.3.3) against the fusion of the other three
-        terms = []
+        terms, chance = [], []
         for i, name in enumerate(enc.TOKENS[1:], start=1):
             present = mask[:, i]  # (B,)
-            if int(present.sum()) < 2:  # no in-batch negative: skip the term (one host sync per term)
+            n = int(present.sum())  # one host sync per term
+            if n < 2:  # no in-batch negative: skip the term
                 continue
             key = enc.fuse(x, mask, keep=tuple(t for t in enc.TOKENS if t != name))  # (B, D) = a\r
             terms.append(info_nce(x[present, i], key[present], cfg.temperature, cfg.cl_include_positive))
+            chance.append(math.log(n if cfg.cl_include_positive else n - 1))
         cl = torch.stack(terms).mean() if terms else x.new_zeros(())
 
         loss = mcp + cfg.cl_weight * cl  # paper Eq. 11
-        return {"loss": loss, "mcp": mcp.detach(), "cl": cl.detach()}
+        out.update(loss=loss, mcp=mcp.detach(), cl=cl.detach(),
+                   cl_chance=x.new_tensor(sum(chance) / len(chance) if chance else 0.0))
+        return out
 
 
 # ---------------------------------------------------------------------------------------- downstream

@@ -11,6 +11,7 @@ Pretraining sees the training split only; the validation split gives a held-out 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from data import (AdmissionDataset, InputError, Processed, Reporter, StayDataset, config_record, load_processed,
-                  make_loader)
+from data import (AdmissionDataset, InputError, Processed, Reporter, StayDataset, cell_counts, code_counts,
+                  config_record, load_processed, make_loader)
 from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,
                     count_parameters, load_encoder)
 
@@ -40,16 +41,22 @@ class StayPretrainConfig:
     grad_clip: float = 1.0            # not in the paper; keeps early LSTM steps stable
     d_model: int = 256                # paper App. B
     dropout: float = 0.1              # spec §13 (unknown in the official pretraining)
-    # stage-1 decoder input (models.ModelConfig): "stay" (b at every hour) or "zeros" (the paper's wording);
-    # the admission stage must use the value its stay checkpoint was trained with
+    # stage-1 decoder input (models.ModelConfig): "stay" (b at every hour) or "zeros" (the paper's wording)
     decoder_input: str = ModelConfig.decoder_input
+    hour_bias: bool = ModelConfig.hour_bias
+    recon_loss: str = ModelConfig.recon_loss    # stage-1 objective: mse (paper) | bce
+    code_loss: str = ModelConfig.code_loss      # stage-2 masked-code objective: mse (paper) | bce
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA if supported, else fp32)
     num_workers: int = 0              # loader processes (0: batches built in the training process)
     log_every: int = 10               # steps between log lines
     checkpoint_every: int = 500       # steps between checkpoints (one is always written at the end)
     eval_every: int = 1               # epochs between validation losses (0: never)
+    # fidelity: the paper trains a fixed number of epochs; here a stage stops after `patience` validation
+    # passes without a lower validation loss and keeps the weights of its best pass (0: never stop early)
+    patience: int = 10
     resume: bool = False
+    overwrite: bool = False           # replace an existing RUN/<level>.pt instead of refusing
     seed: int = 0
     quiet: bool = False
 
@@ -140,37 +147,44 @@ def _sizes(meta: dict) -> dict:
     return {k: meta[k] for k in ModelConfig.SIZES}
 
 
-def _same_model(state: dict, mcfg: ModelConfig, meta: dict) -> bool:
-    """Whether a checkpoint was trained with this model config on data of these sizes."""
-    return state["model_config"] == asdict(mcfg) and state["sizes"] == _sizes(meta)
+def _same_model(state: dict, mcfg: ModelConfig, meta: dict, fields=None) -> bool:
+    """Whether a checkpoint was trained with this model config (or its `fields`) on data of these sizes."""
+    mine = asdict(mcfg)
+    keys = mine if fields is None else fields
+    return all(state["model_config"].get(k) == mine[k] for k in keys) and state["sizes"] == _sizes(meta)
 
 
 # ------------------------------------------------------------------------------------------- building
 def _build(cfg, data: Processed, device: torch.device, rep: Reporter):
-    """The pretrainer of cfg.level and its train/val datasets; the admission stage loads the stay stage."""
-    mcfg = ModelConfig.from_meta(data.meta, d_model=cfg.d_model, dropout=cfg.dropout, decoder_input=cfg.decoder_input)
+    """The pretrainer of cfg.level, its train/val datasets and the digest of the stay checkpoint it starts
+    from (None when it starts from random weights); the admission stage loads the stay stage."""
+    mcfg = ModelConfig.from_meta(data.meta, d_model=cfg.d_model, dropout=cfg.dropout, decoder_input=cfg.decoder_input,
+                                 recon_loss=cfg.recon_loss, code_loss=cfg.code_loss,
+                                 hour_bias=cfg.hour_bias)
     if data.meta["n_features"] == 0:  # both stages need ICU stays (admission pretraining reads their features)
         raise InputError(f"{cfg.data}: no ICU stays to pretrain on (a diagnosis extract has none; pretrain on a "
                          "MIMIC extract and preprocess this one with --vocab-from)")
     if cfg.level == "stay":
         model = StayPretrainer(StayEncoder(mcfg), mcfg)
         sets = [StayDataset(data, data.pretrain_rows("stay", s)) for s in ("train", "val")]
-        return model, mcfg, sets
+        return model, mcfg, sets, None
     model = AdmissionPretrainer(AdmissionEncoder(mcfg), mcfg)
+    parent = None
     # --resume only skips the stay initialisation when there is an admission checkpoint to resume from
     if cfg.init_from_stay and not (cfg.resume and (Path(cfg.run) / "admission.pt").is_file()):
         stay = load_checkpoint(Path(cfg.run) / "stay.pt")
-        if not _same_model(stay, mcfg, data.meta):
+        if not _same_model(stay, mcfg, data.meta, ModelConfig.ENCODER):
             raise InputError(f"{cfg.run}/stay.pt was trained with another model config or data; "
                              "re-run `pretrain --level stay` with the same --data and sizes")
         try:
             n = load_encoder(model.encoder.stay_encoder, stay["model"], "encoder.")
         except RuntimeError as err:  # missing or unexpected keys: one line on the command line, not a traceback
             raise InputError(f"{cfg.run}/stay.pt: {err}") from None
+        parent = stay.get("digest") or weights_digest(stay["model"])
         rep.log(f"initialised the stay encoder from {cfg.run}/stay.pt ({n} tensors, all keys matched)")
     sets = [AdmissionDataset(data, data.pretrain_rows("admission", s), max_stays=cfg.max_stays)
             for s in ("train", "val")]
-    return model, mcfg, sets
+    return model, mcfg, sets, parent
 
 
 def _batches(n: int, batch_size: int, seed: int, epoch: int, skip: int = 0):
@@ -185,8 +199,9 @@ def _n_examples(batch: dict, level: str) -> int:
 
 
 @torch.no_grad()
-def _validate(model, dataset, cfg, device, amp) -> dict:
-    """Mean validation loss parts (eval mode, no shuffling)."""
+def _validate(model, dataset, cfg, device, amp, priors: dict | None) -> dict:
+    """Mean validation loss parts (eval mode, no shuffling); at the admission level also the masked-code
+    loss of each no-learning prior on the same masks (`val_mcp_<name>`) and the contrastive chance level."""
     if len(dataset) == 0:
         return {}
     model.eval()
@@ -195,14 +210,85 @@ def _validate(model, dataset, cfg, device, amp) -> dict:
     for batch in make_loader(dataset, cfg.batch_size, pin_memory=device.type == "cuda"):
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            out = model(batch, generator=gen) if cfg.level == "admission" else model(batch)
+            out = model(batch, generator=gen, priors=priors) if cfg.level == "admission" else model(batch)
         k = _n_examples(batch, cfg.level)
-        for key in ("loss", "mcp", "cl"):
-            if key in out:
-                totals[key] = totals.get(key, 0.0) + float(out[key]) * k
+        for key, value in out.items():
+            if key in ("loss", "mse") or key.startswith(("mcp", "cl")):
+                totals[key] = totals.get(key, 0.0) + float(value) * k
         n += k
     model.train()
     return {f"val_{k}": v / n for k, v in totals.items()}
+
+
+# ------------------------------------------------------------------------------------------- health
+BASELINE_NAMES = {"zeros": "all zeros", "feature_rate": "each feature's rate",
+                  "cell_mean": "the (hour, feature) mean pattern", "none": "predicting no code",
+                  "frequency": "each code's training frequency"}
+
+
+def stay_baselines(data: Processed, train_rows, val_rows) -> dict:
+    """Validation MSE of three no-learning predictors fitted on the training stays: all zeros, each feature's
+    rate, each (hour, feature) cell's mean. Exact, from cell counts: for binary y and a constant c per cell,
+    Σ (c − y)² over n stays = n c² − 2 c Σy + Σy. Also returns the training cell means (T, F)."""
+    T, F = data.meta["seq_len"], data.meta["n_features"]
+    fit, val = cell_counts(data, train_rows).astype(float), cell_counts(data, val_rows).astype(float)  # (T, F)
+    n_fit, n_val = max(len(train_rows), 1), len(val_rows)
+
+    def mse(c):  # c: constant prediction, broadcastable to (T, F)
+        return float((n_val * c ** 2 - 2 * c * val + val).sum() / max(n_val * T * F, 1))
+    baselines = {"zeros": mse(0.0), "feature_rate": mse(fit.sum(0) / (n_fit * T)), "cell_mean": mse(fit / n_fit)}
+    return baselines, torch.as_tensor(fit / n_fit, dtype=torch.float32)
+
+
+def code_priors(data: Processed, rows, mask_rate: float, device) -> dict:
+    """Per-code probabilities of the two no-learning masked-code predictors, fitted on the training
+    admissions: "none" (0 everywhere) and "frequency": P(code is a masked target | not visible) =
+    r f / (1 − (1 − r) f) for a code of training frequency f and mask rate r (the best constant per code)."""
+    priors = {"none": {}, "frequency": {}}
+    for m in ("icd", "drug"):
+        counts, n = code_counts(data, rows, m)
+        f = torch.as_tensor(counts / max(n, 1), dtype=torch.float32)  # (V,)
+        priors["none"][m] = torch.zeros_like(f).to(device)
+        priors["frequency"][m] = (mask_rate * f / (1 - (1 - mask_rate) * f)).to(device)
+    return priors
+
+
+def health(level: str, val: dict, baselines: dict) -> dict:
+    """The validation objective beside its best no-learning baseline: relative gains (+ = better than it)."""
+    if level == "stay":
+        best = min(baselines, key=baselines.get)
+        return {"baseline": best, "baseline_value": baselines[best],
+                "gain": 1 - val["val_mse"] / baselines[best]}
+    best = min(("none", "frequency"), key=lambda k: val[f"val_mcp_{k}"])
+    return {"baseline": best, "baseline_value": val[f"val_mcp_{best}"], "gain": 1 - val["val_mcp"] / val[f"val_mcp_{best}"],
+            "cl_chance": val["val_cl_chance"], "cl_gain": val["val_cl_chance"] - val["val_cl"]}
+
+
+def health_status(h: dict) -> str:
+    """Short form for the progress line."""
+    text = f"val {100 * h['gain']:+.1f}% vs {h['baseline'].replace('_', ' ')}"
+    return text + (f", cl {h['cl_gain']:+.2f} vs chance" if "cl_gain" in h else "")
+
+
+def verdict(level: str, h: dict | None, epoch: float | None) -> tuple[str, bool]:
+    """One plain sentence on what the stage learned (at its best validation pass), and whether it learned."""
+    if h is None:
+        return f"{_STAGE[level]}: no validation split, so nothing shows whether it learned", True
+    where, pct = f" (best validation pass, epoch {epoch:g})", 100 * abs(h["gain"])
+    side = "below" if h["gain"] > 0 else "not below"
+    base = BASELINE_NAMES[h["baseline"]]
+    if level == "stay":
+        what = ("carries nothing measurable beyond the population pattern" if h["gain"] <= 0 else
+                "carries little" if h["gain"] < 0.05 else "carries part of each stay" if h["gain"] < 0.15
+                else "carries much of each stay")
+        return (f"stage 1: validation MSE {pct:.1f}% {side} {base}{where}; the stay vector {what}", h["gain"] > 0)
+    learned = h["gain"] > 0 and h["cl_gain"] > 0
+    return (f"stage 2: validation masked-code loss {pct:.1f}% {side} {base}, contrastive loss "
+            f"{abs(h['cl_gain']):.2f} {'below' if h['cl_gain'] > 0 else 'above'} chance ({h['cl_chance']:.2f})"
+            f"{where}", learned)
+
+
+_STAGE = {"stay": "stage 1", "admission": "stage 2"}
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -217,35 +303,102 @@ def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, scaler, grad
     opt.zero_grad(set_to_none=True)
 
 
+def weights_digest(state_dict: dict) -> str:
+    """A short content hash of a state dict (names, shapes, values): which stay.pt an admission.pt grew from."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        v = state_dict[k].detach().cpu().contiguous()
+        h.update(k.encode() + str(tuple(v.shape)).encode() + v.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def data_digest(root: Path) -> str:
+    """Identity of a processed folder (its meta.json), so a moved folder still resumes."""
+    return hashlib.sha256((Path(root) / "meta.json").read_bytes()).hexdigest()[:16]
+
+
+class _Best:
+    """The best validation pass so far, its weights (copied) and the patience left."""
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.loss, self.epoch, self.step = state.get("val_loss", math.inf), state.get("epoch"), state.get("step")
+        self.health, self.bad, self.weights = state.get("health"), state.get("bad", 0), None
+
+    def update(self, model, record: dict, h: dict | None) -> bool:
+        """Keep the weights when the validation loss improved; returns whether it did."""
+        if record["val_loss"] < self.loss:
+            self.loss, self.epoch, self.step, self.health, self.bad = (record["val_loss"], record["epoch"],
+                                                                       record["step"], h, 0)
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return True
+        self.bad += 1
+        return False
+
+    def record(self) -> dict:
+        return {"val_loss": self.loss, "epoch": self.epoch, "step": self.step, "health": self.health, "bad": self.bad}
+
+
+def _check_start(cfg, path: Path) -> None:
+    """Refuse, before any work, what would lose a checkpoint or train on a meaningless objective."""
+    if cfg.level == "admission" and cfg.batch_size < 2:
+        raise InputError("admission pretraining needs --batch-size >= 2: its contrastive loss takes the other "
+                         "admissions of a batch as negatives")
+    if path.is_file() and not cfg.resume and not cfg.overwrite:
+        raise InputError(f"{path} exists; pass --resume to continue it, --overwrite to replace it, or choose "
+                         "another --run")
+
+
+def _restore(state: dict, model, opt, scaler, device) -> _Best:
+    """Load a checkpoint's training state into the model and optimiser; returns its best-so-far record."""
+    model.load_state_dict(state["last_model"])
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    best = _Best(state["best"])
+    if state["best"].get("step") is not None:
+        best.weights = {k: v.to(device) for k, v in state["model"].items()}
+    return best
+
+
 def pretrain(cfg) -> dict:
-    """Run one pretraining stage (cfg.level); returns the final log record."""
+    """Run one pretraining stage (cfg.level); returns the final log record, with the stage's verdict."""
     rep = Reporter(cfg.quiet)
     torch.manual_seed(cfg.seed)
     device, run = resolve_device(cfg.device), Path(cfg.run)
     amp = resolve_dtype(cfg.precision, device)
+    path = run / f"{cfg.level}.pt"
+    _check_start(cfg, path)
     data = load_processed(cfg.data)
-    model, mcfg, (train_set, val_set) = _build(cfg, data, device, rep)
+    model, mcfg, (train_set, val_set), parent = _build(cfg, data, device, rep)
     if len(train_set) == 0:
         raise InputError(f"{cfg.data}: no {cfg.level}s in the training split to pretrain on")
     model.to(device)
     # AdamW "throughout pretraining" (paper App. B); fidelity: the official code uses Adam (coupled L2)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    path = run / f"{cfg.level}.pt"
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    step, saved_step = 0, None                  # saved_step: the step of the checkpoint at `path`, once known
+    step, saved_step, best = 0, None, _Best()    # saved_step: the step of the checkpoint at `path`, once known
     if cfg.resume and path.is_file():
         state = load_checkpoint(path)
         _check_resumable(state, cfg, mcfg, data)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        step = saved_step = state["step"]
+        best, step = _restore(state, model, opt, scaler, device), state["step"]
+        saved_step, parent = step, state.get("stay_digest")
         rep.log(f"resuming {path} at step {step}")
+    elif cfg.resume:
+        rep.log(f"nothing to resume at {path}: starting a new run")
+    # no-learning baselines, fitted once on the training split (docs: every run says whether it learned)
+    if cfg.level == "stay":
+        (baselines, cell_mean), priors = stay_baselines(data, train_set.rows.numpy(), val_set.rows.numpy()), None
+        if step == 0:
+            model.init_pattern(cell_mean.to(device))
+    else:
+        baselines, priors = {}, code_priors(data, train_set.rows.numpy(), mcfg.mask_rate, device)
+        if step == 0:
+            model.init_priors(priors["frequency"])
     run.mkdir(parents=True, exist_ok=True)
     resolved, versions = config_record(cfg), _versions()
     header = {"level": cfg.level, "config": resolved, "model_config": asdict(mcfg), "device": str(device),
@@ -253,22 +406,29 @@ def pretrain(cfg) -> dict:
               "train": len(train_set), "val": len(val_set), "steps": total, **versions}
     (run / f"config_{cfg.level}.json").write_text(json.dumps(header, indent=1))
     rep.log(json.dumps(header))
+    extra = {"data_digest": data_digest(cfg.data), "stay_digest": parent}
 
     def checkpoint():
         nonlocal saved_step
         rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                         "step": step, "epoch": step // steps_per_epoch, "rng": rng, "level": cfg.level,
-                         "config": resolved, "model_config": asdict(mcfg), "sizes": _sizes(data.meta),
-                         "icd_vocab": data.meta["icd_vocab"], **versions}, path)
+        last = model.state_dict()
+        weights = best.weights if best.weights is not None else last  # the best validation pass, else the last
+        save_checkpoint({"model": weights, "last_model": last, "optimizer": opt.state_dict(),
+                         "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+                         "best": best.record(), "rng": rng, "level": cfg.level, "config": resolved,
+                         "model_config": asdict(mcfg), "sizes": _sizes(data.meta), "icd_vocab": data.meta["icd_vocab"],
+                         "digest": weights_digest(weights), **extra, **versions}, path)
         saved_step = step
 
     model.train()
-    record, last_log, waited, samples = {}, time.perf_counter(), 0.0, 0
+    record, last_log, waited, samples, status = {}, time.perf_counter(), 0.0, 0, ""
+    stopped = cfg.patience and best.bad >= cfg.patience
     with open(run / "log.jsonl", "a") as log, rep.task(f"pretrain {cfg.level}", total, "steps") as advance:
-        while step < total:
+        log.write(json.dumps({"event": "start", "level": cfg.level, "step": step, "resume": cfg.resume,
+                              "time": time.time(), "baselines": baselines}) + "\n")
+        while step < total and not stopped:
             epoch, skip = divmod(step, steps_per_epoch)
             t_wait = time.perf_counter()
             loader = make_loader(train_set, 0, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
@@ -284,12 +444,14 @@ def pretrain(cfg) -> dict:
                     out = model(batch)
                 loss = out["loss"]
                 if not torch.isfinite(loss):
+                    kept = (f"the last good checkpoint (step {saved_step}) is kept at {path}" if saved_step
+                            else "no checkpoint was written")
                     raise NonFiniteLoss(f"the {cfg.level} loss became {float(loss.detach())} at step {step + 1}; "
-                                        f"the last good checkpoint is kept at {path}")
+                                        f"{kept}; lower --lr")
                 optimizer_step(loss, model, opt, scaler, cfg.grad_clip)
                 step += 1
                 samples += _n_examples(batch, cfg.level)
-                parts = {k: round(float(v.detach()), 5) for k, v in out.items() if k in ("loss", "mcp", "cl")}
+                parts = {k: round(float(v.detach()), 5) for k, v in out.items() if k in ("loss", "mse", "mcp", "cl")}
                 end_of_epoch = step % steps_per_epoch == 0
                 if step % cfg.log_every == 0 or step == total or end_of_epoch:
                     now = time.perf_counter()
@@ -297,28 +459,44 @@ def pretrain(cfg) -> dict:
                               "lr": cfg.lr, "samples_per_s": round(samples / (now - last_log), 1),
                               "data_wait": round(waited / (now - last_log), 3), "time": time.time()}
                     if end_of_epoch and cfg.eval_every and (step // steps_per_epoch) % cfg.eval_every == 0:
-                        record.update(_validate(model, val_set, cfg, device, amp))
+                        record.update(_validate(model, val_set, cfg, device, amp, priors))
+                    if "val_loss" in record:
+                        h = health(cfg.level, record, baselines)
+                        best.update(model, record, h)
+                        record.update(health=h, best_epoch=best.epoch)
+                        status = " | " + health_status(h)
+                        stopped = bool(cfg.patience) and best.bad >= cfg.patience
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     last_log, waited, samples = time.perf_counter(), 0.0, 0
-                advance(1, status=" ".join(f"{k} {v:.4f}" for k, v in parts.items()) + f" lr {cfg.lr:.1e}")
-                if step % cfg.checkpoint_every == 0 or step == total:
+                advance(1, status=" ".join(f"{k} {v:.4f}" for k, v in parts.items()) + f" lr {cfg.lr:.1e}" + status)
+                if step % cfg.checkpoint_every == 0 or step == total or stopped:
                     checkpoint()
-                if step >= total:
+                if step >= total or stopped:
                     break
                 t_wait = time.perf_counter()
+        sentence, learned = verdict(cfg.level, best.health, best.epoch)
+        log.write(json.dumps({"event": "end", "level": cfg.level, "step": step, "stopped_early": bool(stopped),
+                              "best": best.record(), "verdict": sentence, "learned": learned}) + "\n")
     if saved_step != step:                      # the loop did not run (nothing to do, or resumed at the end)
         checkpoint()
+    if stopped:
+        rep.log(f"stopped early at step {step}: no better validation loss for {cfg.patience} passes; "
+                f"kept the weights of epoch {best.epoch:g}")
+    rep.log(sentence if learned else f"warning: {sentence}")
     rep.log(f"wrote {path} (step {step}); log in {run / 'log.jsonl'}")
-    return record
+    return {**record, "verdict": sentence, "learned": learned, "best": best.record()}
 
 
 def _check_resumable(state: dict, cfg, mcfg: ModelConfig, data: Processed) -> None:
-    """Only the stopping point (epochs, max_steps) and runtime options may change on --resume."""
-    free = {"epochs", "max_steps", "resume", "quiet", "device", "num_workers", "log_every", "checkpoint_every",
-            "eval_every"}
-    changed = [f.name for f in fields(cfg) if f.name not in free
-               and str(state["config"].get(f.name)) != str(getattr(cfg, f.name))]
-    if changed or not _same_model(state, mcfg, data.meta):
-        raise InputError(f"cannot resume {cfg.run}/{cfg.level}.pt: settings differ ({', '.join(changed) or 'data'}); "
-                         "start a new --run or drop --resume")
+    """Only the stopping point and runtime options may change on --resume; the data are compared by content,
+    so relative paths and a moved folder resume."""
+    free = {"data", "run", "epochs", "max_steps", "resume", "overwrite", "quiet", "device", "num_workers",
+            "log_every", "checkpoint_every", "eval_every", "patience"}
+    changed = [f"{f.name} {state['config'].get(f.name)} -> {getattr(cfg, f.name)}" for f in fields(cfg)
+               if f.name not in free and str(state["config"].get(f.name)) != str(getattr(cfg, f.name))]
+    if state.get("data_digest") != data_digest(cfg.data) or not _same_model(state, mcfg, data.meta):
+        changed.append(f"the processed data ({cfg.data} is not the folder it was trained on)")
+    if changed:
+        raise InputError(f"cannot resume {cfg.run}/{cfg.level}.pt: settings differ ({'; '.join(changed)}); "
+                         "resume with its settings, or start a new --run")

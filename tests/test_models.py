@@ -270,7 +270,9 @@ def test_admission_pretrainer_outputs(cfg):
     model = AdmissionPretrainer(AdmissionEncoder(cfg), cfg).eval()
     batch = admission_batch()
     out = model(batch, generator=gen(8))
-    assert set(out) == {"loss", "mcp", "cl"} and all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
+    assert set(out) == {"loss", "mcp", "cl", "cl_chance"} and all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
+    # chance: the mean over the ICD (6 rows), drug (5) and note (5) terms of log(n − 1)
+    assert out["cl_chance"].item() == pytest.approx((math.log(5) + 2 * math.log(4)) / 3)
     assert out["loss"].item() == pytest.approx(out["mcp"].item() + cfg.cl_weight * out["cl"].item(), rel=1e-5)
     assert out["loss"].item() == pytest.approx(model(batch, generator=gen(8))["loss"].item())  # same masks
     official = AdmissionPretrainer(model.encoder, ModelConfig.from_meta(META, d_model=D, cl_include_positive=True))
@@ -285,8 +287,37 @@ def test_admission_pretrainer_skips_contrastive_terms_without_negatives(cfg):
     batch["drug"], batch["drug_mask"] = torch.zeros(2, V_DRUG), torch.zeros(2, dtype=torch.bool)
     out = model(batch, generator=gen(9))
     assert torch.isfinite(out["loss"]) and out["cl"] != 0  # only the ICD term is left
+    assert out["cl_chance"].item() == pytest.approx(math.log(1))  # the ICD term: 2 rows, 1 negative
     single = admission_batch(counts=(1,))
     assert model(single, generator=gen(9))["cl"].item() == 0.0  # B = 1: no term at all
+
+
+def test_no_learning_priors_score_like_constant_predictions(cfg):
+    """mcp_<name> is the masked-code loss of constant probabilities on the batch's own masks; after
+    init_priors the heads predict exactly the prior (bias = logit, weight = 0), so mcp == mcp_frequency."""
+    model = AdmissionPretrainer(AdmissionEncoder(cfg), cfg).eval()
+    batch = admission_batch()
+    prior = {"icd": torch.full((V_ICD,), 0.02), "drug": torch.full((V_DRUG,), 0.05)}
+    none = {"icd": torch.zeros(V_ICD), "drug": torch.zeros(V_DRUG)}
+    model.init_priors(prior)
+    out = model(batch, generator=gen(8), priors={"frequency": prior, "none": none})
+    assert out["mcp"].item() == pytest.approx(out["mcp_frequency"].item(), rel=1e-5)
+    assert out["mcp_none"].item() != pytest.approx(out["mcp_frequency"].item())
+    for kind in ("mse", "bce"):  # hand value: one position, target 1, p = 0.25
+        loss = masked_code_loss(torch.logit(torch.tensor([[0.25]])), torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool),
+                                kind=kind)
+        assert loss.item() == pytest.approx(0.5625 if kind == "mse" else -math.log(0.25), rel=1e-5)
+
+
+def test_stay_pattern_init_predicts_the_cell_means(cfg):
+    """init_pattern sets the (T, F) bias to logit(cell mean); with the read-out weights at 0 the
+    reconstruction is exactly that pattern."""
+    model = StayPretrainer(StayEncoder(cfg), cfg).eval()
+    mean = torch.rand(T, F) * 0.5 + 0.01
+    model.init_pattern(mean)
+    with torch.no_grad():
+        model.readout.weight.zero_(), model.readout.bias.zero_()
+    torch.testing.assert_close(model(stay_batch())["recon"][0], mean, rtol=1e-4, atol=1e-6)
 
 
 def test_pretraining_steps_reduce_loss(cfg):

@@ -40,7 +40,12 @@ def config(level: str, data_dir: Path, run: Path, **kw):
 
 def records(run: Path, level: str | None = None) -> list[dict]:
     lines = (run / "log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if level is None or r["level"] == level]
+    return [r for r in map(json.loads, lines) if "event" not in r and (level is None or r["level"] == level)]
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    """The run's start or end records of log.jsonl."""
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r.get("event") == kind]
 
 
 def one_line_error(result, alone: bool = True) -> str:
@@ -230,10 +235,11 @@ def test_resume_with_changed_settings_is_refused_in_one_line(cohort, tmp_path):
     before = (run / "stay.pt").read_bytes()
 
     msg = one_line_error(runner.invoke(cli, args + ["--max-steps", "4", "--resume", "--lr", "1e-3"]))
-    assert "cannot resume" in msg and "settings differ (lr)" in msg and "start a new --run or drop --resume" in msg
+    assert "cannot resume" in msg and "settings differ (lr 0.0005 -> 0.001)" in msg and "start a new --run" in msg
+    assert "drop --resume" not in msg and "--overwrite" not in msg  # never advise what discards the checkpoint
     assert (run / "stay.pt").read_bytes() == before  # nothing was trained or written
     msg = one_line_error(runner.invoke(cli, args[:-1] + ["16", "--max-steps", "4", "--resume"]))
-    assert "settings differ (batch_size)" in msg
+    assert "settings differ (batch_size 8 -> 16)" in msg
 
     # the stopping point may change: the same settings with a later --max-steps continue the run
     result = runner.invoke(cli, args + ["--max-steps", "3", "--resume"])
@@ -310,7 +316,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(level
         shutil.copytree(stay_only, run)
     nan_at(monkeypatch, StayPretrainer if level == "stay" else AdmissionPretrainer, 5)
     with pytest.raises(train.NonFiniteLoss, match=rf"the {level} loss became nan at step 5; the last good "
-                                                  rf"checkpoint is kept at .*{level}\.pt"):
+                                                  rf"checkpoint \(step 4\) is kept at .*{level}\.pt"):
         train.pretrain(config(level, root, run, max_steps=8, checkpoint_every=2, batch_size=16))
     ckpt = train.load_checkpoint(run / f"{level}.pt")
     assert ckpt["step"] == 4  # the step-4 checkpoint, not overwritten by the failed step 5
@@ -425,28 +431,25 @@ def test_config_json_records_the_resolved_run(both_stages, cohort):
 
 
 # ---------------------------------------------------------------------------------------- it learns
-def test_short_pretraining_lowers_each_loss(cohort, tmp_path):
-    """On the synthetic cohort, 15 stay steps and 40 admission steps (d = 64) must lower every loss clearly.
-
-    Thresholds, mean of the last 3 full-batch steps against step 1: reconstruction MSE below 0.5× (it starts
-    near 0.25, sigmoid outputs of ½ against a sparse binary target); masked-code MSE below 0.25×; contrastive loss
-    at least 1 nat lower (it starts near log(B−1), chance for in-batch negatives).
-    """
+def test_short_pretraining_beats_the_no_learning_baselines(cohort, tmp_path):
+    """On the synthetic cohort, 2 stay epochs and 6 admission epochs (d = 64) must beat the baselines each run
+    reports: stage 1's validation MSE below the (hour, feature) mean pattern (measured +6% to +12%), stage 2's
+    validation contrastive loss below chance log(B − 1) and its training contrastive loss at least 1 nat
+    lower than at step 1. Both stages start at their best no-learning predictor (pattern / prior init), so
+    step 1's loss is within a few % of that baseline; stage 2's masked-code loss must not drift above its
+    best baseline by more than 2% (this cohort's codes are mostly background noise: little to predict)."""
     root, d = cohort
     run = tmp_path / "run"
-    train.pretrain(config("stay", root, run, d_model=64, max_steps=15, batch_size=64, lr=1e-2, eval_every=0))
-    train.pretrain(config("admission", root, run, d_model=64, max_steps=40, batch_size=49, lr=3e-3, eval_every=0))
-    for level, thresholds in (("stay", {"loss": 0.5}), ("admission", {"mcp": 0.25, "cl": None})):
-        recs = records(run, level)
-        batch_size = 64 if level == "stay" else 49
-        n = len(d.pretrain_rows(level, "train"))
-        full = [r for r in recs if not (r["step"] % math.ceil(n / batch_size) == 0 and n % batch_size)]
-        for key, factor in thresholds.items():
-            first, last = recs[0][key], sum(r[key] for r in full[-3:]) / 3
-            if factor is None:
-                assert last < first - 1.0, (key, first, last)
-            else:
-                assert last < factor * first, (key, first, last)
+    out = train.pretrain(config("stay", root, run, d_model=64, max_steps=None, epochs=2, batch_size=32, lr=1e-3))
+    start = events(run, "start")[0]["baselines"]
+    assert records(run, "stay")[0]["loss"] == pytest.approx(start["cell_mean"], rel=0.2)
+    assert out["learned"] and out["best"]["health"]["gain"] > 0.03, out
+    out = train.pretrain(config("admission", root, run, d_model=64, max_steps=None, epochs=6, batch_size=49,
+                                lr=1e-3))
+    recs, h = records(run, "admission"), out["best"]["health"]
+    assert recs[-1]["cl"] < recs[0]["cl"] - 1.0 and h["cl_gain"] > 0, (recs[0], recs[-1], h)
+    assert h["gain"] > -0.02, h
+    assert "stage 1: validation MSE" in events(run, "end")[0]["verdict"]
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -466,3 +469,127 @@ def test_cli_pretrain_end_to_end(cohort, tmp_path):
         assert json.loads((run / f"config_{level}.json").read_text())["config"]["max_steps"] == 2
     assert "initialised the stay encoder from" in result.output
     assert [(r["level"], r["step"]) for r in records(run)] == [("stay", 2), ("admission", 2)]  # log_every 10
+
+
+# ------------------------------------------------------------------------- health, early stopping, faults
+def test_baselines_are_exact(cohort):
+    """stay_baselines from cell counts equals the MSE of each constant predictor computed on dense tensors."""
+    _, d = cohort
+    tr, va = d.pretrain_rows("stay", "train"), d.pretrain_rows("stay", "val")
+    (base, mean) = train.stay_baselines(d, tr, va)
+    dense = {s: data.StayDataset(d, r).__getitems__(list(range(len(r)))) for s, r in (("train", tr), ("val", va))}
+    T, F = d.meta["seq_len"], d.meta["n_features"]
+    from models import densify
+    x = {s: densify(b["ts_idx"], len(b["static"]), T, F) for s, b in dense.items()}
+    torch.testing.assert_close(mean, x["train"].mean(0))
+    for name, c in (("zeros", torch.zeros(T, F)), ("feature_rate", x["train"].mean((0, 1)).expand(T, F)),
+                    ("cell_mean", x["train"].mean(0))):
+        assert base[name] == pytest.approx(float(((c - x["val"]) ** 2).mean()), rel=1e-5), name
+
+
+def test_code_priors_match_the_masked_target_rate(cohort):
+    """The frequency prior is P(code is a masked target | not visible) = r f / (1 − (1 − r) f)."""
+    _, d = cohort
+    rows = d.pretrain_rows("admission", "train")
+    priors = train.code_priors(d, rows, 0.15, torch.device("cpu"))
+    icd = data.AdmissionDataset(d, rows).__getitems__(list(range(len(rows))))["icd"]
+    f = icd.mean(0)
+    torch.testing.assert_close(priors["frequency"]["icd"], 0.15 * f / (1 - 0.85 * f))
+    assert not priors["none"]["icd"].any()
+
+
+def test_early_stopping_keeps_the_best_weights(cohort, tmp_path, monkeypatch):
+    """With validation losses forced to 3, 1, 2, 2 and patience 2, the run stops after epoch 4 and stay.pt's
+    weights are those of epoch 2 (the best pass); the end record and the verdict say so."""
+    root, d = cohort
+    n = len(d.pretrain_rows("stay", "train"))
+    losses, weights = iter([3.0, 1.0, 2.0, 2.0, 2.0]), {}
+    validate = train._validate
+
+    def fake(model, *a, **kw):
+        out = validate(model, *a, **kw)
+        out["val_loss"] = next(losses)
+        weights[len(weights) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
+        return out
+    monkeypatch.setattr(train, "_validate", fake)
+    run = tmp_path / "run"
+    out = train.pretrain(config("stay", root, run, max_steps=None, epochs=9, batch_size=n, patience=2))
+    ckpt = train.load_checkpoint(run / "stay.pt")
+    assert ckpt["step"] == 4 and ckpt["best"]["epoch"] == 2 and out["best"]["epoch"] == 2
+    for k, v in ckpt["model"].items():
+        torch.testing.assert_close(v, weights[2][k], msg=k)
+    assert any(not torch.equal(v, weights[2][k]) for k, v in ckpt["last_model"].items())
+    end = events(run, "end")[0]
+    assert end["stopped_early"] and end["best"]["epoch"] == 2 and "epoch 2" in end["verdict"]
+
+
+def test_a_run_that_does_not_beat_its_baseline_warns_and_finishes(cohort, tmp_path):
+    """lr 1e-9: nothing is learned beyond the pattern init; the run ends with exit 0 and a 'warning:' verdict."""
+    root, _ = cohort
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["pretrain", "--level", "stay", "--data", str(root), "--run", str(run),
+                                      "--epochs", "1", "--batch-size", "64", "--lr", "1e-9", "--d-model", "16"])
+    assert result.exit_code == 0, result.output
+    assert "warning: stage 1: validation MSE" in result.output and "not below" in result.output
+
+
+def test_an_existing_checkpoint_is_not_overwritten_without_asking(cohort, stay_only, tmp_path):
+    root, _ = cohort
+    run = tmp_path / "run"
+    shutil.copytree(stay_only, run)
+    before = (run / "stay.pt").read_bytes()
+    args = ["pretrain", "--level", "stay", "--data", str(root), "--run", str(run), "--max-steps", "1",
+            "--batch-size", "8", "--d-model", str(D)]
+    msg = one_line_error(CliRunner().invoke(cli, args))
+    assert "stay.pt exists" in msg and "--resume" in msg and "--overwrite" in msg
+    assert (run / "stay.pt").read_bytes() == before
+    assert CliRunner().invoke(cli, args + ["--overwrite"]).exit_code == 0
+    assert train.load_checkpoint(run / "stay.pt")["step"] == 1
+
+
+def test_admission_checkpoint_records_its_stay_checkpoint(cohort, stay_only, tmp_path):
+    """admission.pt carries the digest of the stay.pt it started from; evaluate warns once stay.pt changes."""
+    root, d = cohort
+    run = tmp_path / "run"
+    shutil.copytree(stay_only, run)
+    train.pretrain(config("admission", root, run, max_steps=1))
+    stay, adm = (train.load_checkpoint(run / f"{n}.pt") for n in ("stay", "admission"))
+    assert adm["stay_digest"] == stay["digest"] == train.weights_digest(stay["model"])
+    from evaluate import Checkpoints
+    assert Checkpoints(run, d.meta).lineage() is None
+    train.pretrain(config("stay", root, run, max_steps=3, overwrite=True))
+    assert "was pretrained from another stay.pt" in Checkpoints(run, d.meta).lineage()
+
+
+def test_resume_survives_relative_paths_and_a_moved_run(cohort, tmp_path, monkeypatch):
+    root, _ = cohort
+    run = tmp_path / "a" / "run"
+    train.pretrain(config("stay", root, run, max_steps=2, batch_size=8))
+    moved = tmp_path / "b"
+    shutil.move(str(tmp_path / "a"), moved)
+    shutil.copytree(root, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    train.pretrain(config("stay", Path("data"), Path("b/run"), max_steps=3, batch_size=8, resume=True))
+    assert train.load_checkpoint(moved / "run" / "stay.pt")["step"] == 3
+
+
+def test_resume_without_a_checkpoint_says_so(cohort, tmp_path):
+    root, _ = cohort
+    result = CliRunner().invoke(cli, ["pretrain", "--level", "stay", "--data", str(root), "--run",
+                                      str(tmp_path / "r"), "--max-steps", "1", "--batch-size", "8", "--resume"])
+    assert result.exit_code == 0 and "nothing to resume at" in result.output, result.output
+
+
+def test_non_finite_loss_before_any_checkpoint_says_none_was_written(cohort, tmp_path, monkeypatch):
+    root, _ = cohort
+    nan_at(monkeypatch, StayPretrainer, 1)
+    with pytest.raises(train.NonFiniteLoss, match="at step 1; no checkpoint was written"):
+        train.pretrain(config("stay", root, tmp_path / "run", max_steps=3))
+    assert not (tmp_path / "run" / "stay.pt").exists()
+
+
+def test_admission_batch_size_one_is_refused(cohort, stay_only, tmp_path):
+    root, _ = cohort
+    msg = one_line_error(CliRunner().invoke(cli, ["pretrain", "--level", "admission", "--data", str(root),
+                                                  "--run", str(stay_only), "--batch-size", "1"]))
+    assert "--batch-size >= 2" in msg
