@@ -27,7 +27,7 @@ from torch import nn
 
 from data import (AdmissionDataset, InputError, PatientDataset, Processed, Reporter, StayDataset, config_record,
                   load_processed, make_loader, select_rows)
-from metrics import METRIC_FUNCTIONS, METRICS, binary_metrics, bootstrap_ci
+from metrics import METRIC_FUNCTIONS, METRICS, binary_metrics, bootstrap_ci, paired_delta
 from models import AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, StayEncoder, load_encoder
 from results import SPLITS, print_table, results_table, skipped_lines, write_task
 from sequence import SEQUENCE_MODELS, SequenceClassifier
@@ -62,6 +62,8 @@ TRANSFERS = {
     ("patient", "admission"): ("admission", "encoder.icd_encoder.", "code_encoder", ("n_icd",)),
 }
 
+PROBED = {"stay": "encoder", "admission": "encoder", "patient": "code_encoder"}  # frozen by --probe
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -81,7 +83,7 @@ class FinetuneConfig:
     # {5e-3, 2e-2, 5e-2} on the 400-patient synthetic cohort. Patient: 5e-2, beyond the grid: ~100 training
     # patients give SGD ~200 steps in 30 epochs, and 5e-3 left hf/copd/amnesia near chance (AUROC 0.52-0.72)
     # where 5e-2 reached 0.77-0.94 (the paper's cohorts are 10-100x larger; the official patient code uses Adam).
-    lr: float | None = None
+    lr: tuple[float, ...] | None = None  # one rate, or a grid chosen per init on validation (mean over seeds)
     lr_stay: float = 5e-3
     lr_admission: float = 5e-3
     lr_patient: float = 5e-2
@@ -95,6 +97,8 @@ class FinetuneConfig:
     # 0.8. On the synthetic demo cohort (3 seeds, from scratch) 0.8 cut readmission AUROC from 0.66 to 0.57 and
     # matched 0.2 on hf/copd/amnesia (0.94/0.80/0.85 vs 0.94/0.79/0.82), so 0.2 everywhere.
     dropout: float = 0.2
+    probe: bool = False               # train only the head on the frozen encoder (a linear probe at stay and
+    #                                   admission level; the sequence model on frozen code embeddings at patient level)
     max_stays: int = 3                # paper: at most M = 3 stays per admission
     max_visits: int = 50              # paper App. A: the last 50 visits
     bootstrap: int = 1000             # DESIGN §6: 1000-resample percentile CIs
@@ -166,6 +170,18 @@ class Checkpoints:
             raise InputError(f"{path} was pretrained on other data ({', '.join(bad)}); {hint}")
         return ckpt
 
+    def lineage(self) -> str | None:
+        """A warning when RUN/admission.pt was not pretrained from the RUN/stay.pt beside it (stage 1 was run
+        again after stage 2), else None."""
+        paths = [self.run / f"{n}.pt" for n in ("stay", "admission")]
+        if not all(p.is_file() for p in paths):
+            return None
+        parent, stay = self.get("admission").get("stay_digest"), self.get("stay").get("digest")
+        if parent and stay and parent != stay:
+            return (f"warning: {paths[1]} was pretrained from another stay.pt than {paths[0]} (stage 1 was run "
+                    "again after stage 2); re-run `pretrain --level admission` so that the two agree")
+        return None
+
     def model_config(self, init: str) -> ModelConfig:
         """Sizes from the data; architecture (d_model, heads, dropout) from the checkpoint that `init` uses,
         else from any checkpoint in RUN (so init=none is like-for-like), else ModelConfig defaults."""
@@ -186,6 +202,8 @@ def build_model(task: str, init: str, cfg: FinetuneConfig, ckpts: Checkpoints,
         model = Classifier(AdmissionEncoder(mcfg), dropout=cfg.dropout)
     else:
         model = SequenceClassifier(CodeEncoder(mcfg.n_icd, mcfg.d_model), cfg.model, mcfg, dropout=cfg.dropout)
+    if cfg.probe:  # the pretrained (or, for init=none, random) encoder stays as it is
+        model.get_submodule(PROBED[level]).requires_grad_(False)
     if init == "none":
         return model, 0
     name, prefix, target, sizes = TRANSFERS[level, init]
@@ -204,9 +222,21 @@ def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, am
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
-def level_lr(cfg: FinetuneConfig, level: str) -> float:
-    """The fine-tuning learning rate of a level: `cfg.lr` when given, else `cfg.lr_<level>`."""
-    return cfg.lr if cfg.lr is not None else getattr(cfg, f"lr_{level}")
+def level_lrs(cfg: FinetuneConfig, level: str) -> tuple[float, ...]:
+    """The fine-tuning learning rates to try at a level: `cfg.lr` when given, else (`cfg.lr_<level>`,)."""
+    if cfg.lr is None:
+        return (getattr(cfg, f"lr_{level}"),)
+    return tuple(cfg.lr) if isinstance(cfg.lr, (tuple, list)) else (float(cfg.lr),)
+
+
+def train_mode(model: nn.Module) -> None:
+    """model.train(), except that submodules whose parameters are all frozen (a probe's encoder) stay in
+    eval mode, so their dropout stays off."""
+    model.train()
+    for m in model.modules():
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            m.eval()
 
 
 def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, device, amp, advance,
@@ -214,12 +244,12 @@ def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, devic
     """Train on sets["train"] at `lr`, early-stop on validation `select_on`, reload the best weights (in place)."""
     # fidelity: no learning-rate schedule (official train.py adds StepLR(5, 0.1), the paper none); the official
     # patient-level code trains with Adam and a 2-way softmax, here every level shares SGD and BCE (paper App. B)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     y_val, select = sets["val"].labels.numpy(), METRIC_FUNCTIONS[cfg.select_on]
     best, best_epoch, best_state, epoch = -math.inf, 0, None, 0
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
+        train_mode(model)
         for batch in make_loader(sets["train"], cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch,
                                  pin_memory=device.type == "cuda"):
             batch = to_device(batch, device)
@@ -242,23 +272,36 @@ def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, devic
     return {"epochs": epoch, "best_epoch": best_epoch, f"val_{cfg.select_on}": best}
 
 
-def run_init(task: str, init: str, sets: dict, cfg: FinetuneConfig, ckpts: Checkpoints, device, amp,
-             rep: Reporter) -> tuple[dict, np.ndarray]:
-    """Every seed of one (task, init): per-seed records, mean ± sd, pooled bootstrap CIs; test probs (seeds, n)."""
+def run_seeds(task: str, init: str, sets: dict, cfg: FinetuneConfig, ckpts: Checkpoints, device, amp,
+              rep: Reporter, lr: float) -> tuple[list[dict], np.ndarray]:
+    """Fine-tune every seed of one (task, init) at `lr`: per-seed records and test probabilities (seeds, n)."""
     y_test, records, probs = sets["test"].labels.numpy(), [], []
     for i in range(cfg.seeds):
         seed, start = cfg.seed + i, time.perf_counter()
         torch.manual_seed(seed)
         model, loaded = build_model(task, init, cfg, ckpts)
         model.to(device)
-        with rep.task(f"{task} init={init} seed {seed}", cfg.epochs, "epochs") as advance:
-            record = finetune(model, sets, cfg, seed, device, amp, advance, level_lr(cfg, TASKS[task].level))
+        with rep.task(f"{task} init={init} seed {seed} lr {lr:g}", cfg.epochs, "epochs") as advance:
+            record = finetune(model, sets, cfg, seed, device, amp, advance, lr)
         probs.append(predict(model, sets["test"], 4 * cfg.batch_size, device, amp))
         records.append({"seed": seed, "loaded_tensors": loaded, **record, "test": binary_metrics(y_test, probs[-1]),
                         "seconds": round(time.perf_counter() - start, 2)})
-    probs = np.stack(probs)  # (seeds, n_test)
+    return records, np.stack(probs)
+
+
+def run_init(task: str, init: str, sets: dict, cfg: FinetuneConfig, ckpts: Checkpoints, device, amp,
+             rep: Reporter) -> tuple[dict, np.ndarray]:
+    """Every seed of one (task, init) at the learning rate of the grid with the best mean validation
+    `select_on` (one rate: no choice): per-seed records, mean ± sd, pooled bootstrap CIs; test probs (seeds, n)."""
+    y_test, runs = sets["test"].labels.numpy(), {}
+    for lr in level_lrs(cfg, TASKS[task].level):
+        runs[lr] = run_seeds(task, init, sets, cfg, ckpts, device, amp, rep, lr)
+    val = {lr: float(np.mean([r[f"val_{cfg.select_on}"] for r in recs])) for lr, (recs, _) in runs.items()}
+    lr = max(val, key=val.get)  # ties keep the first rate of the grid
+    records, probs = runs[lr]
     table = np.array([[r["test"][m] for m in METRICS] for r in records])  # (seeds, metrics)
-    result = {"init": init, "seeds": records,
+    result = {"init": init, "lr": lr, "lr_val": {str(k): v for k, v in val.items()}, "probe": cfg.probe,
+              "seeds": records,
               "mean": dict(zip(METRICS, table.mean(0).tolist())),
               "sd": dict(zip(METRICS, (table.std(0, ddof=1) if len(table) > 1 else 0 * table[0]).tolist())),
               # pooled: the test examples are resampled and every seed's predictions scored on each resample
@@ -266,6 +309,16 @@ def run_init(task: str, init: str, sets: dict, cfg: FinetuneConfig, ckpts: Check
               "ci_method": f"percentile bootstrap, {cfg.bootstrap} resamples of the test split, "
                            "mean over seeds per resample"}
     return result, probs
+
+
+def paired_deltas(y: np.ndarray, probs: dict, cfg: FinetuneConfig) -> dict:
+    """Δ AUROC and Δ AUPRC of each pretrained init against init=none on the same test examples, with a paired
+    bootstrap CI: {init: {"auroc": [Δ, lo, hi], "auprc": [...]}}; empty without a none run."""
+    if "none" not in probs:
+        return {}
+    return {init: {m: list(paired_delta(y, p, probs["none"], METRIC_FUNCTIONS[m], cfg.bootstrap, cfg.seed))
+                   for m in ("auroc", "auprc")}
+            for init, p in probs.items() if init != "none"}
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -288,7 +341,7 @@ def evaluate_task(task: str, cfg: FinetuneConfig, data: Processed, ckpts: Checkp
     sets, examples = task_datasets(task, data, cfg)
     stats = _split_stats(examples)
     inits = [cfg.init] + (["none"] if cfg.compare_none and cfg.init != "none" else [])
-    model = cfg.model if level == "patient" else "medhmp"
+    model = (cfg.model if level == "patient" else "medhmp") + ("-probe" if cfg.probe else "")
     report = {"task": task, "level": level, "model": model, "config": config_record(cfg), "splits": stats,
               "results": {}}
     probs, cohort_reason = {}, _skip_reason(stats)
@@ -301,6 +354,8 @@ def evaluate_task(task: str, cfg: FinetuneConfig, data: Processed, ckpts: Checkp
             rep.log(f"{task} init={init}: skipped ({reason})")
             continue
         report["results"][f"{init}/{model}"], probs[init] = run_init(task, init, sets, cfg, ckpts, device, amp, rep)
+    for init, delta in paired_deltas(examples["test"]["label"], probs, cfg).items():
+        report["results"][f"{init}/{model}"]["delta_vs_none"] = delta
     write_task(task, report, probs, _ids(task, data, examples["test"]), examples["test"]["label"])
     return report
 
@@ -317,6 +372,8 @@ def evaluate(cfg: FinetuneConfig) -> dict:
     amp = resolve_dtype(cfg.precision, device)
     data = load_processed(cfg.data)
     ckpts = Checkpoints(cfg.run, data.meta)
+    if cfg.init != "none" and (warning := ckpts.lineage()):
+        rep.log(warning)
     rep.log(f"evaluating {', '.join(tasks)} on {cfg.data} (init={cfg.init}, seeds={cfg.seeds}, device {device}, "
             f"{str(amp).replace('torch.', '')})")
     reports = {t: evaluate_task(t, cfg, data, ckpts, device, amp, rep) for t in tasks}

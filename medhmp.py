@@ -12,6 +12,7 @@ the module that does the work, so options default to None and only what was give
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import click
@@ -37,6 +38,22 @@ def _default(config_class, name: str) -> str:
 
 
 PathOption = click.Path(path_type=Path)
+
+
+class RateList(click.ParamType):
+    """One learning rate or a comma-separated grid of them, each a positive finite number."""
+    name = "LR[,LR...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            rates = tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a number or a comma-separated list of numbers", param, ctx)
+        if not all(math.isfinite(r) and r > 0 for r in rates):
+            self.fail(f"{value!r}: learning rates must be positive and finite", param, ctx)
+        return rates
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -87,7 +104,11 @@ def preprocess(**options):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help=_default(train.StayPretrainConfig, "precision"))
 @click.option("--num-workers", type=click.IntRange(min=0), help=_default(train.StayPretrainConfig, "num_workers"))
+@click.option("--d-model", type=click.IntRange(min=1), help=_default(train.StayPretrainConfig, "d_model"))
+@click.option("--patience", type=click.IntRange(min=0), help="Validation passes without a lower validation loss "
+              "before stopping (0: never). " + _default(train.StayPretrainConfig, "patience"))
 @click.option("--resume", is_flag=True, default=None, help="Continue from RUN/<level>.pt.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing RUN/<level>.pt.")
 @click.option("--seed", type=int, help=_default(train.StayPretrainConfig, "seed"))
 def pretrain(level, **options):
     """Pretrain the stay level (reconstruction), then the admission level (MCP + contrastive)."""
@@ -103,8 +124,9 @@ def pretrain(level, **options):
 @click.option("--seeds", type=click.IntRange(min=1), help=_default(evaluate.FinetuneConfig, "seeds"))
 @click.option("--model", type=click.Choice(evaluate.PATIENT_MODELS), help="Patient-level sequence model. "
               + _default(evaluate.FinetuneConfig, "model"))
-@click.option("--lr", type=float, help="One learning rate for every level. [default: 5e-3 stay and admission, "
-              "5e-2 patient]")
+@click.option("--lr", type=RateList(), help="One learning rate for every level, or a grid (e.g. 1e-3,5e-3,2e-2) "
+              "chosen per init on validation. [default: 5e-3 stay and admission, 5e-2 patient]")
+@click.option("--probe", is_flag=True, default=None, help="Train only the head on the frozen encoder.")
 @click.option("--batch-size", type=click.IntRange(min=1), help=_default(evaluate.FinetuneConfig, "batch_size"))
 @click.option("--epochs", type=click.IntRange(min=1), help=_default(evaluate.FinetuneConfig, "epochs"))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),

@@ -112,3 +112,33 @@ def bootstrap_ci(y, p, metric, n: int = 1000, seed: int = 0, level: float = 0.95
         return math.nan, math.nan
     lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
+
+
+def paired_delta(y, a, b, metric, n: int = 1000, seed: int = 0, groups=None,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """Δ = mean over rows of metric(y, a) − mean over rows of metric(y, b), with a percentile CI; a (Ra, N)
+    and b (Rb, N) score the same N examples (e.g. pretrained and scratch runs, one row per seed). Each of the
+    `n` resamples draws the examples with replacement, the same for a and b (paired), and, when `groups`
+    (Ra,) names a cluster per row of a (its pretraining seed, say), also draws the clusters with replacement,
+    so the CI holds both the test-set and the between-cluster spread. Returns (Δ, lo, hi)."""
+    y, a, b = np.asarray(y), np.atleast_2d(np.asarray(a)), np.atleast_2d(np.asarray(b))
+    groups = np.zeros(len(a), dtype=int) if groups is None else np.asarray(groups)
+    names = np.unique(groups)
+    rows = [np.flatnonzero(groups == g) for g in names]
+
+    def delta(idx, picked):
+        rows_a = np.concatenate([rows[g] for g in picked])
+        return (np.mean([metric(y[idx], a[r, idx]) for r in rows_a])
+                - np.mean([metric(y[idx], row[idx]) for row in b]))
+    point = delta(np.arange(len(y)), range(len(names)))
+    rng, values = np.random.default_rng(seed), []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        picked = rng.integers(0, len(names), len(names)) if len(names) > 1 else [0]
+        if both_classes(y[idx]):
+            values.append(delta(idx, picked))
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return float(point), math.nan, math.nan
+    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(point), float(lo), float(hi)

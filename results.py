@@ -39,7 +39,9 @@ def _replace_rows(path: Path, columns: list, rows: list[dict], key: tuple) -> No
 
 
 RESULT_COLUMNS = ["task", "level", "init", "model", "seeds", "n_train", "n_val", "n_test", "prevalence",
-                  *[f"{m}{s}" for m in METRICS for s in ("", "_sd", "_lo", "_hi")], "skipped", "data", "updated"]
+                  *[f"{m}{s}" for m in METRICS for s in ("", "_sd", "_lo", "_hi")],
+                  *[f"delta_{m}{s}" for m in ("auroc", "auprc") for s in ("", "_lo", "_hi")], "lr", "skipped", "data",
+                  "updated"]
 PREDICTION_COLUMNS = ["subject_id", "hadm_id", "stay_id", "split", "seed", "init", "model", "label", "probability"]
 
 
@@ -106,14 +108,17 @@ def _result_rows(task: str, report: dict) -> list[dict]:
         for m in METRICS if "mean" in res else ():
             lo, hi = res["ci"][m]
             row.update({m: f"{res['mean'][m]:.4f}", f"{m}_sd": f"{res['sd'][m]:.4f}",
-                        f"{m}_lo": f"{lo:.4f}", f"{m}_hi": f"{hi:.4f}"})
+                        f"{m}_lo": f"{lo:.4f}", f"{m}_hi": f"{hi:.4f}", "lr": res["lr"]})
+        for m, (d, lo, hi) in res.get("delta_vs_none", {}).items():  # paired: pretrained − none
+            row.update({f"delta_{m}": f"{d:.4f}", f"delta_{m}_lo": f"{lo:.4f}", f"delta_{m}_hi": f"{hi:.4f}"})
         rows.append(row)
     return rows
 
 
 def results_table(reports: dict) -> tuple[list, list[list[str]]]:
     """Header and rows (strings): task, level, n test (prevalence), then AUROC and AUPRC per init as
-    'mean ±sd [lo, hi]', and Δ AUROC = pretrained − none where both ran."""
+    'mean ±sd [lo, hi]', and Δ AUROC = pretrained − none on the same test examples, with its paired bootstrap
+    CI, where both ran."""
     inits = list(dict.fromkeys(i for r in reports.values() for i in (v["init"] for v in r["results"].values())))
     header = ["task", "level", "n test (prev)"] + [f"{m} {i}" for i in inits for m in ("AUROC", "AUPRC")]
     header += ["Δ AUROC"] if "none" in inits and len(inits) > 1 else []
@@ -127,9 +132,8 @@ def results_table(reports: dict) -> tuple[list, list[list[str]]]:
             row += ([f"{v['mean'][m]:.3f} ±{v['sd'][m]:.3f} [{v['ci'][m][0]:.2f}, {v['ci'][m][1]:.2f}]"
                      for m in ("auroc", "auprc")] if "mean" in v else ["skipped", ""])
         if len(header) > len(row):
-            pre, none = by_init.get(inits[0], {}), by_init.get("none", {})
-            row.append(f"{pre['mean']['auroc'] - none['mean']['auroc']:+.3f}" if "mean" in pre and "mean" in none
-                       else "")
+            d = by_init.get(inits[0], {}).get("delta_vs_none", {}).get("auroc")
+            row.append(f"{d[0]:+.3f} [{d[1]:+.2f}, {d[2]:+.2f}]" if d else "")
         rows.append(row)
     return header, rows
 

@@ -51,7 +51,7 @@ def bench_level(level: str, processed: Path, d: data.Processed, args, device, am
     torch.manual_seed(0)
     model, _ = evaluate.build_model(task, "none", cfg, evaluate.Checkpoints(args.out / "no-run", d.meta), mcfg)
     model.to(device)
-    n_train, lr, quiet = len(sets["train"]), evaluate.level_lr(cfg, level), lambda *a, **k: None
+    n_train, lr, quiet = len(sets["train"]), evaluate.level_lrs(cfg, level)[0], lambda *a, **k: None
     evaluate.finetune(model, sets, replace(cfg, epochs=1), 0, device, amp, quiet, lr)  # warm-up, untimed
     start = time.perf_counter()
     evaluate.finetune(model, sets, cfg, 0, device, amp, quiet, lr)

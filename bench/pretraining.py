@@ -189,7 +189,7 @@ def stopping(args, results: list) -> None:
     ckpts = evaluate.Checkpoints(args.demo / "run", d.meta)
     cfg = evaluate.FinetuneConfig(task="hf", data=d.root, quiet=True)
     sets, _ = evaluate.task_datasets("hf", d, cfg)
-    device, lr = torch.device("cpu"), evaluate.level_lr(cfg, "patient")
+    device, lr = torch.device("cpu"), evaluate.level_lrs(cfg, "patient")[0]
     for init in ("admission", "none"):
         for seed in range(5):
             torch.manual_seed(seed)

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,65 @@ def test_every_patient_model_learns_hf_and_keeps_its_own_row(cohort, run, tmp_pa
         assert result["mean"]["auroc"] >= AUROC_FLOOR, (model, result["mean"])
     rows = read_csv(out / "results.csv")
     assert sorted(r["model"] for r in rows) == sorted(evaluate.PATIENT_MODELS)
+
+
+# ------------------------------------------------------------------------ paired Δ, lr grid, probes
+def test_paired_delta_matches_a_direct_computation():
+    """Δ is mean-over-rows metric(a) − mean-over-rows metric(b); the CI contains it; with a == b it is exactly
+    0 with a zero-width CI; clusters (groups) widen the CI when the clusters disagree."""
+    from metrics import paired_delta
+    rng = np.random.default_rng(0)
+    y = (rng.random(200) < 0.3).astype(int)
+    a = np.stack([y * 0.6 + rng.random(200) for _ in range(4)])
+    b = np.stack([y * 0.2 + rng.random(200) for _ in range(2)])
+    d, lo, hi = paired_delta(y, a, b, auroc, n=200, seed=1)
+    assert d == pytest.approx(np.mean([auroc(y, r) for r in a]) - np.mean([auroc(y, r) for r in b]))
+    assert lo < d < hi and lo > 0
+    assert paired_delta(y, b, b, auroc, n=50) == (0.0, 0.0, 0.0)
+    a[2:] = y * 0.0 + rng.random((2, 200))  # two clusters: one good, one at chance
+    _, lo1, hi1 = paired_delta(y, a, b, auroc, n=300, seed=1)
+    _, lo2, hi2 = paired_delta(y, a, b, auroc, n=300, seed=1, groups=[0, 0, 1, 1])
+    assert hi2 - lo2 > hi1 - lo1
+
+
+def test_lr_grid_probe_and_paired_delta_in_every_output(cohort, run, tmp_path):
+    """--lr with two rates picks the one with the best mean validation AUPRC per init (recorded with both
+    validation scores); --probe leaves the pretrained encoder's weights untouched; the paired Δ against none
+    is in the report, eval/<task>.json and results.csv, and equals metrics.paired_delta on the saved
+    test predictions."""
+    from metrics import paired_delta
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    cfg = cfg_for(cohort.root, out, task="mortality", lr=(1e-4, 2e-2), probe=True, bootstrap=100)
+    report = evaluate.evaluate(cfg)["mortality"]
+    assert report["model"] == "medhmp-probe"
+    pre, none = (report["results"][f"{i}/medhmp-probe"] for i in ("admission", "none"))
+    for res in (pre, none):
+        assert set(res["lr_val"]) == {"0.0001", "0.02"} and res["probe"]
+        assert res["lr_val"][str(res["lr"])] == max(res["lr_val"].values())
+    rows = read_csv(out / "eval" / "mortality_predictions.csv")
+    y = np.array([int(r["label"]) for r in rows if r["init"] == "none"])
+    p = {i: np.array([[float(r["probability"]) for r in rows if r["init"] == i]]) for i in ("admission", "none")}
+    expected = paired_delta(y, p["admission"], p["none"], auroc, n=100, seed=cfg.seed)
+    assert pre["delta_vs_none"]["auroc"] == pytest.approx(list(expected), abs=1e-4)
+    saved = json.loads((out / "eval" / "mortality.json").read_text())
+    assert saved["results"]["admission/medhmp-probe"]["delta_vs_none"] == pre["delta_vs_none"]
+    row = [r for r in read_csv(out / "results.csv") if r["init"] == "admission"][0]
+    assert float(row["delta_auroc"]) == pytest.approx(expected[0], abs=1e-4) and row["lr"]
+    # the probe froze the encoder: a fresh probe model trained one epoch keeps every encoder weight
+    ckpts = Checkpoints(out, cohort.meta)
+    model, _ = build_model("mortality", "admission", cfg, ckpts)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    sets, _ = evaluate.task_datasets("mortality", cohort, cfg)
+    evaluate.finetune(model, sets, replace(cfg, epochs=1), 0, torch.device("cpu"), torch.float32,
+                      lambda *a, **k: None, 1e-1)
+    assert all(torch.equal(v, before[k]) for k, v in model.encoder.state_dict().items())
+    evaluate.train_mode(model)  # training mode for the head, eval mode (no dropout) for the frozen encoder
+    assert model.training and model.head.training and not any(m.training for m in model.encoder.modules())
+
+
+def test_cli_lr_grid_is_validated(cohort, tmp_path):
+    for bad in ("-1", "nan", "1e-3,x", "0"):
+        result = CliRunner().invoke(cli, ["evaluate", "--task", "mortality", "--data", str(cohort.root), "--run",
+                                          str(tmp_path), "--lr", bad])
+        assert result.exit_code == 2 and "--lr" in result.output, (bad, result.output)
