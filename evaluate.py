@@ -109,24 +109,30 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------------------------------- datasets
-def task_datasets(task: str, data: Processed, cfg: FinetuneConfig) -> tuple[dict, dict]:
-    """Labelled dataset per split and the raw examples per split (rows, subjects, labels, cutoffs)."""
-    level = TASKS[task].level
+def task_examples(task: str, data: Processed, cfg: FinetuneConfig) -> dict:
+    """The task's raw examples per split (rows, subjects, labels, cutoffs), with cfg.label_fraction applied."""
     examples = {s: data.examples(task, s) for s in SPLITS}
-    if level != "patient":  # a labelled stay or admission missing from the tensors cannot be scored
+    if TASKS[task].level != "patient":  # a labelled stay or admission missing from the tensors cannot be scored
         examples = {s: select_rows(e, e["row"] >= 0) for s, e in examples.items()}
     if cfg.label_fraction < 1.0:  # low-resource setting (paper Fig. 5): a fixed share of the training labels
         keep = np.random.default_rng(cfg.seed).random(len(examples["train"]["label"])) < cfg.label_fraction
         examples["train"] = select_rows(examples["train"], keep)
-    sets = {}
-    for s, e in examples.items():
-        if level == "stay":
-            sets[s] = StayDataset(data, e["row"], e["label"])
-        elif level == "admission":
-            sets[s] = AdmissionDataset(data, e["row"], e["label"], max_stays=cfg.max_stays)
-        else:
-            sets[s] = PatientDataset(data, e["subject_id"], e["cutoff"], e["label"], max_visits=cfg.max_visits)
-    return sets, examples
+    return examples
+
+
+def labelled_dataset(level: str, data: Processed, e: dict, cfg: FinetuneConfig):
+    """The dataset of examples `e` (a select_rows dict) at a task level."""
+    if level == "stay":
+        return StayDataset(data, e["row"], e["label"])
+    if level == "admission":
+        return AdmissionDataset(data, e["row"], e["label"], max_stays=cfg.max_stays)
+    return PatientDataset(data, e["subject_id"], e["cutoff"], e["label"], max_visits=cfg.max_visits)
+
+
+def task_datasets(task: str, data: Processed, cfg: FinetuneConfig) -> tuple[dict, dict]:
+    """Labelled dataset per split and the raw examples per split (rows, subjects, labels, cutoffs)."""
+    examples = task_examples(task, data, cfg)
+    return {s: labelled_dataset(TASKS[task].level, data, e, cfg) for s, e in examples.items()}, examples
 
 
 def _split_stats(examples: dict) -> dict:
