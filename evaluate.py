@@ -78,6 +78,7 @@ class FinetuneConfig:
     epochs: int = 30                  # paper App. B: at most 30 epochs
     patience: int = 5                 # paper App. B: early-stopping patience 5
     label_fraction: float = 1.0       # share of the training examples fine-tuned on (paper Fig. 5: 1% to 100%)
+    labels: int | None = None         # or this many training examples, stratified (low-label runs)
     # learning rate: `lr` applies to every level when given, else the level's own. Paper App. B grid: batch
     # {16, 32, 64} x lr [2e-5, 5e-3]. Stay/admission: the grid's top, 5e-3 with batch 16, was the best of
     # {5e-3, 2e-2, 5e-2} on the 400-patient synthetic cohort. Patient: 5e-2, beyond the grid: ~100 training
@@ -117,7 +118,19 @@ def task_examples(task: str, data: Processed, cfg: FinetuneConfig) -> dict:
     if cfg.label_fraction < 1.0:  # low-resource setting (paper Fig. 5): a fixed share of the training labels
         keep = np.random.default_rng(cfg.seed).random(len(examples["train"]["label"])) < cfg.label_fraction
         examples["train"] = select_rows(examples["train"], keep)
+    if cfg.labels:
+        examples["train"] = sample_labels(examples["train"], cfg.labels, cfg.seed)
     return examples
+
+
+def sample_labels(e: dict, n: int, seed: int) -> dict:
+    """n of the examples `e`, stratified: the prevalence of `e`, at least 2 of each class; all when n >= len."""
+    if n >= len(e["label"]):
+        return e
+    rng = np.random.default_rng(10007 * seed + n)
+    pos, neg = np.flatnonzero(e["label"] == 1), np.flatnonzero(e["label"] == 0)
+    k = min(max(2, round(n * len(pos) / len(e["label"]))), len(pos), n - 2)
+    return select_rows(e, np.sort(np.r_[rng.choice(pos, k, replace=False), rng.choice(neg, n - k, replace=False)]))
 
 
 def labelled_dataset(level: str, data: Processed, e: dict, cfg: FinetuneConfig):

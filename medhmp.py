@@ -136,6 +136,8 @@ def pretrain(level, **options):
 @click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True),
               help="Fine-tune on this share of the training labels (low-resource runs). "
               + _default(evaluate.FinetuneConfig, "label_fraction"))
+@click.option("--labels", type=click.IntRange(min=4), help="Fine-tune on this many training examples "
+              "(stratified), e.g. 50 for a low-label run.")
 @click.option("--seed", type=int, help=_default(evaluate.FinetuneConfig, "seed"))
 def evaluate_command(**options):
     """Fine-tune on downstream tasks (pretrained vs from scratch) and write metrics with bootstrap CIs."""

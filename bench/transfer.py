@@ -350,14 +350,8 @@ def latent_probes(cfg: TransferConfig) -> None:
 
 # ---------------------------------------------------------------------------------------- fine-tuning
 def subset(e: dict, n: int, seed: int) -> dict:
-    """n training examples, stratified (the labelled cohort's prevalence, >= 2 of each class); n = 0: all."""
-    if n <= 0 or n >= len(e["label"]):
-        return e
-    rng = np.random.default_rng(10007 * seed + n)
-    pos, neg = np.flatnonzero(e["label"] == 1), np.flatnonzero(e["label"] == 0)
-    k = min(max(2, round(n * len(pos) / len(e["label"]))), len(pos), n - 2)
-    keep = np.sort(np.r_[rng.choice(pos, k, replace=False), rng.choice(neg, n - k, replace=False)])
-    return data.select_rows(e, keep)
+    """n training examples (evaluate.sample_labels: stratified); n = 0: all of them."""
+    return e if n <= 0 else evaluate.sample_labels(e, n, seed)
 
 
 def _task(row: str) -> str:

@@ -332,3 +332,16 @@ def test_cli_lr_grid_is_validated(cohort, tmp_path):
         result = CliRunner().invoke(cli, ["evaluate", "--task", "mortality", "--data", str(cohort.root), "--run",
                                           str(tmp_path), "--lr", bad])
         assert result.exit_code == 2 and "--lr" in result.output, (bad, result.output)
+
+
+def test_labels_keeps_a_stratified_sample_of_that_many_training_examples(processed_cohort):
+    d = data.load_processed(processed_cohort)
+    full = evaluate.task_examples("mortality", d, FinetuneConfig())["train"]
+    for n, seed in ((10, 0), (10, 1), (30, 0)):
+        e = evaluate.task_examples("mortality", d, FinetuneConfig(labels=n, seed=seed))["train"]
+        assert len(e["label"]) == n and e["label"].sum() >= 2 and (1 - e["label"]).sum() >= 2
+        assert abs(e["label"].mean() - full["label"].mean()) <= max(2 / n, 0.05)
+        assert set(e["row"]) <= set(full["row"])
+    a, b = (evaluate.task_examples("mortality", d, FinetuneConfig(labels=10, seed=s))["train"]["row"] for s in (0, 1))
+    assert not np.array_equal(a, b)
+    assert len(evaluate.task_examples("mortality", d, FinetuneConfig(labels=10 ** 6))["train"]["label"]) == len(full["label"])
