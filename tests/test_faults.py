@@ -1,0 +1,180 @@
+"""Reliability faults: nothing is lost without a word. Each test builds one bad input or fault and checks that
+the run reads everything, or counts and reports what it skipped, or stops in one line naming the file, the row
+and what to do, leaving no half-written output behind."""
+import errno
+import gzip
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import build
+import data
+import evaluate
+import synthetic
+import tables
+import train
+from conftest import MIMIC3_DEMO, NOTES, REPO, T0, TinyMimic3, hours_after
+from medhmp import cli
+
+needs_demo = pytest.mark.skipif(not MIMIC3_DEMO.is_dir(), reason="../shared/data/mimic3-demo not present")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _one_line_error(result, pattern: str) -> str:
+    """The run failed with exactly one 'Error:' line, last, matching `pattern`, and no traceback."""
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and result.output.strip().endswith(errors[0]), result.output
+    assert re.search(pattern, errors[0]), errors[0]
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+def _rewrite(raw: Path, table: str, edit) -> None:
+    path = raw / f"{table}.csv.gz"
+    path.write_bytes(gzip.compress(edit(gzip.decompress(path.read_bytes()).decode()).encode()))
+
+
+def _tiny(codes=("4019",)) -> TinyMimic3:
+    """Two patients, each with one admission, one 60-hour MetaVision stay and one discharge summary."""
+    t = TinyMimic3()
+    for s in (1, 2):
+        t.patient(s)
+        t.admission(s, s * 10 + 1, T0, 72, codes=codes)
+        t.stay(s, s * 10 + 1, s * 100 + 1, hours_after(T0, 1), 60)
+        t.note(s, s * 10 + 1, hours_after(T0, 72), f"note {s} discharged home stable")
+    return t
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _demo_links(folder: Path, without=()) -> Path:
+    """A MIMIC-III demo folder of symlinks to the shared files, leaving out the tables in `without`."""
+    folder.mkdir(parents=True)
+    for p in MIMIC3_DEMO.glob("*.csv.gz"):
+        if p.name.split(".")[0] not in without:
+            (folder / p.name).symlink_to(p)
+    return folder
+
+
+def _two_members(source: Path, target: Path) -> None:
+    """`source` re-written as two gzip members (`cat a.gz b.gz`), split after half of its lines."""
+    lines = gzip.decompress(source.read_bytes()).splitlines(keepends=True)
+    half = len(lines) // 2
+    target.write_bytes(gzip.compress(b"".join(lines[:half]), 1) + gzip.compress(b"".join(lines[half:]), 1))
+
+
+@pytest.fixture(scope="module")
+def tiny_raw(tmp_path_factory) -> Path:
+    return _tiny().write(tmp_path_factory.mktemp("tiny") / "raw")
+
+
+@pytest.fixture(scope="module")
+def tiny_processed(tiny_raw, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-processed") / "processed"
+    data.preprocess(data.PreprocessConfig(raw=tiny_raw, out=out, quiet=True))
+    return out
+
+
+@pytest.fixture
+def raw(tiny_raw, tmp_path) -> Path:
+    """A copy of the tiny extract that a test may break."""
+    return Path(shutil.copytree(tiny_raw, tmp_path / "raw"))
+
+
+# ------------------------------------------------------------------------------- 1: multi-member gzip
+@needs_demo
+def test_multi_member_gzip_tables_are_read_whole(tmp_path):
+    raw = _demo_links(tmp_path / "raw", without=("ADMISSIONS", "CHARTEVENTS"))
+    for table in ("ADMISSIONS", "CHARTEVENTS"):       # a core table and an event table (the fast block reader)
+        _two_members(MIMIC3_DEMO / f"{table}.csv.gz", raw / f"{table}.csv.gz")
+    meta = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
+    assert dict(meta["attrition"]["admissions"])["admissions in the admissions table"] == 129
+    assert meta["sources"]["chartevents"]["rows"] == 758355
+    assert dict(meta["attrition"]["stays"])["with events in the first 48 h"] == 77
+    notes = tmp_path / "NOTEEVENTS.csv.gz"                # and the note reader
+    _two_members(NOTES / "NOTEEVENTS_SYNTHETIC_PAIRING.csv.gz", notes)
+    from extract import read_notes
+    _, counts = read_notes(notes, set(), {}, data.Reporter(quiet=True).task)
+    assert counts["rows"] == 265
+
+
+# ------------------------------------------------------------------------ 2: two files for one table
+@pytest.mark.parametrize("twin", ["ADMISSIONS.csv", "admissions.csv.gz"])
+def test_two_files_for_one_table_stop_naming_both(raw, tmp_path, twin):
+    (raw / twin).write_bytes(gzip.decompress((raw / "ADMISSIONS.csv.gz").read_bytes()))
+    result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out")
+    line = _one_line_error(result, r"both .* and .* match one table")
+    assert twin in line and "ADMISSIONS.csv.gz" in line
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ 3: runaway quotes
+def test_unbalanced_quote_in_a_note_stops_naming_the_row(tmp_path):
+    t = _tiny()
+    t.note(1, 11, hours_after(T0, 80), "a later note")
+    raw = t.write(tmp_path / "raw")
+    _rewrite(raw, "NOTEEVENTS", lambda text: text.replace("note 2 discharged", '"note 2 discharged'))
+    result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out")
+    _one_line_error(result, r"NOTEEVENTS.csv.gz: row 2: a quoted field opened in this row is still open at "
+                            r"the end of the file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_quote_running_past_the_row_limit_stops_the_block_reader(tmp_path):
+    path = tmp_path / "CHARTEVENTS.csv"
+    row = b"1,2,3,220045,2150-01-01 09:00:00,80\n"
+    body = row * ((tables.MAX_RECORD_BYTES // len(row)) + 1000)
+    path.write_bytes(b"a,b,c,itemid,charttime,value\n" + row + b'1,2,3,220045,"2150-01-01,80\n' + body)
+    with pytest.raises(tables.InputError, match=r"CHARTEVENTS.csv: row 2: a quoted field opened in this row "
+                                                r"does not close within 4 MiB"):
+        list(tables.read_blocks(tables.Source(path), {"itemid": True}))
+
+
+def test_a_bare_quote_inside_a_field_is_read_as_csv_does(tmp_path):
+    path = tmp_path / "t.csv"                   # not a runaway: a quote opens a field only at its start
+    path.write_bytes(b'a,b\n1,say "hi\n2,z\n3,"x,y"\n')
+    blocks = list(tables.read_blocks(tables.Source(path), {"a": True, "b": True}))
+    assert [v for b in blocks for v in b["b"].tolist()] == [b'say "hi', b"z", b"x,y"]
+
+
+def test_malformed_note_rows_are_counted_and_reported(raw, tmp_path):
+    _rewrite(raw, "NOTEEVENTS", lambda text: text.replace("note 2 discharged home stable",
+                                                          "note 2 discharged home stable,extra field"))
+    result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["skipped"]["notes"]["malformed rows"] == 1 and meta["notes"]["with_note"] == 1
+
+
+# --------------------------------------------------------------------------- 4: padded ids and codes
+def test_ids_codes_and_flags_padded_with_spaces_are_read(raw, tiny_processed, tmp_path):
+    def pad(text):                              # ', 10006': a space after every comma of every data row
+        head, *rows = text.splitlines()
+        return "\n".join([head] + [row.replace(",", ", ") for row in rows]) + "\n"
+    for table in ("DIAGNOSES_ICD", "ICUSTAYS", "ADMISSIONS", "CHARTEVENTS"):
+        _rewrite(raw, table, pad)
+    meta = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
+    want = json.loads((tiny_processed / "meta.json").read_text())
+    assert meta["icd_vocab"] == want["icd_vocab"] == ["4019"]
+    assert meta["counts"] == want["counts"]
+    assert meta["attrition"] == want["attrition"]
