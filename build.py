@@ -44,11 +44,14 @@ def build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
     a_att = attrition["admissions"] = [["admissions in the admissions table", len(adms["hadm_id"])]]
     adms = _take(adms, lookup(subjects, adms["subject_id"]) >= 0)
     a_att.append(["of kept patients", len(adms["hadm_id"])])
+    adms = _take(adms, adms["dischtime"] >= adms["admittime"])
+    a_att.append(["discharged at or after admission (others: invalid times)", len(adms["hadm_id"])])
     adms = _take(adms, np.argsort(adms["hadm_id"]))
     a_subject = lookup(subjects, adms["subject_id"])
     sts = _icu_stays(core["stays"], adms, pats, a_subject, attrition)
 
     codes = _admission_codes(cfg, raw, layout, adms, split[a_subject] == 0, sources, rep, a_att)  # small: first
+    _check_usable(raw, attrition, rep)
     index = StayIndex(sts["hadm_id"], sts["intime"], sts["outtime"])
     events, onsets, skipped = stream_events(raw, layout, index, len(sts["stay_id"]), cfg.seq_len,
                                             cfg.exclude_label_items, sources, rep.bytes_task)
@@ -57,6 +60,7 @@ def build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
     events = dict(events, stay=(np.cumsum(has_events) - 1)[events["stay"]])   # renumbered over the kept stays
     sts, onsets = _take(sts, has_events), {k: v[has_events] for k, v in onsets.items()}
     attrition["stays"].append([f"with events in the first {cfg.seq_len} h", len(sts["stay_id"])])
+    _check_usable(raw, attrition, rep)
     ts, static, feature_meta = _stay_features(cfg, raw, layout, events, sts, adms, pats, split, rep)
 
     skipped["diagnoses and prescriptions"] = codes["counts"]
@@ -93,7 +97,8 @@ def _icu_stays(sts: dict, adms: dict, pats: dict, a_subject: np.ndarray, attriti
     sts = dict(sts, adm=lookup(adms["hadm_id"], sts["hadm_id"]))
     for name, keep in (("of kept admissions", lambda: sts["adm"] >= 0),
                        ("MetaVision (the label items are MetaVision itemids)", lambda: sts["metavision"]),
-                       ("with an outtime", lambda: sts["outtime"] > sts["intime"])):
+                       ("with an outtime", lambda: sts["outtime"] >= 0),
+                       ("outtime after intime (others: invalid times)", lambda: sts["outtime"] > sts["intime"])):
         sts = _take(sts, keep())
         s_att.append([name, len(sts["stay_id"])])
     sts["subject"] = a_subject[sts["adm"]]
@@ -101,6 +106,23 @@ def _icu_stays(sts: dict, adms: dict, pats: dict, a_subject: np.ndarray, attriti
     sts = _take(sts, sts["age"] >= 18)
     s_att.append(["age >= 18 at ICU admission", len(sts["stay_id"])])
     return sts
+
+
+def _check_usable(raw, attrition: dict, rep) -> None:
+    """Stop, in one line, when no ICU stay and no admission with ICD-9 codes is left (an empty folder would
+    only fail later, in pretraining, with a less helpful message); warn when no ICU stay is left."""
+    stays, adms = attrition["stays"], attrition["admissions"]
+    if stays[-1][1] == 0 and dict(adms)["with ICD-9 diagnosis codes"] == 0:
+        raise InputError(f"{raw}: nothing usable is left: {_where_lost(stays)}, and {_where_lost(adms)}")
+    if stays[-1][0].startswith("with events") and stays[-1][1] == 0:
+        rep.log(f"warning: no ICU stay is left ({_where_lost(stays)}): only admission codes, notes and "
+                "patient-level tasks are written; pretraining needs ICU stays")
+
+
+def _where_lost(steps: list) -> str:
+    """'ICU stays in the icustays table 136, none left at "outtime after intime (...)"' from an attrition list."""
+    k = next(i for i, (_, n) in enumerate(steps) if n == 0)
+    return f"{steps[0][0]} {steps[0][1]}, none left at '{steps[k][0]}'" if k else f"{steps[0][0]} 0"
 
 
 def _stay_features(cfg, raw, layout, events, sts, adms, pats, split, rep) -> tuple[dict, np.ndarray, dict]:

@@ -178,3 +178,34 @@ def test_ids_codes_and_flags_padded_with_spaces_are_read(raw, tiny_processed, tm
     assert meta["icd_vocab"] == want["icd_vocab"] == ["4019"]
     assert meta["counts"] == want["counts"]
     assert meta["attrition"] == want["attrition"]
+
+
+# ------------------------------------------------------------------------------ 5: times out of order
+def test_times_out_of_order_are_invalid_rows_with_their_own_label(tmp_path):
+    t = _tiny()
+    t.admission(1, 12, hours_after(T0, 24 * 10), -24)          # discharged before admitted: invalid
+    t.patient(3)
+    t.admission(3, 31, T0, 72)
+    t.stay(3, 31, 301, hours_after(T0, 5), -2)                 # ICU outtime before intime: invalid
+    meta = data.preprocess(data.PreprocessConfig(raw=t.write(tmp_path / "raw"), out=tmp_path / "out", quiet=True))
+    admissions, stays = dict(meta["attrition"]["admissions"]), dict(meta["attrition"]["stays"])
+    assert admissions["of kept patients"] == 4
+    assert admissions["discharged at or after admission (others: invalid times)"] == 3
+    assert stays["with an outtime"] == 3 and stays["outtime after intime (others: invalid times)"] == 2
+    d = data.load_processed(tmp_path / "out")                  # admission 11 is not "readmitted" by 12
+    readmitted = d.labels["readmission"]
+    assert 12 not in d.admissions["hadm_id"].tolist()
+    assert readmitted["label"][readmitted["subject_id"] == 1].tolist() == [0.0]
+
+
+def test_nothing_usable_left_stops_in_one_line(tmp_path):
+    t = TinyMimic3()
+    for s in (1, 2):
+        t.patient(s)
+        t.admission(s, s * 10 + 1, T0, 72, codes=())
+        t.stay(s, s * 10 + 1, s * 100 + 1, hours_after(T0, 5), -3)     # every outtime before its intime
+    result = _cli("preprocess", "--raw", t.write(tmp_path / "raw"), "--out", tmp_path / "out")
+    _one_line_error(result, r"nothing usable is left: ICU stays in the icustays table 2, none left at 'outtime "
+                            r"after intime .*', and admissions in the admissions table 2, none left at 'with "
+                            r"ICD-9 diagnosis codes'")
+    assert not (tmp_path / "out").exists()
