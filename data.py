@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from build import build_mimic, build_trinetx
 from cohorts import task_counts
+from folders import Staged, check_writable, repair  # noqa: F401  (check_writable re-exported for evaluate)
 from progress import Reporter  # noqa: F401  (re-exported: train, evaluate and synthetic report through it)
-from tables import InputError, find_layout, lookup, row_of, swap_in  # noqa: F401  (InputError re-exported)
+from tables import InputError, find_layout, lookup, row_of  # noqa: F401  (InputError re-exported)
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -66,22 +65,26 @@ FORMAT_VERSION = 2                            # 2: stays stored as int16 feature
 
 
 def preprocess(cfg: PreprocessConfig) -> dict:
-    """Read the extract at `cfg.raw`, write the processed folder `cfg.out` atomically; returns meta."""
+    """Read the extract at `cfg.raw`, write the processed folder `cfg.out` atomically; returns meta.
+    The output is checked, locked and staged (folders.Staged) before any table is read, so an unwritable
+    --out fails in seconds, in one line, and a full disk in one line too."""
     rep = Reporter(cfg.quiet)
-    raw, out = Path(cfg.raw), Path(cfg.out)
+    raw = Path(cfg.raw)
     layout = find_layout(raw)
-    _check_out(out)
-    rep.log(f"reading {raw} ({layout} layout)")
-    cache = _load_cache(out)
-    sources = {}
-    build = build_trinetx if layout == "trinetx" else build_mimic
-    result = build(cfg, raw, layout, sources, rep, cache)
-    meta = result["meta"]
-    meta["tasks"] = task_counts(result["labels"], result["splits"])
-    meta.update(format_version=FORMAT_VERSION, layout=layout, created=time.strftime("%Y-%m-%d %H:%M:%S"),
-                config=config_record(cfg),
-                sources={k: s.describe() for k, s in sources.items()})
-    _write_folder(out, result, cache, rep)
+    with Staged(cfg.out, "--out", log=rep.log) as stage:
+        out = stage.out
+        _check_out(out)
+        rep.log(f"reading {raw} ({layout} layout)")
+        cache = _load_cache(out)
+        sources = {}
+        build = build_trinetx if layout == "trinetx" else build_mimic
+        result = build(cfg, raw, layout, sources, rep, cache)
+        meta = result["meta"]
+        meta["tasks"] = task_counts(result["labels"], result["splits"])
+        meta.update(format_version=FORMAT_VERSION, layout=layout, created=time.strftime("%Y-%m-%d %H:%M:%S"),
+                    config=config_record(cfg),
+                    sources={k: s.describe() for k, s in sources.items()})
+        stage.commit(lambda tmp: _write_folder(tmp, result, cache))
     _print_attrition(meta, rep)
     for task, c in meta["tasks"].items():
         parts = [f"{s} {c[s][0]} ({c[s][1]} positive)" for s in ("train", "val", "test")]
@@ -117,29 +120,27 @@ def _save_cache(cache: dict, path: Path) -> None:
     for dim, keys in groups.items():
         saved[f"keys_{dim}"] = keys
         saved[f"vectors_{dim}"] = torch.from_numpy(np.stack([cache[k] for k in keys]).astype(np.float16))
-    torch.save(saved, path)
+    _torch_save(saved, path)
 
 
-def _write_folder(out: Path, result: dict, cache: dict, rep: Reporter) -> None:
-    """Write everything under a temporary name, then swap it in: a folder that exists is always whole."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        for name in ("stays", "admissions"):
-            torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in result[name].items()},
-                       tmp / f"{name}.pt")
-        with open(tmp / "labels.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(LABEL_COLUMNS)
-            w.writerows(result["labels"])
-        (tmp / "splits.json").write_text(json.dumps(result["splits"]))
-        _save_cache(cache, tmp / "note_cache.pt")
-        (tmp / "meta.json").write_text(json.dumps(result["meta"], indent=1))
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file, so that a full disk is an OSError (ENOSPC), not a RuntimeError."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _write_folder(folder: Path, result: dict, cache: dict) -> None:
+    """Every file of the processed folder into `folder` (the staging folder that then becomes --out)."""
+    for name in ("stays", "admissions"):
+        _torch_save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in result[name].items()},
+                    folder / f"{name}.pt")
+    with open(folder / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(LABEL_COLUMNS)
+        w.writerows(result["labels"])
+    (folder / "splits.json").write_text(json.dumps(result["splits"]))
+    _save_cache(cache, folder / "note_cache.pt")
+    (folder / "meta.json").write_text(json.dumps(result["meta"], indent=1))
 
 
 def _print_attrition(meta: dict, rep: Reporter) -> None:
@@ -191,6 +192,8 @@ def select_rows(examples: dict, keep: np.ndarray) -> dict:
 def load_processed(root: Path) -> Processed:
     """Load a folder written by `preprocess`; a missing folder or another format version is an InputError."""
     root = Path(root)
+    if not (root / "meta.json").is_file():
+        repair(root)                      # a folder whose swap a killed run left half done
     if not (root / "meta.json").is_file():
         raise InputError(f"{root}: no processed data here (run `python medhmp.py preprocess --out {root}`)")
     meta = json.loads((root / "meta.json").read_text())

@@ -20,8 +20,6 @@ import csv
 import gzip
 import hashlib
 import io
-import os
-import shutil
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,21 +59,6 @@ LAYOUTS = {
 # canonical column -> column name in the source, where they differ (MIMIC-III icustay_id is stay_id)
 ALIASES = {"mimic3": {"stay_id": "icustay_id", "icd_code": "icd9_code", "race": "ethnicity"},
            "mimic4": {}, "trinetx": {"subject_id": "patient_id", "hadm_id": "encounter_id"}}
-
-
-def swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished folder `tmp` to `out`, replacing an existing `out` as a whole; if the rename fails
-    the old `out` is put back. With writers that fill `tmp` first, a folder at `out` is always whole."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def find_file(folder: Path, stem: str) -> Path | None:

@@ -113,10 +113,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a checkpoint on disk is always complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary name, then rename: a checkpoint on disk is always complete, and on any
+    failure (a full disk, Ctrl-C) the temporary file is removed before the error goes on."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path) -> dict:

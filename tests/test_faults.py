@@ -209,3 +209,139 @@ def test_nothing_usable_left_stops_in_one_line(tmp_path):
                             r"after intime .*', and admissions in the admissions table 2, none left at 'with "
                             r"ICD-9 diagnosis codes'")
     assert not (tmp_path / "out").exists()
+
+
+# -------------------------------------------------------------------------------- 7: --out a symlink
+def test_out_that_is_a_symlink_is_written_through(raw, tmp_path):
+    (tmp_path / "big-disk" / "processed").mkdir(parents=True)
+    (tmp_path / "processed").symlink_to(tmp_path / "big-disk" / "processed")
+    data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "processed", quiet=True))
+    assert (tmp_path / "processed").is_symlink()
+    assert (tmp_path / "big-disk" / "processed" / "meta.json").is_file()
+    (tmp_path / "big-disk" / "raw").mkdir()
+    (tmp_path / "synth").symlink_to(tmp_path / "big-disk" / "raw")
+    synthetic.synthesize(synthetic.SynthConfig(out=tmp_path / "synth", patients=5, quiet=True))
+    assert (tmp_path / "synth").is_symlink() and (tmp_path / "big-disk" / "raw" / "PATIENTS.csv.gz").is_file()
+    assert sorted(p.name for p in (tmp_path / "big-disk").iterdir()) == ["processed", "raw"]
+
+
+# ----------------------------------------------------------------------- 10: unwritable outputs, full disk
+@pytest.fixture
+def no_work(monkeypatch):
+    """Reading the extract fails the test: the error must come before any work."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the work started before the output was checked")
+    monkeypatch.setattr(data, "build_mimic", fail)
+    monkeypatch.setattr(synthetic, "_cohort", fail)
+    monkeypatch.setattr(evaluate, "evaluate_task", fail)
+
+
+def test_out_under_a_file_fails_before_any_work(raw, tmp_path, no_work):
+    (tmp_path / "afile").write_text("not a folder")
+    for command in (["preprocess", "--raw", raw], ["synth", "--patients", 5]):
+        result = _cli(*command, "--out", tmp_path / "afile" / "sub")
+        _one_line_error(result, re.escape(f"{tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a "
+                                          "folder; choose another --out"))
+    result = _cli("evaluate", "--task", "mortality", "--run", tmp_path / "afile", "--init", "none")
+    _one_line_error(result, re.escape(f"{tmp_path / 'afile' / 'eval'}: cannot write there") + ".*--run")
+
+
+def test_out_that_is_the_current_folder_is_refused(raw, tmp_path, monkeypatch, no_work):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    _one_line_error(_cli("preprocess", "--raw", raw, "--out", "."), r"is the current folder")
+
+
+def test_read_only_parent_fails_before_any_work(raw, tmp_path, monkeypatch, no_work):
+    (tmp_path / "ro").mkdir()
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):   # root ignores chmod, so the refusal of a read-only folder is simulated
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", read_only)
+    result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "ro" / "out")
+    _one_line_error(result, r"ro/out: cannot write there \(Permission denied: .*\.out\.lock\)")
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def _full_disk(monkeypatch, real_save=torch.save):
+    def save(obj, f, *args, **kwargs):   # half a file, then the disk is full
+        real_save(obj, f, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_full_disk_while_writing_keeps_the_old_output_and_no_leftovers(raw, tiny_processed, tmp_path, monkeypatch):
+    out = Path(shutil.copytree(tiny_processed, tmp_path / "processed"))
+    before = (out / "stays.pt").read_bytes()
+    _full_disk(monkeypatch)
+    result = _cli("preprocess", "--raw", raw, "--out", out)
+    _one_line_error(result, re.escape(f"{out}: cannot write there (No space left on device)"))
+    assert (out / "stays.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "raw"]    # no .tmp folder, no lock
+
+
+def test_full_disk_while_checkpointing_leaves_no_temporary_file(tmp_path, monkeypatch):
+    _full_disk(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        train.save_checkpoint({"w": torch.ones(1000)}, tmp_path / "stay.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- 13: two runs, one --out
+def test_a_second_run_into_the_same_out_is_refused(raw, tiny_processed, tmp_path):
+    out = Path(shutil.copytree(tiny_processed, tmp_path / "processed"))
+    before = (out / "stays.pt").read_bytes()
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])   # the first run, alive
+    try:
+        (tmp_path / ".processed.lock").write_text(str(first.pid))
+        result = _cli("preprocess", "--raw", raw, "--out", out)
+        _one_line_error(result, rf"processed: process {first.pid} is writing there \(lock \.processed\.lock\); "
+                                r"wait for it to finish or choose another --out")
+        assert (out / "stays.pt").read_bytes() == before
+        assert (tmp_path / ".processed.lock").read_text() == str(first.pid)
+    finally:
+        first.kill()
+        first.wait()
+    result = _cli("preprocess", "--raw", raw, "--out", out)      # its process is gone: the lock is stale
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "raw"]
+
+
+# -------------------------------------------------------------------------- 19: SIGTERM, dead runs
+@needs_demo
+def test_sigterm_removes_the_staging_folder(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "medhmp.py"), "preprocess", "--raw", str(MIMIC3_DEMO),
+                             "--out", str(tmp_path / "out")], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.tmp-*")), "the staging folder never appeared"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, err.decode()
+    assert list(tmp_path.iterdir()) == [], [p.name for p in tmp_path.iterdir()]
+
+
+def test_a_swap_cut_by_a_kill_is_completed_and_dead_runs_tidied(tiny_processed, tmp_path):
+    dead, other = _dead_pid(), _dead_pid()
+    shutil.copytree(tiny_processed, tmp_path / f".processed.tmp-{dead}")        # written whole, then killed
+    shutil.copytree(tiny_processed, tmp_path / f".processed.old-{dead}")        # between the two renames
+    (tmp_path / f".processed.tmp-{other}").mkdir()                              # a run killed while working
+    (tmp_path / ".processed.lock").write_text(str(other))
+    d = data.load_processed(tmp_path / "processed")
+    assert len(d.stays["stay_id"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["processed"]
+
+
+def test_the_next_run_restores_out_when_only_the_old_folder_is_left(raw, tiny_processed, tmp_path):
+    dead = _dead_pid()
+    shutil.copytree(tiny_processed, tmp_path / f".processed.old-{dead}")   # killed before its staging was whole
+    result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "processed")
+    assert result.exit_code == 0, result.output
+    assert f"undid the folder swap of process {dead}, which was killed" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "raw"]
