@@ -75,7 +75,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         out = stage.out
         _check_out(out)
         rep.log(f"reading {raw} ({layout} layout)")
-        cache = _load_cache(out)
+        cache = _load_cache(out, rep)
         sources = {}
         build = build_trinetx if layout == "trinetx" else build_mimic
         result = build(cfg, raw, layout, sources, rep, cache)
@@ -102,13 +102,31 @@ def _check_out(out: Path) -> None:
         raise InputError(f"{out}: exists and is not a processed folder; choose another --out")
 
 
-def _load_cache(out: Path) -> dict:
-    """{text key: vector} saved by the last run into this folder (note_cache.pt), else empty."""
+def _load_cache(out: Path, rep: Reporter) -> dict:
+    """{text key: vector} saved by the last run into this folder (note_cache.pt), else empty; a damaged
+    cache is ignored with a warning (the embeddings are recomputed and the cache written anew)."""
     path = out / "note_cache.pt"
     if not path.is_file():
         return {}
-    saved = torch.load(path, weights_only=True)
-    return {k: v for dim in saved["dims"] for k, v in zip(saved[f"keys_{dim}"], saved[f"vectors_{dim}"].numpy())}
+    try:
+        saved = read_file(path, lambda p: torch.load(p, weights_only=True), "")
+        return {k: v for dim in saved["dims"] for k, v in zip(saved[f"keys_{dim}"], saved[f"vectors_{dim}"].numpy())}
+    except (InputError, KeyError, TypeError, AttributeError):
+        rep.log(f"warning: {path} is damaged; ignoring it (the note embeddings are recomputed, the cache rebuilt)")
+        return {}
+
+
+def read_file(path: Path, read, fix: str):
+    """read(path), with a missing or damaged file as one InputError line naming it and `fix` (what to re-run).
+    The raw error is not shown: for a file that fails to load with weights_only=True, torch advises loading it
+    with weights_only=False, which a user must never be told about a file that may come from anyone."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing{'; ' + fix if fix else ''}") from None
+    except Exception as err:  # torch: RuntimeError, UnpicklingError, EOFError; json: ValueError; csv: KeyError
+        raise InputError(f"{path}: cannot be read, it is truncated or corrupt ({type(err).__name__})"
+                         f"{'; ' + fix if fix else ''}") from None
 
 
 def _save_cache(cache: dict, path: Path) -> None:
@@ -178,8 +196,9 @@ class Processed:
     def examples(self, task: str, split: str) -> dict:
         """The task's examples in a split: {"row", "subject_id", "label", "cutoff"} numpy arrays."""
         t = self.labels.get(task)
-        if t is None:
-            return {k: np.zeros(0) for k in ("row", "subject_id", "label", "cutoff")}
+        if t is None:  # rows and ids are integers even when empty: they index the stay and admission tensors
+            return {"row": np.zeros(0, np.int64), "subject_id": np.zeros(0, np.int64),
+                    "label": np.zeros(0, np.float32), "cutoff": np.zeros(0)}
         return select_rows(t, self.split_of(t["subject_id"]) == split)
 
 
@@ -190,25 +209,41 @@ def select_rows(examples: dict, keep: np.ndarray) -> dict:
 
 
 def load_processed(root: Path) -> Processed:
-    """Load a folder written by `preprocess`; a missing folder or another format version is an InputError."""
+    """Load a folder written by `preprocess`; a missing, damaged or other-version folder is one InputError line
+    naming the file and what to re-run. A folder whose swap a killed run left half done is recovered first."""
     root = Path(root)
     if not (root / "meta.json").is_file():
-        repair(root)                      # a folder whose swap a killed run left half done
+        repair(root)
     if not (root / "meta.json").is_file():
         raise InputError(f"{root}: no processed data here (run `python medhmp.py preprocess --out {root}`)")
-    meta = json.loads((root / "meta.json").read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{root}: format version {meta.get('format_version')}, this medhmp reads "
-                         f"{FORMAT_VERSION}; re-run `python medhmp.py preprocess`")
-    stays = torch.load(root / "stays.pt", weights_only=True)
-    admissions = torch.load(root / "admissions.pt", weights_only=True)
-    splits = json.loads((root / "splits.json").read_text())
-    splits = {n: np.array(sorted(splits[n]), dtype=np.int64) for n in ("train", "val", "test")}
-    return Processed(root, meta, stays, admissions, _read_labels(root, stays, admissions), splits)
+    fix = f"re-run `python medhmp.py preprocess --out {root}`"
+    meta = read_file(root / "meta.json", lambda p: json.loads(p.read_text()), fix)
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise InputError(f"{root}: format version {version}, this medhmp reads {FORMAT_VERSION}; {fix}")
+    stays, admissions = (read_file(root / f"{name}.pt", lambda p: _tensors(p, keys), fix)
+                         for name, keys in (("stays", ("stay_id", "ts_ptr")), ("admissions", ("hadm_id", "icd_ptr"))))
+    splits = read_file(root / "splits.json", _read_splits, fix)
+    labels = read_file(root / "labels.csv", lambda p: _read_labels(p, stays, admissions), fix)
+    return Processed(root, meta, stays, admissions, labels, splits)
 
 
-def _read_labels(root: Path, stays: dict, admissions: dict) -> dict:
-    with open(root / "labels.csv", newline="") as f:
+def _tensors(path: Path, keys: tuple) -> dict:
+    """A dict of tensors saved by `preprocess`, with `keys` among them (a KeyError otherwise)."""
+    out = torch.load(path, weights_only=True)
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise KeyError(missing[0])
+    return out
+
+
+def _read_splits(path: Path) -> dict:
+    splits = json.loads(path.read_text())
+    return {n: np.array(sorted(splits[n]), dtype=np.int64) for n in ("train", "val", "test")}
+
+
+def _read_labels(path: Path, stays: dict, admissions: dict) -> dict:
+    with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     out = {}
     for task in sorted({r["task"] for r in rows}):

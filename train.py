@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from data import (AdmissionDataset, InputError, Processed, Reporter, StayDataset, config_record, load_processed,
-                  make_loader)
+                  make_loader, read_file)
 from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,
                     count_parameters, load_encoder)
 
@@ -125,11 +125,17 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by this module (plain dict; weights_only=True)."""
+    """A checkpoint written by this module (plain dict; weights_only=True); a missing, truncated or corrupt
+    file is one InputError line saying what to re-run."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no checkpoint here (run `python medhmp.py pretrain` first)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    level = path.stem if path.stem in LEVELS else "stay|admission"
+    state = read_file(path, lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                      f"re-run `python medhmp.py pretrain --level {level}` for it")
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: not a medhmp checkpoint; re-run `python medhmp.py pretrain --level {level}`")
+    return state
 
 
 def _versions() -> dict:

@@ -225,6 +225,71 @@ def test_out_that_is_a_symlink_is_written_through(raw, tmp_path):
     assert sorted(p.name for p in (tmp_path / "big-disk").iterdir()) == ["processed", "raw"]
 
 
+# --------------------------------------------------------------------------- 8: empty cohort in evaluate
+def test_evaluate_skips_empty_stay_and_admission_cohorts(tmp_path):
+    t = TinyMimic3()
+    for s in (1, 2):
+        t.patient(s)
+        t.admission(s, s * 10 + 1, T0, 72)
+        t.stay(s, s * 10 + 1, s * 100 + 1, hours_after(T0, 1), 60, dbsource="carevue")   # no MetaVision stay
+    data.preprocess(data.PreprocessConfig(raw=t.write(tmp_path / "raw"), out=tmp_path / "out", quiet=True))
+    for task in ("mortality", "readmission"):
+        reports = evaluate.evaluate(evaluate.FinetuneConfig(task=task, data=tmp_path / "out", run=tmp_path / "run",
+                                                            init="none", seeds=1, epochs=1, quiet=True))
+        assert reports[task]["results"]["none/medhmp"]["skipped"] == "no examples in this data"
+
+
+# --------------------------------------------------------------------------- 9: damaged files
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "stays.pt truncated": ("stays.pt", _truncate, "cannot be read, it is truncated or corrupt"),
+    "admissions.pt random bytes": ("admissions.pt", lambda p: p.write_bytes(os.urandom(5000)), "cannot be read"),
+    "meta.json truncated": ("meta.json", _truncate, "cannot be read, it is truncated or corrupt"),
+    "labels.csv missing": ("labels.csv", lambda p: p.unlink(), "missing"),
+    "splits.json garbage": ("splits.json", lambda p: p.write_text("[1, 2"), "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_processed_files_are_one_line_naming_the_file(case, tiny_processed, tmp_path):
+    name, damage, what = DAMAGE[case]
+    out = Path(shutil.copytree(tiny_processed, tmp_path / "processed"))
+    damage(out / name)
+    result = _cli("evaluate", "--task", "mortality", "--data", out, "--run", tmp_path / "run", "--init", "none")
+    _one_line_error(result, re.escape(f"{out / name}: {what}") + r".*re-run `python medhmp.py preprocess --out ")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "not a dict"])
+def test_damaged_checkpoint_is_one_line_without_unsafe_advice(tmp_path, damage):
+    path = tmp_path / "stay.pt"
+    train.save_checkpoint({"model": {"w": torch.ones(1000)}, "step": 1}, path)
+    if damage == "truncated":
+        _truncate(path)
+    elif damage == "random bytes":
+        path.write_bytes(os.urandom(4096))
+    else:
+        torch.save([1, 2, 3], path)
+    with pytest.raises(data.InputError) as err:
+        train.load_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert "re-run `python medhmp.py pretrain --level stay`" in message
+    assert "weights_only" not in message
+
+
+def test_damaged_note_cache_is_ignored_with_a_warning_and_rebuilt(raw, tiny_processed, tmp_path):
+    out = Path(shutil.copytree(tiny_processed, tmp_path / "processed"))
+    _truncate(out / "note_cache.pt")
+    result = _cli("preprocess", "--raw", raw, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"warning: .*note_cache.pt is damaged; ignoring it", result.output)
+    cache = torch.load(out / "note_cache.pt", weights_only=True)
+    assert len(cache[f"keys_{cache['dims'][0]}"]) == 2
+
+
 # ----------------------------------------------------------------------- 10: unwritable outputs, full disk
 @pytest.fixture
 def no_work(monkeypatch):
