@@ -19,7 +19,7 @@ from cohorts import (MINUTES_PER_DAY, assign_splits, patient_labels, readmission
 from extract import (STATIC_CATEGORIES, StayIndex, age_at, find_notes, load_core, load_trinetx, read_diagnoses,
                      read_drugs, read_notes, stream_events, variable_names)
 from features import (apply_static, apply_timeseries, build_vocab, codes_to_csr, embed_notes, fit_static,
-                      fit_timeseries)
+                      fit_timeseries, load_text_model)
 from tables import InputError, lookup, row_of, unique
 
 
@@ -31,7 +31,9 @@ def _take(table: dict, rows) -> dict:
 
 
 def build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
-    """A MIMIC-III or MIMIC-IV extract: patients -> admissions -> adult MetaVision ICU stays with events."""
+    """A MIMIC-III or MIMIC-IV extract: patients -> admissions -> adult MetaVision ICU stays with events.
+    The text model is loaded first, so that a bad --text-model fails before any table is read."""
+    text_model = load_text_model(cfg.text_model, cfg.text_device)
     core = load_core(raw, layout, sources)
     pats, adms = core["patients"], core["admissions"]
     attrition = {"patients": [["patients in the patients table", len(pats["subject_id"])]]}
@@ -64,7 +66,7 @@ def build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
     ts, static, feature_meta = _stay_features(cfg, raw, layout, events, sts, adms, pats, split, rep)
 
     skipped["diagnoses and prescriptions"] = codes["counts"]
-    notes = _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped)
+    notes = _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped, text_model)
     s_adm = sts["adm"]
     order = np.lexsort((sts["intime"], s_adm))                      # stays grouped by admission
     admissions = {"hadm_id": adms["hadm_id"], "subject_id": adms["subject_id"],
@@ -186,7 +188,7 @@ def _admission_codes(cfg, raw, layout, adms, train_adm, sources, rep, a_att) -> 
             "counts": {**counts, "ICD codes outside the vocabulary": icd_oov, "drug codes outside": drug_oov}}
 
 
-def _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped) -> dict:
+def _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped, text_model) -> dict:
     """One embedded note per admission (its latest discharge summary), zeros and mask 0 where none."""
     path = find_notes(raw, cfg.notes, layout)
     texts, counts = ({}, {"note table": "missing"}) if path is None else \
@@ -198,7 +200,8 @@ def _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped) -> di
                 "the note modality is masked everywhere")
     vectors, info = embed_notes([texts[h] for h in hadms], cfg.text_model, cache, dim=cfg.hashing_dim,
                                 max_tokens=cfg.note_max_tokens, pooling=cfg.note_pooling,
-                                device=cfg.text_device, batch_size=cfg.text_batch_size, task=rep.task)
+                                device=cfg.text_device, batch_size=cfg.text_batch_size, task=rep.task,
+                                loaded=text_model)
     dim = vectors.shape[1]                    # embed_notes gives the model's width even for no notes
     note = np.zeros((len(adms["hadm_id"]), dim), np.float16)
     rows = lookup(adms["hadm_id"], np.array(hadms, dtype=np.int64))

@@ -66,8 +66,8 @@ FORMAT_VERSION = 2                            # 2: stays stored as int16 feature
 
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Read the extract at `cfg.raw`, write the processed folder `cfg.out` atomically; returns meta.
-    The output is checked, locked and staged (folders.Staged) before any table is read, so an unwritable
-    --out fails in seconds, in one line, and a full disk in one line too."""
+    The output is checked, locked and staged (folders.Staged) before any table is read (and build_mimic loads
+    the text model first), so an unwritable --out or a bad --text-model fails in seconds, in one line."""
     rep = Reporter(cfg.quiet)
     raw = Path(cfg.raw)
     layout = find_layout(raw)

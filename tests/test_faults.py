@@ -355,6 +355,28 @@ def test_full_disk_while_checkpointing_leaves_no_temporary_file(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+# --------------------------------------------------------------------------- 11: a bad --text-model
+@pytest.fixture
+def tables_unread(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a table was read before the text model was loaded")
+    monkeypatch.setattr(build, "load_core", fail)
+
+
+def test_mistyped_text_model_path_fails_before_reading_tables(raw, tmp_path, tables_unread):
+    result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out", "--text-model", "./models/clinical-t5")
+    _one_line_error(result, r"--text-model ./models/clinical-t5: no such folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_hub_text_model_offline_fails_before_reading_tables(raw, tmp_path, tables_unread, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out", "--text-model", "someorg/no-such-t5")
+    _one_line_error(result, r"--text-model someorg/no-such-t5: not a local folder, and as a hub name, it cannot "
+                            r"be loaded")
+
+
 # ---------------------------------------------------------------------------- 13: two runs, one --out
 def test_a_second_run_into_the_same_out_is_refused(raw, tiny_processed, tmp_path):
     out = Path(shutil.copytree(tiny_processed, tmp_path / "processed"))
