@@ -12,6 +12,7 @@ the module that does the work, so options default to None and only what was give
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import click
@@ -39,6 +40,19 @@ def _default(config_class, name: str) -> str:
 PathOption = click.Path(path_type=Path)
 
 
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (nan passes every range comparison)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+PositiveFloat = FiniteRange(min=0, min_open=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cli():
     """MedHMP: pretrain on MIMIC-style EHR extracts, then evaluate on eight downstream tasks."""
@@ -49,7 +63,7 @@ def cli():
 @click.option("--patients", type=click.IntRange(min=1), help=_default(synthetic.SynthConfig, "patients"))
 @click.option("--layout", type=click.Choice(synthetic.LAYOUTS), help=_default(synthetic.SynthConfig, "layout"))
 @click.option("--seed", type=int, help=_default(synthetic.SynthConfig, "seed"))
-@click.option("--event-scale", type=click.FloatRange(min=0.1),
+@click.option("--event-scale", type=FiniteRange(min=0.1),
               help="Chart rows per stay-hour multiplier, for scale benchmarks. "
                    + _default(synthetic.SynthConfig, "event_scale"))
 def synth(**options):
@@ -74,7 +88,6 @@ def preprocess(**options):
     _run(data.preprocess, data.PreprocessConfig, **options)
 
 
-
 @cli.command()
 @click.option("--level", type=click.Choice(list(train.LEVELS)), required=True, help="Pretraining stage.")
 @click.option("--data", type=PathOption, help=_default(train.StayPretrainConfig, "data"))
@@ -82,7 +95,7 @@ def preprocess(**options):
 @click.option("--epochs", type=click.IntRange(min=1), help="[default: 200 stay, 300 admission (paper)]")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimiser steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="[default: 128 stay, 4096 admission (paper)]")
-@click.option("--lr", type=float, help="[default: 5e-4 stay, 2e-5 admission (paper)]")
+@click.option("--lr", type=PositiveFloat, help="[default: 5e-4 stay, 2e-5 admission (paper)]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help=_default(train.StayPretrainConfig, "device"))
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help=_default(train.StayPretrainConfig, "precision"))
@@ -103,7 +116,7 @@ def pretrain(level, **options):
 @click.option("--seeds", type=click.IntRange(min=1), help=_default(evaluate.FinetuneConfig, "seeds"))
 @click.option("--model", type=click.Choice(evaluate.PATIENT_MODELS), help="Patient-level sequence model. "
               + _default(evaluate.FinetuneConfig, "model"))
-@click.option("--lr", type=float, help="One learning rate for every level. [default: 5e-3 stay and admission, "
+@click.option("--lr", type=PositiveFloat, help="One learning rate for every level. [default: 5e-3 stay and admission, "
               "5e-2 patient]")
 @click.option("--batch-size", type=click.IntRange(min=1), help=_default(evaluate.FinetuneConfig, "batch_size"))
 @click.option("--epochs", type=click.IntRange(min=1), help=_default(evaluate.FinetuneConfig, "epochs"))
@@ -111,7 +124,7 @@ def pretrain(level, **options):
               help=_default(evaluate.FinetuneConfig, "device"))
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help=_default(evaluate.FinetuneConfig, "precision"))
-@click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True),
+@click.option("--label-fraction", type=FiniteRange(0, 1, min_open=True),
               help="Fine-tune on this share of the training labels (low-resource runs). "
               + _default(evaluate.FinetuneConfig, "label_fraction"))
 @click.option("--seed", type=int, help=_default(evaluate.FinetuneConfig, "seed"))

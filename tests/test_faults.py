@@ -377,6 +377,15 @@ def test_hub_text_model_offline_fails_before_reading_tables(raw, tmp_path, table
                             r"be loaded")
 
 
+# ------------------------------------------------------------------------------------ 12: --lr
+@pytest.mark.parametrize("lr", ["-1", "0", "nan", "inf"])
+@pytest.mark.parametrize("command", [["pretrain", "--level", "stay"], ["evaluate", "--task", "mortality"]])
+def test_lr_must_be_a_positive_finite_number(command, lr, tmp_path):
+    result = _cli(*command, "--data", tmp_path / "absent", "--lr", lr)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--lr'" in result.output and "Traceback" not in result.output
+
+
 # ---------------------------------------------------------------------------- 13: two runs, one --out
 def test_a_second_run_into_the_same_out_is_refused(raw, tiny_processed, tmp_path):
     out = Path(shutil.copytree(tiny_processed, tmp_path / "processed"))
