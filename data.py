@@ -90,6 +90,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         parts = [f"{s} {c[s][0]} ({c[s][1]} positive)" for s in ("train", "val", "test")]
         rep.log(f"{task} ({c['level']}): " + ", ".join(parts))
     rep.log(f"wrote {out}: {meta['counts']}")
+    _print_skipped(meta, rep)
     return meta
 
 
@@ -164,6 +165,18 @@ def _write_folder(folder: Path, result: dict, cache: dict) -> None:
 def _print_attrition(meta: dict, rep: Reporter) -> None:
     for name, steps in meta["attrition"].items():
         rep.log(f"{name}: " + " -> ".join(f"{step} {n:,}" for step, n in steps))
+
+
+def _print_skipped(meta: dict, rep: Reporter) -> None:
+    """One warning line per table with malformed rows or unreadable values (meta.json keeps them all)."""
+    for name, src in meta["sources"].items():
+        parts = [f"{src['bad_rows']:,} malformed rows skipped (first at row {src['first_bad_row']})"] \
+            if src["bad_rows"] else []
+        counts = meta["skipped"].get(name)
+        if isinstance(counts, dict):
+            parts += [f"{n:,} rows with an {what}" for what, n in counts.items() if what.startswith("unparsable") and n]
+        if parts:
+            rep.log(f"warning: {src['path']}: {'; '.join(parts)} (meta.json: sources, skipped)")
 
 
 # ------------------------------------------------------------------------------------------- loading

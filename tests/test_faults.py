@@ -164,6 +164,7 @@ def test_malformed_note_rows_are_counted_and_reported(raw, tmp_path):
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["skipped"]["notes"]["malformed rows"] == 1 and meta["notes"]["with_note"] == 1
+    assert re.search(r"warning: .*NOTEEVENTS.csv.gz: 1 malformed rows skipped \(first at row 2\)", result.output)
 
 
 # --------------------------------------------------------------------------- 4: padded ids and codes
@@ -441,3 +442,21 @@ def test_the_next_run_restores_out_when_only_the_old_folder_is_left(raw, tiny_pr
     assert result.exit_code == 0, result.output
     assert f"undid the folder swap of process {dead}, which was killed" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "raw"]
+
+
+# ---------------------------------------------------------------------- 20: a summary of skipped rows
+def test_skipped_rows_get_one_summary_line_per_table(raw, tmp_path):
+    def break_rows(text):
+        lines = text.splitlines()
+        lines[3] += ",an extra field"                                       # rows 3 and 5 are malformed
+        lines[5] = lines[5].rsplit(",", 2)[0]
+        lines[7] = lines[7].replace(T0[:10], "yesterday", 1)                # row 7: an unparsable time
+        return "\n".join(lines) + "\n"
+    _rewrite(raw, "CHARTEVENTS", break_rows)
+    result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "CHARTEVENTS.csv.gz" in line and "warning" in line]
+    assert len(lines) == 1, result.output
+    assert "2 malformed rows skipped (first at row 3); 1 rows with an unparsable time" in lines[0]
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["sources"]["chartevents"]["bad_rows"] == 2 and meta["sources"]["chartevents"]["first_bad_row"] == 3
