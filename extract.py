@@ -397,10 +397,11 @@ def read_notes(path: Path, hadms: set, sources: dict, task) -> tuple[dict, dict]
     f = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
     with raw, f, task("notes", path.stat().st_size) as advance:
         try:
-            rows = CsvLines(src, f).rows()
-            col, n_columns = _note_columns(path, next(rows, (0, []))[1])
+            watch = CsvLines(src, f)
+            rows = watch.rows()
+            col, watch.n_fields = _note_columns(path, next(rows, (0, []))[1])
             for i, row in rows:
-                if len(row) != n_columns:
+                if len(row) != watch.n_fields:
                     count_bad(src, [i] if row else [])
                     continue
                 counts["rows"] += 1

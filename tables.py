@@ -218,11 +218,13 @@ class CsvLines:
     `rows()` yields (row number, fields) per record; `row` is the number of the next record (0: the header).
     A record longer than MAX_RECORD_BYTES is a `runaway_quote` error, and so is one that csv.reader returns
     only after the last line (it does so only for a quoted field still open at the end of the file) when
-    `at_end`; otherwise that unfinished record is left out (the caller reads on). `lines_done` counts the lines
-    of the records yielded so far."""
+    `at_end`; otherwise that unfinished record is left out (the caller reads on). Once `n_fields` is set, a
+    record over several lines with another number of fields is one too: a stray quote has shifted the
+    quoting of what follows (rows merged into a field, note text read as rows). `lines_done` counts the
+    lines of the records yielded so far."""
 
-    def __init__(self, src: Source, lines, row: int = 0, at_end: bool = True):
-        self.src, self.lines, self.row, self.at_end = src, iter(lines), row, at_end
+    def __init__(self, src: Source, lines, row: int = 0, at_end: bool = True, n_fields: int | None = None):
+        self.src, self.lines, self.row, self.at_end, self.n_fields = src, iter(lines), row, at_end, n_fields
         self.size, self.n_lines, self.lines_done, self.ended = 0, 0, 0, False
 
     def __iter__(self):
@@ -246,6 +248,11 @@ class CsvLines:
                 if self.at_end:
                     raise runaway_quote(self.src, self.row, "is still open at the end of the file")
                 return
+            lines = self.n_lines - self.lines_done
+            if lines > 1 and self.n_fields is not None and len(fields) != self.n_fields:
+                since = f", after malformed rows from row {self.src.first_bad_row} on" if self.src.bad_rows else ""
+                raise runaway_quote(self.src, self.row, f"runs over {lines} lines into a row of {len(fields)} "
+                                                        f"fields, not {self.n_fields}{since}")
             yield self.row, fields
             self.row, self.size, self.lines_done = self.row + 1, 0, self.n_lines
 
@@ -359,7 +366,8 @@ def _parse_block(src: Source, data: bytes, want: dict[str, int], row0: int) -> B
 
 def _parse_with_csv(src: Source, data: bytes, names, cols, ncol: int, row0: int) -> Block:
     """Slow path for blocks where a quoted field holds a newline (rare outside note tables)."""
-    rows = list(csv.reader(line.decode("utf-8", "replace") for line in data.splitlines(keepends=True)))
+    lines = (line.decode("utf-8", "replace") for line in data.splitlines(keepends=True))
+    rows = [fields for _, fields in CsvLines(src, lines, row0, n_fields=ncol).rows()]
     fits = np.array([len(r) == ncol for r in rows], dtype=bool)
     count_bad(src, row0 + np.flatnonzero(~fits & np.array([bool(r) for r in rows], dtype=bool)))
     fields = [r[j].encode() for r, ok in zip(rows, fits) if ok for j in cols]

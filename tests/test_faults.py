@@ -27,6 +27,7 @@ from conftest import MIMIC3_DEMO, NOTES, REPO, T0, TinyMimic3, hours_after
 from medhmp import cli
 
 needs_demo = pytest.mark.skipif(not MIMIC3_DEMO.is_dir(), reason="../shared/data/mimic3-demo not present")
+needs_notes = pytest.mark.skipif(not NOTES.is_dir(), reason="../shared/data/notes not present")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -103,6 +104,7 @@ def raw(tiny_raw, tmp_path) -> Path:
 
 # ------------------------------------------------------------------------------- 1: multi-member gzip
 @needs_demo
+@needs_notes
 def test_multi_member_gzip_tables_are_read_whole(tmp_path):
     raw = _demo_links(tmp_path / "raw", without=("ADMISSIONS", "CHARTEVENTS"))
     for table in ("ADMISSIONS", "CHARTEVENTS"):       # a core table and an event table (the fast block reader)
@@ -148,6 +150,28 @@ def test_quote_running_past_the_row_limit_stops_the_block_reader(tmp_path):
     with pytest.raises(tables.InputError, match=r"CHARTEVENTS.csv: row 2: a quoted field opened in this row "
                                                 r"does not close within 4 MiB"):
         list(tables.read_blocks(tables.Source(path), {"itemid": True}))
+
+
+def test_a_stray_quote_that_merges_later_rows_stops_naming_the_row(tmp_path):
+    rows = [b"1,220045,80"] * 10
+    rows[2] = b'1,220045,"80'                   # row 3: a stray quote ...
+    rows[7] = b'1,220210,"12,5"'                # ... pairs with the first quote of row 8: rows 3-8 become one
+    path = tmp_path / "CHARTEVENTS.csv"
+    path.write_bytes(b"a,itemid,value\n" + b"\n".join(rows) + b"\n")
+    with pytest.raises(tables.InputError, match=r"row 3: a quoted field opened in this row runs over 6 lines "
+                                                r"into a row of 4 fields, not 3"):
+        list(tables.read_blocks(tables.Source(path), {"itemid": True}))
+
+
+@needs_notes
+def test_a_stray_quote_inside_a_note_stops_instead_of_reading_its_text_as_rows(tmp_path):
+    text = gzip.decompress((NOTES / "NOTEEVENTS_SYNTHETIC_PAIRING.csv.gz").read_bytes())
+    notes = tmp_path / "NOTEEVENTS.csv.gz"      # the first note's quoted text ends early, at a stray quote
+    notes.write_bytes(gzip.compress(text.replace(b"Annual exam.", b'Annual exam."', 1)))
+    from extract import read_notes
+    with pytest.raises(tables.InputError, match=r"NOTEEVENTS.csv.gz: row \d+: a quoted field opened in this row "
+                                                r"runs over \d+ lines .*, after malformed rows from row 3 on"):
+        read_notes(notes, set(), {}, data.Reporter(quiet=True).task)
 
 
 def test_a_bare_quote_inside_a_field_is_read_as_csv_does(tmp_path):
