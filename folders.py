@@ -106,7 +106,7 @@ class Lock:
         if (pid is None and age < 10) or (pid is not None and pid != os.getpid() and pid_alive(pid)):
             who = f"process {pid}" if pid else "another run"
             raise InputError(f"{self.out}: {who} is writing there (lock {self.path.name}); wait for it to "
-                             f"finish or choose another {self.option}")
+                             f"finish or choose another {self.option} (if no run is writing, remove the lock)")
         self.path.unlink(missing_ok=True)
 
     def __exit__(self, *exc):
