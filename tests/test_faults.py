@@ -26,8 +26,8 @@ import train
 from conftest import MIMIC3_DEMO, NOTES, REPO, T0, TinyMimic3, hours_after
 from medhmp import cli
 
-needs_demo = pytest.mark.skipif(not MIMIC3_DEMO.is_dir(), reason="../shared/data/mimic3-demo not present")
-needs_notes = pytest.mark.skipif(not NOTES.is_dir(), reason="../shared/data/notes not present")
+needs_demo = pytest.mark.skipif(not MIMIC3_DEMO.is_dir(), reason="the MIMIC-III demo (conftest.MIMIC3_DEMO) is not present")
+needs_notes = pytest.mark.skipif(not NOTES.is_dir(), reason="the open notes (conftest.NOTES) are not present")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
