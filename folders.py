@@ -134,11 +134,13 @@ def recover(out: Path, log=None) -> None:
             (whole if done else p).rename(out)
             if log:
                 log(f"{out}: {'finished' if done else 'undid'} the folder swap of process {pid}, which was killed")
-    for p in found.values():
-        if p.exists():
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            if log:
-                log(f"removed {p}, left by a run that died")
+    for p in (p for p in found.values() if p.exists()):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        if log:
+            log(f"removed {p}, left by a run that died")
 
 
 def repair(out: Path) -> None:
