@@ -19,7 +19,7 @@ from cohorts import (MINUTES_PER_DAY, assign_splits, patient_labels, readmission
 from extract import (STATIC_CATEGORIES, StayIndex, age_at, find_notes, load_core, load_trinetx, read_diagnoses,
                      read_drugs, read_notes, stream_events, variable_names)
 from features import (apply_static, apply_timeseries, build_vocab, codes_to_csr, embed_notes, fit_static,
-                      fit_timeseries)
+                      fit_timeseries, load_text_model)
 from tables import InputError, lookup, row_of, unique
 
 
@@ -31,7 +31,9 @@ def _take(table: dict, rows) -> dict:
 
 
 def build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
-    """A MIMIC-III or MIMIC-IV extract: patients -> admissions -> adult MetaVision ICU stays with events."""
+    """A MIMIC-III or MIMIC-IV extract: patients -> admissions -> adult MetaVision ICU stays with events.
+    The text model is loaded first, so that a bad --text-model fails before any table is read."""
+    text_model = load_text_model(cfg.text_model, cfg.text_device)
     core = load_core(raw, layout, sources)
     pats, adms = core["patients"], core["admissions"]
     attrition = {"patients": [["patients in the patients table", len(pats["subject_id"])]]}
@@ -44,11 +46,14 @@ def build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
     a_att = attrition["admissions"] = [["admissions in the admissions table", len(adms["hadm_id"])]]
     adms = _take(adms, lookup(subjects, adms["subject_id"]) >= 0)
     a_att.append(["of kept patients", len(adms["hadm_id"])])
+    adms = _take(adms, adms["dischtime"] >= adms["admittime"])
+    a_att.append(["discharged at or after admission (others: invalid times)", len(adms["hadm_id"])])
     adms = _take(adms, np.argsort(adms["hadm_id"]))
     a_subject = lookup(subjects, adms["subject_id"])
     sts = _icu_stays(core["stays"], adms, pats, a_subject, attrition)
 
     codes = _admission_codes(cfg, raw, layout, adms, split[a_subject] == 0, sources, rep, a_att)  # small: first
+    _check_usable(raw, attrition, rep)
     index = StayIndex(sts["hadm_id"], sts["intime"], sts["outtime"])
     events, onsets, skipped = stream_events(raw, layout, index, len(sts["stay_id"]), cfg.seq_len,
                                             cfg.exclude_label_items, sources, rep.bytes_task)
@@ -57,10 +62,11 @@ def build_mimic(cfg, raw, layout, sources, rep, cache) -> dict:
     events = dict(events, stay=(np.cumsum(has_events) - 1)[events["stay"]])   # renumbered over the kept stays
     sts, onsets = _take(sts, has_events), {k: v[has_events] for k, v in onsets.items()}
     attrition["stays"].append([f"with events in the first {cfg.seq_len} h", len(sts["stay_id"])])
+    _check_usable(raw, attrition, rep)
     ts, static, feature_meta = _stay_features(cfg, raw, layout, events, sts, adms, pats, split, rep)
 
     skipped["diagnoses and prescriptions"] = codes["counts"]
-    notes = _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped)
+    notes = _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped, text_model)
     s_adm = sts["adm"]
     order = np.lexsort((sts["intime"], s_adm))                      # stays grouped by admission
     admissions = {"hadm_id": adms["hadm_id"], "subject_id": adms["subject_id"],
@@ -93,7 +99,8 @@ def _icu_stays(sts: dict, adms: dict, pats: dict, a_subject: np.ndarray, attriti
     sts = dict(sts, adm=lookup(adms["hadm_id"], sts["hadm_id"]))
     for name, keep in (("of kept admissions", lambda: sts["adm"] >= 0),
                        ("MetaVision (the label items are MetaVision itemids)", lambda: sts["metavision"]),
-                       ("with an outtime", lambda: sts["outtime"] > sts["intime"])):
+                       ("with an outtime", lambda: sts["outtime"] >= 0),
+                       ("outtime after intime (others: invalid times)", lambda: sts["outtime"] > sts["intime"])):
         sts = _take(sts, keep())
         s_att.append([name, len(sts["stay_id"])])
     sts["subject"] = a_subject[sts["adm"]]
@@ -101,6 +108,23 @@ def _icu_stays(sts: dict, adms: dict, pats: dict, a_subject: np.ndarray, attriti
     sts = _take(sts, sts["age"] >= 18)
     s_att.append(["age >= 18 at ICU admission", len(sts["stay_id"])])
     return sts
+
+
+def _check_usable(raw, attrition: dict, rep) -> None:
+    """Stop, in one line, when no ICU stay and no admission with ICD-9 codes is left (an empty folder would
+    only fail later, in pretraining, with a less helpful message); warn when no ICU stay is left."""
+    stays, adms = attrition["stays"], attrition["admissions"]
+    if stays[-1][1] == 0 and dict(adms)["with ICD-9 diagnosis codes"] == 0:
+        raise InputError(f"{raw}: nothing usable is left: {_where_lost(stays)}, and {_where_lost(adms)}")
+    if stays[-1][0].startswith("with events") and stays[-1][1] == 0:
+        rep.log(f"warning: no ICU stay is left ({_where_lost(stays)}): only admission codes, notes and "
+                "patient-level tasks are written; pretraining needs ICU stays")
+
+
+def _where_lost(steps: list) -> str:
+    """'ICU stays in the icustays table 136, none left at "outtime after intime (...)"' from an attrition list."""
+    k = next(i for i, (_, n) in enumerate(steps) if n == 0)
+    return f"{steps[0][0]} {steps[0][1]}, none left at '{steps[k][0]}'" if k else f"{steps[0][0]} 0"
 
 
 def _stay_features(cfg, raw, layout, events, sts, adms, pats, split, rep) -> tuple[dict, np.ndarray, dict]:
@@ -164,7 +188,7 @@ def _admission_codes(cfg, raw, layout, adms, train_adm, sources, rep, a_att) -> 
             "counts": {**counts, "ICD codes outside the vocabulary": icd_oov, "drug codes outside": drug_oov}}
 
 
-def _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped) -> dict:
+def _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped, text_model) -> dict:
     """One embedded note per admission (its latest discharge summary), zeros and mask 0 where none."""
     path = find_notes(raw, cfg.notes, layout)
     texts, counts = ({}, {"note table": "missing"}) if path is None else \
@@ -176,7 +200,8 @@ def _admission_notes(cfg, raw, layout, adms, sources, rep, cache, skipped) -> di
                 "the note modality is masked everywhere")
     vectors, info = embed_notes([texts[h] for h in hadms], cfg.text_model, cache, dim=cfg.hashing_dim,
                                 max_tokens=cfg.note_max_tokens, pooling=cfg.note_pooling,
-                                device=cfg.text_device, batch_size=cfg.text_batch_size, task=rep.task)
+                                device=cfg.text_device, batch_size=cfg.text_batch_size, task=rep.task,
+                                loaded=text_model)
     dim = vectors.shape[1]                    # embed_notes gives the model's width even for no notes
     note = np.zeros((len(adms["hadm_id"]), dim), np.float16)
     rows = lookup(adms["hadm_id"], np.array(hadms, dtype=np.int64))

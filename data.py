@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from build import build_mimic, build_trinetx
 from cohorts import task_counts
+from folders import Staged, check_writable, repair  # noqa: F401  (check_writable re-exported for evaluate)
 from progress import Reporter  # noqa: F401  (re-exported: train, evaluate and synthetic report through it)
-from tables import InputError, find_layout, lookup, row_of, swap_in  # noqa: F401  (InputError re-exported)
+from tables import InputError, find_layout, lookup, row_of  # noqa: F401  (InputError re-exported)
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -66,27 +65,32 @@ FORMAT_VERSION = 2                            # 2: stays stored as int16 feature
 
 
 def preprocess(cfg: PreprocessConfig) -> dict:
-    """Read the extract at `cfg.raw`, write the processed folder `cfg.out` atomically; returns meta."""
+    """Read the extract at `cfg.raw`, write the processed folder `cfg.out` atomically; returns meta.
+    The output is checked, locked and staged (folders.Staged) before any table is read (and build_mimic loads
+    the text model first), so an unwritable --out or a bad --text-model fails in seconds, in one line."""
     rep = Reporter(cfg.quiet)
-    raw, out = Path(cfg.raw), Path(cfg.out)
+    raw = Path(cfg.raw)
     layout = find_layout(raw)
-    _check_out(out)
-    rep.log(f"reading {raw} ({layout} layout)")
-    cache = _load_cache(out)
-    sources = {}
-    build = build_trinetx if layout == "trinetx" else build_mimic
-    result = build(cfg, raw, layout, sources, rep, cache)
-    meta = result["meta"]
-    meta["tasks"] = task_counts(result["labels"], result["splits"])
-    meta.update(format_version=FORMAT_VERSION, layout=layout, created=time.strftime("%Y-%m-%d %H:%M:%S"),
-                config=config_record(cfg),
-                sources={k: s.describe() for k, s in sources.items()})
-    _write_folder(out, result, cache, rep)
+    with Staged(cfg.out, "--out", log=rep.log) as stage:
+        out = stage.out
+        _check_out(out)
+        rep.log(f"reading {raw} ({layout} layout)")
+        cache = _load_cache(out, rep)
+        sources = {}
+        build = build_trinetx if layout == "trinetx" else build_mimic
+        result = build(cfg, raw, layout, sources, rep, cache)
+        meta = result["meta"]
+        meta["tasks"] = task_counts(result["labels"], result["splits"])
+        meta.update(format_version=FORMAT_VERSION, layout=layout, created=time.strftime("%Y-%m-%d %H:%M:%S"),
+                    config=config_record(cfg),
+                    sources={k: s.describe() for k, s in sources.items()})
+        stage.commit(lambda tmp: _write_folder(tmp, result, cache))
     _print_attrition(meta, rep)
     for task, c in meta["tasks"].items():
         parts = [f"{s} {c[s][0]} ({c[s][1]} positive)" for s in ("train", "val", "test")]
         rep.log(f"{task} ({c['level']}): " + ", ".join(parts))
     rep.log(f"wrote {out}: {meta['counts']}")
+    _print_skipped(meta, rep)
     return meta
 
 
@@ -99,13 +103,31 @@ def _check_out(out: Path) -> None:
         raise InputError(f"{out}: exists and is not a processed folder; choose another --out")
 
 
-def _load_cache(out: Path) -> dict:
-    """{text key: vector} saved by the last run into this folder (note_cache.pt), else empty."""
+def _load_cache(out: Path, rep: Reporter) -> dict:
+    """{text key: vector} saved by the last run into this folder (note_cache.pt), else empty; a damaged
+    cache is ignored with a warning (the embeddings are recomputed and the cache written anew)."""
     path = out / "note_cache.pt"
     if not path.is_file():
         return {}
-    saved = torch.load(path, weights_only=True)
-    return {k: v for dim in saved["dims"] for k, v in zip(saved[f"keys_{dim}"], saved[f"vectors_{dim}"].numpy())}
+    try:
+        saved = read_file(path, lambda p: torch.load(p, weights_only=True), "")
+        return {k: v for dim in saved["dims"] for k, v in zip(saved[f"keys_{dim}"], saved[f"vectors_{dim}"].numpy())}
+    except (InputError, KeyError, TypeError, AttributeError):
+        rep.log(f"warning: {path} is damaged; ignoring it (the note embeddings are recomputed, the cache rebuilt)")
+        return {}
+
+
+def read_file(path: Path, read, fix: str):
+    """read(path), with a missing or damaged file as one InputError line naming it and `fix` (what to re-run).
+    The raw error is not shown: for a file that fails to load with weights_only=True, torch advises loading it
+    with weights_only=False, which a user must never be told about a file that may come from anyone."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing{'; ' + fix if fix else ''}") from None
+    except Exception as err:  # torch: RuntimeError, UnpicklingError, EOFError; json: ValueError; csv: KeyError
+        raise InputError(f"{path}: cannot be read, it is truncated or corrupt ({type(err).__name__})"
+                         f"{'; ' + fix if fix else ''}") from None
 
 
 def _save_cache(cache: dict, path: Path) -> None:
@@ -117,34 +139,44 @@ def _save_cache(cache: dict, path: Path) -> None:
     for dim, keys in groups.items():
         saved[f"keys_{dim}"] = keys
         saved[f"vectors_{dim}"] = torch.from_numpy(np.stack([cache[k] for k in keys]).astype(np.float16))
-    torch.save(saved, path)
+    _torch_save(saved, path)
 
 
-def _write_folder(out: Path, result: dict, cache: dict, rep: Reporter) -> None:
-    """Write everything under a temporary name, then swap it in: a folder that exists is always whole."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        for name in ("stays", "admissions"):
-            torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in result[name].items()},
-                       tmp / f"{name}.pt")
-        with open(tmp / "labels.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(LABEL_COLUMNS)
-            w.writerows(result["labels"])
-        (tmp / "splits.json").write_text(json.dumps(result["splits"]))
-        _save_cache(cache, tmp / "note_cache.pt")
-        (tmp / "meta.json").write_text(json.dumps(result["meta"], indent=1))
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file, so that a full disk is an OSError (ENOSPC), not a RuntimeError."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _write_folder(folder: Path, result: dict, cache: dict) -> None:
+    """Every file of the processed folder into `folder` (the staging folder that then becomes --out)."""
+    for name in ("stays", "admissions"):
+        _torch_save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in result[name].items()},
+                    folder / f"{name}.pt")
+    with open(folder / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(LABEL_COLUMNS)
+        w.writerows(result["labels"])
+    (folder / "splits.json").write_text(json.dumps(result["splits"]))
+    _save_cache(cache, folder / "note_cache.pt")
+    (folder / "meta.json").write_text(json.dumps(result["meta"], indent=1))
 
 
 def _print_attrition(meta: dict, rep: Reporter) -> None:
     for name, steps in meta["attrition"].items():
         rep.log(f"{name}: " + " -> ".join(f"{step} {n:,}" for step, n in steps))
+
+
+def _print_skipped(meta: dict, rep: Reporter) -> None:
+    """One warning line per table with malformed rows or unreadable values (meta.json keeps them all)."""
+    for name, src in meta["sources"].items():
+        parts = [f"{src['bad_rows']:,} malformed rows skipped (first at row {src['first_bad_row']})"] \
+            if src["bad_rows"] else []
+        counts = meta["skipped"].get(name)
+        if isinstance(counts, dict):
+            parts += [f"{n:,} rows with an {what}" for what, n in counts.items() if what.startswith("unparsable") and n]
+        if parts:
+            rep.log(f"warning: {src['path']}: {'; '.join(parts)} (meta.json: sources, skipped)")
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -177,8 +209,9 @@ class Processed:
     def examples(self, task: str, split: str) -> dict:
         """The task's examples in a split: {"row", "subject_id", "label", "cutoff"} numpy arrays."""
         t = self.labels.get(task)
-        if t is None:
-            return {k: np.zeros(0) for k in ("row", "subject_id", "label", "cutoff")}
+        if t is None:  # rows and ids are integers even when empty: they index the stay and admission tensors
+            return {"row": np.zeros(0, np.int64), "subject_id": np.zeros(0, np.int64),
+                    "label": np.zeros(0, np.float32), "cutoff": np.zeros(0)}
         return select_rows(t, self.split_of(t["subject_id"]) == split)
 
 
@@ -189,23 +222,41 @@ def select_rows(examples: dict, keep: np.ndarray) -> dict:
 
 
 def load_processed(root: Path) -> Processed:
-    """Load a folder written by `preprocess`; a missing folder or another format version is an InputError."""
+    """Load a folder written by `preprocess`; a missing, damaged or other-version folder is one InputError line
+    naming the file and what to re-run. A folder whose swap a killed run left half done is recovered first."""
     root = Path(root)
     if not (root / "meta.json").is_file():
+        repair(root)
+    if not (root / "meta.json").is_file():
         raise InputError(f"{root}: no processed data here (run `python medhmp.py preprocess --out {root}`)")
-    meta = json.loads((root / "meta.json").read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{root}: format version {meta.get('format_version')}, this medhmp reads "
-                         f"{FORMAT_VERSION}; re-run `python medhmp.py preprocess`")
-    stays = torch.load(root / "stays.pt", weights_only=True)
-    admissions = torch.load(root / "admissions.pt", weights_only=True)
-    splits = json.loads((root / "splits.json").read_text())
-    splits = {n: np.array(sorted(splits[n]), dtype=np.int64) for n in ("train", "val", "test")}
-    return Processed(root, meta, stays, admissions, _read_labels(root, stays, admissions), splits)
+    fix = f"re-run `python medhmp.py preprocess --out {root}`"
+    meta = read_file(root / "meta.json", lambda p: json.loads(p.read_text()), fix)
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise InputError(f"{root}: format version {version}, this medhmp reads {FORMAT_VERSION}; {fix}")
+    stays, admissions = (read_file(root / f"{name}.pt", lambda p: _tensors(p, keys), fix)
+                         for name, keys in (("stays", ("stay_id", "ts_ptr")), ("admissions", ("hadm_id", "icd_ptr"))))
+    splits = read_file(root / "splits.json", _read_splits, fix)
+    labels = read_file(root / "labels.csv", lambda p: _read_labels(p, stays, admissions), fix)
+    return Processed(root, meta, stays, admissions, labels, splits)
 
 
-def _read_labels(root: Path, stays: dict, admissions: dict) -> dict:
-    with open(root / "labels.csv", newline="") as f:
+def _tensors(path: Path, keys: tuple) -> dict:
+    """A dict of tensors saved by `preprocess`, with `keys` among them (a KeyError otherwise)."""
+    out = torch.load(path, weights_only=True)
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise KeyError(missing[0])
+    return out
+
+
+def _read_splits(path: Path) -> dict:
+    splits = json.loads(path.read_text())
+    return {n: np.array(sorted(splits[n]), dtype=np.int64) for n in ("train", "val", "test")}
+
+
+def _read_labels(path: Path, stays: dict, admissions: dict) -> dict:
+    with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     out = {}
     for task in sorted({r["task"] for r in rows}):

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import (AdmissionDataset, InputError, PatientDataset, Processed, Reporter, StayDataset, config_record,
-                  load_processed, make_loader, select_rows)
+from data import (AdmissionDataset, InputError, PatientDataset, Processed, Reporter, StayDataset, check_writable,
+                  config_record, load_processed, make_loader, select_rows)
 from metrics import METRIC_FUNCTIONS, METRICS, binary_metrics, bootstrap_ci, paired_delta
 from models import AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, StayEncoder, load_encoder
 from results import SPLITS, print_table, results_table, skipped_lines, write_task
@@ -389,6 +389,7 @@ def evaluate(cfg: FinetuneConfig) -> dict:
     rep = Reporter(cfg.quiet)
     device = resolve_device(cfg.device)
     amp = resolve_dtype(cfg.precision, device)
+    check_writable(Path(cfg.run) / "eval", "--run")   # before any fine-tuning, not after it
     data = load_processed(cfg.data)
     ckpts = Checkpoints(cfg.run, data.meta)
     if cfg.init != "none" and (warning := ckpts.lineage()):

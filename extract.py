@@ -11,14 +11,15 @@ Times are int64 minutes since 1970-01-01 throughout (-1 where missing).
 """
 from __future__ import annotations
 
-import csv
-import sys
+import io
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from tables import (ALIASES, LAYOUTS, EmptyFile, InputError, Source, decode, find_file, group_rank, lookup, open_text,
-                    parse_float, parse_int, parse_minutes, read_blocks, read_table, unique)
+from tables import (ALIASES, LAYOUTS, CsvLines, EmptyFile, InputError, Source, count_bad, decode, find_file,
+                    group_rank, lookup, open_table, parse_float, parse_int, parse_minutes, read_blocks, read_error,
+                    read_table, strip, unique)
 
 # Label-defining MetaVision items (FIDDLE generate_labels.py; DESIGN §4), as (table, itemid).
 ARF_ITEMS = {("chartevents", 220339), ("procedureevents", 225792), ("procedureevents", 225794)}
@@ -50,7 +51,7 @@ def source_path(raw: Path, layout: str, table: str, required: bool) -> Path | No
 
 def _times(table: dict, column: str, src: Source, required: bool) -> np.ndarray:
     """Minutes of a time column; empty is -1; an unparsable (or, if required, empty) value is an error."""
-    values = table[column]
+    values = strip(table[column])
     minutes, ok = parse_minutes(values)
     empty = np.char.str_len(values) == 0
     bad = ~ok & (~empty | required)
@@ -115,7 +116,7 @@ def load_core(raw: Path, layout: str, sources: dict) -> dict:
                   "admittime": _times(adm, "admittime", asrc, True), "dischtime": _times(adm, "dischtime", asrc, True),
                   "deathtime": _times(adm, "deathtime", asrc, False) if "deathtime" in adm else None}
     flag = adm.get("hospital_expire_flag")
-    admissions["died"] = (flag == b"1") if flag is not None else admissions["deathtime"] >= 0
+    admissions["died"] = (strip(flag) == b"1") if flag is not None else admissions["deathtime"] >= 0
     for c in STATIC_CATEGORIES:
         if c in adm:
             admissions[c] = decode(adm[c])
@@ -323,7 +324,7 @@ def read_diagnoses(raw: Path, layout: str, sources: dict) -> tuple[np.ndarray, n
     path = source_path(raw, layout, "diagnoses", required=True)
     table, src = read_table(path, {"hadm_id": True, "icd_code": True, "icd_version": False}, ALIASES[layout])
     sources["diagnoses"] = src
-    nine = table["icd_version"] == b"9" if "icd_version" in table else np.ones(len(table["__row__"]), bool)
+    nine = strip(table["icd_version"]) == b"9" if "icd_version" in table else np.ones(len(table["__row__"]), bool)
     hadm, ok = parse_int(table["hadm_id"])
     codes = normalise_icd(table["icd_code"])
     keep = nine & ok & (codes != b"")
@@ -334,6 +335,8 @@ def read_diagnoses(raw: Path, layout: str, sources: dict) -> tuple[np.ndarray, n
 
 def normalise_icd(codes: np.ndarray) -> np.ndarray:
     """'428.0 ' -> b'4280': MIMIC stores ICD-9 without the dot, TriNetX with it."""
+    if len(codes) == 0:                    # np.char.replace fails on an empty array (a header-only table)
+        return codes
     return np.char.upper(np.char.replace(np.char.strip(codes), b".", b""))
 
 
@@ -368,48 +371,76 @@ def find_notes(raw: Path, notes: Path | None, layout: str) -> Path | None:
         if folder.is_dir():
             hits = sorted(p for p in folder.iterdir() if p.name.lower().startswith(("noteevents", "discharge"))
                           and p.name.lower().endswith((".csv", ".csv.gz")))
+            twins = [p for p in hits[1:] if _stem(p) == _stem(hits[0])]   # X.csv beside X.csv.gz
+            if twins:
+                raise InputError(f"{folder}: both {hits[0].name} and {twins[0].name} match the note table; "
+                                 "keep only one of them")
             if hits:
                 return hits[0]
     raise InputError(f"{notes}: no NOTEEVENTS*.csv[.gz] or discharge.csv[.gz] found for --notes")
 
 
+def _stem(path: Path) -> str:
+    name = path.name.lower()
+    return name[:-len(".gz")][:-len(".csv")] if name.endswith(".gz") else name[:-len(".csv")]
+
+
 def read_notes(path: Path, hadms: set, sources: dict, task) -> tuple[dict, dict]:
     """One text per admission: its latest discharge summary (MIMIC-III category 'Discharge summary',
-    MIMIC-IV-Note discharge table), error rows (iserror = 1) skipped. Returns ({hadm_id: text}, counts)."""
+    MIMIC-IV-Note discharge table), error rows (iserror = 1) skipped. Returns ({hadm_id: text}, counts).
+    Rows of another field count are skipped and counted ("malformed rows"); a quote that never closes stops
+    the run (tables.CsvLines), as it would otherwise swallow every later note."""
     src = sources["notes"] = Source(path)
-    csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))  # discharge summaries exceed csv's 128 KB default
-    chosen, counts, done = {}, {"rows": 0, "error rows": 0, "other categories": 0, "unknown admission": 0}, 0
-    raw, f = open_text(src)
+    chosen, done = {}, 0
+    counts = {"rows": 0, "malformed rows": 0, "error rows": 0, "other categories": 0, "unknown admission": 0}
+    raw, stream = open_table(src)
+    f = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
     with raw, f, task("notes", path.stat().st_size) as advance:
-        reader = csv.reader(f)
-        header = [c.strip().lower() for c in next(reader, [])]
-        if "hadm_id" not in header or "text" not in header:
-            raise InputError(f"{path}: a note table needs columns hadm_id and text (columns are: {', '.join(header)})")
-        col = {c: header.index(c) for c in ("hadm_id", "text", "category", "iserror", "chartdate", "charttime",
-                                            "note_seq") if c in header}
-        for i, row in enumerate(reader):
-            if len(row) != len(header):
-                continue
-            counts["rows"] += 1
-            if "iserror" in col and row[col["iserror"]].strip() == "1":
-                counts["error rows"] += 1
-                continue
-            if "category" in col and row[col["category"]].strip().lower() != "discharge summary":
-                counts["other categories"] += 1
-                continue
-            hadm = row[col["hadm_id"]].strip()
-            if not hadm.isdigit() or int(hadm) not in hadms:
-                counts["unknown admission"] += 1
-                continue
-            when = tuple(row[col[c]] for c in ("chartdate", "charttime", "note_seq") if c in col) + (i,)
-            if int(hadm) not in chosen or when >= chosen[int(hadm)][0]:   # the latest one wins
-                chosen[int(hadm)] = (when, row[col["text"]])
-            if i % 1024 == 0:
-                advance(raw.bytes_read - done)
-                done = raw.bytes_read
+        try:
+            watch = CsvLines(src, f)
+            rows = watch.rows()
+            col, watch.n_fields = _note_columns(path, next(rows, (0, []))[1])
+            for i, row in rows:
+                if len(row) != watch.n_fields:
+                    count_bad(src, [i] if row else [])
+                    continue
+                counts["rows"] += 1
+                hadm = _note_admission(row, col, hadms, counts)
+                if hadm is not None:
+                    when = tuple(row[col[c]] for c in ("chartdate", "charttime", "note_seq") if c in col) + (i,)
+                    if hadm not in chosen or when >= chosen[hadm][0]:   # the latest one wins
+                        chosen[hadm] = (when, row[col["text"]])
+                if i % 1024 == 0:
+                    advance(raw.bytes_read - done)
+                    done = raw.bytes_read
+        except (OSError, EOFError, zlib.error) as err:
+            raise read_error(src, err) from None
         advance(raw.bytes_read - done)
-    src.rows, src.sha256 = counts["rows"], raw.digest.hexdigest()
+    src.rows, src.sha256, counts["malformed rows"] = counts["rows"], raw.digest.hexdigest(), src.bad_rows
     return {h: text for h, (_, text) in chosen.items()}, counts
+
+
+def _note_columns(path: Path, header: list[str]) -> tuple[dict, int]:
+    header = [c.strip().lower() for c in header]
+    if "hadm_id" not in header or "text" not in header:
+        raise InputError(f"{path}: a note table needs columns hadm_id and text (columns are: {', '.join(header)})")
+    return {c: header.index(c) for c in ("hadm_id", "text", "category", "iserror", "chartdate", "charttime",
+                                         "note_seq") if c in header}, len(header)
+
+
+def _note_admission(row: list[str], col: dict, hadms: set, counts: dict) -> int | None:
+    """The admission a note row belongs to, or None (counted) for error rows, other categories and unknowns."""
+    if "iserror" in col and row[col["iserror"]].strip() == "1":
+        counts["error rows"] += 1
+        return None
+    if "category" in col and row[col["category"]].strip().lower() != "discharge summary":
+        counts["other categories"] += 1
+        return None
+    hadm = row[col["hadm_id"]].strip()
+    if not hadm.isdigit() or int(hadm) not in hadms:
+        counts["unknown admission"] += 1
+        return None
+    return int(hadm)
 
 
 def load_trinetx(raw: Path, sources: dict) -> dict:

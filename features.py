@@ -1,8 +1,8 @@
 """Features: FIDDLE-style binary features fitted on training stays, code vocabularies, note embeddings.
 
-Own module so data.py keeps to the processed format; imports numpy and `tables` (and torch/transformers only inside
-`embed_notes` for a Hugging Face text model). Everything is fitted on the training split and then applied
-unchanged to every stay (DESIGN §4):
+Own module so data.py keeps to the processed format; imports numpy and `tables` (and torch/transformers only
+inside `load_text_model` and `embed_notes`, for a Hugging Face text model). Everything is fitted on the training
+split and then applied unchanged to every stay (DESIGN §4):
   * time series: per (stay, hour, variable) the last value becomes a presence column plus a one-hot
     quantile bin (numbers) or category (text); variables and columns seen in fewer than theta of the
     training stays are dropped; the result is stored sparse as flat indices t * F + f.
@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
+from pathlib import Path
 
 import numpy as np
 
-from tables import lookup, row_of, unique
+from tables import InputError, lookup, row_of, unique
 
 
 def _quantile_edges(values: np.ndarray, n_bins: int) -> list[float]:
@@ -209,10 +210,39 @@ def text_key(model_id: str, pooling: str, text: str) -> str:
     return hashlib.sha1(f"{model_id}\0{pooling}\0{text}".encode()).hexdigest()
 
 
+def load_text_model(name: str, device: str):
+    """The frozen text model `name` ("hashing", a local Hugging Face folder or a hub name), loaded before any
+    table is read so that a mistyped path or an unreachable hub fails in seconds, in one line: None for
+    "hashing", else {"tokenizer", "net", "architecture"} (T5 models through their encoder only)."""
+    if name == "hashing":
+        return None
+    path = Path(name).expanduser()
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name):
+        raise InputError(f"--text-model {name}: no such folder (give 'hashing', a local Hugging Face model "
+                         "folder, or a hub name)")
+    try:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        local = path.exists()
+        source = str(path) if local else name
+        config = AutoConfig.from_pretrained(source, local_files_only=local)
+        cls = T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else AutoModel
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        net = cls.from_pretrained(source, local_files_only=local).to(device).eval()
+    except Exception as err:  # transformers raises OSError, ValueError, ImportError, ... with long messages
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        where = "a local folder" if path.exists() else "not a local folder, and as a hub name"
+        raise InputError(f"--text-model {name}: {where}, it cannot be loaded ({first}); give 'hashing', a "
+                         "Hugging Face model folder, or a hub name with network access") from None
+    return {"tokenizer": tokenizer, "net": net, "architecture": type(net).__name__}
+
+
 def embed_notes(texts: list[str], model: str, cache: dict, *, dim: int, max_tokens: int, pooling: str,
-                device: str, batch_size: int, task) -> tuple[np.ndarray, dict]:
+                device: str, batch_size: int, task, loaded=None) -> tuple[np.ndarray, dict]:
     """(n, E) float16 embeddings of `texts` by a frozen text model, reusing and filling `cache`
-    ({text key: vector}). `model` is "hashing" or a local Hugging Face folder / hub name."""
+    ({text key: vector}). `model` is "hashing" or a local Hugging Face folder / hub name, whose
+    `load_text_model` result is `loaded` (loaded here when not given)."""
     model_id = f"hashing-{dim}" if model == "hashing" else model
     keys = [text_key(model_id, pooling, t) for t in texts]
     todo = sorted({k: t for k, t in zip(keys, texts) if k not in cache}.items(), key=lambda kt: len(kt[1]))
@@ -225,7 +255,9 @@ def embed_notes(texts: list[str], model: str, cache: dict, *, dim: int, max_toke
                 cache[k] = hashing_embed(t, dim, memo).astype(np.float16)
                 advance(1)
         elif todo:
-            _embed_hf(todo, model, cache, max_tokens, pooling, device, batch_size, advance, info)
+            loaded = loaded or load_text_model(model, device)
+            info["architecture"] = loaded["architecture"]
+            _embed_hf(todo, loaded, cache, max_tokens, pooling, device, batch_size, advance)
     if not texts:
         return np.zeros((0, dim if model == "hashing" else 0), np.float16), info   # HF width unknown unloaded
     out = np.stack([cache[k] for k in keys]).astype(np.float16)
@@ -233,19 +265,10 @@ def embed_notes(texts: list[str], model: str, cache: dict, *, dim: int, max_toke
     return out, info
 
 
-def _embed_hf(todo, model, cache, max_tokens, pooling, device, batch_size, advance, info) -> None:
+def _embed_hf(todo, loaded, cache, max_tokens, pooling, device, batch_size, advance) -> None:
     """Frozen Hugging Face encoder (T5 models through their encoder only), mean-pooled last hidden state."""
     import torch
-    from pathlib import Path
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    local = Path(model).exists()
-    config = AutoConfig.from_pretrained(model, local_files_only=local)
-    cls = T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else AutoModel
-    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=local)
-    net = cls.from_pretrained(model, local_files_only=local).to(device).eval()
-    info["architecture"] = type(net).__name__
+    tokenizer, net = loaded["tokenizer"], loaded["net"]
     with torch.inference_mode():
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]

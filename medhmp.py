@@ -40,6 +40,19 @@ def _default(config_class, name: str) -> str:
 PathOption = click.Path(path_type=Path)
 
 
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (nan passes every range comparison)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+PositiveFloat = FiniteRange(min=0, min_open=True)
+
+
 class RateList(click.ParamType):
     """One learning rate or a comma-separated grid of them, each a positive finite number."""
     name = "LR[,LR...]"
@@ -47,13 +60,7 @@ class RateList(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        try:
-            rates = tuple(float(v) for v in str(value).split(","))
-        except ValueError:
-            self.fail(f"{value!r} is not a number or a comma-separated list of numbers", param, ctx)
-        if not all(math.isfinite(r) and r > 0 for r in rates):
-            self.fail(f"{value!r}: learning rates must be positive and finite", param, ctx)
-        return rates
+        return tuple(PositiveFloat.convert(v, param, ctx) for v in str(value).split(","))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -66,7 +73,7 @@ def cli():
 @click.option("--patients", type=click.IntRange(min=1), help=_default(synthetic.SynthConfig, "patients"))
 @click.option("--layout", type=click.Choice(synthetic.LAYOUTS), help=_default(synthetic.SynthConfig, "layout"))
 @click.option("--seed", type=int, help=_default(synthetic.SynthConfig, "seed"))
-@click.option("--event-scale", type=click.FloatRange(min=0.1),
+@click.option("--event-scale", type=FiniteRange(min=0.1),
               help="Chart rows per stay-hour multiplier, for scale benchmarks. "
                    + _default(synthetic.SynthConfig, "event_scale"))
 def synth(**options):
@@ -91,7 +98,6 @@ def preprocess(**options):
     _run(data.preprocess, data.PreprocessConfig, **options)
 
 
-
 @cli.command()
 @click.option("--level", type=click.Choice(list(train.LEVELS)), required=True, help="Pretraining stage.")
 @click.option("--data", type=PathOption, help=_default(train.StayPretrainConfig, "data"))
@@ -99,7 +105,7 @@ def preprocess(**options):
 @click.option("--epochs", type=click.IntRange(min=1), help="[default: 200 stay, 300 admission (paper)]")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimiser steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="[default: 128 stay, 4096 admission (paper)]")
-@click.option("--lr", type=float, help="[default: 5e-4 stay, 2e-5 admission (paper)]")
+@click.option("--lr", type=PositiveFloat, help="[default: 5e-4 stay, 2e-5 admission (paper)]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help=_default(train.StayPretrainConfig, "device"))
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help=_default(train.StayPretrainConfig, "precision"))
@@ -133,7 +139,7 @@ def pretrain(level, **options):
               help=_default(evaluate.FinetuneConfig, "device"))
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help=_default(evaluate.FinetuneConfig, "precision"))
-@click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True),
+@click.option("--label-fraction", type=FiniteRange(0, 1, min_open=True),
               help="Fine-tune on this share of the training labels (low-resource runs). "
               + _default(evaluate.FinetuneConfig, "label_fraction"))
 @click.option("--labels", type=click.IntRange(min=4), help="Fine-tune on this many training examples "

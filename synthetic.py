@@ -27,9 +27,7 @@ so a folder that exists is always whole.
 from __future__ import annotations
 
 import gzip
-import os
 import queue
-import shutil
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -38,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from folders import Staged
 from progress import Reporter
-from tables import InputError, group_rank, swap_in
+from tables import InputError, group_rank
 
 LAYOUTS = ("mimic3", "mimic4", "trinetx")
 
@@ -1527,16 +1526,13 @@ def synthesize(cfg: SynthConfig) -> dict:
     "stays", "out"}. Nothing half-written is ever left at `cfg.out`."""
     _check(cfg)
     rep = Reporter(quiet=cfg.quiet)
-    out = Path(cfg.out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rep.log(f"synth: {cfg.patients:,} patients, {cfg.layout} layout, seed {cfg.seed}, "
-            f"event scale {cfg.event_scale:g} -> {out}")
     ids = dict(zip(("subject", "hadm", "stay"), _FIRST_IDS[cfg.layout]))
     totals = dict(patients=0, admissions=0, stays=0)
-    try:
-        sink = _Sink(tmp, cfg.layout)
+    with Staged(cfg.out, "--out", log=rep.log) as stage:    # written whole under a staging name, then swapped in
+        out = stage.out
+        rep.log(f"synth: {cfg.patients:,} patients, {cfg.layout} layout, seed {cfg.seed}, "
+                f"event scale {cfg.event_scale:g} -> {out}")
+        sink = _Sink(stage.tmp, cfg.layout)
         try:
             with rep.task("synth patients", total=cfg.patients, unit="patients") as advance:
                 for chunk, start in enumerate(range(0, cfg.patients, _CHUNK)):
@@ -1550,10 +1546,7 @@ def synthesize(cfg: SynthConfig) -> dict:
                     advance(n, status=f"{sum(sink.rows.values()):,} rows")
         finally:
             sink.close()
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        stage.commit()
     tables = {_SCHEMAS[cfg.layout][t][0]: rows for t, rows in sink.rows.items()}
     rep.log(f"synth: wrote {out} ({', '.join(f'{name} {rows:,}' for name, rows in tables.items())})")
     return dict(tables=tables, out=str(out), **totals)

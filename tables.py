@@ -3,11 +3,15 @@
 The lowest module of medhmp (imports numpy and the stdlib only; `data.py` builds on it). It is its own file
 so that data.py keeps to cohorts, features and the processed format. What it does:
   * `find_layout(raw)` tells MIMIC-III (flat TABLE.csv[.gz]), MIMIC-IV (hosp/ + icu/) and a diagnosis extract
-    (patient + diagnosis) apart; file and column names match case-insensitively; `.csv` or `.csv.gz`.
-  * `read_blocks(path, columns)` streams a table in blocks of about 16 MB of text and returns the wanted
-    columns as numpy byte-string arrays. Rows without quotes (nearly all event rows) are cut with numpy on
-    the raw bytes; rows with quotes go through `csv.reader`, so quoting is honoured and row order kept.
-  * vectorised parsers for ids, numbers and timestamps, returning values plus a validity mask.
+    (patient + diagnosis) apart; file and column names match case-insensitively; `.csv` or `.csv.gz` (both
+    for one table is an error: either could be the one meant).
+  * `open_table` is the one way a table is opened (gzip by magic number, every member of it); `read_blocks(src,
+    columns)` streams it in blocks of about 16 MB of text and returns the wanted columns as numpy byte-string
+    arrays. Rows without quotes (nearly all event rows) are cut with numpy on the raw bytes; rows with quotes
+    go through `csv.reader`, so quoting is honoured and row order kept. Rows of another field count are
+    skipped and counted; a quote that never closes (it would swallow the rest of the table) stops the run.
+  * vectorised parsers for ids, numbers and timestamps (surrounding spaces ignored), returning values plus a
+    validity mask.
 Memory is bounded by the block size, never by the size of the file.
 """
 from __future__ import annotations
@@ -16,8 +20,6 @@ import csv
 import gzip
 import hashlib
 import io
-import os
-import shutil
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,9 @@ from pathlib import Path
 import numpy as np
 
 BLOCK_BYTES = 1 << 24  # 16 MiB of decompressed text per block: large enough to amortise numpy calls
+# the longest row a table may have: far above any real one (a MIMIC discharge summary is under 100 kB), so a
+# row that grows past it holds a quote that never closes, and the reader stops rather than swallow the table
+MAX_RECORD_BYTES = 1 << 22
 
 
 class InputError(Exception):
@@ -56,21 +61,6 @@ ALIASES = {"mimic3": {"stay_id": "icustay_id", "icd_code": "icd9_code", "race": 
            "mimic4": {}, "trinetx": {"subject_id": "patient_id", "hadm_id": "encounter_id"}}
 
 
-def swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished folder `tmp` to `out`, replacing an existing `out` as a whole; if the rename fails
-    the old `out` is put back. With writers that fill `tmp` first, a folder at `out` is always whole."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def find_file(folder: Path, stem: str) -> Path | None:
     """The file `stem.csv` or `stem.csv.gz` under `folder`, matching every path part case-insensitively."""
     here = folder
@@ -83,9 +73,13 @@ def find_file(folder: Path, stem: str) -> Path | None:
 
 
 def _child(folder: Path, match) -> Path | None:
+    """The one entry of `folder` whose name matches; two (TABLE.csv beside TABLE.csv.gz, or two case variants)
+    are an InputError naming both, since either could be the table meant."""
     if not folder.is_dir():
         return None
     hits = sorted(p for p in folder.iterdir() if match(p.name))
+    if len(hits) > 1:
+        raise InputError(f"{folder}: both {hits[0].name} and {hits[1].name} match one table; keep only one of them")
     return hits[0] if hits else None
 
 
@@ -120,31 +114,62 @@ class Source:
 
     def describe(self) -> dict:
         return {"path": str(self.path), "bytes": self.path.stat().st_size, "rows": self.rows,
-                "sha256": self.sha256, "bad_rows": self.bad_rows}
+                "sha256": self.sha256, "bad_rows": self.bad_rows, "first_bad_row": self.first_bad_row}
+
+
+class _HashingReader(io.RawIOBase):
+    """A raw binary stream over a file that hashes every byte read and counts them (for progress)."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.bytes_read = f, hashlib.sha256(), 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = self.f.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:n])
+        self.bytes_read += n
+        return n
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def open_table(src: Source):
+    """(hashing raw reader, binary stream of the table's text) over `src.path`: the one way every reader
+    opens a table. gzip is told by its magic number, whatever the name, and read member after member
+    (`cat a.gz b.gz > t.gz` is one valid gzip file, which zcat reads whole); `raw.bytes_read` gives progress
+    and `raw.digest` the sha256 of the file's bytes. Read errors of the stream go through `read_error`."""
+    with open(src.path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    raw = _HashingReader(open(src.path, "rb"))
+    buffered = io.BufferedReader(raw, buffer_size=1 << 20)
+    return raw, (gzip.GzipFile(fileobj=buffered) if gz else buffered)
+
+
+def read_error(src: Source, err: Exception) -> InputError:
+    """The one-line InputError for a table whose bytes cannot be read (a truncated or corrupt gzip)."""
+    if isinstance(err, EOFError):
+        return InputError(f"{src.path}: not a readable gzip file: it is truncated (re-download or re-compress it)")
+    return InputError(f"{src.path}: not a readable gzip file ({err})")
 
 
 def _raw_chunks(src: Source, chunk: int):
-    """Decompressed bytes of the file, gzip detected by its magic number; hashes the raw bytes as it goes."""
-    digest = hashlib.sha256()
-    with open(src.path, "rb") as raw:
-        head = raw.read(2)
-        raw.seek(0)
-        unzip = zlib.decompressobj(16 + zlib.MAX_WBITS) if head == b"\x1f\x8b" else None
+    """Decompressed bytes of the table in pieces of `chunk`; hashes the file's bytes as it goes."""
+    raw, stream = open_table(src)
+    with raw, stream:
         while True:
-            data = raw.read(chunk)
-            src.bytes_read = raw.tell()
+            try:
+                data = stream.read(chunk)
+            except (OSError, EOFError, zlib.error) as err:
+                raise read_error(src, err) from None
+            src.bytes_read = raw.bytes_read
             if not data:
                 break
-            digest.update(data)
-            try:
-                yield unzip.decompress(data) if unzip else data
-            except zlib.error as err:
-                raise InputError(f"{src.path}: not a readable gzip file ({err})") from None
-        if unzip:
-            yield unzip.flush()
-            if not unzip.eof:
-                raise InputError(f"{src.path}: the gzip file is truncated (re-download or re-compress it)")
-    src.sha256 = digest.hexdigest()
+            yield data
+    src.sha256 = raw.digest.hexdigest()
 
 
 def read_blocks(src: Source, columns: dict[str, bool], aliases: dict[str, str] | None = None,
@@ -165,6 +190,8 @@ def read_blocks(src: Source, columns: dict[str, bool], aliases: dict[str, str] |
                 continue
             data, want = _read_header(src, data, columns, aliases)
         cut = _row_end(data)
+        if len(data) - cut > MAX_RECORD_BYTES:             # by quote parity one row runs on: csv's rules decide
+            cut = _csv_cut(src, data, row0, at_end=False)
         pending, data = data[cut:], data[:cut]
         if data:
             block = _parse_block(src, data, want, row0)
@@ -172,8 +199,72 @@ def read_blocks(src: Source, columns: dict[str, bool], aliases: dict[str, str] |
             yield block
     if want is None:                                      # a header without a newline, or nothing at all
         pending, want = _read_header(src, pending, columns, aliases)
+    if pending.count(b'"') % 2:                           # a quote open at the end, by parity: csv's rules decide
+        _csv_cut(src, pending, row0, at_end=True)
     if pending.strip():
         yield _parse_block(src, pending + b"\n", want, row0)
+
+
+def runaway_quote(src: Source, row: int, what: str) -> InputError:
+    """A quoted field that swallows the rest of the table (an unbalanced or unescaped '"'): reading on would
+    drop every later row without a word, so the run stops here, naming the row where the quote opened."""
+    return InputError(f'{src.path}: row {row}: a quoted field opened in this row {what} (an unbalanced or '
+                      'unescaped \'"\'; escape it as \'""\' or remove the row)')
+
+
+class CsvLines:
+    """The lines of a table as fed to csv.reader, watched, so that no quote can swallow the rest of it.
+
+    `rows()` yields (row number, fields) per record; `row` is the number of the next record (0: the header).
+    A record longer than MAX_RECORD_BYTES is a `runaway_quote` error, and so is one that csv.reader returns
+    only after the last line (it does so only for a quoted field still open at the end of the file) when
+    `at_end`; otherwise that unfinished record is left out (the caller reads on). Once `n_fields` is set, a
+    record over several lines with another number of fields is one too: a stray quote has shifted the
+    quoting of what follows (rows merged into a field, note text read as rows). `lines_done` counts the
+    lines of the records yielded so far."""
+
+    def __init__(self, src: Source, lines, row: int = 0, at_end: bool = True, n_fields: int | None = None):
+        self.src, self.lines, self.row, self.at_end, self.n_fields = src, iter(lines), row, at_end, n_fields
+        self.size, self.n_lines, self.lines_done, self.ended = 0, 0, 0, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        try:
+            line = next(self.lines)
+        except StopIteration:
+            self.ended = True
+            raise
+        self.size, self.n_lines = self.size + len(line), self.n_lines + 1
+        if self.size > MAX_RECORD_BYTES:
+            raise runaway_quote(self.src, self.row, f"does not close within {MAX_RECORD_BYTES >> 20} MiB")
+        return line
+
+    def rows(self):
+        csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_BYTES + 1))   # the record bound rules, not csv's
+        for fields in csv.reader(self):
+            if self.ended:
+                if self.at_end:
+                    raise runaway_quote(self.src, self.row, "is still open at the end of the file")
+                return
+            lines = self.n_lines - self.lines_done
+            if lines > 1 and self.n_fields is not None and len(fields) != self.n_fields:
+                since = f", after malformed rows from row {self.src.first_bad_row} on" if self.src.bad_rows else ""
+                raise runaway_quote(self.src, self.row, f"runs over {lines} lines into a row of {len(fields)} "
+                                                        f"fields, not {self.n_fields}{since}")
+            yield self.row, fields
+            self.row, self.size, self.lines_done = self.row + 1, 0, self.n_lines
+
+
+def _csv_cut(src: Source, data: bytes, row0: int, at_end: bool) -> int:
+    """Offset just past the last whole record of `data` by csv's rules, where a quote opens a field only at
+    its start (quote parity is fooled by a bare '"' inside an unquoted field); a runaway quote raises."""
+    lines = (data if at_end else data[:data.rfind(b"\n") + 1]).splitlines(keepends=True)   # whole lines only
+    watch = CsvLines(src, (line.decode("utf-8", "replace") for line in lines), row0, at_end)
+    for _ in watch.rows():
+        pass
+    return sum(len(line) for line in lines[:watch.lines_done])
 
 
 def _row_end(data: bytes) -> int:
@@ -259,7 +350,7 @@ def _parse_block(src: Source, data: bytes, want: dict[str, int], row0: int) -> B
     if len(dirty):                                             # quoted lines: csv.reader, fields appended
         rows = list(csv.reader(data[line_start[i]:nl[i]].decode("utf-8", "replace") for i in dirty))
         fits = np.array([len(r) == ncol for r in rows], dtype=bool)
-        _count_bad(src, row0 + dirty[~fits])
+        count_bad(src, row0 + dirty[~fits])
         fields = [r[j].encode() for r, ok in zip(rows, fits) if ok for j in cols]
         lens = np.array([len(f) for f in fields], dtype=np.int64)
         extra_start = len(buf) + np.concatenate(([0], np.cumsum(lens)[:-1])) if len(lens) else lens
@@ -275,9 +366,10 @@ def _parse_block(src: Source, data: bytes, want: dict[str, int], row0: int) -> B
 
 def _parse_with_csv(src: Source, data: bytes, names, cols, ncol: int, row0: int) -> Block:
     """Slow path for blocks where a quoted field holds a newline (rare outside note tables)."""
-    rows = [r for r in csv.reader(data.decode("utf-8", "replace").splitlines(keepends=True)) if r]
+    lines = (line.decode("utf-8", "replace") for line in data.splitlines(keepends=True))
+    rows = [fields for _, fields in CsvLines(src, lines, row0, n_fields=ncol).rows()]
     fits = np.array([len(r) == ncol for r in rows], dtype=bool)
-    _count_bad(src, row0 + np.flatnonzero(~fits))
+    count_bad(src, row0 + np.flatnonzero(~fits & np.array([bool(r) for r in rows], dtype=bool)))
     fields = [r[j].encode() for r, ok in zip(rows, fits) if ok for j in cols]
     lens = np.array([len(f) for f in fields], dtype=np.int64)
     starts = np.concatenate(([0], np.cumsum(lens)[:-1])) if len(lens) else lens
@@ -288,7 +380,8 @@ def _parse_with_csv(src: Source, data: bytes, names, cols, ncol: int, row0: int)
                  row0 + np.flatnonzero(fits), len(rows))
 
 
-def _count_bad(src: Source, row_numbers: np.ndarray) -> None:
+def count_bad(src: Source, row_numbers) -> None:
+    """Count malformed rows (a field count other than the header's) of `src`, keeping the first row number."""
     if len(row_numbers):
         if not src.bad_rows:
             src.first_bad_row = int(row_numbers[0])
@@ -317,8 +410,24 @@ def read_table(path: Path, columns: dict[str, bool], aliases: dict[str, str] | N
 
 
 # ------------------------------------------------------------------------------------------- parsing
+SPACES = np.frombuffer(b" \t\r\n\x0b\x0c", dtype=np.uint8)   # what np.char.strip removes
+
+
+def strip(values: np.ndarray) -> np.ndarray:
+    """`values` (an S array) without surrounding whitespace, which some exports pad fields with (', 10006');
+    returned as is, without a copy, when no value starts or ends with whitespace (the usual case)."""
+    if len(values) == 0:
+        return values
+    lens = np.char.str_len(values)
+    b = values.view(np.uint8).reshape(len(values), values.itemsize)
+    ends = np.concatenate([b[:, 0], b[np.arange(len(values)), np.maximum(lens - 1, 0)]])
+    return np.char.strip(values) if np.isin(ends, SPACES).any() else values
+
+
 def parse_int(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decimal integers (ids) from an S array -> (int64 values, ok mask); empty or non-digit is not ok."""
+    """Decimal integers (ids) from an S array -> (int64 values, ok mask); surrounding whitespace is ignored,
+    empty or non-digit is not ok."""
+    values = strip(values)
     digits = values.view(np.uint8).reshape(len(values), values.itemsize).astype(np.int64) - 48  # (n, w)
     lens = np.char.str_len(values)
     ok = lens > 0
@@ -352,8 +461,10 @@ def parse_minutes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Timestamps -> (int64 minutes since 1970-01-01, ok mask).
 
     Accepts 'YYYY-MM-DD HH:MM:SS' (MIMIC), 'YYYY-MM-DD HH:MM', 'YYYY-MM-DDTHH:MM:SS', 'YYYY-MM-DD' and
-    'YYYYMMDD' (TriNetX). Empty or malformed values are not ok (the caller counts or reports them).
+    'YYYYMMDD' (TriNetX), with surrounding whitespace ignored. Empty or malformed values are not ok (the caller
+    counts or reports them).
     """
+    values = strip(values)
     n = len(values)
     d = np.full((n, 19), -48, np.int64)                  # digit values; -48 marks "no character"
     raw = values.view(np.uint8).reshape(n, values.itemsize)[:, :19]
@@ -436,34 +547,3 @@ def group_rank(counts) -> np.ndarray:
 def decode(values: np.ndarray) -> list[str]:
     """S array -> list of stripped str (for categories and names)."""
     return [v.decode("utf-8", "replace").strip() for v in values.tolist()]
-
-
-class _HashingReader(io.RawIOBase):
-    """A raw binary stream over a file that hashes every byte read and counts them (for progress)."""
-
-    def __init__(self, f):
-        self.f, self.digest, self.bytes_read = f, hashlib.sha256(), 0
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        n = self.f.readinto(buffer)
-        self.digest.update(memoryview(buffer)[:n])
-        self.bytes_read += n
-        return n
-
-    def close(self):
-        self.f.close()
-        super().close()
-
-
-def open_text(src: Source):
-    """(hashing raw reader, text stream) over `src.path`, `.csv` or `.csv.gz`. For note tables, whose quoted
-    fields span lines; `raw.bytes_read` gives progress and `raw.digest` the file's sha256."""
-    with open(src.path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    raw = _HashingReader(open(src.path, "rb"))
-    buffered = io.BufferedReader(raw)
-    inner = gzip.GzipFile(fileobj=buffered) if gz else buffered
-    return raw, io.TextIOWrapper(inner, encoding="utf-8", errors="replace", newline="")

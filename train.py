@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data import (AdmissionDataset, InputError, Processed, Reporter, StayDataset, cell_counts, code_counts,
-                  config_record, load_processed, make_loader)
+                  config_record, load_processed, make_loader, read_file)
 from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,
                     count_parameters, load_encoder)
 
@@ -120,18 +120,29 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a checkpoint on disk is always complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary name, then rename: a checkpoint on disk is always complete, and on any
+    failure (a full disk, Ctrl-C) the temporary file is removed before the error goes on."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by this module (plain dict; weights_only=True)."""
+    """A checkpoint written by this module (plain dict; weights_only=True); a missing, truncated or corrupt
+    file is one InputError line saying what to re-run."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no checkpoint here (run `python medhmp.py pretrain` first)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    level = path.stem if path.stem in LEVELS else "stay|admission"
+    state = read_file(path, lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                      f"re-run `python medhmp.py pretrain --level {level}` for it")
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: not a medhmp checkpoint; re-run `python medhmp.py pretrain --level {level}`")
+    return state
 
 
 def _versions() -> dict:

@@ -1,0 +1,222 @@
+"""Folders: write an output folder whole or not at all, one run at a time, and recover from runs that died.
+
+Usage:
+    with Staged(out, "--out", log=rep.log) as stage:   # OUT writable? lock it, tidy up after dead runs
+        ...                                           # the work; files go to stage.tmp
+        stage.commit(write)                           # write(stage.tmp), then swap it in as OUT
+Used by `data.preprocess` (the processed folder) and `synthetic.synthesize` (an extract); `check_writable`
+serves outputs written file by file (evaluate's RUN/eval). Beside OUT live, for the length of a run, a lock
+`.OUT.lock` (the writer's PID) and the staging folder `.OUT.tmp-PID`; a swap briefly renames the old OUT to
+`.OUT.old-PID`. A run killed outright (kill -9, power loss) leaves those behind: the next run removes the
+ones whose PID is no longer alive, and completes (or undoes) a swap cut between its two renames.
+A `--out` that is a symlink is written through: the link stays and its target is replaced.
+Imports only `tables` (for InputError) and the stdlib.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tables import InputError
+
+LEFTOVER = re.compile(r"\.?(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")   # also synth's old `OUT.tmp-PID`
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}        # a write failed whatever the file
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it cleans up exactly as after Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(f"terminated by signal {signum}")
+
+
+def resolve(out: Path) -> Path:
+    """OUT as an absolute path, through a symlink (the link is kept and its target written)."""
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (on systems other than POSIX: assumed alive, so nothing is removed)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:        # alive, owned by someone else
+        return True
+    return True
+
+
+def cannot_write(path: Path, err: OSError, option: str) -> InputError:
+    """The one-line InputError for an output that cannot be written (read-only, not a folder, disk full)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    where = f": {err.filename}" if err.filename and str(err.filename) != str(path) else ""
+    return InputError(f"{path}: cannot write there ({reason}{where}); free some space, fix the permissions "
+                      f"or choose another {option}")
+
+
+def check_writable(folder: Path, option: str) -> Path:
+    """Create `folder` if needed and write a probe file in it, before any work: an InputError otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise cannot_write(folder, err, option) from None
+    return folder
+
+
+class Lock:
+    """`.OUT.lock` holding the writer's PID, created exclusively; a lock whose process is gone is taken over."""
+
+    def __init__(self, out: Path, option: str):
+        self.path, self.out, self.option = out.with_name(f".{out.name}.lock"), out, option
+
+    def __enter__(self):
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise InputError(f"{self.out}: cannot take the lock {self.path}; remove it if no run is writing there")
+
+    def _take_over(self) -> None:
+        """Remove a stale lock, or stop when a live process holds it."""
+        try:
+            text = self.path.read_text().strip()
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return
+        pid = int(text) if text.isdigit() else None
+        if (pid is None and age < 10) or (pid is not None and pid != os.getpid() and pid_alive(pid)):
+            who = f"process {pid}" if pid else "another run"
+            raise InputError(f"{self.out}: {who} is writing there (lock {self.path.name}); wait for it to "
+                             f"finish or choose another {self.option} (if no run is writing, remove the lock)")
+        self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc):
+        try:
+            if self.path.read_text().strip() == str(os.getpid()):
+                self.path.unlink()
+        except OSError:
+            pass
+        return False
+
+
+def recover(out: Path, log=None) -> None:
+    """Tidy up after runs that died beside `out`: a swap cut between its renames (OUT missing, `.OUT.old-PID`
+    present) is completed from `.OUT.tmp-PID` when that is there (it is whole by then), else undone; then the
+    staging and old folders of dead processes are removed. Call with the lock held."""
+    found = {}
+    for p in out.parent.iterdir() if out.parent.is_dir() else ():
+        m = LEFTOVER.fullmatch(p.name)
+        if m and m["name"] == out.name and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
+            found[m["kind"], int(m["pid"])] = p
+    for (kind, pid), p in sorted(found.items()):
+        if kind == "old" and not os.path.lexists(out):
+            whole = found.get(("tmp", pid))
+            done = whole is not None and whole.is_dir()
+            (whole if done else p).rename(out)
+            if log:
+                log(f"{out}: {'finished' if done else 'undid'} the folder swap of process {pid}, which was killed")
+    for p in (p for p in found.values() if p.exists()):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        if log:
+            log(f"removed {p}, left by a run that died")
+
+
+def repair(out: Path) -> None:
+    """`recover` for a reader that finds OUT missing: only when no live run is writing it."""
+    out = resolve(out)
+    if out.parent.is_dir():
+        try:
+            with Lock(out, "--out"):
+                recover(out)
+        except (InputError, OSError):
+            pass
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished folder `tmp` to `out`, replacing an existing `out` as a whole; if the rename fails
+    the old `out` is put back (and `recover` finishes the job after a kill between the two renames)."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_write_error(err: BaseException, tmp: Path) -> bool:
+    if not isinstance(err, OSError):
+        return False
+    return err.errno in WRITE_ERRNOS or (err.filename is not None and str(err.filename).startswith(str(tmp)))
+
+
+class Staged:
+    """One run writing the folder `out` (see the module docstring). Inside the `with`, SIGTERM is raised as
+    `Terminated`, so a terminated run removes its staging folder as an interrupted one does."""
+
+    def __init__(self, out: Path, option: str = "--out", log=None):
+        self.out, self.option, self.log = resolve(out), option, log
+        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
+        self.lock, self.handler = Lock(self.out, option), None
+
+    def __enter__(self):
+        if Path.cwd().resolve().is_relative_to(self.out.resolve()):
+            raise InputError(f"{self.out}: is the current folder (or holds it); choose another {self.option}")
+        blocker = next((p for p in self.out.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise InputError(f"{self.out}: {blocker} is a file, not a folder; choose another {self.option}")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.lock.__enter__()
+        except OSError as err:
+            raise cannot_write(self.out, err, self.option) from None
+        try:
+            recover(self.out, self.log)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir()
+        except OSError as err:
+            self.lock.__exit__()
+            raise cannot_write(self.out, err, self.option) from None
+        if threading.current_thread() is threading.main_thread():
+            self.handler = signal.signal(signal.SIGTERM, _terminate) or signal.SIG_DFL
+        return self
+
+    def commit(self, write=None) -> None:
+        """`write(self.tmp)` (when given), then swap the staging folder in as OUT."""
+        if write is not None:
+            write(self.tmp)
+        swap_in(self.tmp, self.out)
+
+    def __exit__(self, kind, err, tb):
+        if self.handler is not None:
+            signal.signal(signal.SIGTERM, self.handler)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.lock.__exit__()
+        if _is_write_error(err, self.tmp):
+            raise cannot_write(self.out, err, self.option) from None
+        return False
