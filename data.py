@@ -139,10 +139,10 @@ def _save_cache(cache: dict, path: Path) -> None:
     for dim, keys in groups.items():
         saved[f"keys_{dim}"] = keys
         saved[f"vectors_{dim}"] = torch.from_numpy(np.stack([cache[k] for k in keys]).astype(np.float16))
-    _torch_save(saved, path)
+    torch_save(saved, path)
 
 
-def _torch_save(obj, path: Path) -> None:
+def torch_save(obj, path: Path) -> None:
     """torch.save through a Python file, so that a full disk is an OSError (ENOSPC), not a RuntimeError."""
     with open(path, "wb") as f:
         torch.save(obj, f)
@@ -151,7 +151,7 @@ def _torch_save(obj, path: Path) -> None:
 def _write_folder(folder: Path, result: dict, cache: dict) -> None:
     """Every file of the processed folder into `folder` (the staging folder that then becomes --out)."""
     for name in ("stays", "admissions"):
-        _torch_save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in result[name].items()},
+        torch_save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in result[name].items()},
                     folder / f"{name}.pt")
     with open(folder / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)

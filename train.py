@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data import (AdmissionDataset, InputError, Processed, Reporter, StayDataset, cell_counts, code_counts,
-                  config_record, load_processed, make_loader, read_file)
+                  config_record, load_processed, make_loader, read_file, torch_save)
 from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,
                     count_parameters, load_encoder)
 
@@ -124,8 +124,11 @@ def save_checkpoint(state: dict, path: Path) -> None:
     failure (a full disk, Ctrl-C) the temporary file is removed before the error goes on."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     try:
-        torch.save(state, tmp)
+        torch_save(state, tmp)
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, say: one line; the previous checkpoint at `path` is untouched
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {err.strerror or err}; the previous checkpoint there is kept") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
