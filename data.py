@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -435,3 +436,59 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
         return DataLoader(dataset, batch_sampler=batches, **common)
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last, **common)
+
+
+# ------------------------------------------------------------------------------- views and controls
+def write_view(source: Path, view: Path, splits: dict, tensors: dict | None = None) -> Path:
+    """A processed folder `view` that is `source` with other splits ({"train", "val", "test"}: subject ids):
+    its files are links to the source's, except splits.json and the `tensors` files given ({file name:
+    dict of tensors}, e.g. a shuffled control's stays.pt). Replaces an existing `view`."""
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for f in Path(source).iterdir():
+        if f.name != "splits.json" and f.name not in (tensors or {}) and not f.name.startswith("."):
+            (view / f.name).symlink_to(f.resolve())
+    for name, value in (tensors or {}).items():
+        torch_save(value, view / name)
+    (view / "splits.json").write_text(json.dumps({k: [int(i) for i in v] for k, v in splits.items()}))
+    return view
+
+
+def shuffle_columns(data: Processed, subjects: np.ndarray, seed: int) -> dict:
+    """The negative control of pretraining: stays.pt and admissions.pt with every column permuted on its own
+    across the stays / admissions of `subjects` (the others untouched): each feature's (T,) hourly series,
+    each static column, each ICD and drug code, each note dimension. Every column keeps its frequencies;
+    co-occurrence between columns (within and across modalities) is destroyed. {file name: tensors}."""
+    rng = np.random.default_rng(seed + 7919)
+    stays = {k: v.clone() for k, v in data.stays.items()}
+    adms = {k: v.clone() for k, v in data.admissions.items()}
+    s_rows = np.flatnonzero(np.isin(data.stays["subject_id"].numpy(), subjects))
+    a_rows = np.flatnonzero(np.isin(data.admissions["subject_id"].numpy(), subjects))
+    T, F = data.meta["seq_len"], data.meta["n_features"]
+    hours = np.repeat(np.tile(np.arange(T), len(stays["ts_count"])), stays["ts_count"].numpy().ravel())
+    owner, feat, hours = _permute_owners(stays["ts_ptr"].numpy(), stays["ts_feat"].numpy(), s_rows, F, rng, hours)
+    counts = np.bincount(owner * T + hours, minlength=len(stays["ts_count"]) * T).reshape(-1, T)
+    stays.update(ts_count=torch.from_numpy(counts.astype(np.int16)), ts_feat=torch.from_numpy(feat.astype(np.int16)),
+                 ts_ptr=torch.from_numpy(np.r_[0, np.cumsum(counts.sum(1))].astype(np.int64)))
+    for m in ("icd", "drug"):
+        owner, idx, _ = _permute_owners(adms[f"{m}_ptr"].numpy(), adms[f"{m}_idx"].numpy(), a_rows,
+                                        data.meta[f"n_{m}"], rng)
+        adms[f"{m}_ptr"] = torch.from_numpy(np.r_[0, np.cumsum(np.bincount(owner, minlength=len(adms["hadm_id"])))])
+        adms[f"{m}_idx"] = torch.from_numpy(idx.astype(np.int32))
+    for table, rows in ((stays["static"].numpy(), s_rows), (adms["note"].numpy(), a_rows[adms["note_mask"].numpy()[a_rows]])):
+        for j in range(table.shape[1]):  # in place: the tensors share the arrays' memory
+            table[rows, j] = table[rng.permutation(rows), j]
+    return {"stays.pt": stays, "admissions.pt": adms}
+
+
+def _permute_owners(ptr: np.ndarray, column: np.ndarray, rows: np.ndarray, width: int, rng, hours=None):
+    """CSR entries (owner row, column) with each column's owners permuted among `rows` by a permutation of
+    its own; returns owners, columns and `hours` (if given) sorted by owner, hour, column."""
+    column = column.astype(np.int64)
+    owner = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+    target = np.tile(np.arange(len(ptr) - 1, dtype=np.int32), (width, 1))  # (width, rows): new owner per column
+    for j in range(width):
+        target[j, rows] = rng.permutation(rows)
+    owner = target[column, owner]
+    order = np.lexsort((column, owner) if hours is None else (column, hours, owner))
+    return owner[order], column[order], None if hours is None else hours[order]

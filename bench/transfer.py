@@ -103,19 +103,8 @@ def _split_ids(ids: np.ndarray, seed: int, *fractions) -> list[np.ndarray]:
     return [np.sort(part) for part in np.split(ids, cuts)]
 
 
-def _view(cfg: TransferConfig, name: str, source: Path, splits: dict, replace_files: dict | None = None) -> Path:
-    """OUT/views/NAME: the processed folder `source` with its own splits.json (files linked, not copied),
-    and `replace_files` {file name: torch-saveable dict} written in place of the linked ones."""
-    view = cfg.out / "views" / name
-    shutil.rmtree(view, ignore_errors=True)
-    view.mkdir(parents=True)
-    for f in source.iterdir():
-        if f.name != "splits.json" and f.name not in (replace_files or {}):
-            (view / f.name).symlink_to(f.resolve())
-    for name, tensors in (replace_files or {}).items():
-        torch.save(tensors, view / name)
-    (view / "splits.json").write_text(json.dumps({k: [int(i) for i in v] for k, v in splits.items()}))
-    return view
+def _view(cfg: TransferConfig, name: str, source: Path, splits: dict, tensors: dict | None = None) -> Path:
+    return data.write_view(source, cfg.out / "views" / name, splits, tensors)
 
 
 def prepare_data(cfg: TransferConfig) -> None:
@@ -137,74 +126,13 @@ def prepare_data(cfg: TransferConfig) -> None:
     pretrain_splits = {"train": pool, "val": preval, "test": np.zeros(0, int)}
     _view(cfg, "pretrain-medhmp", processed / "mimic3", pretrain_splits)
     _view(cfg, "pretrain-shuffled", processed / "mimic3", pretrain_splits,
-          shuffled_tensors(d, np.concatenate([pool, preval]), cfg.seed))
+          data.shuffle_columns(d, np.concatenate([pool, preval]), cfg.seed))
     _view(cfg, "finetune", processed / "mimic3", {"train": labelled, "val": ftval, "test": d.splits["test"]})
     t = data.load_processed(processed / "trinetx")
     emit(cfg, kind="data", pool_patients=len(pool), labelled_patients=len(labelled),
          trinetx_labelled_patients=len(t.splits["train"]), ratio=round(len(pool) / max(len(labelled), 1), 1),
          stays=len(d.stays["stay_id"]), admissions=len(d.admissions["hadm_id"]),
          features=d.meta["n_features"], icd=d.meta["n_icd"], drugs=d.meta["n_drug"])
-
-
-# ------------------------------------------------------------------------------------------ shuffling
-def shuffled_tensors(d: data.Processed, subjects: np.ndarray, seed: int) -> dict:
-    """stays.pt and admissions.pt with every column permuted on its own across the stays / admissions of
-    `subjects` (others untouched): each feature's hourly series, each static column, each code, each note
-    dimension. Frequencies are kept; co-occurrence between columns is destroyed."""
-    rng = np.random.default_rng(seed + 7919)
-    stays = {k: v.clone() for k, v in d.stays.items()}
-    adms = {k: v.clone() for k, v in d.admissions.items()}
-    s_rows = np.flatnonzero(np.isin(d.stays["subject_id"].numpy(), subjects))
-    a_rows = np.flatnonzero(np.isin(d.admissions["subject_id"].numpy(), subjects))
-    _shuffle_series(stays, s_rows, d.meta["seq_len"], d.meta["n_features"], rng)
-    static = stays["static"].numpy()
-    for j in range(static.shape[1]):
-        static[s_rows, j] = static[rng.permutation(s_rows), j]
-    for m in ("icd", "drug"):
-        _shuffle_sets(adms, m, a_rows, d.meta[f"n_{m}"], rng)
-    with_note = a_rows[adms["note_mask"].numpy()[a_rows]]
-    note = adms["note"].numpy()
-    for j in range(note.shape[1]):
-        note[with_note, j] = note[rng.permutation(with_note), j]
-    return {"stays.pt": stays, "admissions.pt": adms}
-
-
-def _entries(ptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """The owner row of every entry of a CSR layout with row pointers `ptr`."""
-    return np.repeat(np.arange(len(ptr) - 1), counts)
-
-
-def _shuffle_series(stays: dict, rows: np.ndarray, T: int, F: int, rng) -> None:
-    """Give each feature's (T,) series of the stays `rows` to a random other stay of `rows` (one permutation
-    per feature); rebuilds ts_ptr / ts_count / ts_feat."""
-    ptr, feat = stays["ts_ptr"].numpy(), stays["ts_feat"].numpy().astype(np.int64)
-    owner = _entries(ptr, np.diff(ptr))
-    hour = np.repeat(np.tile(np.arange(T), len(ptr) - 1), stays["ts_count"].numpy().ravel())
-    target = np.arange(len(ptr) - 1)[None, :].repeat(F, 0)       # (F, N): new owner per feature and stay
-    for f in range(F):
-        target[f, rows] = rng.permutation(rows)
-    owner = target[feat, owner]
-    order = np.lexsort((feat, hour, owner))
-    owner, hour, feat = owner[order], hour[order], feat[order]
-    n = len(ptr) - 1
-    counts = np.bincount(owner * T + hour, minlength=n * T).reshape(n, T)
-    stays["ts_count"] = torch.from_numpy(counts.astype(np.int16))
-    stays["ts_ptr"] = torch.from_numpy(np.r_[0, np.cumsum(counts.sum(1))].astype(np.int64))
-    stays["ts_feat"] = torch.from_numpy(feat.astype(np.int16))
-
-
-def _shuffle_sets(adms: dict, m: str, rows: np.ndarray, V: int, rng) -> None:
-    """Move each code's occurrences among the admissions `rows` by one permutation per code."""
-    ptr, idx = adms[f"{m}_ptr"].numpy(), adms[f"{m}_idx"].numpy().astype(np.int64)
-    owner = _entries(ptr, np.diff(ptr))
-    target = np.arange(len(ptr) - 1)[None, :].repeat(V, 0)
-    for v in range(V):
-        target[v, rows] = rng.permutation(rows)
-    owner = target[idx, owner]
-    order = np.lexsort((idx, owner))
-    counts = np.bincount(owner, minlength=len(ptr) - 1)
-    adms[f"{m}_ptr"] = torch.from_numpy(np.r_[0, np.cumsum(counts)].astype(np.int64))
-    adms[f"{m}_idx"] = torch.from_numpy(idx[order].astype(np.int32))
 
 
 # --------------------------------------------------------------------------------------- pretraining
