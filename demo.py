@@ -10,11 +10,13 @@ its own; each stage's defaults stay the paper's.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import data
@@ -22,6 +24,7 @@ import evaluate
 import results
 import synthetic
 import train
+from metrics import auroc, paired_delta
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,10 @@ class DemoConfig:
     admission_epochs: int = 15        # stage 2 MCP + contrastive: validation loss lowest at ~12, then rises
     admission_batch_size: int = 64    # paper 4096; in-batch negatives only need a few dozen here
     admission_lr: float = 1e-3        # paper 2e-5 is for batch 4096 over 300 epochs on 99k admissions
+    pretrain_patience: int = 5        # validation passes without improvement before a stage stops
     seeds: int = 3                    # fine-tuning seeds per (task, init); paper 5
+    labels: int = 50                  # training examples per task in the low-label comparison
+    bootstrap: int = 1000             # resamples of the paired Δ CIs
     epochs: int = 15                  # fine-tuning epochs; paper at most 30
     patience: int = 5                 # paper App. B
     trinetx: bool = True              # also run hf/copd/amnesia on a TriNetX-style diagnosis extract
@@ -58,54 +64,113 @@ def _finetune_config(cfg: DemoConfig, **where) -> evaluate.FinetuneConfig:
                                    quiet=cfg.quiet, **where)
 
 
-def _mimic(cfg: DemoConfig) -> dict:
-    """Synthetic MIMIC-III cohort → preprocess → pretrain stay → pretrain admission → evaluate every task."""
-    out = Path(cfg.out)
-    raw, processed, run = out / "raw", out / "processed", out / "run"
-    synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=cfg.patients, seed=cfg.seed, quiet=cfg.quiet))
-    data.preprocess(data.PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed, quiet=cfg.quiet))
-    # one checkpoint per stage, written at its end (a run of a few minutes needs no intermediate ones)
+def _pretrain(cfg: DemoConfig, processed: Path, run: Path) -> None:
+    """Both stages into `run`, each ending with its health verdict (one checkpoint per stage, at its end)."""
     common = dict(data=processed, run=run, d_model=cfg.d_model, device=cfg.device, seed=cfg.seed, quiet=cfg.quiet,
-                  checkpoint_every=10 ** 9)
+                  checkpoint_every=10 ** 9, patience=cfg.pretrain_patience, overwrite=True)
     train.pretrain(train.StayPretrainConfig(epochs=cfg.stay_epochs, batch_size=cfg.stay_batch_size, lr=cfg.stay_lr,
                                             **common))
     train.pretrain(train.AdmissionPretrainConfig(epochs=cfg.admission_epochs, batch_size=cfg.admission_batch_size,
                                                  lr=cfg.admission_lr, **common))
-    return evaluate.evaluate(_finetune_config(cfg, task="all", data=processed, run=run))
 
 
-def _trinetx(cfg: DemoConfig) -> dict:
-    """The patient-level tasks on a diagnosis extract, coded over the MIMIC vocabulary, from the MIMIC
-    admission checkpoint (copied into its own run folder so results.csv rows do not collide)."""
+def _mimic(cfg: DemoConfig) -> tuple[dict, dict]:
+    """Synthetic MIMIC-III cohort → preprocess → pretrain (and the shuffled control) → every task with all
+    training labels (pretrained vs scratch) and with `cfg.labels` of them (pretrained vs scratch vs control)."""
     out = Path(cfg.out)
-    raw, processed, run = out / "trinetx" / "raw", out / "trinetx" / "processed", out / "trinetx" / "run"
+    raw, processed, run = out / "raw", out / "processed", out / "run"
+    synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=cfg.patients, seed=cfg.seed, quiet=cfg.quiet))
+    data.preprocess(data.PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed, quiet=cfg.quiet))
+    _pretrain(cfg, processed, run)
+    d = data.load_processed(processed)
+    shuffled = data.shuffle_columns(d, np.concatenate([d.splits["train"], d.splits["val"]]), cfg.seed)
+    control = data.write_view(processed, out / "control" / "processed", d.splits, shuffled)
+    _pretrain(cfg, control, out / "control" / "run")
+    full = evaluate.evaluate(_finetune_config(cfg, task="all", data=processed, run=run))
+    few = {t: low_label(cfg, t, d, run, out / "control" / "run") for t in evaluate.TASKS}
+    return full, few
+
+
+def _trinetx(cfg: DemoConfig) -> tuple[dict, dict]:
+    """The patient-level tasks on a diagnosis extract, coded over the MIMIC vocabulary, from the MIMIC
+    checkpoints (copied into run folders of its own so results.csv rows do not collide)."""
+    out = Path(cfg.out)
+    raw, processed = out / "trinetx" / "raw", out / "trinetx" / "processed"
     synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=cfg.trinetx_patients, layout="trinetx",
                                                seed=cfg.seed, quiet=cfg.quiet))
     data.preprocess(data.PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed,
                                           vocab_from=out / "processed", quiet=cfg.quiet))
-    run.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "run" / "admission.pt", run / "admission.pt")
-    reports = {}
-    for task in (t for t, spec in evaluate.TASKS.items() if spec.level == "patient"):
-        reports.update(evaluate.evaluate(_finetune_config(cfg, task=task, data=processed, run=run)))
-    return {f"{t} (trinetx)": r for t, r in reports.items()}
+    runs = {}
+    for name, source in (("run", out / "run"), ("control", out / "control" / "run")):
+        runs[name] = out / "trinetx" / name
+        runs[name].mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / "admission.pt", runs[name] / "admission.pt")
+    d, tasks = data.load_processed(processed), [t for t, spec in evaluate.TASKS.items() if spec.level == "patient"]
+    full = {}
+    for task in tasks:
+        full.update(evaluate.evaluate(_finetune_config(cfg, task=task, data=processed, run=runs["run"])))
+    few = {t: low_label(cfg, t, d, runs["run"], runs["control"]) for t in tasks}
+    return ({f"{t} (trinetx)": r for t, r in full.items()}, {f"{t} (trinetx)": r for t, r in few.items()})
+
+
+# ------------------------------------------------------------------------------------ low-label runs
+ARMS = {"scratch": ("run", "none"), "MedHMP": ("run", "admission"), "shuffled control": ("control", "admission")}
+
+
+def low_label(cfg: DemoConfig, task: str, d: data.Processed, run: Path, control: Path) -> dict:
+    """One task fine-tuned on `cfg.labels` stratified training examples from scratch, from MedHMP's
+    checkpoint and from the shuffled control's, the same examples and seeds for each; the paired Δ AUROC of
+    the two pretrained arms against scratch. {"n_train", "n_test", arm: result, "delta": {arm: [Δ, lo, hi]}}."""
+    fcfg = _finetune_config(cfg, task=task, data=d.root, run=run, labels=cfg.labels)
+    sets, examples = evaluate.task_datasets(task, d, fcfg)
+    stats = {s: (len(e["label"]), int(e["label"].sum())) for s, e in examples.items()}
+    if any(pos in (0, n) for n, pos in stats.values()):
+        return {"skipped": "a split without both classes"}
+    rep, cpu = data.Reporter(quiet=True), train.resolve_device(cfg.device)
+    ckpts = {"run": evaluate.Checkpoints(run, d.meta), "control": evaluate.Checkpoints(control, d.meta)}
+    out, probs = {"n_train": stats["train"][0], "n_test": stats["test"][0]}, {}
+    for arm, (where, init) in ARMS.items():
+        out[arm], probs[arm] = evaluate.run_init(task, init, sets, fcfg, ckpts[where], cpu, torch.float32, rep)
+    y = examples["test"]["label"]
+    out["delta"] = {arm: list(paired_delta(y, probs[arm], probs["scratch"], auroc, cfg.bootstrap, cfg.seed))
+                    for arm in ARMS if arm != "scratch"}
+    return out
+
+
+def low_label_table(few: dict) -> tuple[list, list]:
+    header = ["task", "n train / test", *[f"AUROC {a}" for a in ARMS], "Δ MedHMP [95% CI]", "Δ control [95% CI]"]
+    rows = []
+    for task, r in few.items():
+        if "skipped" in r:
+            rows.append([task, "skipped", r["skipped"]] + [""] * (len(header) - 3))
+            continue
+        rows.append([task, f"{r['n_train']} / {r['n_test']}",
+                     *[f"{r[a]['mean']['auroc']:.3f} ±{r[a]['sd']['auroc']:.3f}" for a in ARMS],
+                     *[f"{d:+.3f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in (r["delta"][a] for a in list(ARMS)[1:])]])
+    return header, rows
 
 
 def demo(cfg: DemoConfig) -> dict:
-    """Run the demo; returns {task: report} (TriNetX-style tasks as '<task> (trinetx)') and prints the table."""
+    """Run the demo; returns {"full": {task: report}, "few": {task: low-label result}} (TriNetX-style tasks as
+    '<task> (trinetx)') and prints both tables; the low-label one is also written to OUT/low_label.json."""
     rep, start, threads = data.Reporter(cfg.quiet), time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
     try:
-        reports = _mimic(cfg)
+        full, few = _mimic(cfg)
         if cfg.trinetx:
-            reports.update(_trinetx(cfg))
+            more = _trinetx(cfg)
+            full, few = {**full, **more[0]}, {**few, **more[1]}
     finally:
         torch.set_num_threads(threads)
-    header, rows = results.results_table(reports)
-    results.print_table(header, rows, rep, f"MedHMP demo ({cfg.patients} synthetic patients): pretrained "
-                                            "(init=admission) vs from scratch (init=none), test split")
-    for line in results.skipped_lines(reports):
+    header, rows = results.results_table(full)
+    results.print_table(header, rows, rep, f"MedHMP demo ({cfg.patients} synthetic patients), all training labels: "
+                                           "pretrained (init=admission) vs from scratch (init=none), test split")
+    for line in results.skipped_lines(full):
         rep.log(line)
+    results.print_table(*low_label_table(few), rep, f"{cfg.labels} training labels per task: from scratch, "
+                        "MedHMP, and MedHMP pretrained on the shuffled pool (negative control)")
+    (Path(cfg.out) / "low_label.json").write_text(json.dumps(few, indent=1, default=float))
     rep.log(f"demo finished in {time.perf_counter() - start:.0f} s; results in {Path(cfg.out) / 'run' / 'results.csv'}"
-            + (f" and {Path(cfg.out) / 'trinetx' / 'run' / 'results.csv'}" if cfg.trinetx else ""))
-    return reports
+            + (f" and {Path(cfg.out) / 'trinetx' / 'run' / 'results.csv'}" if cfg.trinetx else "")
+            + f", low-label comparison in {Path(cfg.out) / 'low_label.json'}")
+    return {"full": full, "few": few}

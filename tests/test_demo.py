@@ -49,6 +49,16 @@ def test_demo_from_the_cli_writes_every_task(tmp_path, monkeypatch):
     table = result.output[result.output.index("MedHMP demo"):]
     assert all(t in table for t in evaluate.TASKS) and "(trinetx)" in table and "Δ AUROC" in table
     assert "demo finished" in result.output
+    # the low-label comparison: every task, three arms, Δ of both pretrained arms against scratch with a CI
+    few = json.loads((out / "low_label.json").read_text())
+    assert set(few) == set(evaluate.TASKS) | {f"{t} (trinetx)" for t in patient}
+    ran = [r for r in few.values() if "skipped" not in r]
+    assert ran and all(r["n_train"] <= 50 and set(r["delta"]) == {"MedHMP", "shuffled control"} for r in ran)
+    assert all(lo <= d <= hi for r in ran for d, lo, hi in r["delta"].values())
+    assert "training labels per task" in result.output and "shuffled control" in result.output
+    for stage in ("stage 1: validation MSE", "stage 2: validation masked-code loss"):  # the health verdicts
+        assert result.output.count(stage) == 2  # MedHMP and the control
+    assert (out / "control" / "run" / "admission.pt").is_file()
 
 
 @pytest.mark.skipif(not MIMIC3_DEMO.is_dir(), reason="../shared/data/mimic3-demo is not available")
