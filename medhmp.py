@@ -77,7 +77,8 @@ def cli():
               help="Chart rows per stay-hour multiplier, for scale benchmarks. "
                    + _default(synthetic.SynthConfig, "event_scale"))
 def synth(**options):
-    """Write a synthetic cohort with planted signal in a MIMIC-III, MIMIC-IV or diagnosis-extract layout."""
+    """Write a synthetic cohort drawn from a latent model (true latents in OUT/latents/) in a MIMIC-III, MIMIC-IV
+    or diagnosis-extract layout."""
     summary = _run(synthetic.synthesize, synthetic.SynthConfig, **options)
     click.echo(f"wrote {summary['out']}: {summary['patients']} patients, {summary['admissions']} admissions, "
                f"{summary['stays']} ICU stays")

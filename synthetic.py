@@ -1,36 +1,45 @@
-"""Synthetic MIMIC-style extracts with planted, learnable signal, for the demo, the tests and benchmarks.
+"""Synthetic MIMIC-style extracts drawn from an explicit latent model, for the demo, the tests and benchmarks.
 
-Usage: `python medhmp.py synth --out data/raw [--patients 400] [--layout mimic3|mimic4|trinetx] [--seed 0]`,
-or `synthesize(SynthConfig(out=Path("data/raw")))`, which returns a summary of what it wrote.
-Writes one extract of `.csv.gz` tables in the layout data.py reads:
-  mimic3   one folder, upper-case file and column names, full MIMIC-III column lists
-  mimic4   hosp/, icu/ and note/ (MIMIC-IV v2.2 and MIMIC-IV-Note column lists, lower case)
-  trinetx  patient.csv.gz and diagnosis.csv.gz of a TriNetX-style diagnosis extract (dotted ICD codes)
-Per-patient latent factors (frailty, cardiac, pulmonary, cognitive, chronic, social) drive codes, drugs,
-notes, vitals and labs together, so every downstream task of DESIGN.md §6 is learnable from the modality it
-is evaluated on and the modalities share structure that pretraining can exploit.
+Usage: `python medhmp.py synth --out data/raw [--patients 400] [--layout mimic3|mimic4|trinetx] [--seed 0]`, or
+`synthesize(SynthConfig(out=Path("data/raw")))`, which returns a summary. Writes `.csv.gz` tables with the real
+column lists of mimic3 (one folder, upper-case MIMIC-III v1.4 names), mimic4 (hosp/, icu/, note/discharge of MIMIC-IV
+v2.2 and MIMIC-IV-Note) or trinetx (patient and diagnosis of a TriNetX-style extract, dotted codes), filling the ids
+and the columns the reader (extract.py) reads, the others blank; and latents/, the true latents and case flags,
+which preprocessing never reads (`read_latents` loads them for probes and benchmarks).
 
-Formats worth knowing (they copy MIMIC): GCS (220739/223900/223901) and RASS (228096) rows carry text in
-`value` and the score in `valuenum`; 'Alarms On' (224641) is a checkbox '1'/'0'; other text items have an
-empty `valuenum`; CareVue stays (~15%, MIMIC-III only) chart CareVue itemids and have no *_MV rows;
-NOTEEVENTS discharge summaries have a date-only `chartdate` and no `charttime`; outpatient labs have no
-`hadm_id`; MIMIC-III shows patients over 89 with a date of birth ~300 years back. In MIMIC-IV and TriNetX ~15%
-of admissions are coded in ICD-10 only, never a task case's admissions up to its first diagnosis.
+The latent model: labels act only through latents (and the noise of a Bernoulli draw); each latent shapes many
+items at once, each weakly, as diseases do; no label is planted on a code or a feature.
+  patient    cardiac pulmonary renal cognitive frailty social: N(0, 1), correlated a little through age
+  admission  the patient latents plus a drift (_DRIFT), and acuity (new at each admission)
+  stay       resp circ sev: sums of admission latents plus noise (_STAY_FROM)
+  emissions  codes, drugs and discharge-note phrases come from pools per latent (_CODES, _DRUGS, _PHRASES): each
+             item loads on its pool's latent (logit 0.5-2.1, rarer items more; phrases 0.7x) and a third also on a
+             second one (0.15-0.35), drawn once from a fixed seed; background pools load on none. Hourly ICU variables
+             (_HOURLY: vitals, labs, text items, inputs, outputs) move in level, measurement frequency, use or
+             category with several latents each, a little at first and fully by 48 h (_ramp).
+  outcomes   _OUTCOMES: ARF / shock = ventilation (PEEP 220339, 225792/225794) / vasopressors (221906, 221289,
+             221662, 222315, 221749) starting before 48 h (out of the cohort) or after (the label), from resp / circ;
+             death from the last stay's sev and frailty; a next admission within 30 days from social, frailty, renal;
+             heart failure, COPD, amnesia cases from cardiac, pulmonary, cognitive: a case gets its task codes
+             (cohorts.PATIENT_CODES) from its last planned admission (>= 182 days after its first discharge where it
+             can, so its history is as long as a control's) on, and may come back; its history is emissions only.
+To add a latent, name it in PATIENT_LATENTS (or _STAY_FROM) with a pool in _CODES, _DRUGS, _PHRASES and weights in
+_HOURLY; to add a label, an entry in _OUTCOMES.
 
-It is its own module so that data.py stays a readable reader: the generator is as long as the reader and
-shares nothing with it but the progress `Reporter` and `InputError` (it imports neither torch nor data).
-Patients are generated and written in chunks, so memory is bounded by a chunk, not by the extract (a
-MIMIC-III-sized extract is fine). The same config gives byte-identical files (numpy `default_rng` per chunk,
-gzip `mtime=0`). Output goes to `OUT.tmp-PID` and is renamed to OUT when complete, replacing an existing OUT,
-so a folder that exists is always whole.
+MIMIC conventions kept: GCS (220739/223900/223901) and RASS (228096) carry text in `value` and the score in
+`valuenum`; 'Alarms On' (224641) is a checkbox '1'/'0'; other text items have no `valuenum`; CareVue stays (~15%,
+MIMIC-III only) chart CareVue itemids and have no *_MV rows; discharge summaries have a date-only `chartdate`, ~1%
+are error rows; outpatient labs have no `hadm_id`; patients over 89 are born ~300 years back (MIMIC-III); ~15% of
+MIMIC-IV and TriNetX admissions are coded in ICD-10 only, never a first diagnosis. Chunks of patients bound the
+memory; the same config gives the same bytes (a numpy `default_rng` per chunk and table, gzip `mtime=0`); output
+goes to a staging folder beside OUT (folders.Staged), swapped in when complete, so a folder that exists is always
+whole.
 """
 from __future__ import annotations
 
 import gzip
-import queue
-import threading
+import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from itertools import repeat
 from pathlib import Path
 
@@ -54,11 +63,166 @@ class SynthConfig:
     quiet: bool = False
 
 
-_CHUNK = 1000          # patients generated and written together; bounds memory
-_STAY_BATCH = 400      # ICU stays whose chart rows are built together (divided by event_scale)
-_GZIP_LEVEL = 1        # level 6 is 4x slower for 20% smaller files; synthetic extracts are regenerated
-_HOUR, _DAY = 3600, 86400
-_YEAR = 365.2425 * _DAY
+# ------------------------------------------------------------------------------------------- latent model
+PATIENT_LATENTS = ("cardiac", "pulmonary", "renal", "cognitive", "frailty", "social")
+ADMISSION_LATENTS = PATIENT_LATENTS + ("acuity",)
+STAY_LATENTS = ("resp", "circ", "sev")
+_ALL = ADMISSION_LATENTS + STAY_LATENTS   # what emissions load on (an admission sees the mean of its stays)
+_AGE_LOADING = (0.35, 0.15, 0.3, 0.45, 0.45, -0.15)  # correlation of each patient latent with age
+_DRIFT = 0.2                                         # sd of an admission's drift from its patient's latents
+_STAY_FROM = {"resp": {"pulmonary": .45, "acuity": .45}, "circ": {"cardiac": .45, "acuity": .45},
+              "sev": {"frailty": .3, "renal": .25, "acuity": .5}}
+_STAY_NOISE = 0.75                                   # sd of a stay latent's own part
+_OFFSET = 0.7                                        # sd of a stay's own level of an hourly variable (sd units)
+_OUTCOMES = {  # outcome -> (intercept, {latent: loading}): a Bernoulli draw of sigmoid(logit) unless noted
+    "admissions": (1.2, {"frailty": .25, "social": .2, "cardiac": .1}),   # log mean of Poisson(further admissions)
+    "icu": (0.9, {"acuity": .8}), "readmission": (-3.4, {"social": 2.8, "frailty": 1.2, "renal": .6}),  # in 30 days
+    "arf_early": (-2.3, {"resp": .8}), "arf": (-4.0, {"resp": 3.5}),       # late: in stays of >= 48 h only
+    "shock_early": (-2.5, {"circ": .8}), "shock": (-4.2, {"circ": 3.5}),
+    "death": (-4.0, {"sev": 3.0, "frailty": .8}), "death_ward": (-4.5, {"frailty": .8, "acuity": .5}),  # ICU / not
+    "hf": (-2.35, {"cardiac": 4.5, "renal": .5}), "copd": (-2.35, {"pulmonary": 4.5, "social": .4}),
+    "amnesia": (-2.35, {"cognitive": 4.5, "frailty": .4}),
+}
+_TASKS = {"hf": ("4280", "4281", "42822", "42832", "40491"), "copd": ("496", "49121", "4928"),
+          "amnesia": ("78093", "2940", "2911", "29283")}   # task code groups; the first is the usual one
+_ICD10 = (  # ICD-10-CM codes for the admissions coded in ICD-10 only (the reader drops them)
+    "E785 E039 K219 F329 E871 N390 E1122 Z794 G4733 Z87891 E1165 K5900 N183 D62 E876 F419 R6521 A419 J9601 "
+          "I4891 I2510 I10 J189 N179 G309 F1020 Z9114 Z602 R4182 D649 Z7901 J45909 F17210 L89154 Z66 I959").split()
+_CODES = {  # latent -> ICD-9 codes it raises, most frequent first; none in a task group (cohorts.PATIENT_CODES)
+    "cardiac": "4019 41401 42731 2724 4240 41071 V4581 V4582 4241 42789 4271 412 4254 V5861 4439 42732 4168 4160 "
+               "41400 V4501 4373 4532 44021 7850 42741 4210 4111 41091 4233 4242 4251 4255 42611 4409 4414 V1251",
+    "pulmonary": "49390 5180 5119 486 5070 32723 51883 V462 4660 515 49392 4829 5121 5181 79902 7862 49320 4870 5168 "
+                 "5178 78605 7863 5128 4940 4941 5078 5100 5163 49322 27700 135",
+    "renal": "5859 40391 5856 25000 25060 2761 2767 5853 V4511 2859 28521 2449 2720 27801 25002 3572 V5867 58881 "
+             "2753 2749 40390 25040 5854 5855 25050 36201 25080 2762 27800 2752 27541 5939 40301 7910 25001",
+    "cognitive": "3310 2948 311 29410 78097 3320 2930 30000 43820 43811 V1254 34590 2900 29620 3331 7813 3314 3319 "
+                 "29690 2939 29570 78039 3004 29630 43852 2989 33182 3441 43889 3090",
+    "frailty": "70703 5990 2639 261 73300 E8889 E8859 70705 70722 7812 V1588 2800 6826 7993 70723 70724 2809 V1541 "
+               "78820 7837 70725 73301 82020 70707 2638 7832 78791 73313 E8809 5997",
+    "social": "V603 V1581 30390 30500 30401 30590 V600 29181 5712 07054 3051 V6284 2920 V1582 E9500 30300 30391 "
+              "30501 30561 30550 30470 30393 07070 5715 5711 V6441 V6282 2910 30560",
+    "acuity": "99591 0389 5849 2851 5789 2875 2768 2760 5770 03849 03811 5672 56210 E8781 E8788 9971 99812 99662 "
+              "V090 00845",
+    "resp": "51881 5185 51882 51884 5184 48241 48242 V4611 78609 7991 V440 4821 5064",
+    "circ": "78552 4589 45829 78551 99811 99682 4580 4275 9980 2874 4263 4260",
+    "sev": "99592 5845 5722 2866 34830 570 V667 27652 2848 2869 2867 3481 51889 78959",
+    "background": "53081 V1046 1977 1970 1985 V103 V1042 1628 60000 7907 V8741 E8497 4538 3659 6000 7140 V1005 1539 "
+                  "1749 71590 7245 V5865 7840 4556 2113",
+}
+_DRUGS = {  # latent -> drugs (PRESCRIPTIONS `drug`, as MIMIC-III spells them)
+    "cardiac": "Furosemide|Metoprolol Tartrate|Carvedilol|Lisinopril|Spironolactone|Digoxin|Amiodarone HCl|Warfarin|"
+               "Aspirin|Atorvastatin|Diltiazem|Hydralazine HCl|Isosorbide Mononitrate|Clopidogrel Bisulfate",
+    "pulmonary": "Albuterol 0.083% Neb Soln|Ipratropium Bromide Neb|Tiotropium Bromide|Prednisone|Azithromycin|"
+                 "Fluticasone-Salmeterol Diskus (250/50)|Guaifenesin|Montelukast Sodium|Albuterol Inhaler",
+    "renal": "Insulin|Sevelamer|Calcium Acetate|Sodium Bicarbonate|Epoetin Alfa|Calcitriol|Glipizide|"
+             "MetFORMIN (Glucophage)|Nephrocaps|Levothyroxine Sodium",
+    "cognitive": "Donepezil|Memantine|Quetiapine Fumarate|Haloperidol|OLANZapine|Trazodone|Citalopram Hydrobromide|"
+                 "Mirtazapine",
+    "frailty": "Docusate Sodium|Senna|Bisacodyl|Multivitamins|Calcium Carbonate|Vitamin D|Miconazole Powder 2%|"
+               "Polyethylene Glycol|Enoxaparin Sodium|Heparin",
+    "social": "Nicotine Patch|Thiamine|FoLIC Acid|Methadone|Naloxone|Lorazepam|Chlordiazepoxide HCl",
+    "acuity": "Vancomycin|Piperacillin-Tazobactam|CefePIME|Meropenem|Pantoprazole Sodium|Ondansetron|"
+              "Morphine Sulfate|HYDROmorphone (Dilaudid)",
+    "resp": "Propofol|Fentanyl Citrate|Midazolam|Chlorhexidine Gluconate 0.12% Oral Rinse|Levofloxacin|"
+            "Acetylcysteine 20%",
+    "circ": "Norepinephrine|Vasopressin|Phenylephrine HCl|Albumin 25% (12.5g / 50mL)|Hydrocortisone Na Succ.|LR",
+    "sev": "Potassium Chloride|Magnesium Sulfate|Calcium Gluconate|Potassium Phosphate|Dextrose 50%|Famotidine",
+    "background": "D5W|0.9% Sodium Chloride|NS|Acetaminophen|SW|5% Dextrose|Iso-Osmotic Dextrose|Simethicone|"
+                  "Sodium Chloride 0.9%  Flush|Influenza Virus Vaccine|Zolpidem Tartrate|DiphenhydrAMINE|Gabapentin",
+}
+_PHRASES = {  # latent -> discharge-summary phrases; social ones go to Social History, the others to the course
+    "cardiac": "Orthopnea|Pitting edema|Elevated JVP|Reduced ejection fraction|Troponin leak|Atrial fibrillation|"
+               "Cardiology consulted|Diuresed|Coronary artery disease",
+    "pulmonary": "Wheezing|Productive cough|Home oxygen|Prolonged expiration|40 pack-years|Hyperinflated lungs|"
+                 "Nebulizers|Pulmonology consulted",
+    "renal": "Creatinine above baseline|Renally dosed|Poorly controlled diabetes|Insulin sliding scale|"
+             "Renal consulted|Fluid restriction|Hemodialysis|Diabetic neuropathy",
+    "cognitive": "Pleasantly confused|Oriented to self|Baseline dementia|Sundowning|Sitter|Geriatrics consulted|"
+                 "Unreliable historian|Poor memory",
+    "frailty": "Deconditioned|Rehab recommended|Sacral decubitus|Poor oral intake|Falls at home|Walker|"
+               "Nutrition consulted|Cachectic",
+    "social": "Lives alone|Missed appointments|Noncompliant with medications|Alcohol use|Intravenous drug use|"
+              "Little support|Unstable housing|Social work consulted",
+    "acuity": "Emergency department|Febrile|Blood cultures|Broad spectrum antibiotics|Infectious disease consulted|"
+              "Transfused",
+    "resp": "Increasing oxygen requirement|Hypoxemic|Tachypneic|Bilateral infiltrates|BiPAP|Respiratory therapy",
+    "circ": "Hypotensive|Fluid boluses|Elevated lactate|Central line|Mottled|Arterial line",
+    "sev": "Critically ill|Goals of care|Acute kidney injury|Encephalopathic|Coagulopathic|Prolonged ICU course|"
+           "Palliative care",
+    "background": "Tolerating diet|Pain controlled|Ambulating|Stable|No events overnight|Labs unremarkable|Examined",
+}
+
+# Hourly ICU variables: table, MetaVision itemid, CareVue itemid (0: none), every n-th round, kind, mean, sd, clip
+# range, decimals, then weights: 'latent+w' moves the level (sd units; the category of text items; an input's amount),
+# '@latent+w' the logit of being charted at a round (default 2), '!latent+w' the logit of being used in a stay at all
+# ('one' is 1). An input or procedure row lasts until its next round. The label items are apart (_write_chunk).
+_HOURLY = """
+chart    220045 211   1  num   86   12   30   200  0  circ+.35 sev+.3 resp+.25 cardiac+.15 @sev+.4
+chart    220179 455   1  num   121  16   55   230  0  circ-.4 sev-.2 cardiac+.15 @circ+.4
+chart    220180 8441  1  num   64   10   25   130  0  circ-.35 sev-.15
+chart    220181 456   1  num   82   11   35   160  0  circ-.4 sev-.2
+chart    220210 618   1  num   18   4    5    50   0  resp+.4 sev+.2 pulmonary+.15 @resp+.4
+chart    220277 646   1  num   97   2    70   100  0  resp-.4 pulmonary-.2 circ-.1
+chart    223761 678   4  num   98.6 .8   93   106  1  sev+.35 resp+.25 acuity+.15 @sev+.5
+chart    223835 0     4  num   35   8    21   100  0  resp+.45 pulmonary+.2 @resp+.6 !one-.5 !resp+.8
+chart    220052 0     1  num   80   11   35   160  0  circ-.45 sev-.2 !one-.4 !circ+.7 !sev+.4
+chart    225664 807   4  num   140  35   40   450  0  renal+.35 sev+.25 @renal+.6
+chart    220339 0     1  vent  8    2    5    20   0
+chart    220739 0     4  score 0    0    0    0    0  sev-.5 cognitive-.3
+chart    223900 0     4  score 0    0    0    0    0  sev-.5 cognitive-.45
+chart    223901 0     4  score 0    0    0    0    0  sev-.5 frailty-.2
+chart    228096 0     4  score 0    0    0    0    0  sev-.45 resp-.2
+chart    224641 0     4  score 0    0    0    0    0
+chart    226732 0     2  text  0    0    0    0    0  resp+.45 pulmonary+.3 @resp+.3
+chart    220048 0     4  text  0    0    0    0    0  circ+.4 cardiac+.5
+chart    227969 0     12 text  0    0    0    0    0  cognitive+.5 frailty+.3
+lab      50813  0     6  log   1.6  .35  .3   20   1  circ+.5 sev+.35 resp+.15 @circ+.6
+lab      50912  0     12 log   1.0  .3   .2   15   1  renal+.6 sev+.25
+lab      51301  0     12 log   9    .3   .5   60   1  sev+.45 acuity+.2 resp+.2
+lab      51222  0     12 num   11   1.5  5    18   1  frailty-.35 sev-.3 renal-.2
+lab      50971  0     12 num   4.2  .5   2.2  7.5  1  renal+.4
+lab      50931  0     12 num   125  30   40   500  0  renal+.35 sev+.25
+lab      51006  0     12 log   18   .35  3    150  0  renal+.55 sev+.3 cardiac+.15
+lab      50882  0     12 num   24   3    8    45   0  circ-.4 renal-.35 pulmonary+.3
+lab      50821  0     6  num   90   25   40   400  0  resp-.4 @resp+.8 !one-1 !resp+.8
+lab      50818  0     6  num   42   7    20   100  0  resp+.35 pulmonary+.4 !one-1 !resp+.8
+lab      50820  0     6  num   7.38 .05  6.9  7.6  2  resp-.3 circ-.3 !one-1 !resp+.8
+lab      51003  0     12 log   .05  .8   .01  10   2  cardiac+.5 circ+.3 !one-.5 !cardiac+.6
+lab      50963  0     24 log   800  .9   20   35000 0 cardiac+.6 !one-1 !cardiac+.8
+lab      50862  0     24 num   3.3  .5   1.2  5.2  1  frailty-.4 sev-.3
+output   226559 40055 2  log   110  .4   0    1500 0  circ-.35 sev-.3 renal-.3 @sev+.3
+datetime 225754 0     12 none  0    0    0    0    0  !one+.4 !frailty+.3
+input    225158 0     4  log   80   .4   5    500  1  circ+.3 !one+1.5 !sev+.3
+input    220949 0     4  log   100  .2   10   500  0  @one-1 !one-1.2 !renal+.5
+input    225152 0     4  log   1200 .3   100  3000 0  !one-1 !cardiac+.6
+input    223258 0     2  log   3    .5   .5   30   1  renal+.3 !one-1.5 !renal+.7 !sev+.3
+input    221794 0     12 log   40   .3   10   200  0  @one-1 !one-1.8 !cardiac+.7 !circ+.3
+input    222168 0     2  log   50   .5   5    300  0  !one-2 !resp+.8 !sev+.3
+input    225166 0     12 log   20   .2   10   40   0  @one-1 !one-1 !sev+.4
+procedure 225752 0    24 none  0    0    0    0    0  !one-.4 !circ+.7 !sev+.4
+procedure 224263 0    24 none  0    0    0    0    0  !one-1 !circ+.6 !sev+.5
+procedure 225802 0    24 none  0    0    0    0    0  !one-3 !renal+1.2 !sev+.5
+"""
+_TEXT = {  # text item -> (score of the first category, or None: no valuenum; "category:baseline share|...")
+    223900: (1, "No Response:.05|Incomprehensible sounds:.05|Inappropriate Words:.1|Confused:.2|Oriented:.6"),
+    223901: (1, "No response:.02|Abnormal extension:.02|Abnormal Flexion:.03|Flex-withdraws:.08|Localizes Pain:.15|"
+                "Obeys Commands:.7"),
+    228096: (-5, "-5 Unarousable:.02|-4 Deep sedation:.03|-3 Moderate sedation:.05|-2 Light sedation:.1|-1 Drowsy:.15|"
+                 " 0  Alert and calm:.55|+1 Anxious, apprehensive, but not aggressive:.07|+2 Agitated:.03"),
+    224641: (0, "0:.03|1:.97"), 220739: (1, "No Response:.03|To Pain:.07|To Speech:.2|Spontaneously:.7"),
+    226732: (None, "None:.35|Nasal cannula:.4|Face tent:.1|High flow nasal cannula:.1|Non-rebreather:.05"),
+    220048: (None, "SR (Sinus Rhythm):.7|ST (Sinus Tachycardia):.15|AF (Atrial Fibrillation):.15"),
+    227969: (None, "Bed locked in low position:.3|Call light within reach:.3|Bed alarm activated:.15|Quiet, calm "
+                   "space:.15|Clear, firm limit setting:.1"),
+}
+_PRESSORS, _PRESSOR_P = np.array([221906, 221749, 222315, 221662, 221289]), (.6, .2, .08, .07, .05)
+_CATEGORIES = {  # static column -> (shares, labels as MIMIC-III writes them, in every layout), drawn at random
+    "race": ((.7, .09, .05, .03, .05, .08), "WHITE|BLACK/AFRICAN AMERICAN|HISPANIC/LATINO - PUERTO RICAN|ASIAN|OTHER|"
+                                            "UNKNOWN/NOT SPECIFIED"),
+    "religion": ((.45, .15, .14, .1, .08, .08), "CATHOLIC|NOT SPECIFIED|UNOBTAINABLE|PROTESTANT QUAKER|JEWISH|OTHER"),
+    "language": ((.55, .3, .1, .05), "ENGL||SPAN|RUSS")}
+_HOUR, _DAY, _YEAR = 3600, 86400, 365.2425 * 86400
+_CHUNK, _STAY_BATCH, _GZIP_LEVEL = 1000, 400, 1   # patients per chunk; stays per chart batch; level 1 is 4x faster
 _FIRST_IDS = {"mimic3": (10001, 100001, 200001), "mimic4": (10000001, 20000001, 30000001),
               "trinetx": (1000001, 5000001, 0)}
 _YEARS = {"mimic3": (2100, 2180), "mimic4": (2110, 2185), "trinetx": (2003, 2012)}  # first admissions
@@ -73,1476 +237,540 @@ def _ramp(hours):
     return 0.35 + 0.65 * np.clip(hours / 48, 0, 1.5)
 
 
-def _on(hours, start, end=None):
-    """Whether an episode [start, end] (hours, NaN = none) is running at `hours`."""
-    running = hours >= start
-    return running if end is None else running & (hours <= end)
+def _logit(name: str, lat: dict) -> np.ndarray:
+    """The logit of outcome `name` (_OUTCOMES) for rows whose latents are the arrays of `lat`."""
+    intercept, weights = _OUTCOMES[name]
+    return intercept + sum(w * lat[k] for k, w in weights.items())
 
 
-def _gather(values, idx):
-    """values[idx] as floats, NaN where idx is -1 (no such stay)."""
-    out = np.full(len(idx), np.nan)
-    out[idx >= 0] = values[idx[idx >= 0]]
+def _spec(text: str) -> dict:
+    """_HOURLY as {column: array}, plus its weights as "w" (rows, 3, latents and 'one'): 'latent+w' terms in row 0,
+    '@latent+w' in row 1, '!latent+w' in row 2."""
+    names, rows = "table item cv every kind mean sd lo hi dec".split(), [x.split() for x in text.strip().split("\n")]
+    out = {c: np.array([r[i] for r in rows], object if c in ("table", "kind") else float) for i, c in enumerate(names)}
+    out["w"] = np.zeros((len(rows), 3, len(_ALL) + 1))
+    for i, r in enumerate(rows):
+        for kind, name, w in re.findall(r"([@!]?)([a-z]+)([+-][\d.]+)", " ".join(r[len(names):])):
+            out["w"][i, " @!".index(kind or " "), (_ALL + ("one",)).index(name)] += float(w)
     return out
 
 
-def _quote(s: str) -> str:
-    """One CSV field as csv.writer writes it: quoted, quotes doubled, when it holds , " or a line break."""
-    return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\n\r') else s
+_VARS = _spec(_HOURLY)
 
 
+def _items(pools: dict, seed: int, top: float, bottom: float, scale: float = 1.0):
+    """Emission table of per-latent pools: (names, base logits from `top` down to `bottom` along each pool,
+    loadings (items, len(_ALL)), pools). An item loads `scale` x 0.5-0.9 (plus up to 1.2, the rarer the more) on
+    its pool's latent, and a third of the items 0.15-0.35 on a second one."""
+    rng, rows = np.random.default_rng(seed), []
+    for latent, text in pools.items():
+        items = text.split("|") if "|" in text else text.split()
+        for rank, name in enumerate(items):
+            w = np.zeros(len(_ALL))
+            if latent != "background":
+                w[_ALL.index(latent)] = scale * (rng.uniform(0.5, 0.9) + 1.2 * rank / len(items))
+                w[rng.integers(len(_ALL))] += rng.uniform(0.15, 0.35) * (rng.random() < 1 / 3)
+            rows.append((name, top + (bottom - top) * (rank / max(len(items) - 1, 1)) ** 0.7, w, latent))
+    return tuple(np.array(c, dtype=object if i in (0, 3) else float) for i, c in enumerate(zip(*rows)))
+
+
+_CODE_TABLE = _items(_CODES, 1, -2.0, -5.6)
+_DRUG_TABLE = _items(_DRUGS, 2, -0.6, -3.6)
+_PHRASE_TABLE = _items(_PHRASES, 3, -1.0, -2.6, 0.7)
+
+
+def _emit(rng, table, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Items present per row (Bernoulli, logit = base + lat @ loadings): (row, item) pairs, rows in order."""
+    rows, items = np.nonzero(rng.random((len(lat), len(table[1]))) < _sigmoid(table[1] + lat @ table[2].T))
+    order = np.lexsort((rng.random(len(rows)), rows))
+    return rows[order], items[order]
+
+
+# ------------------------------------------------------------------------------------------------- cohort
+def _stays(rng, adm: dict) -> dict:
+    """ICU stays of the admissions: latents, length of stay (hours), and the first ventilation (arf) and vasopressor
+    (shock) episodes: starting before 48 h with _OUTCOMES[kind + "_early"], else after 48 h (before outtime) in
+    stays of >= 48 h with _OUTCOMES[kind]; NaN for none."""
+    a = np.repeat(np.arange(len(adm["pat"])), adm["n_stays"])
+    n = len(a)
+    st = {k: adm[k][a] for k in ADMISSION_LATENTS}
+    for k, w in _STAY_FROM.items():
+        st[k] = sum(v * st[j] for j, v in w.items()) + _STAY_NOISE * rng.standard_normal(n)
+    st.update(adm=a, pat=adm["pat"][a], j=group_rank(adm["n_stays"]), mv=adm["mv"][a])
+    los = st["los"] = np.clip(np.exp(np.log(58) + 0.8 * rng.standard_normal(n) + 0.15 * st["sev"]), 6, 960)
+    for kind, median in (("arf", 40), ("shock", 20)):
+        early = rng.random(n) < _sigmoid(_logit(kind + "_early", st))
+        late = ~early & (los >= 48.2) & (rng.random(n) < _sigmoid(_logit(kind, st)))
+        on = np.full(n, np.nan)
+        on[early] = rng.uniform(0.2, 0.95, early.sum()) * np.minimum(los[early], 47.5)
+        on[late] = 48.05 + rng.uniform(0.02, 0.85, late.sum()) * (los[late] - 48.1)
+        st[kind + "_on"] = on
+        st[kind + "_off"] = np.maximum(np.minimum(on + rng.lognormal(np.log(median), 0.8, n), los - 0.02), on + 0.02)
+    st["niv"], st["pressor"] = rng.random(n) < 0.2, rng.choice(5, n, p=_PRESSOR_P)
+    st["weight"] = np.clip(rng.normal(80, 16, n), 40, 180)
+    return st
+
+
+def _cohort(rng, n: int, ids: dict, layout: str) -> tuple[dict, dict, dict]:
+    """Patients, admissions and ICU stays of one chunk: latents, outcomes, times and ids (continuing `ids`)."""
+    u = rng.random(n)
+    age = np.clip(rng.normal(64, 15, n), 20, 88.9)
+    age = np.where(u < 0.02, rng.uniform(1, 17.9, n), age)                    # ~2% minors
+    age = np.where((u >= 0.02) & (u < 0.05), rng.uniform(90, 99, n), age)    # MIMIC-III shifts these to ~300
+    a = np.array(_AGE_LOADING)
+    z = rng.standard_normal((n, len(a))) * np.sqrt(1 - a ** 2) + ((np.clip(age, 18, 95) - 64) / 15)[:, None] * a
+    pat = dict(zip(PATIENT_LATENTS, z.T), age=age, male=rng.random(n) < 0.56,
+               **{c: rng.choice(len(p), n, p=np.array(p) / sum(p)) for c, (p, _) in _CATEGORIES.items()})
+    more = 0.6 * (layout == "trinetx")              # a TriNetX-style network records more encounters per patient
+    pat["n_base"] = 1 + np.minimum(rng.poisson(np.exp(_logit("admissions", pat) + more)), 11)
+    for task in _TASKS:
+        pat[task] = rng.random(n) < _sigmoid(_logit(task, pat))
+    # a case is diagnosed at its last planned admission (so its history is as long as a control's) and comes back
+    pat["n_plan"] = pat["n_base"] + rng.poisson(0.8, n) * np.any([pat[t] for t in _TASKS], axis=0)
+    p = np.repeat(np.arange(n), pat["n_plan"])
+    adm = {k: pat[k][p] + _DRIFT * rng.standard_normal(len(p)) for k in PATIENT_LATENTS}
+    adm.update(pat=p, k=group_rank(pat["n_plan"]), acuity=0.3 * pat["frailty"][p] + 0.95 * rng.standard_normal(len(p)))
+    adm["icu"] = rng.random(len(p)) < _sigmoid(_logit("icu", adm))
+    adm["n_stays"] = adm["icu"] * (1 + (rng.random(len(p)) < 0.1))
+    adm["mv"] = (rng.random(len(p)) < 0.85) | (layout == "mimic4")      # MIMIC-III: ~15% CareVue admissions
+    st = _stays(rng, adm)
+    last = st["j"] == adm["n_stays"][st["adm"]] - 1                       # death follows the last ICU stay
+    logit = _logit("death_ward", adm)
+    logit[st["adm"][last]] = _logit("death", {k: v[last] for k, v in st.items()})
+    adm["died"] = rng.random(len(p)) < _sigmoid(logit)
+    first_death = np.full(n, 99)
+    np.minimum.at(first_death, p, np.where(adm["died"], adm["k"], 99))
+    keep = adm["k"] <= first_death[p]                                     # a death ends the admissions
+    adm, st = {k: v[keep] for k, v in adm.items()}, {k: v[keep[st["adm"]]] for k, v in st.items()}
+    st["adm"] = (np.cumsum(keep) - 1)[st["adm"]]
+    pat["n_adm"] = np.bincount(adm["pat"], minlength=n)
+    for k, w in _STAY_FROM.items():                # an admission sees its stays' mean, else their expected value
+        mean = np.bincount(st["adm"], st[k], len(adm["pat"])) / np.maximum(adm["n_stays"], 1)
+        adm[k] = np.where(adm["n_stays"] > 0, mean, sum(v * adm[j] for j, v in w.items()))
+    _timeline(rng, pat, adm, st, layout)
+    for key, table, count in (("subject", pat, n), ("hadm", adm, len(adm["pat"])), ("stay", st, len(st["adm"]))):
+        table["id"] = ids[key] + np.arange(count)
+        ids[key] += count
+    adm["subject_id"] = pat["id"][adm["pat"]]
+    st["subject_id"], st["hadm_id"] = pat["id"][st["pat"]], adm["id"][st["adm"]]
+    return pat, adm, st
+
+
+def _timeline(rng, pat: dict, adm: dict, st: dict, layout: str) -> None:
+    """Epoch seconds: stays inside their admission, admissions spread over years; the gap to the next admission is
+    under 30 days with the probability of _OUTCOMES["readmission"]. Then adm[task]: admissions since a case's first
+    diagnosis (negative before it, and for non-cases), its last planned admission >= 182 days after its first
+    discharge (or its last planned one); and the ICD-10-only admissions (never a first diagnosis)."""
+    n, p, a = len(adm["pat"]), adm["pat"], st["adm"]
+    pre, between = np.clip(rng.lognormal(np.log(8), 0.8, n), 0.5, 72) * _HOUR, rng.uniform(24, 96, n) * _HOUR
+    los = np.round(st["los"] * _HOUR)
+    offset = pre[a] + np.where(st["j"] == 1, np.roll(los, 1) + between[a], 0)   # stays ordered by admission, j
+    end_icu, last_in = np.zeros(n), np.zeros(n)
+    last = st["j"] == adm["n_stays"][a] - 1
+    end_icu[a[last]], last_in[a[last]] = offset[last] + los[last], offset[last]
+    post = np.clip(rng.lognormal(np.log(60), 0.8, n), 4, 720) * _HOUR
+    length = np.where(adm["icu"], end_icu + post, np.clip(rng.lognormal(np.log(96), 0.7, n), 8, 1000) * _HOUR)
+    # deaths at least 72 h after the last intime, so even the death *date* is after intime + 48 h
+    dying = np.maximum(end_icu + rng.uniform(0.05, 2, n) * _HOUR, last_in + rng.uniform(72.1, 84, n) * _HOUR)
+    length = np.where(adm["died"] & adm["icu"], dying, length)
+    soon = rng.random(n) < _sigmoid(_logit("readmission", adm))
+    gap = np.where(soon, rng.uniform(0.5, 29.5, n), 31 + np.minimum(rng.exponential(500, n), 1800)) * _DAY
+    y0, y1 = (np.datetime64(f"{y}-01-01", "s").astype(np.int64) for y in _YEARS[layout])
+    first = rng.uniform(y0, y1, len(pat["age"]))
+    before = np.cumsum(length + gap) - (length + gap)
+    starts = np.cumsum(pat["n_adm"]) - pat["n_adm"]
+    admit = (first[p] + before - np.repeat(before[starts], pat["n_adm"])) // 60 * 60
+    adm["admit"], adm["disch"] = admit.astype(np.int64), (-(-(admit + length) // 60) * 60).astype(np.int64)
+    st["intime"] = (admit[a] + offset + rng.integers(0, 60, len(a))).astype(np.int64)
+    st["outtime"] = st["intime"] + los.astype(np.int64)
+    pat["first"] = first.astype(np.int64)
+    eligible = adm["admit"] >= adm["disch"][starts][p] + 182 * _DAY
+    adm["first_dx"] = np.zeros(n, bool)
+    for task in _TASKS:
+        base = adm["k"] < pat["n_base"][p]
+        pick = np.lexsort((adm["k"] + 100 * base + 1000 * (base & eligible), p))[np.cumsum(pat["n_adm"]) - 1]
+        adm[task] = adm["k"] - np.where(pat[task], adm["k"][pick], 99)[p]
+        adm["first_dx"] |= adm[task] == 0
+    adm["icd10"] = (rng.random(n) < 0.15 * (layout != "mimic3")) & ~adm["first_dx"]
+
+
+def _notes(rng, pat: dict, adm: dict, drug_rows, drugs, layout: str) -> list[str]:
+    """One discharge summary per admission: phrases its latents emit among neutral ones, and its drugs."""
+    rows, idx = _emit(rng, _PHRASE_TABLE, np.column_stack([adm[k] for k in _ALL]))
+    course, home, meds = ([[] for _ in adm["pat"]] for _ in range(3))
+    for r, i in zip(rows.tolist(), idx.tolist()):
+        (home if _PHRASE_TABLE[3][i] == "social" else course)[r].append(_PHRASE_TABLE[0][i])
+    for r, d in zip(drug_rows.tolist(), drugs.tolist()):
+        meds[r].append(f"{len(meds[r]) + 1}. {_DRUG_TABLE[0][d]}")
+    age = (pat["age"][adm["pat"]] + (adm["admit"] - pat["first"][adm["pat"]]) / _YEAR).astype(int)
+    mark = [[f"[**{int(y)}-{int(m)}-{int(d)}**]" if layout == "mimic3" else "___" for y, m, d in
+             (x.split("-") for x in _ts(adm[t], "date"))] for t in ("admit", "disch")]
+    male, died = pat["male"][adm["pat"]].astype(int), adm["died"].astype(int)
+    return [f"Admission Date:  {mark[0][i]}              Discharge Date:   {mark[1][i]}\n\nSex:   {'FM'[male[i]]}\n\n"
+            f"Service: MEDICINE\n\nHistory of Present Illness:\n{min(age[i], 91)} y/o {('woman', 'man')[male[i]]} "
+            f"admitted for evaluation.\n\nBrief Hospital Course:\n{'. '.join(course[i]) or 'Uneventful'}."
+            f"\n\nSocial History:\n{'. '.join(home[i]) or 'Lives with family'}.\n\nDischarge Medications:"
+            f"\n{chr(10).join(meds[i][:8]) or 'None.'}\n\nDischarge Disposition:\n{('Home', 'Expired')[died[i]]}"
+            f"\n\nFollowup Instructions:\nFollow up with your PCP within 1 week. Please call if you have \"chest pain, "
+            f"shortness of breath\" or fever.\n" for i in range(len(adm["pat"]))]
+
+
+# ---------------------------------------------------------------------------------------------- ICU events
+def _lat(table: dict) -> np.ndarray:
+    """Rows' latents in _ALL order plus a column of ones (the 'one' of the weight tables)."""
+    return np.column_stack([table[k] for k in _ALL] + [np.ones(len(table[_ALL[0]]))])
+
+
+def _schedule(rng, st: dict, table: str):
+    """Which variables of `table` are measured when: rounds are on the clock hour, hourly for 72 h and then every
+    4 h; a variable is charted at every n-th round, with a probability, in the stays that use it (CareVue stays:
+    labs and variables with a CareVue itemid); PEEP ('vent') while on invasive ventilation. Returns (stay,
+    variable, round time, hours since intime), ordered by stay."""
+    first = (st["intime"] // _HOUR + 1) * _HOUR
+    count = np.maximum(0, -(-(st["outtime"] - first) // _HOUR))
+    s, k = np.repeat(np.arange(len(first)), count), group_rank(count)
+    t = first[s] + k * _HOUR
+    h, lat, picks = (t - st["intime"][s]) / _HOUR, _lat(st), []
+    rounds, mine = (h < 72) | (k % 4 == 0), np.flatnonzero(_VARS["table"] == table)
+    for v in mine:
+        w = _VARS["w"][v]
+        if _VARS["kind"][v] == "vent":
+            m = rounds & st["mv"][s] & ~st["niv"][s] & (h >= st["arf_on"][s]) & (h <= st["arf_off"][s])
+        else:
+            use = (st["mv"] | (_VARS["cv"][v] > 0) | (table == "lab")) & \
+                (rng.random(len(lat)) < (_sigmoid(lat @ w[2]) if w[2].any() else 1))
+            p = _sigmoid(2 + w[1, -1] + _ramp(h) * (lat[:, :-1] @ w[1, :-1])[s])
+            m = rounds & (k % int(_VARS["every"][v]) == 0) & use[s] & (rng.random(len(s)) < p)
+        picks.append(np.flatnonzero(m))
+    g, var = np.concatenate(picks), np.repeat(mine, [len(m) for m in picks])
+    order = np.argsort(s[g], kind="stable")
+    return s[g][order], var[order], t[g][order], h[g][order]
+
+
+def _values(rng, v: int, lat, ramp, offset) -> tuple[np.ndarray, np.ndarray]:
+    """value and valuenum text of variable v for rows with latents `lat`: numbers around the variable's mean plus
+    a per-stay offset, categories of text items by an ordered logit; the latent part scales with `ramp`."""
+    shift, kind, n = ramp * (lat @ _VARS["w"][v, 0]), _VARS["kind"][v], len(ramp)
+    if kind in ("num", "log", "vent"):
+        z = _OFFSET * offset + shift + 0.6 * rng.standard_normal(n)
+        mean, sd = _VARS["mean"][v], _VARS["sd"][v]
+        text = _num(np.clip(mean * np.exp(sd * z) if kind == "log" else mean + sd * z, _VARS["lo"][v],
+                            _VARS["hi"][v]), int(_VARS["dec"][v]))
+        return text, text
+    if kind == "none":
+        return np.full(n, "", dtype=object), np.full(n, "", dtype=object)
+    first, cats = _TEXT[int(_VARS["item"][v])]
+    names, shares = zip(*(c.rsplit(":", 1) for c in cats.split("|")))
+    cum = np.cumsum(np.array(shares[:-1], dtype=float))
+    c = np.searchsorted(np.log(cum / (1 - cum)), shift + 2 * _OFFSET * offset + rng.logistic(size=n))
+    return _vocab(names)[c], (_num(c + first) if first is not None else np.full(n, "", dtype=object))
+
+
+def _measure(rng, st: dict, offsets, s, v, t, h, scale: float = 1.0):
+    """(stay, variable, itemid, time, value, valuenum) of scheduled measurements, 70% on the hour; `scale` repeats
+    rows (the extra ones at random minutes of the same hour) or drops them."""
+    reps = np.ones(len(s), np.int64) if scale >= 1 else (rng.random(len(s)) < scale).astype(np.int64)
+    if scale > 1:
+        reps += int(scale - 1) + (rng.random(len(s)) < (scale - 1) % 1)
+    extra = group_rank(reps) > 0
+    s, v, t, h = (np.repeat(x, reps) for x in (s, v, t, h))
+    room = np.minimum(3540, st["outtime"][s] - t - 1)                 # seconds left in the hour and the stay
+    minute = np.where(~extra & (rng.random(len(s)) < 0.7), 0, rng.random(len(s)) * room) // 60 * 60
+    value, num, lat = np.empty(len(s), object), np.empty(len(s), object), _lat(st)
+    for i in np.unique(v):
+        m = v == i
+        value[m], num[m] = _values(rng, i, lat[s[m]], _ramp(h[m]), offsets[s[m], i])
+    item = np.where(st["mv"][s] | (_VARS["cv"][v] == 0), _VARS["item"][v], _VARS["cv"][v]).astype(np.int64)
+    return s, v, item, t + minute.astype(np.int64), value, num
+
+
+# ----------------------------------------------------------------------------------------- formatting
 def _vocab(words) -> np.ndarray:
-    """CSV-ready strings (quoted once here, not per row) as an object array for fancy indexing."""
-    return np.array([_quote(w) for w in words], dtype=object)
-
-
-# ------------------------------------------------------------------------------------------ vocabularies
-# Background ICD-9 codes: the 300 most frequent of the MIMIC-III demo after removing the planted ones
-# below, in frequency order (sampling weights fall with rank).
-_ICD9_BACKGROUND = tuple("""
-2724 5990 2449 2760 2761 5070 311 2762 53081 70703 3572 4439 25060 99591 4240 2875 2851 5119 41071 2948
-1977 V4581 V440 V5867 0414 1970 40391 V103 2930 00845 41400 32723 V1251 2768 4241 2749 570 5845 1985 7907
-V1582 V4582 2800 5789 5180 28529 78551 3970 2765 2767 2720 73300 42789 45829 5185 5712 70722 78959 20280 5722
-79092 5856 53390 2763 45981 4271 1983 V153 3320 1628 1976 28521 70720 99662 7850 V090 E8859 5770 78559 431
-51919 E8889 412 2554 E8781 9971 4160 6826 V1042 78039 5715 452 45620 5723 1510 4275 2639 E9331 261 V1201
-27651 2273 42781 3481 5750 V667 70705 4168 56400 5121 41519 3659 V0254 V1302 1961 70724 V8741 78820 27801 45340
-03849 4239 E8798 43853 70723 V442 V4501 79902 72400 5672 2874 56211 E9342 99812 E8788 V1259 5781 2848 5711 3569
-0380 5761 4538 51882 99659 43811 43310 29410 725 5939 28522 0383 2867 07070 5724 7895 1962 319 3962 1972
-27652 5780 53019 4370 V441 490 56210 7806 E8120 E8495 28959 42741 20300 1120 2766 51884 03811 99811 99682 1122
-78009 30000 48241 20020 2530 56409 2753 V1204 E9308 48242 2764 1629 99731 5601 34590 25002 2841 29562 V433 V4611
-V1254 59970 3441 43810 48283 53649 43819 03812 99664 78720 43889 E8796 41041 4588 53789 34290 5853 60000 V8801 04112
-4589 V1083 4254 V1272 36250 1508 V420 V1003 03819 E8791 07030 07054 30401 4582 81201 8028 8024 41511 7299 4010
-4266 5691 99673 57451 7211 V1588 2380 V4502 V1046 81249 24220 6000 99667 71105 99677 7837 E8498 04102 2809 44422
-56969 4471 41072 1179 V446 48282 80125 8602 E8348 1978 9992 7140 86404 8504 9584 E8232 86389 73689 34591 78001
-""".split())
-# Background ICD-10-CM codes for the admissions coded in ICD-10 only (MIMIC-IV; TriNetX); none is an
-# equivalent of a task group or a planted code.
-_ICD10_BACKGROUND = tuple("""
-E785 E039 K219 F329 E871 N390 E1122 Z794 G4733 Z87891 E1165 K5900 M109 Z86718 E872 N183 D62 E876 F419 G8929
-K922 R0902 Z66 Z515 I959 J690 E43 L89154 Z993 E1140 Z7902 I252 Z955 Z8673 Z79899 E669 Z6841 G4700 K7030 K766
-B182 C3490 C189 C61 Z853 I739 I639 I615 S065X0A S72001A W1830XA Y92009 T814XXA K5730 K8590 K831 K800 N400 D696
-D689 R531 M810 M4806 G9341 G936 E860 E8809 E8342 E833 D509 D500 E559 E538 H409 H269 I2720 I340 I350 I951 J9811
-J90 K5660 K529 K921 L03115 M6281 N2581 R001 R079 R109 R262 R296 R339 R509 R7881 T380X5A Y929 Z1611 Z21 Z23
-""".split())
-# Patient-level task groups (data.py's definitions); the first code of each is the usual first diagnosis.
-_TASK_CODES = {"hf": ("4280", "4281", "42822", "42832", "40491"), "copd": ("496", "49121", "4928"),
-               "amn": ("78093", "2940", "2911", "29283")}
-_TASK_LATENT = {"hf": "cardiac", "copd": "pulm", "amn": "cog"}
-# ICD-10 equivalents of every planted code, for admissions coded in ICD-10 only.
-_ICD10_OF = {"4280": "I509", "4281": "I501", "42822": "I5022", "42832": "I5032", "40491": "I130",
-             "496": "J449", "49121": "J441", "4928": "J439", "78093": "R413", "2940": "F04", "2911": "F1096",
-             "29283": "F19921", "4019": "I10", "41401": "I2510", "42731": "I4891", "25000": "E119",
-             "3051": "F17210", "49390": "J45909", "486": "J189", "3310": "G309", "78097": "R4182",
-             "30390": "F1020", "78552": "R6521", "0389": "A419", "99592": "R6520", "51881": "J9600",
-             "5849": "N179", "5859": "N186", "40390": "I129", "2859": "D649", "V5861": "Z7901",
-             "V1581": "Z9114", "V603": "Z602"}
-# Plain-language names of the planted codes, for the history sections of notes.
-_CODE_WORDS = {"4280": "congestive heart failure", "4019": "hypertension", "41401": "coronary artery disease",
-               "42731": "atrial fibrillation", "25000": "type 2 diabetes mellitus", "496": "COPD",
-               "3051": "tobacco use", "49390": "asthma", "486": "recent pneumonia", "3310": "Alzheimer's disease",
-               "78097": "altered mental status", "30390": "alcohol use disorder", "78093": "memory loss",
-               "5859": "chronic kidney disease", "2859": "anemia", "V5861": "long-term anticoagulation"}
-
-# Drugs: the most frequent MIMIC-III demo prescriptions, one representative row each, in frequency order:
-# drug | drug_type | drug_name_generic | formulary_drug_cd | gsn | ndc | prod_strength | dose_val_rx |
-# dose_unit_rx | form_val_disp | form_unit_disp | route. Planted drugs are picked by name.
-_DRUG_TABLE = """
-Potassium Chloride|MAIN||KCL20PM|045309|00338070341|20mEq/50mL Premix|40|mEq|2|BAG|IV
-D5W|BASE||D5W250|001972|00338001702|250mL Bag|250|ml|250|ml|IV DRIP
-0.9% Sodium Chloride|BASE||NS1000|001210|00338004904|1000mL Bag|1000|mL|1|BAG|IV
-NS|BASE||NS500|001210|00338004903|500mL Bag|500|ml|500|ml|IV
-Furosemide|MAIN|Furosemide|FURO40I|008205|00517570425|40mg/4mL Vial|20|mg|0.5|VIAL|IV
-Insulin|MAIN|Insulin - Sliding Scale|INSULIN|001723|0|Dummy Package for Sliding Scale|0|UNIT|0|VIAL|SC
-Iso-Osmotic Dextrose|BASE||VANCOBASE||0|200ml Bag|200|mL|200|mL|IV
-5% Dextrose|BASE||D5W1000|001972|00338001704|1000mL Bag|1000|mL|1|mL|IV
-SW|BASE||SW50||0|50 mL Bag|50|mL|1|BAG|IV
-Sodium Chloride 0.9%  Flush|MAIN|Sodium Chloride 0.9%  Flush|NACLFLUSH||0|Syringe|3|mL|0.6|SYR|IV
-Morphine Sulfate|MAIN||MORP100PM|059940|00409606211|100mg/100mL Premix|100|mg|1|BTL|IV DRIP
-Magnesium Sulfate|MAIN||MAG2PM|016546|00409672924|2 g / 50 mL Premix Bag|2|gm|1|BAG|IV
-Acetaminophen|MAIN|Acetaminophen|ACET325|004489|00182844789|325mg Tablet|325-650|mg|1-2|TAB|PO
-Heparin|MAIN|Heparin Sodium|HEPA5I|006549|63323026201|5000 Units / mL- 1mL Vial|5000|UNIT|1|mL|SC
-Calcium Gluconate|MAIN|Calcium Gluconate|CALG1I|001356|00517391025|1g/10mL Vial|2|gm|2|VIAL|IV
-Metoprolol Tartrate|MAIN|Metoprolol Tartrate|METO25|050631|51079025520|25mg Tablet|25|mg|1|TAB|PO
-Vancomycin|MAIN||VANC1F|043952|00338355248|1g Frozen Bag|1000|mg|1|BAG|IV
-Lorazepam|MAIN|Lorazepam|LORA2I|003753|00409198530|2mg/mL Syringe|1|mg|0.5|mL|IV
-Bisacodyl|MAIN|Bisacodyl (Rectal)|BISA10R|002944|00574705050|10mg Suppository|10|mg|1|SUPP|PR
-Metoprolol|MAIN|Metoprolol|METO5I|019808|55390007310|5mg/5mL Vial|5|mg|1|VIAL|IV
-LR|BASE||LR1000|001187|00338011704|1000ml Bag|1000|mL|1|BAG|IV
-Senna|MAIN|Senna|SENN187|019964|00904516561|1 Tablet|1|TAB|1|TAB|PO
-Fentanyl Citrate|MAIN||FENT2.5I|041385|10019003783|2.5mg/50mL Vial|2.5|mg|50|mL|IV DRIP
-Docusate Sodium|MAIN|Docusate Sodium|DOCU100|003009|00904224461|100mg Capsule|100|mg|1|CAP|PO
-Sodium Bicarbonate|MAIN||NABC50I|001185|00409662502|50mEq Vial|150|mEq|3|VIAL|IV
-Albuterol 0.083% Neb Soln|MAIN|Albuterol 0.083% Neb Soln|ALBU3H|005039|49502069724|0.083%;3mL Vial|1|NEB|1|VIAL|IH
-Warfarin|MAIN|Warfarin|WARF5|006562|00056017275|5mg Tablet|5|mg|1|TAB|PO
-Pantoprazole Sodium|MAIN||PANT40I|047635|00008092355|40mg Vial|40|mg|1|VIAL|IV
-Pantoprazole|MAIN|Pantoprazole|PANT40|027462|00008084199|40mg Tablet|40|mg|1|TAB|PO
-Heparin Sodium|MAIN||HEPPREMIX|060301|00338055002|25,000 unit Premix Bag|25,000|UNIT|1|BAG|IV
-Ipratropium Bromide Neb|MAIN|Ipratropium Bromide Neb|IPRA2H|021700|00487980125|2.5mL Vial|1|NEB|1|VIAL|IH
-HYDROmorphone (Dilaudid)|MAIN|HYDROmorphone PCA|HYD12.5PCA|004101|00074233411|12.5mg/50mL Syringe|12.5|mg|1|SYR|IVPCA
-Lactulose|MAIN|Lactulose|LACT30L|003067|00054848616|20g/30mL Cup|30|mL|1|UDCUP|PO
-Aspirin|MAIN|Aspirin|ASA325|004376|63739002401|325mg Tablet|325|mg|1|TAB|PO
-Propofol|MAIN|Propofol|PROP100IG|016796|63323026965|1000mg/100mL Vial|1000|mg|1|VIAL|IV DRIP
-Neutra-Phos|MAIN|Neutra-Phos|NEUT|063337|60258000601|Powder Packet|2|PKT|2|PKT|PO/NG
-D5 1/2NS|BASE||D545NS1000|002006|00338008504|1000mL Bag|1000|mL|1|mL|IV
-Levofloxacin|MAIN||LEVO250PM|029925|00045006701|250mg Premix Bag|250|mg|1|BAG|IV
-Potassium Phosphate|MAIN||KPHO45I|001285|00409729501|3mM/mL-15mL|15|mmol|5|mL|IV
-Norepinephrine|MAIN||LEVO4I|028633|00703115303|4mg/4mL Amp|8|mg|2|AMP|IV DRIP
-Tacrolimus|MAIN|Tacrolimus|TACR0.5|041832|00469060773|0.5mg Capsule|0.5|mg|1|CAP|PO
-Ondansetron|MAIN|Ondansetron|ONDAN4I|061716|00781305714|2mg/mL-2mL|4|mg|1|VIAL|IV
-Gabapentin|MAIN|Gabapentin|GABA300|021414|00172438210|300mg Capsule|300|mg|1|CAP|PO/NG
-Midazolam|MAIN||MIDA50I|003780|10019002710|50mg/10mL Vial|100|mg|20|mL|IV DRIP
-Lisinopril|MAIN|Lisinopril|LISI5|000393|00172375810|5mg Tablet|5|mg|1|TAB|PO
-Prednisone|MAIN|Prednisone|PRED20|006751|00054872625|20mg Tab|40|mg|2|TAB|PO
-Multivitamins|MAIN|Multivitamins|MVI|002532|00904053061|1 Tablet|1|TAB|1|TAB|PO
-Levothyroxine Sodium|MAIN|Levothyroxine Sodium|LEVO25|006648|00074434113|25mcg Tablet|25|mcg|1|TAB|PO/NG
-Haloperidol|MAIN|Haloperidol|HALD5I|003970|55390014710|5mg/mL Vial|0.5|mg|0.1|VIAL|IV
-CefePIME|MAIN||CEFE2I|024095|60505068104|2g Vial|2|g|10|mL|IV
-Phytonadione|MAIN|Phytonadione|PHYT10I|002301|00074915801|10mg/mL Amp|10|mg|1|AMP|SC
-Pneumococcal Vac Polyvalent|MAIN|PNEUMOcoccal Vac Polyvalent|PNEU25I|048548|00006494300|25mcg/0.5mL Vial|0.5|mL|1|VIAL|IM
-Famotidine|MAIN||FAMO20PM|021732|00006353750|20mg Premix Bag|20|mg|1|BAG|IV
-Ciprofloxacin HCl|MAIN|Ciprofloxacin HCl|CIPR500|009510|00172531210|500mg Tab|500|mg|1|TAB|PO
-Amiodarone HCl|MAIN|Amiodarone HCl|AMID200|000266|51079090601|200 mg Tab|400|mg|2|TAB|PO
-Atorvastatin|MAIN|Atorvastatin|ATOR10|029967|00071015540|10mg Tablet|10|mg|1|TAB|PO
-Metronidazole|MAIN||METR500PM|009588|00074781124|500mg Premix Bag|500|mg|1|BAG|IV
-Dexamethasone|MAIN|Dexamethasone Sod Phosphate|DEXA10I|006776|00641036725|10mg/mL Vial|10|mg|1|VIAL|IV
-Fentanyl Patch|MAIN|Fentanyl Patch|FENT50P|015881|00781711255|50mcg/hr Patch|50|mcg/hr|1|PTCH|TP
-Chlorhexidine Gluconate 0.12% Oral Rinse|MAIN|Chlorhexidine Gluconate|CHLO15L|057959|54569523500|15ml Cup|15|mL|1|UDCUP|ORAL
-Acetylcysteine 20%|MAIN|Acetylcysteine 20%|ACET20/4I|000592|00517760425|800mg/4ml Vial|600|mg|0.75|VIAL|PO
-Dextrose 50%|MAIN|Dextrose 50%|DEX50SY|001989|00409490234|50mL Syringe|12.5|gm|0.5|SYR|IV
-Influenza Virus Vaccine|MAIN|Influenza Virus Vaccine|INFV|064182|58160087546|0.5mL Syringe|0.5|mL|1|SYR|IM
-Meropenem|MAIN||MERO500I|026488|00310032520|500mg Vial|500|mg|1|VIAL|IV
-Azithromycin|MAIN|Azithromycin|ZITHR250|026721|59762306003|250 mg Tab|250|mg|1|TAB|PO
-Hydralazine HCl|MAIN|Hydralazine HCl|HYDZ20I|000283|00517090125|20mg/mL Vial|10|mg|0.5|VIAL|IV
-1/2 NS|BASE||NS451000|001209|00338004304|1000mL Bag|1000|mL|1000|mL|IV
-Albumin 25% (12.5g / 50mL)|MAIN|Albumin 25% (12.5g / 50mL)|ALBU25|006329|67467064301|25%-50mL|25|g|2|VIAL|IV
-Zolpidem Tartrate|MAIN|Zolpidem Tartrate|AMBI5|019187|60505260400|5mg Tablet|5|mg|1|TAB|PO
-CeftriaXONE|MAIN||CEFX1F|059424|00338500241|1g Frozen Bag|1|gm|1|BAG|IV
-Ipratropium Bromide MDI|MAIN|Ipratropium Bromide HFA|IPRAPF|059081|00597008717|12.9g Inhaler|2|PUFF|0.01|INH|IH
-Enoxaparin Sodium|MAIN|Enoxaparin Sodium|ENOX80I|027994|00075062280|80mg Syringe|80|mg|1|SYR|SC
-Hydrocortisone Na Succ.|MAIN||HC100I|006696|00074567102|100mg/2mL Vial|50|mg|0.5|VIAL|IV
-Miconazole Powder 2%|MAIN|Miconazole Powder 2%|MICO2P|007367|00064065001|30g Bottle|1|Appl|1|BTL|TP
-Ranitidine|MAIN|Ranitidine|RANI150|011673|00904526161|150mg Tablet|150|mg|1|TAB|PO
-DiphenhydrAMINE|MAIN|DiphenhydrAMINE|DIPH25|011582|17714002001|25mg Cap|25|mg|1|CAP|PO
-Calcium Carbonate|MAIN|Calcium Carbonate (Tums)|CALC500|002689|66553000401|500mg Tablet|500|mg|1|TAB|PO
-Lansoprazole Oral Disintegrating Tab|MAIN|Lansoprazole Oral Disintegrating Tab|LANS30ST|051654|00300154430|30mg SoluTab|30|mg|1|TAB|PO
-Fluconazole|MAIN|Fluconazole|FLUC200|013724|59762501801|200mg Tab|200|mg|1|TAB|PO
-Oxycodone-Acetaminophen|MAIN|Oxycodone-Acetaminophen|PERC|004222|00406051262|5mg/325mg Tablet|1-2|TAB|1-2|TAB|PO
-Metoclopramide|MAIN|Metoclopramide|METO10I|005229|00703450204|5mg/mL-2mL Vial|10|mg|1|VIAL|IV
-Diltiazem|MAIN|Diltiazem|DILT60|000575|51079074620|60 mg Tab|60|mg|1|TAB|PO
-Albuterol Inhaler|MAIN|Albuterol Inhaler (ProAir)|PROAIR8.5H|028090|59310057920|8.5 g Inhaler|2|PUFF|0.01|INH|IH
-Morphine Sulfate IR|MAIN|Morphine Sulfate (Immediate Release)|MORP15|004091|00054023524|15mg Tab|15|mg|1|TAB|PO
-Phenylephrine HCl|MAIN||PHEN10I|005068|10019016312|10mg/1mL Vial|60|mg|6|VIAL|IV DRIP
-Baclofen|MAIN|Baclofen|BACL10|004679|00904336561|10mg Tablet|15|mg|1.5|TAB|PO/NG
-Octreotide Acetate|MAIN||OCTR0.1I|053978|55390016110|0.1 mg Amp|0.6|mg|6|mL|IV DRIP
-Aspirin EC|MAIN|Aspirin EC|ASAEC325|004381|17714001110|325mg Tab|325|mg|1|TAB|PO
-Tiotropium Bromide|MAIN|Tiotropium Bromide|TIOT|050714|00597007575|18mcg Capsule-Inhalation Device|1|CAP|1|CAP|IH
-Donepezil|MAIN|Donepezil|DONE5|029335|62856024541|5mg Tablet|10|mg|2|TAB|PO
-Thiamine|MAIN|Thiamine|THIA100|002451|00182004701|100mg Tablet|100|mg|1|TAB|PO
-Piperacillin-Tazobactam|MAIN||ZOSY4.5I|021187|00206885516|4.5 g Vial|4.5|gm|1|VIAL|IV
-Nicotine Patch|MAIN|Nicotine Patch|NICO14P|016426|37205036174|14mg/24Hr Patch|14|mg|1|PTCH|TD
-Fluticasone-Salmeterol Diskus (250/50)|MAIN|Fluticasone-Salmeterol Diskus (250/50)|ADVA250IH|043367|00173069602|250/50mcg Diskus|1|INH|0.0357|DEV|IH
-Quetiapine Fumarate|MAIN|Quetiapine Fumarate|QUET25|034187|00310027539|25mg Tablet|12.5|mg|0.5|TAB|PO
-Carvedilol|MAIN|Carvedilol|CARV3125|028108|51079077120|3.125mg Tablet|3.125|mg|1|TAB|PO
-Spironolactone|MAIN|Spironolactone|SPIR25|006817|51079010320|25mg Tablet|25|mg|1|TAB|PO
-Digoxin|MAIN|Digoxin|DIGO125|000018|00173024256|0.125MG TAB|0.0625|mg|0.5|TAB|PO
-Vasopressin|MAIN||VASO20I|006612|54569391600|20U/ML VIAL|100|UNIT|5|ml|IV DRIP
-"""
-_DRUG_FIELDS = ("drug", "drug_type", "drug_name_generic", "formulary_drug_cd", "gsn", "ndc", "prod_strength",
-                "dose_val_rx", "dose_unit_rx", "form_val_disp", "form_unit_disp", "route")
-_DRUGS = {f: _vocab(col) for f, col in
-          zip(_DRUG_FIELDS, zip(*(line.split("|") for line in _DRUG_TABLE.strip().splitlines())))}
-_DRUG_INDEX = {name.strip('"'): i for i, name in enumerate(_DRUGS["drug"])}
-
-# ICU charting. Numeric variables: MetaVision and CareVue itemid and unit, population mean, between-stay
-# and within-stay sd, clip range, decimals, and the effect of the stay latents (resp, circ, sev), which
-# grows over the first 48 h. Every 'hourly' variable is charted each round; others every 4th round.
-_VITALS = (  # name, mv item, mv unit, cv item, cv unit, mean, sd stay, sd row, lo, hi, dec, effect, hourly
-    ("hr", 220045, "bpm", 211, "BPM", 86, 9, 4, 30, 200, 0, (3, 9, 6), True),
-    ("sbp", 220179, "mmHg", 51, "mmHg", 121, 13, 7, 55, 230, 0, (0, -14, -6), True),
-    ("dbp", 220180, "mmHg", 8368, "mmHg", 64, 8, 5, 25, 130, 0, (0, -7, -3), True),
-    ("mbp", 220181, "mmHg", 52, "mmHg", 82, 9, 5, 35, 160, 0, (0, -10, -4), True),
-    ("rr", 220210, "insp/min", 618, "BPM", 18, 3, 2.5, 5, 50, 0, (4, 1, 2), True),
-    ("spo2", 220277, "%", 646, "%", 97, 1.2, 1.2, 70, 100, 0, (-2.5, -0.3, -0.6), True),
-    ("temp", 223761, "?F", 678, "Deg. F", 98.6, 0.6, 0.4, 93, 106, 1, (0, 0.3, 0.5), False),
-    ("fio2", 223835, "", 0, "", 38, 6, 4, 21, 100, 0, (9, 0, 2), False),
-    ("abpm", 220052, "mmHg", 0, "", 80, 9, 4, 35, 160, 0, (0, -10, -4), True),    # with an arterial line
-    ("peep", 220339, "cmH2O", 0, "", 6, 1.5, 1, 5, 24, 0, (2, 0, 0.5), True),      # while ventilated (ARF)
-    ("weight", 224639, "kg", 0, "", 0, 0, 0.5, 35, 250, 1, (0, 0, 0), False),      # daily, around stay weight
-)
-_V = {v[0]: i for i, v in enumerate(_VITALS)}
-_VIT = {name: np.array(col, dtype=object if name in ("name", "mv_unit", "cv_unit") else None) for name, col in
-        zip(("name", "mv", "mv_unit", "cv", "cv_unit", "mean", "sd_stay", "sd_row", "lo", "hi", "dec", "effect",
-             "hourly"), zip(*_VITALS))}
-# Text-valued MetaVision items (value text; valuenum only for the scored ones).
-_GCS = {220739: ("No Response", "To Pain", "To Speech", "Spontaneously"),
-        223900: ("No Response", "Incomprehensible sounds", "Inappropriate Words", "Confused", "Oriented"),
-        223901: ("No response", "Abnormal extension", "Abnormal Flexion", "Flex-withdraws", "Localizes Pain",
-                 "Obeys Commands")}
-_RASS = _vocab(["-5 Unarousable, no response to voice or physical stimulation",
-                "-4 Deep sedation, no response to voice, but movement or eye opening to physical stimulation",
-                "-3 Moderate sedation, movement or eye opening; No eye contact",
-                "-2 Light sedation, briefly awakens to voice (eye opening/contact) < 10 sec",
-                "-1 Awakens to voice (eye opening/contact) > 10 sec", " 0  Alert and calm",
-                "+1 Anxious, apprehensive, but not aggressive",
-                "+2 Frequent nonpurposeful movement, fights ventilator"])
-_SAFETY = _vocab(["Adequate lighting", "Bed locked in low position", "Lines and tubes concealed",
-                  "Bed alarm activated", "Call light within reach", "Quiet, calm space",
-                  "Clear, firm limit setting", "Family at bedside", "Intubated, trach secured"])
-_ORAL = _vocab(["Teeth/Tissue WNL", "Loose Teeth", "Oral Ulcers", "Bleeding Gum", "Thrush",
-                'Dentures ("partial plate")'])
-_TEXT_ITEMS = (220739, 223900, 223901, 228096, 224641, 227969, 223999)  # GCS x3, RASS, alarms, safety, oral
-
-# Labs: itemid, unit, centre, log-normal?, effect of (chronic, circ, sev), row sd, decimals, normal range
-_LABS = (
-    (50813, "mmol/L", 1.3, True, (0, 0.35, 0.2), 0.25, 1, 0.5, 2.0),       # lactate
-    (50912, "mg/dL", 1.0, True, (0.35, 0, 0.15), 0.15, 1, 0.5, 1.2),       # creatinine
-    (51301, "K/uL", 9.0, True, (0, 0.05, 0.25), 0.2, 1, 4.0, 11.0),        # white cells
-    (51222, "g/dL", 11.5, False, (-0.3, 0, -0.6), 1.1, 1, 12.0, 16.0),     # haemoglobin
-    (50983, "mEq/L", 139, False, (0, 0, -1), 3, 0, 133, 145),              # sodium
-    (50971, "mEq/L", 4.2, False, (0.2, 0.1, 0), 0.45, 1, 3.3, 5.1),        # potassium
-    (50931, "mg/dL", 125, False, (20, 0, 15), 25, 0, 70, 100),             # glucose
-    (51006, "mg/dL", 18, True, (0.4, 0, 0.2), 0.25, 0, 6, 20),             # urea nitrogen
-    (51265, "K/uL", 230, False, (0, 0, -40), 60, 0, 150, 440),             # platelets
-    (50882, "mEq/L", 24, False, (-0.5, -2.5, -0.5), 2.5, 0, 22, 32),       # bicarbonate
-)
-_LAB = {name: np.array(col, dtype=object if name == "unit" else None) for name, col in
-        zip(("item", "unit", "centre", "log", "effect", "sd", "dec", "lo", "hi"), zip(*_LABS))}
-# Inputs: itemid, amount unit, rate unit, order category, secondary category, description, bag, rate range
-_INPUTS = {
-    "nacl": (225158, "ml", "mL/hour", "02-Fluids (Crystalloids)", "", "Continuous IV", 1000, (50, 125)),
-    "bolus": (225158, "ml", "mL/hour", "03-IV Fluid Bolus", "", "Bolus", 500, (1000, 1000)),  # 500 mL, 30 min
-    "dextrose": (220949, "ml", "mL/hour", "02-Fluids (Crystalloids)", "Additive (Crystalloid)",
-                 "Continuous IV", 100, (50, 200)),
-    "propofol": (222168, "mg", "mcg/kg/min", "01-Drips", "02-Fluids (Crystalloids)", "Continuous Med", 100,
-                 (10, 50)),
-    "norepinephrine": (221906, "mg", "mcg/kg/min", "01-Drips", "02-Fluids (Crystalloids)", "Continuous Med",
-                       250, (0.03, 0.5)),
-    "phenylephrine": (221749, "mg", "mcg/kg/min", "01-Drips", "02-Fluids (Crystalloids)", "Continuous Med",
-                      250, (0.5, 3.0)),
-    "vasopressin": (222315, "units", "units/hour", "01-Drips", "02-Fluids (Crystalloids)", "Continuous Med",
-                    250, (0.8, 2.4)),
-    "dopamine": (221662, "mg", "mcg/kg/min", "01-Drips", "02-Fluids (Crystalloids)", "Continuous Med", 250,
-                 (2.0, 15.0)),
-    "epinephrine": (221289, "mg", "mcg/kg/min", "01-Drips", "02-Fluids (Crystalloids)", "Continuous Med", 250,
-                    (0.02, 0.2)),
-}
-_PRESSORS = ("norepinephrine", "phenylephrine", "vasopressin", "dopamine", "epinephrine")
-_PRESSOR_P = (0.6, 0.2, 0.08, 0.07, 0.05)
-
-# Demographic and administrative categories: one probability vector, labels per layout.
-_CATEGORIES = {
-    "race": ((0.70, 0.09, 0.05, 0.03, 0.05, 0.08), {
-        "mimic3": ("WHITE", "BLACK/AFRICAN AMERICAN", "HISPANIC/LATINO - PUERTO RICAN", "ASIAN", "OTHER",
-                   "UNKNOWN/NOT SPECIFIED"),
-        "mimic4": ("WHITE", "BLACK/AFRICAN AMERICAN", "HISPANIC/LATINO - PUERTO RICAN", "ASIAN", "OTHER",
-                   "UNKNOWN"),
-        "trinetx": ("White", "Black or African American", "White", "Asian", "Other Race", "Unknown")}),
-    "marital": ((0.45, 0.28, 0.13, 0.07, 0.07), {
-        "mimic3": ("MARRIED", "SINGLE", "WIDOWED", "DIVORCED", ""),
-        "mimic4": ("MARRIED", "SINGLE", "WIDOWED", "DIVORCED", ""),
-        "trinetx": ("Married", "Single", "Widowed", "Divorced", "Unknown")}),
-    "religion": ((0.45, 0.15, 0.14, 0.1, 0.08, 0.08), {
-        "mimic3": ("CATHOLIC", "NOT SPECIFIED", "UNOBTAINABLE", "PROTESTANT QUAKER", "JEWISH", "OTHER")}),
-    "language": ((0.55, 0.3, 0.1, 0.05), {"mimic3": ("ENGL", "", "SPAN", "RUSS"),
-                                          "mimic4": ("ENGLISH", "ENGLISH", "?", "?")}),
-    "admit_type": ((0.78, 0.16, 0.06), {"mimic3": ("EMERGENCY", "ELECTIVE", "URGENT"),
-                                        "mimic4": ("EW EMER.", "ELECTIVE", "URGENT")}),
-    "careunit": ((0.45, 0.17, 0.14, 0.12, 0.12), {
-        "mimic3": ("MICU", "SICU", "CCU", "CSRU", "TSICU"),
-        "mimic4": ("Medical Intensive Care Unit (MICU)", "Surgical Intensive Care Unit (SICU)",
-                   "Coronary Care Unit (CCU)", "Cardiac Vascular Intensive Care Unit (CVICU)",
-                   "Trauma SICU (TSICU)")}),
-}
-_ADMIT_LOCATION = {"mimic3": ("EMERGENCY ROOM ADMIT", "PHYS REFERRAL/NORMAL DELI", "TRANSFER FROM HOSP/EXTRAM"),
-                   "mimic4": ("EMERGENCY ROOM", "PHYSICIAN REFERRAL", "TRANSFER FROM HOSPITAL")}
-_DISCHARGE_LOCATION = {  # home, home health, skilled nursing, rehab, died
-    "mimic3": ("HOME", "HOME HEALTH CARE", "SNF", "REHAB/DISTINCT PART HOSP", "DEAD/EXPIRED"),
-    "mimic4": ("HOME", "HOME HEALTH CARE", "SKILLED NURSING FACILITY", "REHAB", "DIED")}
-_ADMIT_DIAGNOSIS = ("PNEUMONIA", "SEPSIS", "CONGESTIVE HEART FAILURE", "CHEST PAIN", "GASTROINTESTINAL BLEED",
-                    "ALTERED MENTAL STATUS", "HYPOTENSION, RENAL FAILURE", "CORONARY ARTERY DISEASE\\CABG /SDA",
-                    "FEVER", "SHORTNESS OF BREATH", 'FALL, R/O "FRACTURE"', "STROKE/TIA")
-
-
-def _pick(rng, name: str, n: int) -> np.ndarray:
-    """Category indices for `n` rows drawn with the probabilities of _CATEGORIES[name]."""
-    p = np.asarray(_CATEGORIES[name][0], dtype=float)
-    return rng.choice(len(p), size=n, p=p / p.sum())
-
-
-def _label(name: str, layout: str, idx) -> np.ndarray:
-    return _vocab(_CATEGORIES[name][1][layout])[idx]
-
-
-# --------------------------------------------------------------------------------------------- formatting
-def _civil(days):
-    """(year, month, day) of days since 1970-01-01, vectorised (H. Hinnant's civil_from_days)."""
-    z = days + 719468
-    era = z // 146097
-    doe = z - era * 146097
-    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    month = np.where(mp < 10, mp + 3, mp - 9)
-    return yoe + era * 400 + (month <= 2), month, doy - (153 * mp + 2) // 5 + 1
-
-
-def _fixed_width(parts, n: int) -> np.ndarray:
-    """Fixed-width strings from (int array, width) fields and literal separators, digit by digit in numpy:
-    ten times faster than strftime or datetime_as_string for millions of timestamps."""
-    width = sum(len(p) if isinstance(p, str) else p[1] for p in parts)
-    out = np.empty((n, width), dtype=np.uint32)
-    col = 0
-    for p in parts:
-        if isinstance(p, str):
-            out[:, col:col + len(p)] = [ord(c) for c in p]
-            col += len(p)
-            continue
-        values, w = p
-        for i in range(w):
-            out[:, col + w - 1 - i] = values // 10 ** i % 10 + 48
-        col += w
-    return out.view(f"<U{width}").ravel()
+    """CSV fields quoted as csv.writer quotes them (once here, not per row), as an object array for fancy indexing."""
+    return np.array(['"' + w.replace('"', '""') + '"' if any(c in w for c in ',"\n\r') else w for w in words], object)
 
 
 def _spread(values, fmt) -> np.ndarray:
-    """fmt(distinct values) spread back over all rows: event tables repeat times and values a lot, so
-    formatting each distinct value once is several times faster than formatting every row."""
+    """fmt(distinct values) spread back over all rows: event tables repeat times and values, so this is fast."""
     uniq, inverse = np.unique(values, return_inverse=True)
     return fmt(uniq).astype(object)[inverse.reshape(-1)]
 
 
 def _ts(t, fmt: str = "datetime", missing=None) -> np.ndarray:
     """Epoch seconds as 'YYYY-MM-DD HH:MM:SS' ('date': 'YYYY-MM-DD'; 'compact': 'YYYYMMDD'); '' where missing."""
-    def text(t):
-        days, sod = np.divmod(t, _DAY)
-        y, m, d = _civil(days)
-        parts = [(y, 4), (m, 2), (d, 2)] if fmt == "compact" else [(y, 4), "-", (m, 2), "-", (d, 2)]
-        if fmt == "datetime":
-            parts += [" ", (sod // 3600, 2), ":", (sod // 60 % 60, 2), ":", (sod % 60, 2)]
-        return _fixed_width(parts, len(t))
+    def text(u):
+        out = np.datetime_as_string(u.astype("datetime64[s]")).astype("U19")
+        out.view(np.uint32).reshape(-1, 19)[:, 10] = ord(" ")
+        return out if fmt == "datetime" else out.astype("U10") if fmt == "date" else \
+            np.char.replace(out.astype("U10"), "-", "")
     out = _spread(np.asarray(t, dtype=np.int64), text)
-    if missing is not None:
-        out[missing] = ""
-    return out
+    return out if missing is None else np.where(missing, "", out)
 
 
-def _num(x, dec: int = 0, missing=None) -> np.ndarray:
-    """Numbers as text with `dec` decimals ('72', '98.6'); '' where missing (or NaN)."""
+def _num(x, dec: int = 0) -> np.ndarray:
+    """Numbers (and ids) as text with `dec` decimals ('72', '98.6')."""
     x = np.round(np.asarray(x, dtype=float), dec)
-    nan = np.isnan(x)
-    out = _spread(np.where(nan, 0, x), lambda u: u.astype(np.int64).astype(str) if dec == 0 else u.astype(str))
-    out[nan if missing is None else nan | missing] = ""
-    return out
+    return _spread(x, lambda u: u.astype(np.int64).astype(str) if dec == 0 else u.astype(str))
 
 
-def _ids(x) -> np.ndarray:
-    """Integers as text."""
-    return _spread(np.asarray(x, dtype=np.int64), lambda u: u.astype(str))
+# ------------------------------------------------------------------------------------------------ tables
+_DRUG_CSV, _DRUG_CODE = _vocab(_DRUG_TABLE[0]), np.arange(len(_DRUG_TABLE[0])) * 7919 + 1013   # gsn, ndc made up
 
 
-def _csv_lines(columns: list, n: int) -> str:
-    """n CSV lines from columns that are sequences of ready-made fields or one constant field."""
-    cols = [repeat(c, n) if isinstance(c, str) else (c.tolist() if isinstance(c, np.ndarray) else c)
-            for c in columns]
-    return "\n".join(map(",".join, zip(*cols))) + "\n"
+def _hospital_tables(rng, pat: dict, adm: dict, st: dict) -> dict:
+    """{table: (rows, columns)} of patients, admissions and ICU stays; the static categories follow the latents."""
+    p, sex = adm["pat"], np.where(pat["male"], "M", "F").astype(object)
+    age = pat["age"][p] + (adm["admit"] - pat["first"][p]) / _YEAR
+    kind = np.digitize(adm["acuity"] + 0.5 * rng.logistic(size=len(p)), [-1.2, -0.6])   # elective/urgent/emergency
+    insurance = np.where(age >= 65, 0, np.where(adm["social"] + rng.standard_normal(len(p)) > 1.2, 2, 1))
+    married = np.digitize(np.clip(age, 18, 95) / 25 + adm["social"] / 2 + rng.standard_normal(len(p)), [2.2, 3.6, 4.6])
+    year = pat["first"].astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
+    years = np.where(pat["age"] >= 90, 300 + pat["age"] - 90, pat["age"])     # MIMIC-III: over 89 shown as ~300
+    patients = dict(subject_id=_num(pat["id"]), gender=sex, sex=sex, anchor_year=_num(year),
+                    dob=_ts((pat["first"] - years * _YEAR).astype(np.int64) // _DAY * _DAY),
+                    anchor_age=_num(np.where(pat["age"] >= 90, 91, np.clip(pat["age"], 18, 89))),
+                    year_of_birth=_num(year - np.floor(pat["age"])))
+    admissions = dict(
+        subject_id=_num(adm["subject_id"]), hadm_id=_num(adm["id"]), admittime=_ts(adm["admit"]),
+        dischtime=_ts(adm["disch"]), deathtime=_ts(adm["disch"], missing=~adm["died"]),
+        admission_type=_vocab(["ELECTIVE", "URGENT", "EMERGENCY"])[kind], hospital_expire_flag=_num(adm["died"]),
+        admission_location=_vocab(["PHYS REFERRAL/NORMAL DELI", "TRANSFER FROM HOSP/EXTRAM",
+                                   "EMERGENCY ROOM ADMIT"])[kind],
+        insurance=_vocab(["Medicare", "Private", "Medicaid"])[insurance],
+        marital_status=_vocab(["SINGLE", "MARRIED", "DIVORCED", "WIDOWED"])[married],
+        **{c: _vocab(names.split("|"))[pat[c][p]] for c, (_, names) in _CATEGORIES.items()})
+    unit = np.argmax(np.column_stack([st["resp"] + .5, 0 * st["resp"], st["cardiac"] + st["circ"] - .3, st["cardiac"]
+                                      - .5, 0 * st["resp"] - .7]) + rng.gumbel(size=(len(st["id"]), 5)), 1)  # MICU, CCU
+    stays = dict(subject_id=_num(st["subject_id"]), hadm_id=_num(st["hadm_id"]), stay_id=_num(st["id"]),
+                 dbsource=np.where(st["mv"], "metavision", "carevue").astype(object), intime=_ts(st["intime"]),
+                 outtime=_ts(st["outtime"]), first_careunit=_vocab(["MICU", "SICU", "CCU", "CSRU", "TSICU"])[unit])
+    return {"patients": (len(pat["id"]), patients), "admissions": (len(p), admissions),
+            "icustays": (len(st["id"]), stays)}
 
 
-# ----------------------------------------------------------------------------------------- layouts / output
-_SCHEMAS = {  # table -> (file, "column" or "column=source key" ...); mimic3 names are upper-cased on write
-    "mimic3": {
-        "patients": ("PATIENTS", "row_id subject_id gender dob dod dod_hosp dod_ssn expire_flag"),
-        "admissions": ("ADMISSIONS", "row_id subject_id hadm_id admittime dischtime deathtime admission_type "
-                       "admission_location discharge_location insurance language religion marital_status "
-                       "ethnicity=race edregtime edouttime diagnosis hospital_expire_flag has_chartevents_data"),
-        "icustays": ("ICUSTAYS", "row_id subject_id hadm_id icustay_id=stay_id dbsource first_careunit "
-                     "last_careunit first_wardid last_wardid intime outtime los"),
-        "chartevents": ("CHARTEVENTS", "row_id subject_id hadm_id icustay_id=stay_id itemid charttime storetime "
-                        "cgid value valuenum valueuom warning error resultstatus stopped"),
-        "labevents": ("LABEVENTS", "row_id subject_id hadm_id itemid charttime value valuenum valueuom flag"),
-        "outputevents": ("OUTPUTEVENTS", "row_id subject_id hadm_id icustay_id=stay_id charttime itemid value "
-                         "valueuom storetime cgid stopped newbottle iserror"),
-        "inputevents": ("INPUTEVENTS_MV", "row_id subject_id hadm_id icustay_id=stay_id starttime endtime itemid "
-                        "amount amountuom rate rateuom storetime cgid orderid linkorderid ordercategoryname "
-                        "secondaryordercategoryname ordercomponenttypedescription ordercategorydescription "
-                        "patientweight totalamount totalamountuom isopenbag continueinnextdept cancelreason "
-                        "statusdescription comments_editedby comments_canceledby comments_date originalamount "
-                        "originalrate"),
-        "procedureevents": ("PROCEDUREEVENTS_MV", "row_id subject_id hadm_id icustay_id=stay_id starttime "
-                            "endtime itemid value valueuom location locationcategory storetime cgid orderid "
-                            "linkorderid ordercategoryname secondaryordercategoryname ordercategorydescription "
-                            "isopenbag continueinnextdept cancelreason statusdescription comments_editedby "
-                            "comments_canceledby comments_date"),
-        "datetimeevents": ("DATETIMEEVENTS", "row_id subject_id hadm_id icustay_id=stay_id itemid charttime "
-                           "storetime cgid value valueuom warning error resultstatus stopped"),
-        "diagnoses": ("DIAGNOSES_ICD", "row_id subject_id hadm_id seq_num icd9_code=icd_code"),
-        "prescriptions": ("PRESCRIPTIONS", "row_id subject_id hadm_id icustay_id=stay_id startdate enddate "
-                          "drug_type drug drug_name_poe drug_name_generic formulary_drug_cd gsn ndc "
-                          "prod_strength dose_val_rx dose_unit_rx form_val_disp form_unit_disp route"),
-        "notes": ("NOTEEVENTS", "row_id subject_id hadm_id chartdate charttime storetime category description "
-                  "cgid iserror text"),
-    },
-    "mimic4": {
-        "patients": ("hosp/patients", "subject_id gender anchor_age anchor_year anchor_year_group dod"),
-        "admissions": ("hosp/admissions", "subject_id hadm_id admittime dischtime deathtime admission_type "
-                       "admit_provider_id admission_location discharge_location insurance language "
-                       "marital_status race edregtime edouttime hospital_expire_flag"),
-        "diagnoses": ("hosp/diagnoses_icd", "subject_id hadm_id seq_num icd_code icd_version"),
-        "prescriptions": ("hosp/prescriptions", "subject_id hadm_id pharmacy_id poe_id poe_seq "
-                          "order_provider_id starttime stoptime drug_type drug formulary_drug_cd gsn ndc "
-                          "prod_strength form_rx dose_val_rx dose_unit_rx form_val_disp form_unit_disp "
-                          "doses_per_24_hrs route"),
-        "labevents": ("hosp/labevents", "labevent_id=row_id subject_id hadm_id specimen_id itemid "
-                      "order_provider_id charttime storetime value valuenum valueuom ref_range_lower "
-                      "ref_range_upper flag priority comments"),
-        "icustays": ("icu/icustays", "subject_id hadm_id stay_id first_careunit last_careunit intime outtime los"),
-        "chartevents": ("icu/chartevents", "subject_id hadm_id stay_id caregiver_id=cgid charttime storetime "
-                        "itemid value valuenum valueuom warning"),
-        "outputevents": ("icu/outputevents", "subject_id hadm_id stay_id caregiver_id=cgid charttime storetime "
-                         "itemid value valueuom"),
-        "inputevents": ("icu/inputevents", "subject_id hadm_id stay_id caregiver_id=cgid starttime endtime "
-                        "storetime itemid amount amountuom rate rateuom orderid linkorderid ordercategoryname "
-                        "secondaryordercategoryname ordercomponenttypedescription ordercategorydescription "
-                        "patientweight totalamount totalamountuom isopenbag continueinnextdept "
-                        "statusdescription originalamount originalrate"),
-        "procedureevents": ("icu/procedureevents", "subject_id hadm_id stay_id caregiver_id=cgid starttime "
-                            "endtime storetime itemid value valueuom location locationcategory orderid "
-                            "linkorderid ordercategoryname ordercategorydescription patientweight isopenbag "
-                            "continueinnextdept statusdescription originalamount originalrate"),
-        "datetimeevents": ("icu/datetimeevents", "subject_id hadm_id stay_id caregiver_id=cgid charttime "
-                           "storetime itemid value valueuom warning"),
-        "discharge": ("note/discharge", "note_id subject_id hadm_id note_type note_seq charttime storetime text"),
-        "radiology": ("note/radiology", "note_id subject_id hadm_id note_type note_seq charttime storetime text"),
-    },
-    "trinetx": {
-        "patient": ("patient", "patient_id=subject_id sex year_of_birth race ethnicity marital_status"),
-        "diagnosis": ("diagnosis", "patient_id=subject_id encounter_id=hadm_id code_system code "
-                      "principal_diagnosis_indicator date"),
-    },
-}
+def _diagnosis_table(rng, adm: dict) -> tuple[int, dict]:
+    """DIAGNOSES_ICD / hosp/diagnoses_icd / diagnosis: the codes the latents emit and, from a case's first diagnosis
+    on, its task group (the usual code in 60% of admissions, another one in the rest, now and then a second one).
+    ICD-10-only admissions get other codes (deduplicated)."""
+    rows, idx = _emit(rng, _CODE_TABLE, np.column_stack([adm[k] for k in _ALL]))
+    rows, codes = [rows], [_CODE_TABLE[0][idx]]
+    for task, group in _TASKS.items():
+        main = np.where(rng.random(len(adm[task])) < 0.6, 0, rng.integers(1, len(group), len(adm[task])))
+        for i, code in enumerate(group):
+            p = np.where(main == i, np.where(adm[task] == 0, 1.0, 0.85), 0.1)
+            rows.append(np.flatnonzero((adm[task] >= 0) & (rng.random(len(p)) < p)))
+            codes.append(np.full(len(rows[-1]), code, dtype=object))
+    rows, codes = np.concatenate(rows), np.concatenate(codes)
+    order = np.lexsort((rng.random(len(rows)), rows))
+    rows, codes = rows[order], codes[order]
+    ten = adm["icd10"][rows]
+    codes[ten] = [_ICD10[sum(map(ord, c)) % len(_ICD10)] for c in codes[ten]]
+    keep = np.sort(np.unique(np.char.add(rows.astype(str), "|" + codes.astype(str)), return_index=True)[1])
+    rows, codes, ten = rows[keep], codes[keep], ten[keep]
+    cut = np.where(np.char.startswith(codes.astype(str), "E") & ~ten, 4, 3)  # '4280' -> '428.0', 'E8497' -> 'E849.7'
+    return len(rows), dict(
+        subject_id=_num(adm["subject_id"][rows]), hadm_id=_num(adm["id"][rows]), icd_code=codes,
+        icd_version=np.where(ten, "10", "9").astype(object), date=_ts(adm["admit"][rows], "compact"),
+        code_system=np.where(ten, "ICD-10-CM", "ICD-9-CM").astype(object),
+        code=np.array([c if len(c) <= k else f"{c[:k]}.{c[k:]}" for c, k in zip(codes, cut)], dtype=object))
+
+
+def _write_chunk(sink, cfg: SynthConfig, chunk: int, pat: dict, adm: dict, st: dict) -> None:
+    """Generate every table of one chunk of patients and append it to the open files. Each table draws from its
+    own random stream, so `event_scale` changes the chart rows and nothing else."""
+    def rng(purpose: int):
+        return np.random.default_rng([cfg.seed & (2 ** 63 - 1), chunk, purpose])
+
+    def ids(s):
+        return dict(subject_id=_num(st["subject_id"][s]), hadm_id=_num(st["hadm_id"][s]), stay_id=_num(st["id"][s]))
+    a_ids = dict(subject_id=_num(adm["subject_id"]), hadm_id=_num(adm["id"]))
+    sink.write("latent_patients", len(pat["id"]), dict(subject_id=_num(pat["id"]), **{t: _num(pat[t]) for t in _TASKS},
+                                                       **{k: _num(pat[k], 4) for k in PATIENT_LATENTS}))
+    sink.write("latent_admissions", len(adm["id"]), dict(a_ids, **{k: _num(adm[k], 4) for k in ADMISSION_LATENTS}))
+    sink.write("latent_stays", len(st["id"]), dict(ids(slice(None)), **{k: _num(st[k], 4) for k in STAY_LATENTS}))
+    sink.write("diagnoses", *_diagnosis_table(rng(1), adm))
+    for table, rows_cols in _hospital_tables(rng(2), pat, adm, st).items():
+        sink.write(table, *rows_cols)
+    if cfg.layout == "trinetx":
+        return
+    d_rows, drugs = _emit(rng(3), _DRUG_TABLE, _lat(adm)[:, :-1])
+    sink.write("prescriptions", len(d_rows), {**{k: v[d_rows] for k, v in a_ids.items()}, "drug": _DRUG_CSV[drugs],
+                                              "gsn": np.char.zfill(_DRUG_CODE[drugs].astype(str), 6),
+                                              "ndc": np.char.zfill((_DRUG_CODE[drugs] * 100003).astype(str), 11)})
+    r = rng(4)
+    texts = _notes(r, pat, adm, d_rows, drugs, cfg.layout)
+    k = np.flatnonzero(r.random(len(adm["id"])) < 0.9)                 # ~90% of admissions have a summary
+    sink.write("notes", len(k), dict(
+        {c: v[k] for c, v in a_ids.items()}, text=_vocab([texts[i] for i in k]), category="Discharge summary",
+        iserror=np.where(r.random(len(k)) < 0.01, "1", "").astype(object), note_seq=_num(adm["k"][k] + 1),
+        note_id=a_ids["subject_id"][k] + "-DS-" + _num(adm["k"][k] + 1),    # MIMIC-III: a date, MIMIC-IV: midnight
+        **{"chartdate" if cfg.layout == "mimic3" else "charttime": _ts(adm["disch"][k] // _DAY * _DAY, "date" if
+                                                                       cfg.layout == "mimic3" else "datetime")}))
+    offsets = rng(5).standard_normal((len(st["id"]), len(_VARS["item"])))   # per stay and variable
+    for table, purpose in (("lab", 6), ("output", 7), ("datetime", 8), ("input", 9), ("procedure", 10)):
+        r = rng(purpose)
+        s, v, item, when, value, num = _measure(r, st, offsets, *_schedule(r, st, table))
+        end = np.maximum(np.minimum(when + _VARS["every"][v].astype(np.int64) * _HOUR, st["outtime"][s]), when + 60)
+        sink.write(table + "events", len(s), dict(ids(s), itemid=_num(item), charttime=_ts(when), value=value,
+                                                  valuenum=num, starttime=_ts(when), endtime=_ts(end // 60 * 60),
+                                                  amount=value))
+    r = rng(11)
+    k = np.flatnonzero(r.random(len(adm["id"])) < 0.35)      # outpatient labs weeks before admissions: no hadm_id
+    when = _ts((adm["admit"][k] - r.uniform(5, 60, len(k)) * _DAY).astype(np.int64) // 60 * 60)
+    for v in np.flatnonzero((_VARS["table"] == "lab") & ~_VARS["w"][:, 2].any(1)):
+        value, _ = _values(r, v, _lat(adm)[k], np.full(len(k), 0.35), r.standard_normal(len(k)))
+        sink.write("labevents", len(k), dict(subject_id=a_ids["subject_id"][k], itemid=str(int(_VARS["item"][v])),
+                                             charttime=when, value=value, valuenum=value))
+    v, p = np.flatnonzero(st["mv"] & ~np.isnan(st["arf_on"])), np.flatnonzero(st["mv"] & ~np.isnan(st["shock_on"]))
+    dose = r.uniform(0.05, 0.3, len(p)) * 60 * (st["shock_off"][p] - st["shock_on"][p]) * st["weight"][p] / 1000
+    for table, item, s, kind, amount in (("procedure", np.where(st["niv"][v], 225794, 225792), v, "arf", ""),
+                                         ("input", _PRESSORS[st["pressor"][p]], p, "shock", _num(dose, 2))):
+        start, end = ((st["intime"][s] + st[kind + x][s] * _HOUR).astype(np.int64) // 60 * 60 for x in ("_on", "_off"))
+        sink.write(table + "events", len(s), dict(ids(s), itemid=_num(item), starttime=_ts(start), amount=amount,
+                                                  endtime=_ts(np.maximum(end, start + 60))))   # the label episodes
+    s, v, t, h = _schedule(rng(12), st, "chart")
+    val, batch = rng(13), max(10, int(_STAY_BATCH / max(cfg.event_scale, 1.0)))   # chart rows: most of the extract
+    bounds = np.searchsorted(s, np.arange(0, len(st["id"]) + batch, batch))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        s2, _, item, when, value, num = _measure(val, st, offsets, s[lo:hi], v[lo:hi], t[lo:hi], h[lo:hi],
+                                                 cfg.event_scale)
+        sink.write("chartevents", len(s2), dict(ids(s2), itemid=_num(item), charttime=_ts(when), value=value,
+                                                valuenum=num))
+
+
+# Real column lists: per layout, 'table FILE column ...' (column=key: the column takes the data's key); mimic3
+# names are upper-cased on write. Continuation lines are indented.
+_SCHEMAS = {layout: {t[0]: (t[1], " ".join(t[2:])) for t in map(str.split, re.split(r"\n(?=\S)", text.strip()))}
+            for layout, text in dict(mimic3="""
+patients PATIENTS row_id subject_id gender dob dod dod_hosp dod_ssn expire_flag
+admissions ADMISSIONS row_id subject_id hadm_id admittime dischtime deathtime admission_type admission_location
+  discharge_location insurance language religion marital_status ethnicity=race edregtime edouttime diagnosis
+  hospital_expire_flag has_chartevents_data
+icustays ICUSTAYS row_id subject_id hadm_id icustay_id=stay_id dbsource first_careunit last_careunit first_wardid
+  last_wardid intime outtime los
+chartevents CHARTEVENTS row_id subject_id hadm_id icustay_id=stay_id itemid charttime storetime cgid value valuenum
+  valueuom warning error resultstatus stopped
+labevents LABEVENTS row_id subject_id hadm_id itemid charttime value valuenum valueuom flag
+outputevents OUTPUTEVENTS row_id subject_id hadm_id icustay_id=stay_id charttime itemid value valueuom storetime cgid
+  stopped newbottle iserror
+inputevents INPUTEVENTS_MV row_id subject_id hadm_id icustay_id=stay_id starttime endtime itemid amount amountuom rate
+  rateuom storetime cgid orderid linkorderid ordercategoryname secondaryordercategoryname
+  ordercomponenttypedescription ordercategorydescription patientweight totalamount totalamountuom isopenbag
+  continueinnextdept cancelreason statusdescription comments_editedby comments_canceledby comments_date originalamount
+  originalrate
+procedureevents PROCEDUREEVENTS_MV row_id subject_id hadm_id icustay_id=stay_id starttime endtime itemid value
+  valueuom location locationcategory storetime cgid orderid linkorderid ordercategoryname secondaryordercategoryname
+  ordercategorydescription isopenbag continueinnextdept cancelreason statusdescription comments_editedby
+  comments_canceledby comments_date
+datetimeevents DATETIMEEVENTS row_id subject_id hadm_id icustay_id=stay_id itemid charttime storetime cgid value
+  valueuom warning error resultstatus stopped
+diagnoses DIAGNOSES_ICD row_id subject_id hadm_id seq_num icd9_code=icd_code
+prescriptions PRESCRIPTIONS row_id subject_id hadm_id icustay_id=stay_id startdate enddate drug_type drug
+  drug_name_poe drug_name_generic formulary_drug_cd gsn ndc prod_strength dose_val_rx dose_unit_rx form_val_disp
+  form_unit_disp route
+notes NOTEEVENTS row_id subject_id hadm_id chartdate charttime storetime category description cgid iserror text
+""", mimic4="""
+patients hosp/patients subject_id gender anchor_age anchor_year anchor_year_group dod
+admissions hosp/admissions subject_id hadm_id admittime dischtime deathtime admission_type admit_provider_id
+  admission_location discharge_location insurance language marital_status race edregtime edouttime
+  hospital_expire_flag
+diagnoses hosp/diagnoses_icd subject_id hadm_id seq_num icd_code icd_version
+prescriptions hosp/prescriptions subject_id hadm_id pharmacy_id poe_id poe_seq order_provider_id starttime stoptime
+  drug_type drug formulary_drug_cd gsn ndc prod_strength form_rx dose_val_rx dose_unit_rx form_val_disp form_unit_disp
+  doses_per_24_hrs route
+labevents hosp/labevents labevent_id subject_id hadm_id specimen_id itemid order_provider_id charttime storetime value
+  valuenum valueuom ref_range_lower ref_range_upper flag priority comments
+icustays icu/icustays subject_id hadm_id stay_id first_careunit last_careunit intime outtime los
+chartevents icu/chartevents subject_id hadm_id stay_id caregiver_id charttime storetime itemid value valuenum valueuom
+  warning
+outputevents icu/outputevents subject_id hadm_id stay_id caregiver_id charttime storetime itemid value valueuom
+inputevents icu/inputevents subject_id hadm_id stay_id caregiver_id starttime endtime storetime itemid amount
+  amountuom rate rateuom orderid linkorderid ordercategoryname secondaryordercategoryname
+  ordercomponenttypedescription ordercategorydescription patientweight totalamount totalamountuom isopenbag
+  continueinnextdept statusdescription originalamount originalrate
+procedureevents icu/procedureevents subject_id hadm_id stay_id caregiver_id starttime endtime storetime itemid value
+  valueuom location locationcategory orderid linkorderid ordercategoryname ordercategorydescription patientweight
+  isopenbag continueinnextdept statusdescription originalamount originalrate
+datetimeevents icu/datetimeevents subject_id hadm_id stay_id caregiver_id charttime storetime itemid value valueuom
+  warning
+notes note/discharge note_id subject_id hadm_id note_type note_seq charttime storetime text
+""", trinetx="""
+patients patient patient_id=subject_id sex year_of_birth race ethnicity marital_status
+diagnoses diagnosis patient_id=subject_id encounter_id=hadm_id code_system code principal_diagnosis_indicator date
+""").items()}
+for _layout, _tables in _SCHEMAS.items():   # the true latents beside the extract (preprocessing never reads them)
+    _p, _a = ("patient_id=subject_id", "encounter_id=hadm_id") if _layout == "trinetx" else ("subject_id", "hadm_id")
+    _tables["latent_patients"] = ("latents/patients", " ".join((_p,) + PATIENT_LATENTS + tuple(_TASKS)))
+    _tables["latent_admissions"] = ("latents/" + ("encounters" if _layout == "trinetx" else "admissions"),
+                                    " ".join((_a, _p) + ADMISSION_LATENTS))
+    if _layout != "trinetx":
+        _tables["latent_stays"] = ("latents/stays", " ".join(("stay_id", "hadm_id") + STAY_LATENTS))
 
 
 class _Sink:
-    """The open gzip writers of one extract. `write(table, n, cols)` appends n rows whose fields come from
-    `cols` (source key -> column) in the layout's column order; row ids are numbered here. A worker thread
-    compresses while the caller generates the next table (zlib releases the GIL)."""
+    """The open gzip writers of one extract. `write(table, n, cols)` appends n rows whose fields come from `cols`
+    (source key -> column of ready-made text, or one constant) in the layout's column order; a column without a key
+    stays blank and a table the layout lacks is skipped."""
 
     def __init__(self, root: Path, layout: str):
         self.schema, self.files, self.rows = {}, {}, {}
         for table, (name, spec) in _SCHEMAS[layout].items():
             columns = [c.split("=") if "=" in c else (c, c) for c in spec.split()]
-            if layout == "mimic3":
-                columns = [(header.upper(), key) for header, key in columns]
-            path = root / f"{name}.csv.gz"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            raw = open(path, "wb")
+            upper = layout == "mimic3" and not name.startswith("latents/")
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
             # mtime=0 and a fixed inner name make the bytes depend on the data only
-            self.files[table] = (raw, gzip.GzipFile(path.name[:-3], "wb", _GZIP_LEVEL, raw, mtime=0))
-            self.files[table][1].write((",".join(h for h, _ in columns) + "\n").encode())
+            raw = open(root / f"{name}.csv.gz", "wb")
+            self.files[table] = (raw, gzip.GzipFile(f"{Path(name).name}.csv", "wb", _GZIP_LEVEL, raw, mtime=0))
+            self.files[table][1].write((",".join(h.upper() if upper else h for h, _ in columns) + "\n").encode())
             self.schema[table], self.rows[table] = columns, 0
-        self.error = None
-        self.queue = queue.Queue(maxsize=2)       # at most two blocks of text wait to be compressed
-        self.worker = threading.Thread(target=self._compress, daemon=True)
-        self.worker.start()
-
-    def _compress(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    item[0].write(item[1])
-                except BaseException as err:   # re-raised in the caller by write() or close()
-                    self.error = err
 
     def write(self, table: str, n: int, cols: dict) -> None:
-        if self.error is not None:
-            raise self.error
-        if n == 0:
-            return
-        first = self.rows[table] + 1
-        ids = list(map(str, range(first, first + n)))
-        fields = [ids if key == "row_id" else cols[key] for _, key in self.schema[table]]
-        self.queue.put((self.files[table][1], _csv_lines(fields, n).encode()))
-        self.rows[table] += n
+        if n and table in self.schema:
+            fields = [repeat(c, n) if isinstance(c, str) else c.tolist() for c in (cols.get(k, "") for _, k in
+                                                                                   self.schema[table])]
+            self.files[table][1].write(("\n".join(map(",".join, zip(*fields))) + "\n").encode())
+            self.rows[table] += n
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.worker.join()
         for raw, gz in self.files.values():
             gz.close()
             raw.close()
-        if self.error is not None:
-            raise self.error
-
-
-# ------------------------------------------------------------------------------------------------- cohort
-def _patients(rng, n: int) -> dict:
-    """Demographics, latent factors and the planned number of admissions of n patients."""
-    u = rng.random(n)
-    age = np.clip(rng.normal(64, 15, n), 20, 88.9)
-    age = np.where(u < 0.02, rng.uniform(1, 17.9, n), age)                    # ~2% minors
-    age = np.where((u >= 0.02) & (u < 0.05), rng.uniform(90, 99, n), age)    # MIMIC shifts these to ~300
-    z = rng.standard_normal((n, 6))
-    az = (np.clip(age, 18, 95) - 64) / 15
-    frailty = 0.8 * z[:, 0] + 0.5 * az
-    cardiac = 0.75 * z[:, 1] + 0.3 * frailty + 0.3 * az
-    return dict(age=age, male=rng.random(n) < 0.56, frailty=frailty, cardiac=cardiac,
-                pulm=0.85 * z[:, 2] + 0.3 * frailty, cog=0.8 * z[:, 3] + 0.5 * az,
-                chronic=0.65 * z[:, 4] + 0.45 * cardiac + 0.2 * frailty, social=z[:, 5],
-                race=_pick(rng, "race", n), marital=_pick(rng, "marital", n),
-                religion=_pick(rng, "religion", n), language=_pick(rng, "language", n),
-                n_plan=1 + np.minimum(rng.poisson(2.0 * np.exp(0.25 * z[:, 5] + 0.15 * z[:, 4])), 11))
-
-
-def _onsets(rng, los, early_p, late_logit):
-    """Hours from intime of the first event of a kind: before 48 h with probability early_p, else after 48 h
-    (and before outtime) with probability sigmoid(late_logit) in stays of at least 48 h; NaN for none."""
-    n = len(los)
-    early = rng.random(n) < early_p
-    late = ~early & (los >= 48.2) & (rng.random(n) < _sigmoid(late_logit))
-    onset = np.full(n, np.nan)
-    onset[early] = rng.uniform(0.2, 0.95, early.sum()) * np.minimum(los[early], 47.5)
-    onset[late] = 48.05 + rng.uniform(0.02, 0.85, late.sum()) * (los[late] - 48.1)
-    return onset
-
-
-def _ends(rng, onset, los, median_h):
-    """End (hours) of an episode that starts at onset: log-normal duration, at most the stay."""
-    end = np.minimum(onset + rng.lognormal(np.log(median_h), 0.8, len(onset)), los - 0.02)
-    return np.maximum(end, onset + 0.02)
-
-
-def _stays(rng, pat: dict, adm: dict) -> dict:
-    """ICU stays of the admissions: latent acuity, length of stay, ventilation, vasopressors and lines."""
-    a = np.repeat(np.arange(len(adm["pat"])), adm["n_stays"])
-    p = adm["pat"][a]
-    n = len(a)
-    acute = adm["acute"][a]
-    z = rng.standard_normal((n, 4))
-    resp = 0.55 * pat["pulm"][p] + 0.35 * acute + 0.75 * z[:, 0]
-    circ = 0.35 * pat["cardiac"][p] + 0.45 * acute + 0.8 * z[:, 1]
-    sev = 0.35 * pat["frailty"][p] + 0.55 * acute + 0.75 * z[:, 2]
-    los = np.clip(np.exp(np.log(58) + 0.85 * z[:, 3] + 0.15 * sev), 6, 960)   # hours; ~60% >= 48 h
-    # ARF: ventilation (PEEP set, 225792/225794) starts early in ~15% of stays, late with resp
-    vent_on = _onsets(rng, los, 0.15, -3.1 + 2.5 * resp)
-    # shock: a vasopressor starts early in ~12% of stays, late with circ
-    press_on = _onsets(rng, los, 0.12, -3.4 + 2.5 * circ)
-    art = rng.random(n) < _sigmoid(-0.4 + 0.5 * circ + 0.4 * sev)
-    cvl = rng.random(n) < _sigmoid(-0.9 + 0.5 * circ + 0.5 * sev)
-    return dict(adm=a, pat=p, j=group_rank(adm["n_stays"]), resp=resp, circ=circ, sev=sev, los=los,
-                vent_on=vent_on, vent_off=_ends(rng, vent_on, los, 40), vent_niv=rng.random(n) < 0.2,
-                press_on=press_on, press_off=_ends(rng, press_on, los, 20),
-                pressor=rng.choice(len(_PRESSORS), n, p=_PRESSOR_P), second=rng.random(n) < 0.25,
-                art_on=np.where(art, rng.uniform(0.1, 0.5, n) * np.minimum(los, 8), np.nan),
-                cvl_on=np.where(cvl, rng.uniform(0.1, 0.8, n) * np.minimum(los, 12), np.nan),
-                weight=np.clip(rng.normal(78, 16, n) + 8 * pat["male"][p], 40, 180),
-                unit=_pick(rng, "careunit", n))
-
-
-def _admissions(rng, pat: dict, layout: str) -> tuple[dict, dict]:
-    """Planned admissions and their stays; in-hospital deaths end a patient's sequence of admissions."""
-    n_plan = pat["n_plan"]
-    p = np.repeat(np.arange(len(n_plan)), n_plan)
-    n = len(p)
-    icu = rng.random(n) < 0.8
-    adm = dict(pat=p, k=group_rank(n_plan), icu=icu, n_stays=icu * (1 + (rng.random(n) < 0.1)),
-               acute=0.5 * pat["frailty"][p] + 0.85 * rng.standard_normal(n),
-               mv=(rng.random(n) < 0.85) | (layout == "mimic4"), atype=_pick(rng, "admit_type", n))
-    st = _stays(rng, pat, adm)
-    # in-hospital death follows the acuity of the admission's last ICU stay
-    last = st["j"] == adm["n_stays"][st["adm"]] - 1
-    logit = np.full(n, -3.8) + 0.6 * pat["frailty"][p]
-    logit[st["adm"][last]] = -2.9 + 2.0 * st["sev"][last] + 0.8 * st["circ"][last] + 0.5 * st["resp"][last]
-    adm["died"] = rng.random(n) < _sigmoid(logit)
-    first_death = np.full(len(n_plan), 99)
-    np.minimum.at(first_death, p, np.where(adm["died"], adm["k"], 99))
-    keep = adm["k"] <= first_death[p]
-    adm = {key: v[keep] for key, v in adm.items()}
-    new_index = np.cumsum(keep) - 1
-    keep_stay = keep[st["adm"]]
-    st = {key: v[keep_stay] for key, v in st.items()}
-    st["adm"] = new_index[st["adm"]]
-    pat["n_adm"] = np.bincount(adm["pat"], minlength=len(n_plan))
-    return adm, st
-
-
-def _diseases(rng, pat: dict, adm: dict) -> None:
-    """Heart failure, COPD and amnesia cases: first diagnosed at a later admission of a patient with history."""
-    n_adm, p, k = pat["n_adm"], adm["pat"], adm["k"]
-    eligible = n_adm >= 2
-    adm["dx_history"] = np.zeros(len(p), bool)    # a case's admissions up to its first diagnosis
-    for name, latent in _TASK_LATENT.items():
-        case = eligible & (rng.random(len(n_adm)) < _sigmoid(-1.9 + 1.3 * pat[latent]))
-        first = np.where(case, 1 + (rng.random(len(n_adm)) * (n_adm - 1)).astype(int), 99)
-        pat[name], pat[name + "_j"] = case, first
-        others = len(_TASK_CODES[name]) - 1        # the group's first code is the usual first diagnosis
-        pat[name + "_code"] = rng.choice(others + 1, len(n_adm), p=[0.6] + [0.4 / others] * others)
-        adm[name + "_dx"] = k >= first[p]
-        adm[name + "_first"] = k == first[p]
-        adm["dx_history"] |= case[p] & (k <= first[p])
-
-
-def _gaps(rng, pat: dict, adm: dict) -> np.ndarray:
-    """Seconds from each discharge to the next admission. A return within 30 days (readmission) follows
-    what the admission's notes (noncompliance, living alone), codes (V1581, V603, chronic disease) and
-    drug count show; other gaps are months to years, and >= 180 days before a first task diagnosis."""
-    n, p = len(adm["pat"]), adm["pat"]
-    social = pat["social"][p]
-    adm["noncompliant"] = rng.random(n) < _sigmoid(-1.6 + 1.4 * social)
-    adm["alone"] = rng.random(n) < _sigmoid(-1.0 + 1.0 * social)
-    adm["n_drugs"] = 3 + rng.poisson(2 + 4 * _sigmoid(pat["chronic"][p]) + 3 * adm["icu"])
-    soon = rng.random(n) < _sigmoid(-3.4 + 3.6 * adm["noncompliant"] + 1.5 * adm["alone"] + 0.9 * pat["chronic"][p]
-                                     + 0.15 * (adm["n_drugs"] - 9) + 0.3 * np.minimum(adm["k"], 3))
-    gap = np.where(soon, rng.uniform(0.5, 29.5, n), 31 + np.minimum(rng.exponential(500, n), 1800)) * _DAY
-    starts = np.cumsum(pat["n_adm"]) - pat["n_adm"]
-    for name in _TASK_LATENT:
-        cases = np.flatnonzero(pat[name])
-        before = starts[cases] + pat[name + "_j"][cases] - 1
-        gap[before] = np.maximum(gap[before], rng.uniform(190, 700, len(before)) * _DAY)
-    return gap
-
-
-def _timeline(rng, pat: dict, adm: dict, st: dict, layout: str) -> None:
-    """Absolute times: ICU stays inside their admission, admissions spread over years after a first one."""
-    n, p, a = len(adm["pat"]), adm["pat"], st["adm"]
-    pre = np.clip(rng.lognormal(np.log(8), 0.8, n), 0.5, 72) * _HOUR
-    between = rng.uniform(24, 96, n) * _HOUR
-    los = np.round(st["los"] * _HOUR)
-    prev_los = np.where(st["j"] == 1, np.roll(los, 1), 0)    # stays are ordered by admission, then j
-    offset = pre[a] + np.where(st["j"] == 1, prev_los + between[a], 0)
-    end_icu, last_in = np.zeros(n), np.zeros(n)
-    last = st["j"] == adm["n_stays"][a] - 1
-    end_icu[a[last]], last_in[a[last]] = offset[last] + los[last], offset[last]
-    post = np.clip(rng.lognormal(np.log(60), 0.8, n), 4, 720) * _HOUR
-    length = np.where(adm["icu"], end_icu + post, np.clip(rng.lognormal(np.log(96), 0.7, n), 8, 1000) * _HOUR)
-    # deaths: at least 72 h after the last intime, so even the death *date* is after intime + 48 h
-    dying = np.maximum(end_icu + rng.uniform(0.05, 2, n) * _HOUR, last_in + rng.uniform(72.1, 84, n) * _HOUR)
-    length = np.where(adm["died"] & adm["icu"], dying, length)
-    gap = _gaps(rng, pat, adm)
-    y0, y1 = (np.datetime64(f"{y}-01-01", "s").astype(np.int64) for y in _YEARS[layout])
-    first = rng.uniform(y0, y1, len(pat["age"]))
-    starts = np.cumsum(pat["n_adm"]) - pat["n_adm"]
-    step = length + gap
-    before_me = np.cumsum(step) - step
-    admit = (first[p] + before_me - np.repeat(before_me[starts], pat["n_adm"])) // 60 * 60
-    adm["admit"] = admit.astype(np.int64)
-    adm["disch"] = (-(-(admit + length) // 60) * 60).astype(np.int64)
-    st["intime"] = (admit[a] + offset + rng.integers(0, 60, len(a))).astype(np.int64)
-    st["outtime"] = st["intime"] + los.astype(np.int64)
-    pat["first"] = first.astype(np.int64)
-
-
-def _cohort(rng, n: int, ids: dict, layout: str) -> tuple[dict, dict, dict]:
-    """Patients, admissions and ICU stays of one chunk, with ids continuing from `ids` (updated)."""
-    pat = _patients(rng, n)
-    adm, st = _admissions(rng, pat, layout)
-    _diseases(rng, pat, adm)
-    _timeline(rng, pat, adm, st, layout)
-    pat["subject_id"] = _ids(ids["subject"] + np.arange(n))
-    adm["hadm_id"] = _ids(ids["hadm"] + np.arange(len(adm["pat"])))
-    st["stay_id"] = _ids(ids["stay"] + np.arange(len(st["adm"])))
-    ids["subject"] += n
-    ids["hadm"] += len(adm["pat"])
-    ids["stay"] += len(st["adm"])
-    adm["subject_id"] = pat["subject_id"][adm["pat"]]
-    st["subject_id"], st["hadm_id"] = pat["subject_id"][st["pat"]], adm["hadm_id"][st["adm"]]
-    st["mv"] = adm["mv"][st["adm"]]
-    st["lat"] = np.column_stack([st["resp"], st["circ"], st["sev"]])
-    st["cg"] = rng.integers(14000, 22000, (len(st["adm"]), 3))
-    st["cog"] = pat["cog"][st["pat"]]
-    _admission_features(adm, st)
-    return pat, adm, st
-
-
-def _admission_features(adm: dict, st: dict) -> None:
-    """Per-admission summaries of its stays (any ventilation, shock; worst acuity) used by codes and notes."""
-    n, a = len(adm["pat"]), st["adm"]
-    for key, source in (("vent", st["vent_on"]), ("shock", st["press_on"])):
-        adm[key] = np.zeros(n, bool)
-        adm[key][a[~np.isnan(source)]] = True
-    for key in ("resp", "circ", "sev"):
-        adm[key] = 0.6 * adm["acute"]
-        np.maximum.at(adm[key], a, st[key])
-
-
-# ----------------------------------------------------------------------------------------- code and drugs
-def _code_probs(pat: dict, adm: dict) -> dict:
-    """Probability of each planted ICD-9 code in each admission, from latents, stays and task status."""
-    p = adm["pat"]
-    f = {key: pat[key][p] for key in ("cardiac", "pulm", "cog", "chronic", "social", "frailty")}
-    sig = _sigmoid
-    # precursor codes precede a first diagnosis (and occur, more rarely, in patients never diagnosed)
-    pre = {d: -2.8 + 0.8 * f[lat] + 2.6 * pat[d][p] for d, lat in _TASK_LATENT.items()}
-    vent, shock, died = adm["vent"], adm["shock"], adm["died"]
-    probs = {
-        "4019": sig(pre["hf"] + 1.2), "41401": sig(pre["hf"]), "42731": sig(pre["hf"] - 0.2),
-        "25000": sig(pre["hf"] - 0.4 + 0.9 * f["chronic"]),
-        "3051": sig(pre["copd"] + 0.4), "49390": sig(pre["copd"] - 0.4), "486": sig(pre["copd"] + 0.8 * vent),
-        "3310": sig(pre["amn"] - 0.3), "78097": sig(pre["amn"]), "30390": sig(pre["amn"] - 0.3),
-        "78552": sig(-4.5 + 3.5 * shock + 1.5 * died + 0.5 * adm["circ"]),
-        "0389": sig(-3.2 + 1.0 * adm["sev"] + 1.2 * died + 1.2 * shock),
-        "99592": sig(-3.6 + 0.9 * adm["sev"] + 1.0 * died + 1.8 * shock),
-        "51881": sig(-3.4 + 3.2 * vent + 1.2 * died + 0.6 * adm["resp"]),
-        "5849": sig(-2.4 + 0.8 * f["chronic"] + 0.7 * adm["sev"]),
-        "5859": sig(-2.8 + 1.5 * f["chronic"]), "40390": sig(-3.2 + 1.3 * f["chronic"]),
-        "2859": sig(-2.0 + 0.5 * f["chronic"] + 0.4 * f["frailty"]), "V5861": sig(-3.0 + 0.9 * f["cardiac"]),
-        "V1581": np.where(adm["noncompliant"], 0.75, 0.02), "V603": np.where(adm["alone"], 0.6, 0.02),
-    }
-    for d, codes in _TASK_CODES.items():   # the task group: one main code at and after the first diagnosis
-        main = pat[d + "_code"][p]
-        for i, code in enumerate(codes):
-            probs[code] = np.where(adm[d + "_dx"], np.where(main == i, np.where(adm[d + "_first"], 1, 0.85),
-                                                                 0.12), 0.0)
-    return probs
-
-
-def _top_k(rng, weights, counts) -> tuple[np.ndarray, np.ndarray]:
-    """For each row, `counts[row]` distinct items drawn with probability ~ weights (Gumbel top-k)."""
-    keys = np.log(weights)[None, :] - np.log(-np.log(rng.random((len(counts), len(weights)))))
-    order = np.argsort(-keys, axis=1)
-    take = np.arange(len(weights))[None, :] < np.minimum(counts, len(weights))[:, None]
-    return np.nonzero(take)[0], order[take]
-
-
-def _codes(rng, pat: dict, adm: dict) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Diagnosis codes per admission: (admission index, ICD-9 code) rows in random order, and the planted
-    codes' presence (code -> bool per admission) for the notes."""
-    n = len(adm["pat"])
-    bg = len(_ICD9_BACKGROUND)
-    rows, codes = _top_k(rng, 1 / (np.arange(bg) + 8.0), 4 + rng.poisson(4 + 2 * adm["icu"]))
-    probs = _code_probs(pat, adm)
-    planted = np.array(list(probs), dtype=object)
-    present = rng.random((n, len(planted))) < np.column_stack(list(probs.values()))
-    pr, pc = np.nonzero(present)
-    vocab = np.concatenate([np.array(_ICD9_BACKGROUND, dtype=object), planted])
-    rows, codes = np.concatenate([rows, pr]), np.concatenate([codes, pc + bg])
-    order = np.lexsort((rng.random(len(rows)), rows))
-    return rows[order], vocab[codes[order]], dict(zip(planted, present.T))
-
-
-def _drug_probs(pat: dict, adm: dict, has: dict) -> dict:
-    """Probability of each planted drug per admission, following codes, task status and stay events."""
-    p = adm["pat"]
-    sig = _sigmoid
-    hf, copd, amn = (pat[d][p] for d in ("hf", "copd", "amn"))
-    c, pu = pat["cardiac"][p], pat["pulm"][p]
-    return {
-        "Furosemide": np.where(adm["hf_dx"], 0.9, sig(-2.6 + 0.8 * c + 1.8 * hf)),
-        "Metoprolol Tartrate": np.where(adm["hf_dx"], 0.8, sig(-2.3 + 0.7 * c + 1.6 * hf)),
-        "Carvedilol": np.where(adm["hf_dx"], 0.4, 0.02), "Spironolactone": np.where(adm["hf_dx"], 0.3, 0.02),
-        "Lisinopril": np.where(has["4019"], 0.5, 0.08),
-        "Albuterol 0.083% Neb Soln": np.where(adm["copd_dx"], 0.9, sig(-2.6 + 0.8 * pu + 1.8 * copd)),
-        "Ipratropium Bromide Neb": np.where(adm["copd_dx"], 0.8, sig(-3.0 + 0.8 * pu + 1.6 * copd)),
-        "Tiotropium Bromide": np.where(adm["copd_dx"], 0.6, 0.02),
-        "Fluticasone-Salmeterol Diskus (250/50)": np.where(adm["copd_dx"] | has["49390"], 0.4, 0.02),
-        "Nicotine Patch": np.where(has["3051"], 0.6, 0.03),
-        "Donepezil": np.where(adm["amn_dx"], 0.6, np.where(has["3310"], 0.4, 0.01)),
-        "Thiamine": np.where(has["30390"], 0.7, 0.05), "Haloperidol": sig(-3.0 + 0.8 * pat["cog"][p]),
-        "Insulin": np.where(has["25000"], 0.85, 0.25 * adm["icu"]),
-        "Norepinephrine": np.where(adm["shock"], 0.9, 0.0), "Vasopressin": np.where(adm["shock"], 0.25, 0.0),
-        "Propofol": np.where(adm["vent"], 0.85, 0.03),
-        "Vancomycin": np.where(has["0389"] | has["99592"], 0.8, 0.15),
-        "Piperacillin-Tazobactam": np.where(has["0389"] | has["99592"], 0.6, 0.06),
-    }
-
-
-def _drugs(rng, pat: dict, adm: dict, has: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Prescribed drugs per admission as (admission index, drug table index) rows: a skewed background
-    whose size grows with chronic disease (a readmission signal), plus the planted drugs."""
-    n = len(adm["pat"])
-    probs = _drug_probs(pat, adm, has)
-    planted = np.array([_DRUG_INDEX[name] for name in probs])
-    background = np.setdiff1d(np.arange(len(_DRUGS["drug"])), planted)
-    rows, idx = _top_k(rng, 1 / (np.arange(len(background)) + 4.0), adm["n_drugs"])
-    pr, pc = np.nonzero(rng.random((n, len(planted))) < np.column_stack(list(probs.values())))
-    rows, drugs = np.concatenate([rows, pr]), np.concatenate([background[idx], planted[pc]])
-    order = np.lexsort((rng.random(len(rows)), rows))
-    return rows[order], drugs[order]
-
-
-# ---------------------------------------------------------------------------------------- hospital tables
-_ICD10_MAP = {**{c: _ICD10_BACKGROUND[i % len(_ICD10_BACKGROUND)] for i, c in enumerate(_ICD9_BACKGROUND)},
-              **_ICD10_OF}
-_WARDS = np.array([[52, 50], [33, 57], [7, 57], [14, 12], [14, 33]])
-
-
-def _dotted(code: str, icd10: bool) -> str:
-    """An ICD code as TriNetX writes it: '4280' -> '428.0', 'E8497' -> 'E849.7', 'I509' -> 'I50.9'."""
-    cut = 4 if code.startswith("E") and not icd10 else 3
-    return code if len(code) <= cut else f"{code[:cut]}.{code[cut:]}"
-
-
-def _patients_table(rng, pat: dict, adm: dict, layout: str) -> tuple[int, dict]:
-    """PATIENTS (mimic3: dob, dod), hosp/patients (mimic4: anchor_age, anchor_year) or patient (trinetx)."""
-    n = len(pat["age"])
-    last = np.cumsum(pat["n_adm"]) - 1
-    died = adm["died"][last]
-    later = ~died & (rng.random(n) < 0.15)                 # deaths after the last discharge
-    dod = np.where(died, adm["disch"][last], adm["disch"][last] + (rng.uniform(31, 1500, n) * _DAY).astype(np.int64))
-    dod, dead = dod // _DAY * _DAY, died | later
-    sex = np.where(pat["male"], "M", "F").astype(object)
-    first_year = _civil(pat["first"] // _DAY)[0]
-    cols = dict(subject_id=pat["subject_id"])
-    if layout == "mimic3":
-        years = np.where(pat["age"] >= 90, 300 + pat["age"] - 90, pat["age"])   # MIMIC-III: over 89 shown as ~300
-        dod_text = _ts(dod, missing=~dead)
-        cols.update(gender=sex, dob=_ts((pat["first"] - years * _YEAR).astype(np.int64) // _DAY * _DAY),
-                    dod=dod_text, dod_hosp=_ts(dod, missing=~died),
-                    dod_ssn=np.where(dead & (rng.random(n) < 0.8), dod_text, ""), expire_flag=_ids(dead))
-    elif layout == "mimic4":
-        groups = np.array(["2008 - 2010", "2011 - 2013", "2014 - 2016", "2017 - 2019"], dtype=object)
-        cols.update(gender=sex, anchor_age=_ids(np.where(pat["age"] >= 90, 91, np.clip(pat["age"], 18, 89))),
-                    anchor_year=_ids(first_year), anchor_year_group=groups[rng.integers(0, 4, n)],
-                    dod=_ts(dod, "date", missing=~dead))
-    else:
-        race = pat["race"]
-        cols.update(sex=sex, year_of_birth=_ids(first_year - np.floor(pat["age"])),
-                    race=_label("race", layout, race), marital_status=_label("marital", layout, pat["marital"]),
-                    ethnicity=np.where(race == 2, "Hispanic or Latino",
-                                       np.where(race == 5, "Unknown", "Not Hispanic or Latino")).astype(object))
-    return n, cols
-
-
-def _admissions_table(rng, pat: dict, adm: dict, layout: str) -> tuple[int, dict]:
-    """ADMISSIONS / hosp/admissions: times, death, administrative categories."""
-    n, p = len(adm["pat"]), adm["pat"]
-    age = pat["age"][p] + (adm["admit"] - pat["first"][p]) / _YEAR
-    ed = (adm["atype"] == 0) & (rng.random(n) < 0.85)
-    location = np.where(ed, 0, np.where(adm["atype"] == 1, 1, 2))
-    frail = pat["frailty"][p] + 0.5 * rng.standard_normal(n)
-    goes = np.where(adm["died"], 4, np.digitize(frail, [-0.3, 0.4, 1.1]))
-    insurance = np.where(age >= 65, np.where(rng.random(n) < 0.92, 0, 1), rng.choice(3, n, p=[0.55, 0.35, 0.1]) + 1)
-    diagnosis = rng.integers(0, len(_ADMIT_DIAGNOSIS), n)
-    diagnosis = np.where(adm["amn_dx"], 5, np.where(adm["hf_dx"], 2, diagnosis))
-    diagnosis = np.where(adm["shock"], 1, np.where(adm["vent"], 0, diagnosis))
-    edreg = adm["admit"] - (rng.uniform(1, 8, n) * _HOUR).astype(np.int64) // 60 * 60
-    edout = adm["admit"] + (rng.uniform(0.1, 1, n) * _HOUR).astype(np.int64) // 60 * 60
-    cols = dict(subject_id=adm["subject_id"], hadm_id=adm["hadm_id"], admittime=_ts(adm["admit"]),
-                dischtime=_ts(adm["disch"]), deathtime=_ts(adm["disch"], missing=~adm["died"]),
-                admission_type=_label("admit_type", layout, adm["atype"]),
-                admission_location=_vocab(_ADMIT_LOCATION[layout])[location],
-                discharge_location=_vocab(_DISCHARGE_LOCATION[layout])[goes],
-                insurance=_vocab(("Medicare", "Private", "Medicaid", "Government") if layout == "mimic3"
-                                 else ("Medicare", "Other", "Medicaid", "Other"))[insurance],
-                language=_label("language", layout, pat["language"][p]),
-                marital_status=_label("marital", layout, pat["marital"][p]),
-                race=_label("race", layout, pat["race"][p]), edregtime=_ts(edreg, missing=~ed),
-                edouttime=_ts(edout, missing=~ed), diagnosis=_vocab(_ADMIT_DIAGNOSIS)[diagnosis],
-                hospital_expire_flag=_ids(adm["died"]), has_chartevents_data=_ids(adm["icu"]))
-    if layout == "mimic3":
-        cols["religion"] = _label("religion", layout, pat["religion"][p])
-    else:
-        cols["admit_provider_id"] = np.array([f"P{x:05X}" for x in rng.integers(0x10000, 0xFFFFF, n)], dtype=object)
-    return n, cols
-
-
-def _icustays_table(rng, st: dict, layout: str) -> tuple[int, dict]:
-    """ICUSTAYS / icu/icustays: unit, times, length of stay in days."""
-    n = len(st["adm"])
-    moved = rng.random(n) < 0.1
-    other = _pick(rng, "careunit", n)
-    ward = _WARDS[st["unit"], rng.integers(0, 2, n)]
-    return n, dict(subject_id=st["subject_id"], hadm_id=st["hadm_id"], stay_id=st["stay_id"],
-                   dbsource=np.where(st["mv"], "metavision", "carevue").astype(object),
-                   first_careunit=_label("careunit", layout, st["unit"]),
-                   last_careunit=_label("careunit", layout, np.where(moved, other, st["unit"])),
-                   first_wardid=_ids(ward), last_wardid=_ids(np.where(moved, _WARDS[other, 0], ward)),
-                   intime=_ts(st["intime"]), outtime=_ts(st["outtime"]),
-                   los=_num((st["outtime"] - st["intime"]) / _DAY, 4))
-
-
-def _diagnoses_table(rng, adm: dict, rows, codes, layout: str) -> tuple[int, dict]:
-    """DIAGNOSES_ICD / hosp/diagnoses_icd / diagnosis: ~15% of MIMIC-IV and TriNetX admissions are coded in
-    ICD-10 only; never a case's history up to its first diagnosis, so an ICD-9 reader keeps every case."""
-    n_adm = len(adm["pat"])
-    icd10 = np.zeros(n_adm, bool)
-    if layout != "mimic3":
-        icd10 = (rng.random(n_adm) < 0.23) & ~adm["dx_history"]   # ~15% of all admissions
-    ten = icd10[rows]
-    codes = codes.copy()
-    codes[ten] = [_ICD10_MAP[c] for c in codes[ten]]
-    keep, seen = np.ones(len(rows), bool), set()
-    for i in np.flatnonzero(ten):                    # two ICD-9 codes may map to one ICD-10 code
-        keep[i] = (rows[i], codes[i]) not in seen
-        seen.add((rows[i], codes[i]))
-    rows, codes, ten = rows[keep], codes[keep], ten[keep]
-    seq = group_rank(np.bincount(rows, minlength=n_adm)) + 1
-    cols = dict(subject_id=adm["subject_id"][rows], hadm_id=adm["hadm_id"][rows], seq_num=_ids(seq),
-                icd_code=codes, icd_version=np.where(ten, "10", "9").astype(object))
-    if layout == "trinetx":
-        cols.update(code_system=np.where(ten, "ICD-10-CM", "ICD-9-CM").astype(object),
-                    code=np.array([_dotted(c, t) for c, t in zip(codes, ten)], dtype=object),
-                    principal_diagnosis_indicator=np.where(seq == 1, "Y", "N").astype(object),
-                    date=_ts(adm["admit"][rows], "compact"))
-    return len(rows), cols
-
-
-def _prescriptions_table(rng, adm: dict, rows, drugs, layout: str) -> tuple[int, dict]:
-    """PRESCRIPTIONS / hosp/prescriptions: one order per (admission, drug), inside the admission."""
-    n = len(rows)
-    admit, disch = adm["admit"][rows], adm["disch"][rows]
-    start = (admit + rng.random(n) * np.maximum(disch - admit - _HOUR, 0)).astype(np.int64) // 60 * 60
-    stop = np.minimum(start + (rng.uniform(0.5, 6, n) * _DAY).astype(np.int64), disch)
-    cols = {f: _DRUGS[f][drugs] for f in _DRUG_FIELDS}
-    cols.update(subject_id=adm["subject_id"][rows], hadm_id=adm["hadm_id"][rows], stay_id="",
-                drug_name_poe=np.where(cols["drug_type"] == "MAIN", cols["drug"], ""))
-    if layout == "mimic3":
-        cols.update(startdate=_ts(start // _DAY * _DAY), enddate=_ts(stop // _DAY * _DAY))
-        return n, cols
-    seq = group_rank(np.bincount(adm["pat"][rows], minlength=len(adm["pat"]))) + 1
-    cols.update(starttime=_ts(start), stoptime=_ts(stop), pharmacy_id=_ids(rng.integers(10**7, 10**8, n)),
-                poe_id=np.array([f"{s}-{q}" for s, q in zip(cols["subject_id"], seq)], dtype=object),
-                poe_seq=_ids(seq), order_provider_id="", form_rx="",
-                doses_per_24_hrs=_ids(rng.choice([1, 2, 3, 4], n, p=[0.5, 0.25, 0.15, 0.1])))
-    return n, cols
-
-
-def _lab_draws(rng, adm: dict, st: dict):
-    """Blood draws: one at admission, every morning in hospital, every ~12 h in the first 72 h of each ICU
-    stay, and some outpatient ones before admissions (no hadm_id). Returns (time, admission, stay, icu)."""
-    n = len(adm["pat"])
-    days = ((adm["disch"] - adm["admit"]) // _DAY + 1).astype(int)
-    a1 = np.repeat(np.arange(n), days)
-    morning = (rng.uniform(4, 6.5, len(a1)) * _HOUR).astype(np.int64)
-    t1 = (adm["admit"][a1] // _DAY + group_rank(days) + 1) * _DAY + morning
-    inside = t1 < adm["disch"][a1]
-    a1, t1 = a1[inside], t1[inside]
-    t0 = adm["admit"] + (rng.uniform(0.3, 2, n) * _HOUR).astype(np.int64)
-    per_stay = np.ceil(np.minimum(st["los"], 72) / 12).astype(int)
-    s2 = np.repeat(np.arange(len(st["adm"])), per_stay)
-    t2 = st["intime"][s2] + ((rng.uniform(0.5, 2, len(s2)) + 12 * group_rank(per_stay)) * _HOUR).astype(np.int64)
-    s2, t2 = s2[t2 < st["outtime"][s2]], t2[t2 < st["outtime"][s2]]
-    a3 = np.flatnonzero(rng.random(n) < 0.35)
-    t3 = adm["admit"][a3] - (rng.uniform(5, 60, len(a3)) * _DAY).astype(np.int64)
-    time = np.concatenate([t0, t1, t2, t3]) // 60 * 60
-    a = np.concatenate([np.arange(n), a1, st["adm"][s2], a3])
-    stay = np.concatenate([np.full(n + len(a1), -1), s2, np.full(len(a3), -1)])
-    outpatient = np.concatenate([np.zeros(n + len(a1) + len(s2), bool), np.ones(len(a3), bool)])
-    for j in (0, 1):        # morning draws during an ICU stay show that stay's acuity too
-        of_adm = np.full(n, -1)
-        of_adm[st["adm"][st["j"] == j]] = np.flatnonzero(st["j"] == j)
-        cand = np.where(outpatient | (stay >= 0), -1, of_adm[a])
-        inside = (_gather(st["intime"], cand) <= time) & (time < _gather(st["outtime"], cand))
-        stay[inside] = cand[inside]
-    return time, a, stay, outpatient
-
-
-def _labs_table(rng, pat: dict, adm: dict, st: dict, layout: str) -> tuple[int, dict]:
-    """LABEVENTS / hosp/labevents: panels whose values follow chronic disease and the stay's acuity."""
-    time, a, stay, outpatient = _lab_draws(rng, adm, st)
-    d = len(time)
-    in_icu = stay >= 0
-    w = np.where(in_icu, _ramp((time - _gather(st["intime"], stay)) / _HOUR), 0.6)
-    acute = np.where(outpatient, 0, 0.4 * adm["acute"][a])
-    circ = np.where(in_icu, _gather(st["circ"], stay), acute)
-    sev = np.where(in_icu, _gather(st["sev"], stay), acute)
-    x = np.column_stack([pat["chronic"][adm["pat"][a]], w * circ, w * sev])
-    lactate_p = np.where(in_icu, 0.6 + 0.3 * (circ > 0.5), 0.05)
-    p = np.column_stack([lactate_p] + [np.full(d, 0.92)] * (len(_LABS) - 1))
-    r, lab = np.nonzero(rng.random((d, len(_LABS))) < p)
-    shift = (x[r] * _LAB["effect"][lab]).sum(1) + _LAB["sd"][lab] * rng.standard_normal(len(r))
-    centre = _LAB["centre"][lab]
-    value = np.where(_LAB["log"][lab], centre * np.exp(shift), centre + shift)
-    value = np.clip(value, 0.1 * centre, 8 * centre)
-    text = np.empty(len(r), dtype=object)
-    for decimals in (0, 1):
-        m = _LAB["dec"][lab] == decimals
-        text[m] = _num(value[m], decimals)
-    lo, hi = _LAB["lo"][lab], _LAB["hi"][lab]
-    flag = np.where((value < lo) | (value > hi), "abnormal", "").astype(object)
-    ar = a[r]
-    cols = dict(subject_id=adm["subject_id"][ar], hadm_id=np.where(outpatient[r], "", adm["hadm_id"][ar]),
-                itemid=_ids(_LAB["item"][lab]), charttime=_ts(time[r]), value=text, valuenum=text,
-                valueuom=_LAB["unit"][lab], flag=flag)
-    if layout == "mimic4":
-        specimen = rng.integers(10**7, 10**8, d)
-        cols.update(specimen_id=_ids(specimen[r]), order_provider_id="", comments="",
-                    storetime=_ts(time[r] + rng.integers(20, 120, len(r)) * 60),
-                    ref_range_lower=_num(lo, 1), ref_range_upper=_num(hi, 1),
-                    priority=np.where(in_icu[r], "STAT", "ROUTINE").astype(object))
-    return len(r), cols
-
-
-# ---------------------------------------------------------------------------------------------- ICU tables
-def _grid(st: dict):
-    """Whole clock hours inside each stay: (stay index, epoch seconds, hours since intime, hour number)."""
-    first = (st["intime"] // _HOUR + 1) * _HOUR
-    count = np.maximum(0, -(-(st["outtime"] - first) // _HOUR))
-    s = np.repeat(np.arange(len(first)), count)
-    t = first[s] + group_rank(count) * _HOUR
-    return s, t, (t - st["intime"][s]) / _HOUR, group_rank(count)
-
-
-def _chart_rows(rng, st: dict, scale: float):
-    """Which (grid hour, variable) pairs are charted: vitals each round (hourly for 72 h, then every 4 h),
-    others every 4th round, PEEP only while ventilated; `scale` adds rows at random minutes of the hour."""
-    s, t, h, k = _grid(st)
-    mv = st["mv"][s]
-    rounds = (h < 72) | (k % 4 == 0)
-    four = rounds & (k % 4 == 0)
-    masks = [np.where(hourly, rounds, four) for hourly in _VIT["hourly"]]
-    masks[_V["fio2"]] = four & mv
-    masks[_V["abpm"]] = rounds & mv & _on(h, st["art_on"][s])
-    masks[_V["peep"]] = rounds & mv & _on(h, st["vent_on"][s], st["vent_off"][s])
-    masks[_V["weight"]] = rounds & mv & (k % 24 == 0)
-    masks += [four & mv] * 5 + [rounds & mv & (k % 12 == 0)] * 2        # _TEXT_ITEMS
-    g = np.concatenate([np.flatnonzero(m) for m in masks])
-    var = np.repeat(np.arange(len(masks)), [np.count_nonzero(m) for m in masks])
-    if scale < 1:
-        keep = rng.random(len(g)) < scale
-        g, var = g[keep], var[keep]
-    reps = np.ones(len(g), dtype=np.int64)
-    if scale > 1:
-        reps += int(scale - 1) + (rng.random(len(g)) < (scale - 1) % 1)
-    g, var = np.repeat(g, reps), np.repeat(var, reps)
-    extra = group_rank(reps) > 0
-    room = np.minimum(3540, st["outtime"][s[g]] - t[g] - 1)      # seconds left in the hour and the stay
-    minute = np.where(~extra & (rng.random(len(g)) < 0.7), 0, rng.random(len(g)) * room) // 60 * 60
-    when = t[g] + minute.astype(np.int64)
-    order = np.lexsort((var, when, s[g]))
-    return s[g][order], var[order], when[order]
-
-
-def _chart_values(rng, st: dict, s, var, when):
-    """value / valuenum / unit text of chart rows; numeric vitals drift with the stay latents over 48 h."""
-    n, nv = len(s), len(_VITALS)
-    hours = (when - st["intime"][s]) / _HOUR
-    ramp = _ramp(hours)
-    vent = _on(hours, st["vent_on"][s], st["vent_off"][s])
-    v = np.minimum(var, nv - 1)
-    offsets = rng.standard_normal((len(st["adm"]), nv)) * _VIT["sd_stay"]
-    num = (_VIT["mean"][v] + offsets[s, v] + ramp * (st["lat"][s] * _VIT["effect"][v]).sum(1)
-           + _VIT["sd_row"][v] * rng.standard_normal(n) + 12 * (vent & (var == _V["fio2"])))
-    num = np.where(var == _V["weight"], st["weight"][s] + 0.5 * rng.standard_normal(n), num)
-    num = np.clip(num, _VIT["lo"][v], _VIT["hi"][v])
-    # consciousness: worse with acuity, dementia and sedation on the ventilator
-    cons = -1.2 * st["sev"][s] * ramp - 0.3 * st["cog"][s] - 1.5 * vent + 0.6 * rng.standard_normal(n)
-    value, valuenum = np.empty(n, dtype=object), np.empty(n, dtype=object)
-    for i in range(nv):
-        m = var == i
-        value[m] = valuenum[m] = _num(num[m], int(_VIT["dec"][i]))
-    for i, (item, words) in enumerate(_GCS.items()):
-        m = var == nv + i
-        level = np.clip(np.round(len(words) - 0.3 + (1 + 0.2 * i) * cons[m]), 1, len(words)).astype(int)
-        text = _vocab(words)[level - 1]
-        if item == 223900:
-            level, text = np.where(vent[m], 1, level), np.where(vent[m], "No Response-ETT", text)
-        value[m], valuenum[m] = text, _ids(level)
-    m = var == nv + 3                                          # RASS: sedation with acuity, some agitation
-    level = np.clip(np.round(0.9 * np.minimum(cons[m], 0.4) - vent[m]), -5, 0).astype(int)
-    level = np.where((rng.random(m.sum()) < 0.1) & ~vent[m], rng.integers(1, 3, m.sum()), level)
-    value[m], valuenum[m] = _RASS[level + 5], _ids(level)
-    m = var == nv + 4                                                          # alarms on (a checkbox)
-    value[m] = valuenum[m] = np.where(rng.random(m.sum()) < 0.97, "1", "0").astype(object)
-    for i, words in ((5, _SAFETY), (6, _ORAL)):
-        m = var == nv + i
-        value[m], valuenum[m] = words[rng.integers(0, len(words), m.sum())], ""
-    return value, valuenum
-
-
-def _chart_table(rng, st: dict, scale: float) -> tuple[int, dict]:
-    """CHARTEVENTS / icu/chartevents of a batch of stays (MetaVision or CareVue itemids per stay)."""
-    s, var, when = _chart_rows(rng, st, scale)
-    value, valuenum = _chart_values(rng, st, s, var, when)
-    n, mv = len(s), st["mv"][s]
-    text_item = np.array(_TEXT_ITEMS)
-    item_mv = np.concatenate([_VIT["mv"], text_item])
-    item_cv = np.concatenate([_VIT["cv"], text_item])
-    unit_mv = np.concatenate([_VIT["mv_unit"], np.full(len(text_item), "", dtype=object)])
-    unit_cv = np.concatenate([_VIT["cv_unit"], np.full(len(text_item), "", dtype=object)])
-    return n, dict(subject_id=st["subject_id"][s], hadm_id=st["hadm_id"][s], stay_id=st["stay_id"][s],
-                   itemid=_ids(np.where(mv, item_mv[var], item_cv[var])), charttime=_ts(when),
-                   storetime=_ts(when + rng.integers(1, 50, n) * 60),
-                   cgid=_ids(st["cg"][s, rng.integers(0, 3, n)]), value=value, valuenum=valuenum,
-                   valueuom=np.where(mv, unit_mv[var], unit_cv[var]),
-                   warning=np.where(mv, "0", "").astype(object), error=np.where(mv, "0", "").astype(object),
-                   resultstatus="", stopped=np.where(mv, "", "NotStopd").astype(object))
-
-
-def _outputs_table(rng, st: dict) -> tuple[int, dict]:
-    """OUTPUTEVENTS: urine every 2 h by Foley (or every 4 h voided), less with circulatory failure."""
-    s, t, h, k = _grid(st)
-    void = (rng.random(len(st["adm"])) < 0.15) & st["mv"]
-    keep = np.where(void[s], k % 4 == 0, k % 2 == 0)
-    s, t, h = s[keep], t[keep], h[keep]
-    hours = np.where(void[s], 4, 2)
-    ramp = _ramp(h)
-    ml = hours * 55 * np.exp(-0.35 * st["circ"][s] * ramp - 0.2 * st["sev"][s] * ramp
-                             + 0.35 * rng.standard_normal(len(s)))
-    mv = st["mv"][s]
-    item = np.where(mv, np.where(void[s], 226560, 226559), 40055)
-    n = len(s)
-    return n, dict(subject_id=st["subject_id"][s], hadm_id=st["hadm_id"][s], stay_id=st["stay_id"][s],
-                   charttime=_ts(t), itemid=_ids(item), value=_num(ml),
-                   valueuom=np.where(mv, "mL", "ml").astype(object),
-                   storetime=_ts(t + rng.integers(5, 90, n) * 60), cgid=_ids(st["cg"][s, rng.integers(0, 3, n)]),
-                   stopped="", newbottle="", iserror="")
-
-
-def _segments(stay, start, end, length):
-    """Consecutive segments of about `length` hours covering each episode [start, end) (hours)."""
-    count = np.maximum(1, np.ceil((end - start) / length)).astype(int)
-    e = np.repeat(np.arange(len(stay)), count)
-    i = group_rank(count)
-    size = ((end - start) / count)[e]
-    return stay[e], start[e] + i * size, start[e] + (i + 1) * size, i == count[e] - 1, e
-
-
-def _episodes(rng, st: dict):
-    """Infusion episodes of MetaVision stays as (kind, stay, start h, end h, segment length h)."""
-    n, los = len(st["adm"]), st["los"]
-    mv = np.flatnonzero(st["mv"])
-    out = [("nacl", mv, rng.uniform(0.5, 3, len(mv)), np.maximum(0.9 * los[mv], 4), 12.0)]
-    boluses = rng.poisson(0.3 + 1.2 * np.maximum(st["circ"], 0)) * st["mv"]   # fluid challenges, first 48 h
-    b = np.repeat(np.arange(n), boluses)
-    start = rng.random(len(b)) * np.maximum(np.minimum(los[b], 48) - 0.5, 0.1)
-    out.append(("bolus", b, start, start + 0.5, 1.0))
-    d = mv[rng.random(len(mv)) < 0.25]
-    start = rng.random(len(d)) * (los[d] - 0.6)
-    out.append(("dextrose", d, start, start + 0.5, 1.0))
-    v = np.flatnonzero(st["mv"] & ~np.isnan(st["vent_on"]) & ~st["vent_niv"])
-    out.append(("propofol", v, st["vent_on"][v], st["vent_off"][v], 6.0))
-    p = np.flatnonzero(st["mv"] & ~np.isnan(st["press_on"]))
-    for i, kind in enumerate(_PRESSORS):   # the shock onset: first start of any of the five vasopressors
-        q = p[st["pressor"][p] == i]
-        out.append((kind, q, st["press_on"][q], st["press_off"][q], 4.0))
-    q = p[st["second"][p] & (st["pressor"][p] != 2)]
-    start = st["press_on"][q] + rng.uniform(1, 6, len(q))
-    q, start = q[start < st["press_off"][q]], start[start < st["press_off"][q]]
-    out.append(("vasopressin", q, start, st["press_off"][q], 4.0))
-    return out
-
-
-def _inputs_table(rng, st: dict) -> tuple[int, dict]:
-    """INPUTEVENTS_MV / icu/inputevents: fluids, propofol while ventilated, vasopressors during shock."""
-    parts = []
-    for kind, stay, start, end, length in _episodes(rng, st):
-        s, a, b, last, e = _segments(stay, start, end, length)
-        lo, hi = _INPUTS[kind][7]
-        parts.append((np.full(len(s), list(_INPUTS).index(kind)), s, a, b, last, e + len(parts) * 10**6,
-                      rng.uniform(lo, hi, len(s))))
-    kind, s, a, b, last, episode, rate = (np.concatenate(c) for c in zip(*parts))
-    intime = st["intime"][s]
-    start = (intime + a * _HOUR).astype(np.int64) // 60 * 60
-    end = np.maximum((intime + b * _HOUR).astype(np.int64) // 60 * 60, start + 60)
-    meta = list(zip(*_INPUTS.values()))
-    item, amount_unit, rate_unit, category, secondary, description, bag = (np.array(c, dtype=object) for c in meta[:7])
-    minutes = (end - start) / 60
-    weight = st["weight"][s]
-    per_kg = rate_unit[kind] == "mcg/kg/min"
-    amount = np.where(per_kg, rate * weight * minutes / 1000, rate * minutes / 60)
-    order = rng.integers(10**5, 10**7, len(s))
-    _, first = np.unique(episode, return_index=True)
-    link = order[first][np.unique(episode, return_inverse=True)[1]]
-    status = np.where(last, np.where(rng.random(len(s)) < 0.8, "FinishedRunning", "Stopped"), "Changed")
-    amount_text, rate_text = _num(amount, 4), _num(rate, 4)
-    n = len(s)
-    return n, dict(subject_id=st["subject_id"][s], hadm_id=st["hadm_id"][s], stay_id=st["stay_id"][s],
-                   starttime=_ts(start), endtime=_ts(end), itemid=_ids(item[kind]), amount=amount_text,
-                   amountuom=amount_unit[kind], rate=rate_text, rateuom=rate_unit[kind],
-                   storetime=_ts(start + rng.integers(0, 30, n) * 60), cgid=_ids(st["cg"][s, rng.integers(0, 3, n)]),
-                   orderid=_ids(order), linkorderid=_ids(link), ordercategoryname=category[kind],
-                   secondaryordercategoryname=secondary[kind], ordercomponenttypedescription="Main order parameter",
-                   ordercategorydescription=description[kind], patientweight=_num(weight, 1),
-                   totalamount=_ids(bag[kind]), totalamountuom="ml", isopenbag="0", continueinnextdept="0",
-                   cancelreason="0", statusdescription=status.astype(object), comments_editedby="",
-                   comments_canceledby="", comments_date="", originalamount=amount_text, originalrate=rate_text)
-
-
-def _procedures_table(rng, st: dict) -> tuple[int, dict]:
-    """PROCEDUREEVENTS_MV / icu/procedureevents: ventilation (the ARF onset), arterial and central lines."""
-    mv = st["mv"]
-    v = np.flatnonzero(mv & ~np.isnan(st["vent_on"]))
-    a = np.flatnonzero(mv & ~np.isnan(st["art_on"]))
-    c = np.flatnonzero(mv & ~np.isnan(st["cvl_on"]))
-    s = np.concatenate([v, a, c])
-    kind = np.repeat([0, 1, 2], [len(v), len(a), len(c)])
-    start_h = np.concatenate([st["vent_on"][v], st["art_on"][a], st["cvl_on"][c]])
-    end_h = np.concatenate([st["vent_off"][v], _ends(rng, st["art_on"][a], st["los"][a], 72),
-                            _ends(rng, st["cvl_on"][c], st["los"][c], 96)])
-    item = np.where(kind == 0, np.where(st["vent_niv"][s], 225794, 225792), np.where(kind == 1, 225752, 224263))
-    start = (st["intime"][s] + start_h * _HOUR).astype(np.int64) // 60 * 60
-    end = np.maximum((st["intime"][s] + end_h * _HOUR).astype(np.int64) // 60 * 60, start + 60)
-    site = np.array(["", "Left Radial", "Right Radial", "Right Femoral.", "Right IJ", "Left Subclavian"], dtype=object)
-    where = np.where(kind == 0, 0, np.where(kind == 1, rng.integers(1, 4, len(s)), rng.integers(4, 6, len(s))))
-    n = len(s)
-    order = _ids(rng.integers(10**5, 10**7, n))
-    return n, dict(subject_id=st["subject_id"][s], hadm_id=st["hadm_id"][s], stay_id=st["stay_id"][s],
-                   starttime=_ts(start), endtime=_ts(end), itemid=_ids(item), value=_ids((end - start) // 60),
-                   valueuom="min", location=site[where],
-                   locationcategory=np.array(["", "Invasive Arterial", "Invasive Venous"], dtype=object)[kind],
-                   storetime=_ts(end + rng.integers(5, 60, n) * 60), cgid=_ids(st["cg"][s, rng.integers(0, 3, n)]),
-                   orderid=order, linkorderid=order,
-                   ordercategoryname=np.where(kind == 0, "Ventilation", "Invasive Lines").astype(object),
-                   secondaryordercategoryname="", ordercategorydescription="Task",
-                   patientweight=_num(st["weight"][s], 1),
-                   isopenbag="1", continueinnextdept="0", cancelreason="0", statusdescription="FinishedRunning",
-                   comments_editedby="", comments_canceledby="", comments_date="",
-                   originalamount=_ids((end - start) // 60), originalrate="")
-
-
-def _datetimes_table(rng, st: dict) -> tuple[int, dict]:
-    """DATETIMEEVENTS: IV insertion date every 12 h, arterial line tubing change daily (value = a time)."""
-    s, t, h, k = _grid(st)
-    piv = (rng.random(len(st["adm"])) < 0.6) & st["mv"]
-    inserted = (st["intime"] - rng.uniform(0, 2, len(st["adm"])) * _DAY).astype(np.int64) // _DAY * _DAY
-    art_start = (st["intime"] + np.nan_to_num(st["art_on"]) * _HOUR).astype(np.int64) // 60 * 60
-    a = (k % 12 == 0) & piv[s]
-    b = (k % 24 == 0) & st["mv"][s] & _on(h, st["art_on"][s])
-    rows = np.concatenate([np.flatnonzero(a), np.flatnonzero(b)])
-    item = np.repeat([225754, 224290], [a.sum(), b.sum()])
-    s, t = s[rows], t[rows]
-    n = len(s)
-    return n, dict(subject_id=st["subject_id"][s], hadm_id=st["hadm_id"][s], stay_id=st["stay_id"][s],
-                   itemid=_ids(item), charttime=_ts(t), storetime=_ts(t + rng.integers(1, 40, n) * 60),
-                   cgid=_ids(st["cg"][s, rng.integers(0, 3, n)]),
-                   value=_ts(np.where(item == 225754, inserted[s], art_start[s])), valueuom="Date",
-                   warning="0", error="0", resultstatus="", stopped="")
-
-
-# --------------------------------------------------------------------------------------------------- notes
-_HOME = ("Lives with spouse, who is very involved; good family support.",
-         "Lives with daughter. Retired; independent in ADLs.",
-         "Lives alone; a neighbour checks in weekly.")
-_NONCOMPLIANT = " Noncompliant with medications and missed several follow-up appointments."
-_COURSE = {  # admission feature -> hospital-course sentence
-    "vent": "Intubated for hypoxemic respiratory failure and managed on the ventilator in the ICU.",
-    "shock": "Developed septic shock requiring norepinephrine; lactate peaked at 6.1.",
-    "hf_dx": "Diuresed with IV furosemide for acute on chronic systolic heart failure (EF 25%).",
-    "copd_dx": "Treated for a COPD exacerbation with nebulizers, prednisone and azithromycin.",
-    "amn_dx": "Noted to have significant short-term memory deficits; neurology consulted, MMSE 19/30.",
-}
-
-
-def _discharge_text(f: dict, mark) -> str:
-    """One discharge summary in the MIMIC style; `mark` renders a de-identified date or name."""
-    history = ", ".join(f["history"]) or "no significant past medical history"
-    course = " ".join(f["course"]) or "The patient remained hemodynamically stable throughout the admission."
-    if f["died"]:
-        course += (" Despite maximal therapy the patient's condition continued to decline. After a family meeting"
-                   " the goals of care were changed to comfort measures only given the poor prognosis. The"
-                   f" patient expired on {mark(f['disch'])}.")
-        condition, disposition = "Deceased.", "Expired"
-    else:
-        condition = ("Mental Status: Clear and coherent. Level of Consciousness: Alert and interactive. Activity "
-                     "Status: Ambulatory - Independent. Stable, ambulating, tolerating a regular diet."
-                     if f["frail"] < 0.5 else "Mental Status: Confused - sometimes. Activity Status: Out of Bed "
-                     "with assistance to chair or wheelchair. Hemodynamically stable.")
-        disposition = "Home" if f["frail"] < 0.5 else "Extended Care"
-    meds = "\n".join(f"{i + 1}. {m}" for i, m in enumerate(f["meds"][:8])) or "None."
-    return (f"Admission Date:  {mark(f['admit'])}              Discharge Date:   {mark(f['disch'])}\n\n"
-            f"Date of Birth:  {mark(f['dob'])}             Sex:   {f['sex']}\n\nService: {f['service']}\n\n"
-            f"Chief Complaint:\n{f['complaint']}\n\nHistory of Present Illness:\n{f['age']} y/o {f['person']} "
-            f"with a history of {history} who presents with {f['complaint'].lower()}. {f['prior']}\n\n"
-            f"Social History:\n{f['social']}\n\nBrief Hospital Course:\n{course}\n\n"
-            f"Discharge Medications:\n{meds}\n\nDischarge Disposition:\n{disposition}\n\n"
-            f"Discharge Condition:\n{condition}\n\nFollowup Instructions:\nFollow up with your PCP "
-            f"{mark('name')} within 1 week. Please call if you have \"chest pain, shortness of breath\" or fever.\n")
-
-
-def _note_features(rng, pat: dict, adm: dict, has: dict, drug_rows, drugs) -> list[dict]:
-    """Per-admission facts a discharge summary mentions (history, course, social situation, drugs)."""
-    n, p = len(adm["pat"]), adm["pat"]
-    meds = [[] for _ in range(n)]
-    for r, d, kind in zip(drug_rows.tolist(), _DRUGS["drug"][drugs].tolist(), _DRUGS["drug_type"][drugs]):
-        if kind == "MAIN":                                   # no IV base solutions on a discharge list
-            meds[r].append(d.strip('"'))
-    home = np.where(adm["alone"], 2, rng.integers(0, 2, n))
-    frail = pat["frailty"][p] + 0.5 * rng.standard_normal(n)
-    history = {code: has[code] for code in _CODE_WORDS}
-    history.update({"4280": adm["hf_dx"], "496": adm["copd_dx"], "78093": adm["amn_dx"]})
-    complaints = np.array(["Chest pain", "Abdominal pain", "Fall at home", "Weakness", "Fever", "Melena"])
-    complaint = complaints[rng.integers(0, len(complaints), n)]
-    complaint = np.where(adm["hf_dx"], "Dyspnea on exertion and leg swelling", complaint)
-    complaint = np.where(adm["copd_dx"], "Cough and wheezing", np.where(adm["amn_dx"], "Confusion", complaint))
-    complaint = np.where(adm["vent"], "Shortness of breath", np.where(adm["shock"], "Hypotension", complaint))
-    k, gap = adm["k"], (adm["admit"] - np.roll(adm["disch"], 1)) / _DAY
-    age = pat["age"][p] + (adm["admit"] - pat["first"][p]) / _YEAR
-    dob = pat["first"][p] - (age * _YEAR).astype(np.int64)
-    out = []
-    for i in range(n):
-        out.append(dict(
-            admit=adm["admit"][i], disch=adm["disch"][i], dob=dob[i], died=adm["died"][i], frail=frail[i],
-            sex="M" if pat["male"][p[i]] else "F", person="man" if pat["male"][p[i]] else "woman",
-            age=min(int(age[i]), 91), complaint=str(complaint[i]), meds=meds[i],
-            social=_HOME[home[i]] + (_NONCOMPLIANT if adm["noncompliant"][i] else ""),
-            service="CARDIOLOGY" if adm["hf_dx"][i] else "MEDICINE",
-            history=[w for code, w in _CODE_WORDS.items() if history[code][i]],
-            course=[s for key, s in _COURSE.items() if adm[key][i]],
-            prior=(f"Last discharged from this hospital {gap[i]:.0f} days ago; this is admission number {k[i] + 1}."
-                   if k[i] else "First admission to this hospital.")))
-    return out
-
-
-def _mimic_date(t) -> str:
-    """A date the MIMIC-III way, '[**2150-1-7**]', or (for 'name') a de-identified name."""
-    if isinstance(t, str):
-        return "Dr. [**Last Name (STitle) 1234**]"
-    d = datetime(1970, 1, 1) + timedelta(seconds=int(t))
-    return f"[**{d.year}-{d.month}-{d.day}**]"
-
-
-def _discharge_table(rng, pat: dict, adm: dict, has: dict, drug_rows, drugs, layout: str) -> tuple[int, dict]:
-    """Discharge summaries (~90% of admissions; date-only, charted at discharge)."""
-    feats = _note_features(rng, pat, adm, has, drug_rows, drugs)
-    pick = np.flatnonzero(rng.random(len(feats)) < 0.9)
-    mark = _mimic_date if layout == "mimic3" else (lambda t: "___")
-    text = np.array([_quote(_discharge_text(feats[i], mark)) for i in pick], dtype=object)
-    n, disch = len(pick), adm["disch"][pick]
-    cols = dict(subject_id=adm["subject_id"][pick], hadm_id=adm["hadm_id"][pick], text=text)
-    if layout == "mimic3":
-        cols.update(chartdate=_ts(disch, "date"), charttime="", storetime="", category="Discharge summary",
-                    description="Report", cgid="", iserror="")
-    else:
-        seq = adm["k"][pick] + 1
-        cols.update(note_id=np.array([f"{s}-DS-{q}" for s, q in zip(cols["subject_id"], seq)], dtype=object),
-                    note_type="DS", note_seq=_ids(seq), charttime=_ts(disch // _DAY * _DAY),
-                    storetime=_ts(disch + rng.integers(2, 48, n) * _HOUR))
-    return n, cols
-
-
-_NURSING = {  # section -> phrases from better to worse
-    "Neuro": ("Alert and oriented x3, follows commands, MAE.", "Lethargic but arousable, oriented x1, "
-              "intermittently confused.", "Unresponsive to voice, withdraws to pain only."),
-    "Resp": ("Lungs clear bilaterally, SpO2 96% on 2L NC.", "Coarse breath sounds, increasing O2 requirement, "
-             "now on 4L NC with SpO2 92%.", "Tachypneic to the 30s, using accessory muscles, placed on 50% face "
-             "tent; RT aware, ABG pending."),
-    "CV": ("HR 80s NSR, BP stable.", "Soft BP, SBP 90s, 500cc NS bolus given with fair response.",
-           "Hypotensive to SBP 80s, MAP 50s, lactate rising; team aware, discussing pressors."),
-    "Social": ("Family called and updated.", "Family in to visit, updated by team; remains full code.",
-               "Family meeting held, poor prognosis discussed; family considering comfort measures."),
-}
-
-
-def _stay_note_times(rng, st: dict):
-    """Nursing notes / chest films: one ~6 h after intime, then every ~12 h (at most four) within the stay."""
-    count = np.minimum(4, 1 + (st["los"] // 12).astype(int))
-    s = np.repeat(np.arange(len(st["adm"])), count)
-    hours = rng.uniform(3, 9, len(s)) + 12 * group_rank(count)
-    keep = hours < st["los"][s] - 0.1
-    return s[keep], hours[keep]
-
-
-def _nursing_table(rng, st: dict) -> tuple[int, dict]:
-    """NOTEEVENTS 'Nursing/other' notes charted inside ICU stays; each section follows a stay latent."""
-    s, hours = _stay_note_times(rng, st)
-    n, ramp = len(s), _ramp(hours)
-    vent = _on(hours, st["vent_on"][s], st["vent_off"][s])
-    press = _on(hours, st["press_on"][s], st["press_off"][s])
-    level = {sec: np.digitize(st[key][s] * ramp + 0.4 * rng.standard_normal(n), [0.3, 1.0])
-             for sec, key in (("Neuro", "sev"), ("Resp", "resp"), ("CV", "circ"))}
-    level["Social"] = np.digitize(st["sev"][s] * ramp + 0.4 * rng.standard_normal(n), [0.5, 1.3])
-    texts = []
-    for i in range(n):
-        lines = [f"{sec}: {_NURSING[sec][level[sec][i]]}" for sec in _NURSING]
-        if vent[i]:
-            lines[0], lines[1] = "Neuro: Sedated on propofol, RASS -3.", "Resp: Intubated, AC 500x14, PEEP 8, FiO2 50%."
-        if press[i]:
-            lines[2] = "CV: On norepinephrine gtt, titrating to MAP > 65."
-        texts.append(_quote("Nursing Progress Note 7a-7p\n" + "\n".join(lines) + "\nPlan: Continue to monitor."))
-    when = (st["intime"][s] + hours * _HOUR).astype(np.int64) // 60 * 60
-    return n, dict(subject_id=st["subject_id"][s], hadm_id=st["hadm_id"][s], chartdate=_ts(when, "date"),
-                   charttime=_ts(when), storetime=_ts(when + rng.integers(10, 120, n) * 60),
-                   category="Nursing/other", description="Report", cgid=_ids(st["cg"][s, 0]),
-                   iserror=np.where(rng.random(n) < 0.01, "1", "").astype(object), text=np.array(texts, dtype=object))
-
-
-def _radiology_table(rng, st: dict) -> tuple[int, dict]:
-    """note/radiology (MIMIC-IV-Note): portable chest films inside ICU stays, following resp and cardiac."""
-    s, hours = _stay_note_times(rng, st)
-    n = len(s)
-    lungs = np.digitize(st["resp"][s] * _ramp(hours) + 0.4 * rng.standard_normal(n), [0.3, 1.0])
-    big_heart = st["circ"][s] + 0.5 * rng.standard_normal(n) > 0.8
-    findings = ("Lungs are clear. No pleural effusion or pneumothorax.",
-                "Patchy bibasilar opacities, likely atelectasis; small left effusion.",
-                "New diffuse bilateral airspace opacities, concerning for pulmonary edema or ARDS.")
-    texts = np.array([_quote(f"EXAMINATION:  CHEST (PORTABLE AP)\n\nINDICATION:  ___ with hypoxia, eval.\n\n"
-                             f"FINDINGS: \n\n{findings[lv]} {'Moderate cardiomegaly.' if h else 'Heart size normal.'}"
-                             f"\n\nIMPRESSION: \n\n{findings[lv].split(',')[0].split(';')[0]}.\n")
-                      for lv, h in zip(lungs, big_heart)], dtype=object)
-    when = (st["intime"][s] + hours * _HOUR).astype(np.int64) // 60 * 60
-    seq = group_rank(np.bincount(s, minlength=len(st["adm"]))) + 1
-    return n, dict(note_id=np.array([f"{a}-RR-{b}" for a, b in zip(st["stay_id"][s], seq)], dtype=object),
-                   subject_id=st["subject_id"][s], hadm_id=st["hadm_id"][s], note_type="RR", note_seq=_ids(seq),
-                   charttime=_ts(when), storetime=_ts(when + rng.integers(20, 180, n) * 60), text=texts)
-
-
-# ----------------------------------------------------------------------------------------------- writing
-def _write_chunk(sink: _Sink, rng, pat: dict, adm: dict, st: dict, cfg: SynthConfig) -> None:
-    """Generate every table of one chunk of patients and append it to the open files."""
-    layout = cfg.layout
-    rows, codes, has = _codes(rng, pat, adm)
-    if layout == "trinetx":
-        sink.write("patient", *_patients_table(rng, pat, adm, layout))
-        sink.write("diagnosis", *_diagnoses_table(rng, adm, rows, codes, layout))
-        return
-    drug_rows, drugs = _drugs(rng, pat, adm, has)
-    sink.write("patients", *_patients_table(rng, pat, adm, layout))
-    sink.write("admissions", *_admissions_table(rng, pat, adm, layout))
-    sink.write("icustays", *_icustays_table(rng, st, layout))
-    sink.write("diagnoses", *_diagnoses_table(rng, adm, rows, codes, layout))
-    sink.write("prescriptions", *_prescriptions_table(rng, adm, drug_rows, drugs, layout))
-    sink.write("labevents", *_labs_table(rng, pat, adm, st, layout))
-    sink.write("outputevents", *_outputs_table(rng, st))
-    sink.write("inputevents", *_inputs_table(rng, st))
-    sink.write("procedureevents", *_procedures_table(rng, st))
-    sink.write("datetimeevents", *_datetimes_table(rng, st))
-    if layout == "mimic3":
-        sink.write("notes", *_discharge_table(rng, pat, adm, has, drug_rows, drugs, layout))
-        sink.write("notes", *_nursing_table(rng, st))
-    else:
-        sink.write("discharge", *_discharge_table(rng, pat, adm, has, drug_rows, drugs, layout))
-        sink.write("radiology", *_radiology_table(rng, st))
-    batch = max(10, int(_STAY_BATCH / max(cfg.event_scale, 1.0)))
-    for lo in range(0, len(st["adm"]), batch):   # chart rows are most of the extract: build them in batches
-        sink.write("chartevents", *_chart_table(rng, {k: v[lo:lo + batch] for k, v in st.items()}, cfg.event_scale))
-
-
-def _check(cfg: SynthConfig) -> None:
-    if cfg.layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {cfg.layout!r}")
-    if cfg.patients < 1:
-        raise ValueError(f"patients must be at least 1, not {cfg.patients}")
-    if not cfg.event_scale > 0:
-        raise ValueError(f"event_scale must be positive, not {cfg.event_scale}")
-    out = Path(cfg.out)
-    if out.exists() and not _replaceable(out):
-        raise InputError(f"{out} exists and is not a CSV extract (only .csv[.gz] files, hosp/ icu/ note/); "
-                         "remove it or choose another --out")
 
 
 def _replaceable(folder: Path) -> bool:
     """Whether an existing output folder holds nothing but an extract, so replacing it loses nothing else."""
     if not folder.is_dir() or folder.resolve() == Path.cwd().resolve():
         return False
-    for p in folder.iterdir():
-        if p.is_dir() and not (p.name.lower() in ("hosp", "icu", "note") and _replaceable(p)):
-            return False
-        if p.is_file() and not p.name.lower().endswith((".csv", ".csv.gz")):
-            return False
-    return True
+    return all(p.name.lower() in ("hosp", "icu", "note", "latents") and _replaceable(p) if p.is_dir()
+               else p.name.lower().endswith((".csv", ".csv.gz")) for p in folder.iterdir())
 
 
 def synthesize(cfg: SynthConfig) -> dict:
     """Write a synthetic extract to `cfg.out` and return {"tables": {name: rows}, "patients", "admissions",
     "stays", "out"}. Nothing half-written is ever left at `cfg.out`."""
-    _check(cfg)
-    rep = Reporter(quiet=cfg.quiet)
-    ids = dict(zip(("subject", "hadm", "stay"), _FIRST_IDS[cfg.layout]))
-    totals = dict(patients=0, admissions=0, stays=0)
+    rep, out = Reporter(quiet=cfg.quiet), Path(cfg.out)
+    for bad, what in ((cfg.layout not in LAYOUTS, f"layout must be one of {', '.join(LAYOUTS)}, not {cfg.layout!r}"),
+                      (cfg.patients < 1, f"patients must be at least 1, not {cfg.patients}"),
+                      (not cfg.event_scale > 0, f"event_scale must be positive, not {cfg.event_scale}")):
+        if bad:
+            raise ValueError(what)
+    if out.exists() and not _replaceable(out):
+        raise InputError(f"{out} exists and is not a CSV extract (only .csv[.gz] files, hosp/ icu/ note/ latents/); "
+                         "remove it or choose another --out")
+    ids, totals = dict(zip(("subject", "hadm", "stay"), _FIRST_IDS[cfg.layout])), dict(patients=0, admissions=0)
     with Staged(cfg.out, "--out", log=rep.log) as stage:    # written whole under a staging name, then swapped in
         out = stage.out
-        rep.log(f"synth: {cfg.patients:,} patients, {cfg.layout} layout, seed {cfg.seed}, "
-                f"event scale {cfg.event_scale:g} -> {out}")
+        rep.log(f"synth: {cfg.patients:,} patients, {cfg.layout}, seed {cfg.seed}, event scale {cfg.event_scale:g}: "
+                f"{out}")
         sink = _Sink(stage.tmp, cfg.layout)
         try:
             with rep.task("synth patients", total=cfg.patients, unit="patients") as advance:
                 for chunk, start in enumerate(range(0, cfg.patients, _CHUNK)):
                     n = min(_CHUNK, cfg.patients - start)
-                    rng = np.random.default_rng([cfg.seed & (2**63 - 1), chunk])
-                    pat, adm, st = _cohort(rng, n, ids, cfg.layout)
-                    _write_chunk(sink, rng, pat, adm, st, cfg)
-                    totals["patients"] += n
-                    totals["admissions"] += len(adm["pat"])
-                    totals["stays"] += len(st["adm"]) if cfg.layout != "trinetx" else 0
+                    pat, adm, st = _cohort(np.random.default_rng([cfg.seed & (2 ** 63 - 1), chunk]), n, ids, cfg.layout)
+                    _write_chunk(sink, cfg, chunk, pat, adm, st)
+                    for key, rows in (("patients", n), ("admissions", len(adm["id"])), ("stays", len(st["id"]))):
+                        totals[key] = totals.get(key, 0) + rows * (key != "stays" or cfg.layout != "trinetx")
                     advance(n, status=f"{sum(sink.rows.values()):,} rows")
         finally:
             sink.close()
@@ -1550,3 +778,19 @@ def synthesize(cfg: SynthConfig) -> dict:
     tables = {_SCHEMAS[cfg.layout][t][0]: rows for t, rows in sink.rows.items()}
     rep.log(f"synth: wrote {out} ({', '.join(f'{name} {rows:,}' for name, rows in tables.items())})")
     return dict(tables=tables, out=str(out), **totals)
+
+
+def read_latents(out: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The true latents `synthesize` wrote beside an extract, for probes and benchmarks: {"patients", "admissions"
+    (TriNetX: "encounters"), "stays": {column: array}}, ids int64 (TriNetX: patient_id, encounter_id), case flags
+    (hf, copd, amnesia) bool, latents float64."""
+    found = {}
+    for path in sorted((Path(out) / "latents").glob("*.csv.gz")):
+        with gzip.open(path, "rt") as f:
+            head, *rows = (line.split(",") for line in f.read().splitlines())
+        values = np.array(rows, dtype=float).reshape(-1, len(head))
+        found[path.name[:-7]] = {c: values[:, i].astype(np.int64) if c.endswith("_id") else
+                                 values[:, i] > 0 if c in _TASKS else values[:, i] for i, c in enumerate(head)}
+    if not found:
+        raise InputError(f"{out}: no latents/ folder here (extracts written by synthetic.py have one)")
+    return found

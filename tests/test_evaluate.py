@@ -1,7 +1,7 @@
 """Tests for evaluate.py: metrics against scikit-learn (random and heavily tied scores), bootstrap CIs, weight
 transfer per init, fine-tuning beats chance on every synthetic task, skipped tasks, result files, the CLI.
 
-Fine-tuning runs on a 600-patient synthetic cohort (split 60/20/20) at width 32 with one seed and a few
+Fine-tuning runs on a 1,000-patient synthetic cohort (split 60/20/20) at width 32 with one seed and a few
 epochs. Run: `python -m pytest -q tests/test_evaluate.py`.
 """
 import csv
@@ -28,7 +28,9 @@ from metrics import auprc, auprc_trapezoid, auroc, binary_metrics, bootstrap_ci,
 from medhmp import cli
 
 D = 32               # model width of the fine-tuning tests
-AUROC_FLOOR = 0.65   # every synthetic task from scratch, one seed; chance is 0.5, seeds 0-3 gave 0.72-0.94
+AUROC_FLOOR = 0.65   # every synthetic task from scratch, one seed; chance is 0.5. Cohort seeds 1-3 gave 0.67-0.86
+#                      (the latent-model cohort spreads each label over many weak inputs; on 600 patients the small
+#                      test splits and 8-epoch runs gave 0.42-0.92, hence 1,000 patients)
 
 
 
@@ -98,10 +100,10 @@ def test_bootstrap_ci_over_seeds_scores_the_mean_of_the_rows():
 # --------------------------------------------------------------------------------------------- pipeline
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> data.Processed:
-    """600 synthetic patients split 60/20/20, so every task's test split has a few dozen examples (the
-    session cohort's 80/10/10 of 400 leaves ~10 patients per patient-level test split: too noisy to judge)."""
+    """1,000 synthetic patients split 60/20/20, so every task's test split has a hundred or more examples (the
+    session cohort's 80/10/10 of 400 leaves ~25 patients per patient-level test split: too noisy to judge)."""
     root = tmp_path_factory.mktemp("eval_cohort")
-    synthetic.synthesize(synthetic.SynthConfig(out=root / "raw", patients=600, seed=1, quiet=True))
+    synthetic.synthesize(synthetic.SynthConfig(out=root / "raw", patients=1000, seed=1, quiet=True))
     data.preprocess(data.PreprocessConfig(raw=root / "raw", out=root / "processed", split=(0.6, 0.2, 0.2),
                                           quiet=True))
     return data.load_processed(root / "processed")

@@ -66,8 +66,10 @@ def test_the_shuffled_pool_keeps_frequencies_and_destroys_co_occurrence(quick):
     icd = {name: data.AdmissionDataset(d, pool).__getitems__(list(range(len(pool))))["icd"]
            for name, d in (("real", real), ("shuffled", shuf))}
     torch.testing.assert_close(icd["real"].sum(0), icd["shuffled"].sum(0))  # each code's count is kept
-    co = {k: torch.corrcoef(v[:, v.sum(0) > 5].T).nan_to_num().fill_diagonal_(0).abs().mean() for k, v in icd.items()}
-    assert co["shuffled"] < 0.5 * co["real"], co
+    # codes that share a latent rise and fall together, so the number of codes per admission varies far more
+    # than when each code is placed on its own (measured 40 vs 11 on the quick pool)
+    spread = {k: v.sum(1).var().item() for k, v in icd.items()}
+    assert spread["shuffled"] < 0.5 * spread["real"], spread
     rows = np.flatnonzero(np.isin(real.stays["subject_id"].numpy(), subjects))
     cells = {k: data.cell_counts(d, rows) for k, d in (("real", real), ("shuffled", shuf))}
     np.testing.assert_array_equal(cells["real"], cells["shuffled"])  # every (hour, feature) count is kept
