@@ -67,10 +67,10 @@ class TransferConfig:
     labels: tuple = (25, 50, 100, 200, 400, 0)   # training examples per task; 0: the whole labelled cohort
     pool_ratio: int = 20                  # the pool has >= this many patients per labelled-cohort patient
     d_model: int = 64
-    stay_epochs: int = 20
+    stay_epochs: int = 10
     stay_batch_size: int = 64
     stay_lr: float = 1e-3
-    admission_epochs: int = 20
+    admission_epochs: int = 8
     admission_batch_size: int = 256
     admission_lr: float = 1e-3
     pretrain_patience: int = 3
