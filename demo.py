@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-import data
 import evaluate
 import results
 import synthetic
 import train
+from preprocessing import pipeline
+from progress import Reporter
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def _mimic(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     raw, processed, run = out / "raw", out / "processed", out / "run"
     synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=cfg.patients, seed=cfg.seed, quiet=cfg.quiet))
-    data.preprocess(data.PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed, quiet=cfg.quiet))
+    pipeline.preprocess(pipeline.PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed, quiet=cfg.quiet))
     # one checkpoint per stage, written at its end (a run of a few minutes needs no intermediate ones)
     common = dict(data=processed, run=run, d_model=cfg.d_model, device=cfg.device, seed=cfg.seed, quiet=cfg.quiet,
                   checkpoint_every=10 ** 9)
@@ -81,7 +82,7 @@ def _trinetx(cfg: DemoConfig) -> dict:
     raw, processed, run = out / "trinetx" / "raw", out / "trinetx" / "processed", out / "trinetx" / "run"
     synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=cfg.trinetx_patients, layout="trinetx",
                                                seed=cfg.seed, quiet=cfg.quiet))
-    data.preprocess(data.PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed,
+    pipeline.preprocess(pipeline.PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed,
                                           vocab_from=out / "processed", quiet=cfg.quiet))
     run.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "run" / "admission.pt", run / "admission.pt")
@@ -93,7 +94,7 @@ def _trinetx(cfg: DemoConfig) -> dict:
 
 def demo(cfg: DemoConfig) -> dict:
     """Run the demo; returns {task: report} (TriNetX-style tasks as '<task> (trinetx)') and prints the table."""
-    rep, start, threads = data.Reporter(cfg.quiet), time.perf_counter(), torch.get_num_threads()
+    rep, start, threads = Reporter(cfg.quiet), time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
     try:
         reports = _mimic(cfg)

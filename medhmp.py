@@ -17,11 +17,12 @@ from pathlib import Path
 
 import click
 
-import data
 import demo
 import evaluate
 import synthetic
 import train
+from folders import InputError
+from preprocessing import pipeline
 
 
 def _run(function, config_class, **options):
@@ -29,7 +30,7 @@ def _run(function, config_class, **options):
     cfg = dataclasses.replace(config_class(), **{k: v for k, v in options.items() if v is not None})
     try:
         return function(cfg)
-    except (data.InputError, train.NonFiniteLoss) as err:
+    except (InputError, train.NonFiniteLoss) as err:
         raise click.ClickException(str(err)) from None
 
 
@@ -84,18 +85,18 @@ def synth(**options):
 
 
 @cli.command()
-@click.option("--raw", type=PathOption, help="Folder of CSV extracts. " + _default(data.PreprocessConfig, "raw"))
+@click.option("--raw", type=PathOption, help="Folder of CSV extracts. " + _default(pipeline.PreprocessConfig, "raw"))
 @click.option("--notes", type=PathOption, help="Note table or folder (NOTEEVENTS*, MIMIC-IV-Note discharge).")
-@click.option("--out", type=PathOption, help=_default(data.PreprocessConfig, "out"))
+@click.option("--out", type=PathOption, help=_default(pipeline.PreprocessConfig, "out"))
 @click.option("--text-model", help="'hashing', a local Hugging Face folder, or a hub name. "
-              + _default(data.PreprocessConfig, "text_model"))
-@click.option("--text-device", help=_default(data.PreprocessConfig, "text_device"))
+              + _default(pipeline.PreprocessConfig, "text_model"))
+@click.option("--text-device", help=_default(pipeline.PreprocessConfig, "text_device"))
 @click.option("--limit-patients", type=click.IntRange(min=1), help="Keep a deterministic sample of N patients.")
 @click.option("--vocab-from", type=PathOption, help="Reuse the code vocabularies of another processed folder.")
-@click.option("--seed", type=int, help=_default(data.PreprocessConfig, "seed"))
+@click.option("--seed", type=int, help=_default(pipeline.PreprocessConfig, "seed"))
 def preprocess(**options):
     """Build the processed hierarchical dataset (features, codes, notes, labels, splits)."""
-    _run(data.preprocess, data.PreprocessConfig, **options)
+    _run(pipeline.preprocess, pipeline.PreprocessConfig, **options)
 
 
 @cli.command()

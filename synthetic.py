@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from folders import Staged
+from folders import InputError, Staged
+from preprocessing.tables import group_rank
 from progress import Reporter
-from tables import InputError, group_rank
 
 LAYOUTS = ("mimic3", "mimic4", "trinetx")
 

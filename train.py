@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from data import (AdmissionDataset, InputError, Processed, Reporter, StayDataset, cell_counts, code_counts,
-                  config_record, load_processed, make_loader, read_file, torch_save)
+from data import (AdmissionDataset, InputError, Processed, StayDataset, cell_counts, code_counts, config_record,
+                  load_processed, make_loader, read_file, torch_save)
 from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,
                     count_parameters, load_encoder)
+from progress import Reporter
 
 
 @dataclass(frozen=True)

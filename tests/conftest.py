@@ -141,9 +141,9 @@ def tiny():
 def processed_cohort(tmp_path_factory) -> Path:
     """A processed folder built once per test session from the demo-sized synthetic MIMIC-III cohort
     (`SynthConfig()` defaults: 400 patients, seed 0; about 10 s). Read-only: other tests share it."""
-    import data
+    from preprocessing.pipeline import PreprocessConfig, preprocess
     from synthetic import SynthConfig, synthesize
     root = tmp_path_factory.mktemp("cohort")
     synthesize(SynthConfig(out=root / "raw", quiet=True))
-    data.preprocess(data.PreprocessConfig(raw=root / "raw", out=root / "processed", quiet=True))
+    preprocess(PreprocessConfig(raw=root / "raw", out=root / "processed", quiet=True))
     return root / "processed"

@@ -26,6 +26,7 @@ import train
 from evaluate import Checkpoints, FinetuneConfig, build_model
 from metrics import auprc, auprc_trapezoid, auroc, binary_metrics, bootstrap_ci, f1, kappa
 from medhmp import cli
+from preprocessing.pipeline import PreprocessConfig, preprocess
 
 D = 32               # model width of the fine-tuning tests
 AUROC_FLOOR = 0.65   # every synthetic task from scratch, one seed; chance is 0.5, seeds 0-3 gave 0.72-0.94
@@ -102,7 +103,7 @@ def cohort(tmp_path_factory) -> data.Processed:
     session cohort's 80/10/10 of 400 leaves ~10 patients per patient-level test split: too noisy to judge)."""
     root = tmp_path_factory.mktemp("eval_cohort")
     synthetic.synthesize(synthetic.SynthConfig(out=root / "raw", patients=600, seed=1, quiet=True))
-    data.preprocess(data.PreprocessConfig(raw=root / "raw", out=root / "processed", split=(0.6, 0.2, 0.2),
+    preprocess(PreprocessConfig(raw=root / "raw", out=root / "processed", split=(0.6, 0.2, 0.2),
                                           quiet=True))
     return data.load_processed(root / "processed")
 

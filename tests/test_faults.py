@@ -17,12 +17,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import build
 import data
 import evaluate
 import synthetic
-import tables
 import train
+from folders import InputError
+from preprocessing import build, pipeline, tables
+from preprocessing.pipeline import PreprocessConfig, preprocess
+from progress import Reporter
 from conftest import MIMIC3_DEMO, NOTES, REPO, T0, TinyMimic3, hours_after
 from medhmp import cli
 
@@ -92,7 +94,7 @@ def tiny_raw(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_processed(tiny_raw, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-processed") / "processed"
-    data.preprocess(data.PreprocessConfig(raw=tiny_raw, out=out, quiet=True))
+    preprocess(PreprocessConfig(raw=tiny_raw, out=out, quiet=True))
     return out
 
 
@@ -109,14 +111,14 @@ def test_multi_member_gzip_tables_are_read_whole(tmp_path):
     raw = _demo_links(tmp_path / "raw", without=("ADMISSIONS", "CHARTEVENTS"))
     for table in ("ADMISSIONS", "CHARTEVENTS"):       # a core table and an event table (the fast block reader)
         _two_members(MIMIC3_DEMO / f"{table}.csv.gz", raw / f"{table}.csv.gz")
-    meta = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
+    meta = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
     assert dict(meta["attrition"]["admissions"])["admissions in the admissions table"] == 129
     assert meta["sources"]["chartevents"]["rows"] == 758355
     assert dict(meta["attrition"]["stays"])["with events in the first 48 h"] == 77
     notes = tmp_path / "NOTEEVENTS.csv.gz"                # and the note reader
     _two_members(NOTES / "NOTEEVENTS_SYNTHETIC_PAIRING.csv.gz", notes)
-    from extract import read_notes
-    _, counts = read_notes(notes, set(), {}, data.Reporter(quiet=True).task)
+    from preprocessing.extract import read_notes
+    _, counts = read_notes(notes, set(), {}, Reporter(quiet=True).task)
     assert counts["rows"] == 265
 
 
@@ -147,7 +149,7 @@ def test_quote_running_past_the_row_limit_stops_the_block_reader(tmp_path):
     row = b"1,2,3,220045,2150-01-01 09:00:00,80\n"
     body = row * ((tables.MAX_RECORD_BYTES // len(row)) + 1000)
     path.write_bytes(b"a,b,c,itemid,charttime,value\n" + row + b'1,2,3,220045,"2150-01-01,80\n' + body)
-    with pytest.raises(tables.InputError, match=r"CHARTEVENTS.csv: row 2: a quoted field opened in this row "
+    with pytest.raises(InputError, match=r"CHARTEVENTS.csv: row 2: a quoted field opened in this row "
                                                 r"does not close within 4 MiB"):
         list(tables.read_blocks(tables.Source(path), {"itemid": True}))
 
@@ -158,7 +160,7 @@ def test_a_stray_quote_that_merges_later_rows_stops_naming_the_row(tmp_path):
     rows[7] = b'1,220210,"12,5"'                # ... pairs with the first quote of row 8: rows 3-8 become one
     path = tmp_path / "CHARTEVENTS.csv"
     path.write_bytes(b"a,itemid,value\n" + b"\n".join(rows) + b"\n")
-    with pytest.raises(tables.InputError, match=r"row 3: a quoted field opened in this row runs over 6 lines "
+    with pytest.raises(InputError, match=r"row 3: a quoted field opened in this row runs over 6 lines "
                                                 r"into a row of 4 fields, not 3"):
         list(tables.read_blocks(tables.Source(path), {"itemid": True}))
 
@@ -168,10 +170,10 @@ def test_a_stray_quote_inside_a_note_stops_instead_of_reading_its_text_as_rows(t
     text = gzip.decompress((NOTES / "NOTEEVENTS_SYNTHETIC_PAIRING.csv.gz").read_bytes())
     notes = tmp_path / "NOTEEVENTS.csv.gz"      # the first note's quoted text ends early, at a stray quote
     notes.write_bytes(gzip.compress(text.replace(b"Annual exam.", b'Annual exam."', 1)))
-    from extract import read_notes
-    with pytest.raises(tables.InputError, match=r"NOTEEVENTS.csv.gz: row \d+: a quoted field opened in this row "
+    from preprocessing.extract import read_notes
+    with pytest.raises(InputError, match=r"NOTEEVENTS.csv.gz: row \d+: a quoted field opened in this row "
                                                 r"runs over \d+ lines .*, after malformed rows from row 3 on"):
-        read_notes(notes, set(), {}, data.Reporter(quiet=True).task)
+        read_notes(notes, set(), {}, Reporter(quiet=True).task)
 
 
 def test_a_bare_quote_inside_a_field_is_read_as_csv_does(tmp_path):
@@ -198,7 +200,7 @@ def test_ids_codes_and_flags_padded_with_spaces_are_read(raw, tiny_processed, tm
         return "\n".join([head] + [row.replace(",", ", ") for row in rows]) + "\n"
     for table in ("DIAGNOSES_ICD", "ICUSTAYS", "ADMISSIONS", "CHARTEVENTS"):
         _rewrite(raw, table, pad)
-    meta = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
+    meta = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
     want = json.loads((tiny_processed / "meta.json").read_text())
     assert meta["icd_vocab"] == want["icd_vocab"] == ["4019"]
     assert meta["counts"] == want["counts"]
@@ -212,7 +214,7 @@ def test_times_out_of_order_are_invalid_rows_with_their_own_label(tmp_path):
     t.patient(3)
     t.admission(3, 31, T0, 72)
     t.stay(3, 31, 301, hours_after(T0, 5), -2)                 # ICU outtime before intime: invalid
-    meta = data.preprocess(data.PreprocessConfig(raw=t.write(tmp_path / "raw"), out=tmp_path / "out", quiet=True))
+    meta = preprocess(PreprocessConfig(raw=t.write(tmp_path / "raw"), out=tmp_path / "out", quiet=True))
     admissions, stays = dict(meta["attrition"]["admissions"]), dict(meta["attrition"]["stays"])
     assert admissions["of kept patients"] == 4
     assert admissions["discharged at or after admission (others: invalid times)"] == 3
@@ -240,7 +242,7 @@ def test_nothing_usable_left_stops_in_one_line(tmp_path):
 def test_out_that_is_a_symlink_is_written_through(raw, tmp_path):
     (tmp_path / "big-disk" / "processed").mkdir(parents=True)
     (tmp_path / "processed").symlink_to(tmp_path / "big-disk" / "processed")
-    data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "processed", quiet=True))
+    preprocess(PreprocessConfig(raw=raw, out=tmp_path / "processed", quiet=True))
     assert (tmp_path / "processed").is_symlink()
     assert (tmp_path / "big-disk" / "processed" / "meta.json").is_file()
     (tmp_path / "big-disk" / "raw").mkdir()
@@ -257,7 +259,7 @@ def test_evaluate_skips_empty_stay_and_admission_cohorts(tmp_path):
         t.patient(s)
         t.admission(s, s * 10 + 1, T0, 72)
         t.stay(s, s * 10 + 1, s * 100 + 1, hours_after(T0, 1), 60, dbsource="carevue")   # no MetaVision stay
-    data.preprocess(data.PreprocessConfig(raw=t.write(tmp_path / "raw"), out=tmp_path / "out", quiet=True))
+    preprocess(PreprocessConfig(raw=t.write(tmp_path / "raw"), out=tmp_path / "out", quiet=True))
     for task in ("mortality", "readmission"):
         reports = evaluate.evaluate(evaluate.FinetuneConfig(task=task, data=tmp_path / "out", run=tmp_path / "run",
                                                             init="none", seeds=1, epochs=1, quiet=True))
@@ -297,7 +299,7 @@ def test_damaged_checkpoint_is_one_line_without_unsafe_advice(tmp_path, damage):
         path.write_bytes(os.urandom(4096))
     else:
         torch.save([1, 2, 3], path)
-    with pytest.raises(data.InputError) as err:
+    with pytest.raises(InputError) as err:
         train.load_checkpoint(path)
     message = str(err.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
@@ -321,7 +323,7 @@ def no_work(monkeypatch):
     """Reading the extract fails the test: the error must come before any work."""
     def fail(*args, **kwargs):
         raise AssertionError("the work started before the output was checked")
-    monkeypatch.setattr(data, "build_mimic", fail)
+    monkeypatch.setattr(pipeline, "build_mimic", fail)
     monkeypatch.setattr(synthetic, "_cohort", fail)
     monkeypatch.setattr(evaluate, "evaluate_task", fail)
 
@@ -375,7 +377,7 @@ def test_full_disk_while_writing_keeps_the_old_output_and_no_leftovers(raw, tiny
 
 def test_full_disk_while_checkpointing_leaves_no_temporary_file(tmp_path, monkeypatch):
     _full_disk(monkeypatch)
-    with pytest.raises(data.InputError, match="cannot write .*stay.pt: No space left"):
+    with pytest.raises(InputError, match="cannot write .*stay.pt: No space left"):
         train.save_checkpoint({"w": torch.ones(1000)}, tmp_path / "stay.pt")
     assert list(tmp_path.iterdir()) == []
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import data
+from preprocessing.pipeline import PreprocessConfig, preprocess
 from conftest import T0, hours_after
 
 
@@ -21,8 +22,8 @@ def _labels(out: Path) -> dict:
 
 
 def _run(raw: Path, out: Path, **kw) -> dict:
-    cfg = data.PreprocessConfig(raw=raw, out=out, quiet=True, min_frequency=0.0, **kw)
-    return data.preprocess(cfg)
+    cfg = PreprocessConfig(raw=raw, out=out, quiet=True, min_frequency=0.0, **kw)
+    return preprocess(cfg)
 
 
 @pytest.fixture

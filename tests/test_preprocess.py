@@ -11,8 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cohorts
 import data
+from preprocessing import cohorts
+from preprocessing.pipeline import PreprocessConfig, preprocess
 from conftest import MIMIC3_DEMO, NOTES, T0, hours_after
 from medhmp import cli
 
@@ -22,7 +23,7 @@ needs_demo = pytest.mark.skipif(not MIMIC3_DEMO.is_dir(), reason="../shared/data
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "processed"
-    meta = data.preprocess(data.PreprocessConfig(raw=MIMIC3_DEMO, notes=NOTES, out=out, quiet=True))
+    meta = preprocess(PreprocessConfig(raw=MIMIC3_DEMO, notes=NOTES, out=out, quiet=True))
     return out, meta
 
 
@@ -82,14 +83,14 @@ def test_rerun_is_a_clean_overwrite_and_a_failed_run_keeps_the_old_output(tiny, 
     tiny.stay(1, 11, 111, hours_after(T0, 1), 60)
     raw = tiny.write(tmp_path / "raw")
     out = tmp_path / "out"
-    cfg = data.PreprocessConfig(raw=raw, out=out, quiet=True)
-    data.preprocess(cfg)
+    cfg = PreprocessConfig(raw=raw, out=out, quiet=True)
+    preprocess(cfg)
     first = (out / "stays.pt").read_bytes()
-    data.preprocess(cfg)
+    preprocess(cfg)
     assert (out / "stays.pt").read_bytes() == first
     (raw / "ICUSTAYS.csv.gz").write_bytes(b"")             # now broken: the old output must survive
     with pytest.raises(data.InputError):
-        data.preprocess(cfg)
+        preprocess(cfg)
     assert (out / "stays.pt").read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]   # no temporary folder left
 
@@ -159,7 +160,7 @@ def test_counted_skips_for_bad_event_rows_and_missing_modalities(tiny, tmp_path)
     (tmp_path / "raw").mkdir()
     raw = tiny.write(tmp_path / "raw")
     (raw / "LABEVENTS.csv.gz").write_bytes(gzip.compress(b""))      # an empty optional table
-    meta = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
+    meta = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
     assert meta["skipped"]["chartevents"]["unparsable time"] == 1
     assert meta["skipped"]["chartevents"]["unparsable number"] == 0   # "12,5" is a category, not a number
     assert meta["skipped"]["labevents"] == "empty file (optional table)"
@@ -177,7 +178,7 @@ def test_out_folder_that_is_not_ours_is_refused(tiny, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(data.InputError, match="not a processed folder"):
-        data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "mine", quiet=True))
+        preprocess(PreprocessConfig(raw=raw, out=tmp_path / "mine", quiet=True))
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
@@ -207,16 +208,16 @@ def test_local_t5_text_model_through_its_encoder_with_cache(tiny, tmp_path):
     tiny.note(2, 21, hours_after(T0, 72), "fever and pain")
     raw = tiny.write(tmp_path / "raw")
     model = _tiny_t5(tmp_path / "t5")
-    cfg = data.PreprocessConfig(raw=raw, out=tmp_path / "out", text_model=str(model), quiet=True)
-    meta = data.preprocess(cfg)
+    cfg = PreprocessConfig(raw=raw, out=tmp_path / "out", text_model=str(model), quiet=True)
+    meta = preprocess(cfg)
     assert meta["note_dim"] == 16 and meta["notes"]["architecture"] == "T5EncoderModel"
     d = data.load_processed(tmp_path / "out")
     note = d.admissions["note"].float()
     assert note.shape == (2, 16) and not torch.allclose(note[0], note[1])
-    again = data.preprocess(cfg)
+    again = preprocess(cfg)
     assert again["notes"]["cached"] == 2
     assert torch.equal(data.load_processed(tmp_path / "out").admissions["note"], d.admissions["note"])
-    unmasked = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out2", text_model=str(model),
+    unmasked = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out2", text_model=str(model),
                                                      note_pooling="mean_unmasked", note_max_tokens=12, quiet=True))
     assert unmasked["notes"]["cached"] == 0
     assert not torch.allclose(data.load_processed(tmp_path / "out2").admissions["note"].float(), note)
@@ -228,8 +229,8 @@ def test_limit_patients_is_a_deterministic_sample(tiny, tmp_path):
         tiny.admission(s, s * 10, T0, 72)
         tiny.stay(s, s * 10, s * 100, hours_after(T0, 1), 60)
     raw = tiny.write(tmp_path / "raw")
-    a = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "a", limit_patients=4, quiet=True))
-    data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "b", limit_patients=4, quiet=True))
+    a = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "a", limit_patients=4, quiet=True))
+    preprocess(PreprocessConfig(raw=raw, out=tmp_path / "b", limit_patients=4, quiet=True))
     assert a["counts"]["patients"] == 4 and a["counts"]["stays"] == 4
     assert json.loads((tmp_path / "a" / "splits.json").read_text()) == json.loads((tmp_path / "b" / "splits.json").read_text())
     shutil.rmtree(tmp_path / "a")
@@ -247,7 +248,7 @@ def test_stored_cells_round_trip_to_the_dense_hourly_matrix(tiny, tmp_path):
         tiny.chart_row(s, s * 10, s * 100, 224641, hours_after(T0, 2.5), "Yes")      # hour 2: category
         tiny.chart_row(s, s * 10, s * 100, 224641, hours_after(T0, 50), "No")        # after 48 h: not a feature
     raw = tiny.write(tmp_path / "raw")
-    meta = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out", split=(1.0, 0.0, 0.0),
+    meta = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out", split=(1.0, 0.0, 0.0),
                                                  min_frequency=0.0, quiet=True))
     names = meta["feature_names"]
     d = data.load_processed(tmp_path / "out")

@@ -14,7 +14,7 @@ import pytest
 
 import synthetic
 from metrics import auroc   # checked against scikit-learn in test_evaluate.py
-from tables import InputError
+from folders import InputError
 from synthetic import SynthConfig, synthesize
 
 MIMIC3_FILES = {"PATIENTS", "ADMISSIONS", "ICUSTAYS", "CHARTEVENTS", "LABEVENTS", "OUTPUTEVENTS", "INPUTEVENTS_MV",

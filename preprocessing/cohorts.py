@@ -10,8 +10,9 @@ import hashlib
 
 import numpy as np
 
-from extract import age_at
-from tables import lookup, unique
+from data import lookup
+from preprocessing.extract import age_at
+from preprocessing.tables import unique
 
 STAY_TASKS = ("arf", "shock", "mortality")
 # ICD-9 groups of the patient-level tasks (prefix match on codes without dots)

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cohorts import (MINUTES_PER_DAY, assign_splits, patient_labels, readmission_labels, sample_patients,
-                     stay_labels)
-from extract import (STATIC_CATEGORIES, StayIndex, age_at, find_notes, load_core, load_trinetx, read_diagnoses,
-                     read_drugs, read_notes, stream_events, variable_names)
-from features import (apply_static, apply_timeseries, build_vocab, codes_to_csr, embed_notes, fit_static,
-                      fit_timeseries, load_text_model)
-from tables import InputError, lookup, row_of, unique
+from data import lookup, row_of
+from folders import InputError
+from preprocessing.cohorts import (MINUTES_PER_DAY, assign_splits, patient_labels, readmission_labels,
+                                   sample_patients, stay_labels)
+from preprocessing.extract import (STATIC_CATEGORIES, StayIndex, age_at, find_notes, load_core, load_trinetx,
+                                   read_diagnoses, read_drugs, read_notes, stream_events, variable_names)
+from preprocessing.features import (apply_static, apply_timeseries, build_vocab, codes_to_csr, embed_notes,
+                                    fit_static, fit_timeseries, load_text_model)
+from preprocessing.tables import unique
 
 
 def _take(table: dict, rows) -> dict:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tables import InputError, lookup, row_of, unique
+from data import lookup, row_of
+from folders import InputError
+from preprocessing.tables import unique
 
 
 def _quantile_edges(values: np.ndarray, n_bins: int) -> list[float]:

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tables import (ALIASES, LAYOUTS, CsvLines, EmptyFile, InputError, Source, count_bad, decode, find_file,
-                    group_rank, lookup, open_table, parse_float, parse_int, parse_minutes, read_blocks, read_error,
-                    read_table, strip, unique)
+from data import lookup
+from folders import InputError
+from preprocessing.tables import (ALIASES, LAYOUTS, CsvLines, EmptyFile, Source, count_bad, decode, find_file,
+                                  group_rank, open_table, parse_float, parse_int, parse_minutes, read_blocks,
+                                  read_error, read_table, strip, unique)
 
 # Label-defining MetaVision items (FIDDLE generate_labels.py; DESIGN §4), as (table, itemid).
 ARF_ITEMS = {("chartevents", 220339), ("procedureevents", 225792), ("procedureevents", 225794)}
