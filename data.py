@@ -66,6 +66,19 @@ def row_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return np.where(pos >= 0, order[np.maximum(pos, 0)], -1)
 
 
+def admission_requirements(admissions: dict) -> list[tuple[str, np.ndarray]]:
+    """The rule for a usable admission, as (attrition step, mask (A,)) per condition: a featurised ICU stay, and
+    ICD-9 codes in the vocabulary. Admission pretraining uses these admissions (as the paper's 99k admissions)
+    and the readmission cohort starts from them. `admissions` holds the CSR pointers of admissions.pt."""
+    return [("with a featurised ICU stay", np.diff(np.asarray(admissions["stay_ptr"])) > 0),
+            ("with ICD-9 codes in the vocabulary", np.diff(np.asarray(admissions["icd_ptr"])) > 0)]
+
+
+def usable_admissions(admissions: dict) -> np.ndarray:
+    """Bool (A,): the admissions that meet every condition of `admission_requirements`."""
+    return np.logical_and.reduce([keep for _, keep in admission_requirements(admissions)])
+
+
 # ------------------------------------------------------------------------------------------- loading
 @dataclass
 class Processed:
@@ -85,13 +98,12 @@ class Processed:
         return out
 
     def pretrain_rows(self, level: str, split: str) -> np.ndarray:
-        """Rows for pretraining: every featurised stay of the split (stay level), or the split's admissions
-        with a featurised stay and ICD codes (admission level, as the paper's 99k admissions)."""
+        """Rows for pretraining: every featurised stay of the split (stay level), or the split's usable
+        admissions (admission level, see `admission_requirements`)."""
         if level == "stay":
             return np.flatnonzero(self.split_of(self.stays["subject_id"].numpy()) == split)
         a = self.admissions
-        usable = (np.diff(a["stay_ptr"].numpy()) > 0) & (np.diff(a["icd_ptr"].numpy()) > 0)
-        return np.flatnonzero(usable & (self.split_of(a["subject_id"].numpy()) == split))
+        return np.flatnonzero(usable_admissions(a) & (self.split_of(a["subject_id"].numpy()) == split))
 
     def examples(self, task: str, split: str) -> dict:
         """The task's examples in a split: {"row", "subject_id", "label", "cutoff"} numpy arrays."""

@@ -33,25 +33,11 @@ from models import AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, StayE
 from progress import Reporter
 from results import SPLITS, print_table, results_table, skipped_lines, write_task
 from sequence import SEQUENCE_MODELS, SequenceClassifier
-from train import NonFiniteLoss, load_checkpoint, optimizer_step, resolve_device, resolve_dtype, to_device
+from tasks import TASKS
+from train import (NonFiniteLoss, autocast, data_mismatch, grad_scaler, load_checkpoint, optimizer_step, resolve_device,
+                   resolve_dtype, to_device)
 
 
-@dataclass(frozen=True)
-class Task:
-    level: str          # stay | admission | patient: which encoder and dataset the task uses
-    description: str
-
-
-# the only list of task names (DESIGN §6); labels and cohorts come from preprocessing (labels.csv)
-TASKS = {
-    "arf": Task("stay", "acute respiratory failure onset after hour 48"),
-    "shock": Task("stay", "shock (vasopressor) onset after hour 48"),
-    "mortality": Task("stay", "in-hospital death, from the first 48 h"),
-    "readmission": Task("admission", "next admission within 30 days of discharge"),
-    "hf": Task("patient", "heart failure diagnosed >= 180 days after the history"),
-    "copd": Task("patient", "COPD diagnosed >= 180 days after the history"),
-    "amnesia": Task("patient", "amnesia diagnosed >= 180 days after the history"),
-}
 INITS = ("admission", "stay", "none")    # MedHMP a+s, MedHMP s, random weights
 PATIENT_MODELS = tuple(SEQUENCE_MODELS)
 STAY_SIZES = ("seq_len", "n_features", "n_static")
@@ -180,11 +166,8 @@ class Checkpoints:
     def check(self, name: str, sizes: tuple) -> dict:
         """The checkpoint, after checking that the `sizes` it was trained with (and, for codes, its ICD
         vocabulary) match the data; a mismatch is an InputError saying what to do."""
-        ckpt, path, meta = self.get(name), self.run / f"{name}.pt", self.meta
-        bad = [f"{k} {ckpt['sizes'].get(k)} vs {meta[k]}" for k in sizes if ckpt["sizes"].get(k) != meta[k]]
-        codes = "n_icd" in sizes
-        if codes and not bad and ckpt.get("icd_vocab") != meta["icd_vocab"]:
-            bad = ["ICD vocabulary (same size, other codes)"]
+        ckpt, path, codes = self.get(name), self.run / f"{name}.pt", "n_icd" in sizes
+        bad = data_mismatch(ckpt, self.meta, sizes, vocabulary=codes)
         if bad:
             hint = ("preprocess this extract with `--vocab-from <the processed folder it was pretrained on>`"
                     if codes else "evaluate on the processed folder it was pretrained on")
@@ -238,7 +221,7 @@ def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, am
     model.eval()
     out = []
     for batch in make_loader(dataset, batch_size, pin_memory=device.type == "cuda"):
-        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+        with autocast(device, amp):
             out.append(torch.sigmoid(model(to_device(batch, device)).float()).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
@@ -266,7 +249,7 @@ def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, devic
     # fidelity: no learning-rate schedule (official train.py adds StepLR(5, 0.1), the paper none); the official
     # patient-level code trains with Adam and a 2-way softmax, here every level shares SGD and BCE (paper App. B)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    scaler = grad_scaler(amp)
     y_val, select = sets["val"].labels.numpy(), METRIC_FUNCTIONS[cfg.select_on]
     best, best_epoch, best_state, epoch = -math.inf, 0, None, 0
     for epoch in range(1, cfg.epochs + 1):
@@ -274,7 +257,7 @@ def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, devic
         for batch in make_loader(sets["train"], cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch,
                                  pin_memory=device.type == "cuda"):
             batch = to_device(batch, device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+            with autocast(device, amp):
                 logits = model(batch)  # (B,)
             # BCE on logits = the official BCELoss(sigmoid(·)), without its log clamp at −100
             loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])

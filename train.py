@@ -115,6 +115,17 @@ def cpu_bf16_autocast_works() -> bool:
         return False
 
 
+def autocast(device: torch.device, amp: torch.dtype):
+    """The mixed-precision context of every forward pass (pretraining, validation, fine-tuning, prediction):
+    autocast to `amp` (bf16 or fp16, from resolve_dtype), or nothing at fp32."""
+    return torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32)
+
+
+def grad_scaler(amp: torch.dtype) -> torch.amp.GradScaler:
+    """Loss scaling for fp16; disabled (a no-op) otherwise, so that every precision runs one code path."""
+    return torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a batch dict once, asynchronously from pinned memory when on CUDA."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -162,11 +173,21 @@ def _sizes(meta: dict) -> dict:
     return {k: meta[k] for k in ModelConfig.SIZES}
 
 
+def data_mismatch(state: dict, meta: dict, sizes=ModelConfig.SIZES, vocabulary: bool = False) -> list[str]:
+    """How the data a checkpoint was trained on differs from the data of `meta` in `sizes` ("n_icd 12 vs 10"),
+    and, with `vocabulary` and equal sizes, in its ICD codes; [] when the checkpoint fits. The one check that a
+    checkpoint fits the data: for resuming and the stage transfer here, for fine-tuning in evaluate."""
+    bad = [f"{k} {state['sizes'].get(k)} vs {meta[k]}" for k in sizes if state["sizes"].get(k) != meta[k]]
+    if vocabulary and not bad and state.get("icd_vocab") != meta["icd_vocab"]:
+        bad = ["ICD vocabulary (same size, other codes)"]
+    return bad
+
+
 def _same_model(state: dict, mcfg: ModelConfig, meta: dict, fields=None) -> bool:
     """Whether a checkpoint was trained with this model config (or its `fields`) on data of these sizes."""
     mine = asdict(mcfg)
     keys = mine if fields is None else fields
-    return all(state["model_config"].get(k) == mine[k] for k in keys) and state["sizes"] == _sizes(meta)
+    return all(state["model_config"].get(k) == mine[k] for k in keys) and not data_mismatch(state, meta)
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -224,7 +245,7 @@ def _validate(model, dataset, cfg, device, amp, priors: dict | None) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)   # fixed masks: comparable across epochs
     for batch in make_loader(dataset, cfg.batch_size, pin_memory=device.type == "cuda"):
         batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+        with autocast(device, amp):
             out = model(batch, generator=gen, priors=priors) if cfg.level == "admission" else model(batch)
         k = _n_examples(batch, cfg.level)
         for key, value in out.items():
@@ -393,7 +414,7 @@ def pretrain(cfg) -> dict:
     model.to(device)
     # AdamW "throughout pretraining" (paper App. B); fidelity: the official code uses Adam (coupled L2)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    scaler = grad_scaler(amp)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     step, saved_step, best = 0, None, _Best()    # saved_step: the step of the checkpoint at `path`, once known
@@ -455,7 +476,7 @@ def pretrain(cfg) -> dict:
             for batch in batches:
                 batch = to_device(batch, device)
                 waited += time.perf_counter() - t_wait
-                with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+                with autocast(device, amp):
                     out = model(batch)
                 loss = out["loss"]
                 if not torch.isfinite(loss):

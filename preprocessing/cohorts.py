@@ -10,17 +10,11 @@ import hashlib
 
 import numpy as np
 
-from data import lookup
+from data import admission_requirements, lookup
 from preprocessing.extract import age_at
 from preprocessing.tables import unique
+from tasks import TASKS, names_at
 
-STAY_TASKS = ("arf", "shock", "mortality")
-# ICD-9 groups of the patient-level tasks (prefix match on codes without dots)
-PATIENT_CODES = {
-    "hf": ("428", "39891", "40201", "40211", "40291", "40401", "40403", "40411", "40413", "40491", "40493"),
-    "copd": ("491", "492", "496"),
-    "amnesia": ("78093", "2940", "2911", "29283"),
-}
 MINUTES_PER_DAY = 1440
 
 
@@ -64,11 +58,11 @@ def stay_labels(sts, adms, s_adm, onsets, cfg, attrition) -> list[tuple]:
     long_enough = sts["outtime"] - sts["intime"] >= t_min
     base = long_enough & ((death < 0) | (death >= sts["intime"] + t_min))
     rows = []
-    for task in STAY_TASKS:
+    for task in names_at("stay"):
         steps = [["featurised stays", len(s_adm)], [f"ICU stay >= {cfg.seq_len} h", int(long_enough.sum())],
                  [f"alive at {cfg.seq_len} h", int(base.sum())]]
         cohort, label = base, died
-        if task != "mortality":
+        if TASKS[task].onset_items:                     # ARF, shock; mortality is labelled by death
             cohort = base & ~(onsets[task] < cfg.seq_len)
             label = np.isfinite(onsets[task])
             steps.append([f"no {task} onset before {cfg.seq_len} h", int(cohort.sum())])
@@ -80,7 +74,7 @@ def stay_labels(sts, adms, s_adm, onsets, cfg, attrition) -> list[tuple]:
 
 
 def readmission_labels(adms, admissions, cfg, attrition) -> list[tuple]:
-    """30-day readmission: admissions with a featurised stay and ICD-9 codes, discharged alive, labelled by
+    """30-day readmission: usable admissions (data.admission_requirements) discharged alive, labelled by
     the same patient's next admission starting within `readmission_days` of this discharge."""
     order = np.lexsort((adms["admittime"], adms["subject_id"]))
     subject, admit = adms["subject_id"][order], adms["admittime"][order]
@@ -88,12 +82,9 @@ def readmission_labels(adms, admissions, cfg, attrition) -> list[tuple]:
     gap = np.append(admit[1:], 0) - adms["dischtime"][order]
     label = np.zeros(len(order), bool)
     label[order] = has_next & (gap <= cfg.readmission_days * MINUTES_PER_DAY)
-    has_stay = np.diff(admissions["stay_ptr"]) > 0
-    has_icd = np.diff(admissions["icd_ptr"]) > 0
     steps = [["admissions", len(order)]]
     cohort = np.ones(len(order), bool)
-    for name, keep in (("with a featurised ICU stay", has_stay), ("with ICD-9 codes in the vocabulary", has_icd),
-                       ("discharged alive", ~adms["died"])):
+    for name, keep in (*admission_requirements(admissions), ("discharged alive", ~adms["died"])):
         cohort &= keep
         steps.append([name, int(cohort.sum())])
     attrition["readmission"] = steps
@@ -115,9 +106,9 @@ def patient_labels(a_subject_id, admittime, dischtime, raw_codes, pats, subjects
     last = np.full(len(subjects), -np.inf)                              # each patient's last coded visit
     np.maximum.at(last, v_subj, admittime[v])
     rows = []
-    for task, prefixes in PATIENT_CODES.items():
+    for task in names_at("patient"):
         hit = np.zeros(len(d_code), bool)
-        for p in prefixes:
+        for p in TASKS[task].icd9_prefixes:
             hit |= np.char.startswith(d_code, p.encode())
         dx = np.zeros(len(admittime), bool)
         dx[d_row[hit]] = True

@@ -22,10 +22,7 @@ from folders import InputError
 from preprocessing.tables import (ALIASES, LAYOUTS, CsvLines, EmptyFile, Source, count_bad, decode, find_file,
                                   group_rank, open_table, parse_float, parse_int, parse_minutes, read_blocks,
                                   read_error, read_table, strip, unique)
-
-# Label-defining MetaVision items (FIDDLE generate_labels.py; DESIGN §4), as (table, itemid).
-ARF_ITEMS = {("chartevents", 220339), ("procedureevents", 225792), ("procedureevents", 225794)}
-SHOCK_ITEMS = {("inputevents", i) for i in (221906, 221289, 221662, 222315, 221749)}
+from tasks import TASKS
 
 # How each event table becomes (time, variable, value). `num` is read as a number, `value` as a category
 # when `num` is empty; interval tables (`end`) are spread over every hour they overlap.
@@ -241,8 +238,8 @@ def stream_events(raw: Path, layout: str, index: StayIndex, n_stays: int, hours:
     """Stream every event table once; returns (events, onsets, skipped counts). `onsets` maps "arf" and
     "shock" to the first onset hour per stay (inf where never). `task(name, total_bytes)` gives progress."""
     store = EventStore()
-    onsets = {"arf": np.full(n_stays, np.inf), "shock": np.full(n_stays, np.inf)}
-    label_keys = {"arf": _keys(ARF_ITEMS), "shock": _keys(SHOCK_ITEMS)}
+    onset_keys = {name: _keys(task.onset_items) for name, task in TASKS.items() if task.onset_items}
+    onsets = {name: np.full(n_stays, np.inf) for name in onset_keys}
     skipped = {}
     for table, spec in EVENT_TABLES.items():
         path = source_path(raw, layout, table, required=False)
@@ -259,7 +256,7 @@ def stream_events(raw: Path, layout: str, index: StayIndex, n_stays: int, hours:
             with task(table, path.stat().st_size) as advance:
                 done = 0
                 for block in read_blocks(src, cols, ALIASES[layout]):
-                    for k, v in _event_block(block, spec, index, hours, store, onsets, label_keys,
+                    for k, v in _event_block(block, spec, index, hours, store, onsets, onset_keys,
                                              exclude_labels).items():
                         counts[k] = counts.get(k, 0) + v
                     advance(src.bytes_read - done)
@@ -276,7 +273,7 @@ def _keys(items) -> np.ndarray:
     return np.array([EVENT_TABLES[t]["code"] * VAR_SPAN + i for t, i in items], dtype=np.int64)
 
 
-def _event_block(block, spec, index, hours, store, onsets, label_keys, exclude_labels) -> dict:
+def _event_block(block, spec, index, hours, store, onsets, onset_keys, exclude_labels) -> dict:
     """One block of an event table into the store; returns counts of skipped rows by reason."""
     hadm, ok = parse_int(block["hadm_id"])
     sel = np.flatnonzero(ok & index.admissions(hadm))                    # rows of cohort admissions
@@ -291,7 +288,7 @@ def _event_block(block, spec, index, hours, store, onsets, label_keys, exclude_l
     item, ok = parse_int(block.get("itemid", sel))
     counts["unparsable itemid"] = int((~ok).sum())
     var = spec["code"] * VAR_SPAN + item
-    for name, keys in label_keys.items():                                # onsets over the whole stay
+    for name, keys in onset_keys.items():                                # onsets over the whole stay
         hit = ok & np.isin(var, keys)
         np.minimum.at(onsets[name], stay[hit], since[hit] / 60.0)
         if exclude_labels:

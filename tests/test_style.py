@@ -16,24 +16,25 @@ from conftest import REPO
 ALLOWED = {
     "medhmp": {"synthetic", "train", "evaluate", "demo", "folders", "preprocessing.pipeline"},
     "demo": {"synthetic", "train", "evaluate", "results", "progress", "preprocessing.pipeline"},
-    "evaluate": {"data", "models", "sequence", "train", "metrics", "results", "folders", "progress"},
+    "evaluate": {"data", "models", "sequence", "train", "metrics", "results", "folders", "progress", "tasks"},
     "sequence": {"models"},
     "results": {"metrics", "progress"},
     "metrics": set(),
     "train": {"data", "models", "progress"},
     "data": {"folders"},
-    "synthetic": {"folders", "progress", "preprocessing.tables"},
+    "synthetic": {"folders", "progress", "preprocessing.tables", "tasks"},
     "folders": set(),
     "models": set(),
     "progress": set(),
+    "tasks": set(),
     "preprocessing": set(),
     "preprocessing.pipeline": {"data", "folders", "progress", "preprocessing.build", "preprocessing.cohorts",
                                "preprocessing.tables"},
     "preprocessing.build": {"data", "folders", "preprocessing.cohorts", "preprocessing.extract",
                             "preprocessing.features", "preprocessing.tables"},
-    "preprocessing.cohorts": {"data", "preprocessing.extract", "preprocessing.tables"},
+    "preprocessing.cohorts": {"data", "preprocessing.extract", "preprocessing.tables", "tasks"},
     "preprocessing.features": {"data", "folders", "preprocessing.tables"},
-    "preprocessing.extract": {"data", "folders", "preprocessing.tables"},
+    "preprocessing.extract": {"data", "folders", "preprocessing.tables", "tasks"},
     "preprocessing.tables": {"folders"},
 }
 THIRD_PARTY = {"numpy", "torch", "transformers", "click", "rich"}
@@ -86,7 +87,8 @@ def test_import_graph_points_one_way(module):
 
 def test_every_module_is_in_the_graph():
     assert project_modules() == set(ALLOWED)
-    assert len(list(REPO.glob("*.py"))) <= 12, "the root holds at most 12 modules (README: Layout of the code)"
+    # 12, and tasks.py, the task registry that the generator shares without torch (README: Layout of the code)
+    assert len(list(REPO.glob("*.py"))) <= 13, "the root holds at most 12 modules, or the README argues for more"
 
 
 def test_models_imports_only_torch():
