@@ -24,6 +24,7 @@ from folders import InputError, repair
 
 FORMAT_VERSION = 2                            # 2: stays stored as int16 features with per-hour counts
 LABEL_COLUMNS = ("task", "level", "subject_id", "hadm_id", "stay_id", "label", "cutoff")   # labels.csv
+SPLITS = ("train", "val", "test")             # splits.json: patient-level, shared by every stage and task
 
 
 def config_record(cfg) -> dict:
@@ -151,7 +152,7 @@ def _tensors(path: Path, keys: tuple) -> dict:
 
 def _read_splits(path: Path) -> dict:
     splits = json.loads(path.read_text())
-    return {n: np.array(sorted(splits[n]), dtype=np.int64) for n in ("train", "val", "test")}
+    return {n: np.array(sorted(splits[n]), dtype=np.int64) for n in SPLITS}
 
 
 def _read_labels(path: Path, stays: dict, admissions: dict) -> dict:

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import (AdmissionDataset, InputError, PatientDataset, Processed, StayDataset, config_record, load_processed,
-                  make_loader, select_rows)
+from data import (SPLITS, AdmissionDataset, InputError, PatientDataset, Processed, StayDataset, config_record,
+                  load_processed, make_loader, select_rows)
 from folders import check_writable
 from metrics import METRIC_FUNCTIONS, METRICS, binary_metrics, bootstrap_ci, paired_delta
 from models import AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, StayEncoder, load_encoder
 from progress import Reporter
-from results import SPLITS, print_table, results_table, skipped_lines, write_task
+from results import print_table, results_table, skipped_lines, write_task
 from sequence import SEQUENCE_MODELS, SequenceClassifier
 from tasks import TASKS
 from train import (NonFiniteLoss, autocast, data_mismatch, grad_scaler, load_checkpoint, optimizer_step, resolve_device,

@@ -5,7 +5,8 @@ Usage:
         ...                                           # the work; files go to stage.tmp
         stage.commit(write)                           # write(stage.tmp), then swap it in as OUT
 Used by `preprocessing.pipeline.preprocess` (the processed folder) and `synthetic.synthesize` (an extract); `check_writable`
-serves outputs written file by file (evaluate's RUN/eval). Beside OUT live, for the length of a run, a lock
+serves outputs written file by file (evaluate's RUN/eval), and `replace_file` writes one file whole (checkpoints,
+result files). Beside OUT live, for the length of a run, a lock
 `.OUT.lock` (the writer's PID) and the staging folder `.OUT.tmp-PID`; a swap briefly renames the old OUT to
 `.OUT.old-PID`. A run killed outright (kill -9, power loss) leaves those behind: the next run removes the
 ones whose PID is no longer alive, and completes (or undoes) a swap cut between its two renames.
@@ -170,6 +171,19 @@ def swap_in(tmp: Path, out: Path) -> None:
             old.rename(out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_file(path: Path, write) -> None:
+    """`write(tmp)` to a temporary name beside `path`, then rename it over `path`: a file on disk is always
+    whole. On any failure (a full disk, Ctrl-C) the temporary file is removed before the error goes on, and
+    the previous `path` is untouched. The file-sized counterpart of `Staged`."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _is_write_error(err: BaseException, tmp: Path) -> bool:

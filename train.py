@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 import subprocess
 import time
@@ -25,6 +24,7 @@ import torch
 
 from data import (AdmissionDataset, InputError, Processed, StayDataset, cell_counts, code_counts, config_record,
                   load_processed, make_loader, read_file, torch_save)
+from folders import replace_file
 from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,
                     count_parameters, load_encoder)
 from progress import Reporter
@@ -132,18 +132,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a checkpoint on disk is always complete, and on any
-    failure (a full disk, Ctrl-C) the temporary file is removed before the error goes on."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    """torch.save written whole (folders.replace_file): a checkpoint on disk is always complete, and a failure
+    (a full disk, Ctrl-C) leaves the previous one in place and no temporary file."""
     try:
-        torch_save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as err:  # a full disk, say: one line; the previous checkpoint at `path` is untouched
-        tmp.unlink(missing_ok=True)
+        replace_file(path, lambda tmp: torch_save(state, tmp))
+    except OSError as err:  # a full disk, say: one line
         raise InputError(f"cannot write {path}: {err.strerror or err}; the previous checkpoint there is kept") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import lookup, row_of
+from data import SPLITS, lookup, row_of
 from folders import InputError
 from preprocessing.cohorts import (MINUTES_PER_DAY, assign_splits, patient_labels, readmission_labels,
                                    sample_patients, stay_labels)
@@ -156,9 +156,8 @@ def _stay_features(cfg, raw, layout, events, sts, adms, pats, split, rep) -> tup
 
 
 def _splits_json(subjects, split, cfg) -> dict:
-    names = ("train", "val", "test")
     return {"seed": cfg.seed, "fractions": list(cfg.split), "method": "sha1(seed:subject_id) buckets",
-            **{n: subjects[split == i].tolist() for i, n in enumerate(names)}}
+            **{n: subjects[split == i].tolist() for i, n in enumerate(SPLITS)}}
 
 
 def _vocabularies(cfg, icd, drug, train_pairs_icd, train_pairs_drug):

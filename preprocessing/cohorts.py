@@ -10,7 +10,7 @@ import hashlib
 
 import numpy as np
 
-from data import admission_requirements, lookup
+from data import SPLITS, admission_requirements, lookup
 from preprocessing.extract import age_at
 from preprocessing.tables import unique
 from tasks import TASKS, names_at
@@ -19,7 +19,7 @@ MINUTES_PER_DAY = 1440
 
 
 def assign_splits(subject_ids: np.ndarray, seed: int, fractions) -> np.ndarray:
-    """0 train / 1 val / 2 test per patient from a hash of (seed, subject_id): deterministic, and adding
+    """The split per patient as an index into data.SPLITS (0 train, 1 val, 2 test), from a hash of (seed, subject_id): deterministic, and adding
     patients never moves the others (the FEMR convention)."""
     u = np.array([int(hashlib.sha1(f"{seed}:{s}".encode()).hexdigest()[:12], 16) / 16 ** 12
                   for s in subject_ids.tolist()])
@@ -38,10 +38,10 @@ def sample_patients(subject_ids: np.ndarray, cfg) -> np.ndarray:
 
 def task_counts(labels: list[tuple], splits: dict) -> dict:
     """{task: {"level", split: [examples, positives]}} from the label rows (for meta.json and the log)."""
-    where = {s: n for n in ("train", "val", "test") for s in splits[n]}
+    where = {s: n for n in SPLITS for s in splits[n]}
     out = {}
     for task, level, subject, *_, label, _ in labels:
-        counts = out.setdefault(task, {"level": level, "train": [0, 0], "val": [0, 0], "test": [0, 0]})
+        counts = out.setdefault(task, {"level": level, **{s: [0, 0] for s in SPLITS}})
         counts[where[subject]][0] += 1
         counts[where[subject]][1] += label
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import FORMAT_VERSION, LABEL_COLUMNS, InputError, config_record, read_file, torch_save
+from data import FORMAT_VERSION, LABEL_COLUMNS, SPLITS, InputError, config_record, read_file, torch_save
 from folders import Staged
 from preprocessing.build import build_mimic, build_trinetx
 from preprocessing.cohorts import task_counts
@@ -76,7 +76,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         stage.commit(lambda tmp: _write_folder(tmp, result, cache))
     _print_attrition(meta, rep)
     for task, c in meta["tasks"].items():
-        parts = [f"{s} {c[s][0]} ({c[s][1]} positive)" for s in ("train", "val", "test")]
+        parts = [f"{s} {c[s][0]} ({c[s][1]} positive)" for s in SPLITS]
         rep.log(f"{task} ({c['level']}): " + ", ".join(parts))
     rep.log(f"wrote {out}: {meta['counts']}")
     _print_skipped(meta, rep)
