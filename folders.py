@@ -4,12 +4,12 @@ Usage:
     with Staged(out, "--out", log=rep.log) as stage:   # OUT writable? lock it, tidy up after dead runs
         ...                                           # the work; files go to stage.tmp
         stage.commit(write)                           # write(stage.tmp), then swap it in as OUT
-Used by `preprocessing.pipeline.preprocess` (the processed folder) and `synthetic.synthesize` (an extract); `check_writable`
-serves outputs written file by file (evaluate's RUN/eval), and `replace_file` writes one file whole (checkpoints,
-result files). Beside OUT live, for the length of a run, a lock
-`.OUT.lock` (the writer's PID) and the staging folder `.OUT.tmp-PID`; a swap briefly renames the old OUT to
-`.OUT.old-PID`. A run killed outright (kill -9, power loss) leaves those behind: the next run removes the
-ones whose PID is no longer alive, and completes (or undoes) a swap cut between its two renames.
+Used by `preprocessing.pipeline.preprocess` (the processed folder) and `synthetic.synthesize` (an extract);
+`check_writable` serves outputs written file by file (evaluate's RUN/eval), and `replace_file` writes one file
+whole (checkpoints, result files). Beside OUT live, for the length of a run, a lock `.OUT.lock` (the writer's
+PID) and the staging folder `.OUT.tmp-PID`; a swap briefly renames the old OUT to `.OUT.old-PID`. A run
+killed outright (kill -9, power loss) leaves those behind: the next run removes the ones whose PID is no longer
+alive, and completes (or undoes) a swap cut between its two renames.
 A `--out` that is a symlink is written through: the link stays and its target is replaced.
 It also defines `InputError`, the one-line error for bad user input that every stage raises (here, in the
 lowest module, so that every other module can import it). Imports the stdlib only.

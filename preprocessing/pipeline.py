@@ -20,7 +20,7 @@ import torch
 
 from data import FORMAT_VERSION, LABEL_COLUMNS, SPLITS, InputError, config_record, read_file, torch_save
 from folders import Staged
-from preprocessing.build import build_mimic, build_trinetx
+from preprocessing.build import Built, build_mimic, build_trinetx
 from preprocessing.cohorts import task_counts
 from preprocessing.tables import find_layout
 from progress import Reporter
@@ -65,15 +65,14 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         _check_out(out)
         rep.log(f"reading {raw} ({layout} layout)")
         cache = _load_cache(out, rep)
-        sources = {}
         build = build_trinetx if layout == "trinetx" else build_mimic
-        result = build(cfg, raw, layout, sources, rep, cache)
-        meta = result["meta"]
-        meta["tasks"] = task_counts(result["labels"], result["splits"])
+        built = build(cfg, raw, layout, rep=rep, note_cache=cache)
+        meta = built.meta
+        meta["tasks"] = task_counts(built.labels, built.splits)
         meta.update(format_version=FORMAT_VERSION, layout=layout, created=time.strftime("%Y-%m-%d %H:%M:%S"),
                     config=config_record(cfg),
-                    sources={k: s.describe() for k, s in sources.items()})
-        stage.commit(lambda tmp: _write_folder(tmp, result, cache))
+                    sources={k: s.describe() for k, s in built.sources.items()})
+        stage.commit(lambda tmp: _write_folder(tmp, built, {**cache, **built.note_embeddings}))
     _print_attrition(meta, rep)
     for task, c in meta["tasks"].items():
         parts = [f"{s} {c[s][0]} ({c[s][1]} positive)" for s in SPLITS]
@@ -115,18 +114,18 @@ def _save_cache(cache: dict, path: Path) -> None:
     torch_save(saved, path)
 
 
-def _write_folder(folder: Path, result: dict, cache: dict) -> None:
-    """Every file of the processed folder into `folder` (the staging folder that then becomes --out)."""
-    for name in ("stays", "admissions"):
-        torch_save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in result[name].items()},
-                    folder / f"{name}.pt")
+def _write_folder(folder: Path, built: Built, cache: dict) -> None:
+    """Every file of the processed folder into `folder` (the staging folder that then becomes --out);
+    `cache` is the note cache to save: the earlier runs' embeddings and this run's."""
+    for name, arrays in (("stays", built.stays), ("admissions", built.admissions)):
+        torch_save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, folder / f"{name}.pt")
     with open(folder / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(LABEL_COLUMNS)
-        w.writerows(result["labels"])
-    (folder / "splits.json").write_text(json.dumps(result["splits"]))
+        w.writerows(built.labels)
+    (folder / "splits.json").write_text(json.dumps(built.splits))
     _save_cache(cache, folder / "note_cache.pt")
-    (folder / "meta.json").write_text(json.dumps(result["meta"], indent=1))
+    (folder / "meta.json").write_text(json.dumps(built.meta, indent=1))
 
 
 def _print_attrition(meta: dict, rep: Reporter) -> None:

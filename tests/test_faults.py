@@ -118,7 +118,7 @@ def test_multi_member_gzip_tables_are_read_whole(tmp_path):
     notes = tmp_path / "NOTEEVENTS.csv.gz"                # and the note reader
     _two_members(NOTES / "NOTEEVENTS_SYNTHETIC_PAIRING.csv.gz", notes)
     from preprocessing.extract import read_notes
-    _, counts = read_notes(notes, set(), {}, Reporter(quiet=True).task)
+    _, counts, _ = read_notes(notes, set(), Reporter(quiet=True).task)
     assert counts["rows"] == 265
 
 
@@ -173,7 +173,7 @@ def test_a_stray_quote_inside_a_note_stops_instead_of_reading_its_text_as_rows(t
     from preprocessing.extract import read_notes
     with pytest.raises(InputError, match=r"NOTEEVENTS.csv.gz: row \d+: a quoted field opened in this row "
                                                 r"runs over \d+ lines .*, after malformed rows from row 3 on"):
-        read_notes(notes, set(), {}, Reporter(quiet=True).task)
+        read_notes(notes, set(), Reporter(quiet=True).task)
 
 
 def test_a_bare_quote_inside_a_field_is_read_as_csv_does(tmp_path):
