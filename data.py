@@ -12,6 +12,7 @@ of preprocessing, so that this file can be copied with `folders.py` alone.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,11 @@ def read_file(path: Path, read, fix: str):
     except Exception as err:  # torch: RuntimeError, UnpicklingError, EOFError; json: ValueError; csv: KeyError
         raise InputError(f"{path}: cannot be read, it is truncated or corrupt ({type(err).__name__})"
                          f"{'; ' + fix if fix else ''}") from None
+
+
+def data_digest(root: Path) -> str:
+    """Identity of a processed folder (a hash of its meta.json), so that a moved folder still resumes."""
+    return hashlib.sha256((Path(root) / "meta.json").read_bytes()).hexdigest()[:16]
 
 
 def torch_save(obj, path: Path) -> None:
@@ -197,6 +203,36 @@ def code_counts(data: Processed, rows: np.ndarray, modality: str) -> tuple[np.nd
     counts = ptr[rows + 1] - ptr[rows]
     take = _ranges(torch.as_tensor(ptr[rows]), torch.as_tensor(counts)).numpy()
     return np.bincount(idx[take], minlength=data.meta[f"n_{modality}"]), int((counts > 0).sum())
+
+
+# ------------------------------------------------------------------------------------------- baselines
+# What a model that learns nothing scores, from the counts above: every pretraining run is judged against them.
+def stay_baselines(data: Processed, train_rows, val_rows) -> tuple[dict, torch.Tensor]:
+    """Validation MSE of three no-learning predictors fitted on the training stays: all zeros, each feature's
+    rate, each (hour, feature) cell's mean. Exact, from cell counts: for binary y and a constant c per cell,
+    Σ (c − y)² over n stays = n c² − 2 c Σy + Σy. Also returns the training cell means (T, F)."""
+    T, F = data.meta["seq_len"], data.meta["n_features"]
+    fit, val = cell_counts(data, train_rows).astype(float), cell_counts(data, val_rows).astype(float)  # (T, F)
+    n_fit, n_val = max(len(train_rows), 1), len(val_rows)
+
+    def mse(c):  # c: constant prediction, broadcastable to (T, F)
+        return float((n_val * c ** 2 - 2 * c * val + val).sum() / max(n_val * T * F, 1))
+    baselines = {"zeros": mse(0.0), "feature_rate": mse(fit.sum(0) / (n_fit * T)), "cell_mean": mse(fit / n_fit)}
+    return baselines, torch.as_tensor(fit / n_fit, dtype=torch.float32)
+
+
+def code_priors(data: Processed, rows, mask_rate: float) -> dict:
+    """Per-code probabilities of the two no-learning masked-code predictors, fitted on the admissions `rows`
+    (the training split): "none" (0 everywhere) and "frequency": P(code is a masked target | not visible) =
+    r f / (1 − (1 − r) f) for a code of frequency f and mask rate r (the best constant per code);
+    {"none" | "frequency": {"icd": (V_icd,), "drug": (V_drug,)}} float32 on the CPU."""
+    priors = {"none": {}, "frequency": {}}
+    for m in ("icd", "drug"):
+        counts, n = code_counts(data, rows, m)
+        f = torch.as_tensor(counts / max(n, 1), dtype=torch.float32)  # (V,)
+        priors["none"][m] = torch.zeros_like(f)
+        priors["frequency"][m] = mask_rate * f / (1 - (1 - mask_rate) * f)
+    return priors
 
 
 # ------------------------------------------------------------------------------------------- batches

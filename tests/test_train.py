@@ -476,7 +476,7 @@ def test_baselines_are_exact(cohort):
     """stay_baselines from cell counts equals the MSE of each constant predictor computed on dense tensors."""
     _, d = cohort
     tr, va = d.pretrain_rows("stay", "train"), d.pretrain_rows("stay", "val")
-    (base, mean) = train.stay_baselines(d, tr, va)
+    (base, mean) = data.stay_baselines(d, tr, va)
     dense = {s: data.StayDataset(d, r).__getitems__(list(range(len(r)))) for s, r in (("train", tr), ("val", va))}
     T, F = d.meta["seq_len"], d.meta["n_features"]
     from models import densify
@@ -491,7 +491,7 @@ def test_code_priors_match_the_masked_target_rate(cohort):
     """The frequency prior is P(code is a masked target | not visible) = r f / (1 − (1 − r) f)."""
     _, d = cohort
     rows = d.pretrain_rows("admission", "train")
-    priors = train.code_priors(d, rows, 0.15, torch.device("cpu"))
+    priors = data.code_priors(d, rows, 0.15)
     icd = data.AdmissionDataset(d, rows).__getitems__(list(range(len(rows))))["icd"]
     f = icd.mean(0)
     torch.testing.assert_close(priors["frequency"]["icd"], 0.15 * f / (1 - 0.85 * f))
