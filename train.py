@@ -76,6 +76,8 @@ class AdmissionPretrainConfig(StayPretrainConfig):
 
 
 LEVELS = {"stay": StayPretrainConfig, "admission": AdmissionPretrainConfig}
+DEVICES = ("auto", "cpu", "cuda")                 # resolve_device
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")     # resolve_dtype
 
 
 class NonFiniteLoss(RuntimeError):
