@@ -76,8 +76,7 @@ class AdmissionPretrainConfig(StayPretrainConfig):
 
 
 LEVELS = {"stay": StayPretrainConfig, "admission": AdmissionPretrainConfig}
-DEVICES = ("auto", "cpu", "cuda")                 # resolve_device
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")     # resolve_dtype
+DEVICES, PRECISIONS = ("auto", "cpu", "cuda"), ("auto", "fp32", "bf16", "fp16")  # resolve_device, resolve_dtype
 
 
 class NonFiniteLoss(RuntimeError):
@@ -376,8 +375,7 @@ def pretrain(cfg) -> dict:
     rep = Reporter(cfg.quiet)
     torch.manual_seed(cfg.seed)
     device, run = resolve_device(cfg.device), Path(cfg.run)
-    amp = resolve_dtype(cfg.precision, device)
-    path = run / f"{cfg.level}.pt"
+    amp, path = resolve_dtype(cfg.precision, device), run / f"{cfg.level}.pt"
     _check_start(cfg, path)
     data = load_processed(cfg.data)
     model, mcfg, (train_set, val_set), parent = _build(cfg, data, device, rep)
