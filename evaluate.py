@@ -8,10 +8,10 @@ RUN/eval/<task>.json (config, n and prevalence per split, per-seed metrics, mean
 RUN/eval/<task>_predictions.csv (test probabilities per seed) and one row per (task, init, model) in
 RUN/results.csv; rows and entries of an earlier run with the same key are replaced.
 
-Protocol (paper App. B, spec §6.1): per seed, fine-tune every weight with SGD (weight decay 1e-2) on
-binary cross-entropy for up to `epochs`, stop after `patience` epochs without a better validation
-`select_on`, reload the best weights and score the test split once; report mean ± sd over seeds. Every
-task also runs from scratch (init=none, same architecture), so the value of pretraining is always visible.
+Protocol (paper App. B; docs/design.md, Evaluation protocol): per seed, fine-tune every weight with SGD
+(weight decay 1e-2) on binary cross-entropy for up to `epochs`, stop after `patience` epochs without a better
+validation `select_on`, reload the best weights and score the test split once; report mean ± sd over seeds.
+Every task also runs from scratch (init=none, same architecture), so the value of pretraining is always visible.
 """
 from __future__ import annotations
 
@@ -69,9 +69,9 @@ class FinetuneConfig:
     labels: int | None = None         # or this many training examples, stratified (low-label runs)
     # learning rate: `lr` applies to every level when given, else the level's own. Paper App. B grid: batch
     # {16, 32, 64} x lr [2e-5, 5e-3]. Stay/admission: the grid's top, 5e-3 with batch 16, was the best of
-    # {5e-3, 2e-2, 5e-2} on the 400-patient synthetic cohort. Patient: 5e-2, beyond the grid: ~100 training
-    # patients give SGD ~200 steps in 30 epochs, and 5e-3 left hf/copd/amnesia near chance (AUROC 0.52-0.72)
-    # where 5e-2 reached 0.77-0.94 (the paper's cohorts are 10-100x larger; the official patient code uses Adam).
+    # {5e-3, 2e-2, 5e-2} on the synthetic demo cohort. Patient: 5e-2, beyond the grid: ~100 training patients
+    # give SGD ~200 steps in 30 epochs, too few at 5e-3 (README, What does not work yet; the paper's cohorts are
+    # 10-100x larger, and the official patient code uses Adam).
     lr: tuple[float, ...] | None = None  # one rate, or a grid chosen per init on validation (mean over seeds)
     lr_stay: float = 5e-3
     lr_admission: float = 5e-3
@@ -83,14 +83,14 @@ class FinetuneConfig:
     # fidelity: the official code early-stops on a swapped-argument BCE (= 100·MAE), and on dev F1 at patient level
     select_on: str = "auprc"          # validation metric for early stopping and best-epoch selection
     # dropout before the output layer. fidelity: official HMP uses 0.2 (stay), HADM_CLS and the patient models
-    # 0.8. On the synthetic demo cohort (3 seeds, from scratch) 0.8 cut readmission AUROC from 0.66 to 0.57 and
-    # matched 0.2 on hf/copd/amnesia (0.94/0.80/0.85 vs 0.94/0.79/0.82), so 0.2 everywhere.
+    # 0.8; on the synthetic demo cohort 0.8 hurt readmission and did not help the patient tasks (README, What
+    # does not work yet), so 0.2 everywhere.
     dropout: float = 0.2
     probe: bool = False               # train only the head on the frozen encoder (a linear probe at stay and
     #                                   admission level; the sequence model on frozen code embeddings at patient level)
     max_stays: int = 3                # paper: at most M = 3 stays per admission
     max_visits: int = 50              # paper App. A: the last 50 visits
-    bootstrap: int = 1000             # DESIGN §6: 1000-resample percentile CIs
+    bootstrap: int = 1000             # 1000-resample percentile CIs (docs/design.md, Evaluation protocol)
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto | fp32 | bf16 | fp16 (fp32 on the CPU unless asked)
     table: bool = True                # print the results table at the end

@@ -3,7 +3,8 @@
 Usage: `write_task(task, report, probs, ids, y)` writes RUN/eval/<task>.json, RUN/eval/<task>_predictions.csv,
 the task's rows of RUN/results.csv and (with matplotlib) RUN/eval/<task>_curves.png; `results_table(reports)`
 and `print_table(...)` show them. Rows and entries of an earlier run with the same key are replaced.
-A module of its own (DESIGN §1) so that evaluate.py stays the fine-tuning protocol; it needs no torch.
+A module of its own (docs/design.md, Modules) so that evaluate.py stays the fine-tuning protocol; it needs
+no torch.
 """
 from __future__ import annotations
 

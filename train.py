@@ -41,7 +41,7 @@ class StayPretrainConfig:
     weight_decay: float = 1e-8        # official stay_pretraining.py
     grad_clip: float = 1.0            # not in the paper; keeps early LSTM steps stable
     d_model: int = 256                # paper App. B
-    dropout: float = 0.1              # spec §13 (unknown in the official pretraining)
+    dropout: float = 0.1              # as ModelConfig (the official pretraining's value is unknown)
     # stage-1 decoder input (models.ModelConfig): "stay" (b at every hour) or "zeros" (the paper's wording)
     decoder_input: str = ModelConfig.decoder_input
     hour_bias: bool = ModelConfig.hour_bias

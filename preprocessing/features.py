@@ -2,7 +2,7 @@
 
 Own module so data.py keeps to the processed format; imports numpy and `tables` (and torch/transformers only
 inside `load_text_model` and `embed_notes`, for a Hugging Face text model). Everything is fitted on the training
-split and then applied unchanged to every stay (DESIGN §4):
+split and then applied unchanged to every stay (docs/design.md, Preprocessing):
   * time series: per (stay, hour, variable) the last value becomes a presence column plus a one-hot
     quantile bin (numbers) or category (text); variables and columns seen in fewer than theta of the
     training stays are dropped; the result is stored sparse as flat indices t * F + f.

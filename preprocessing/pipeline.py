@@ -40,10 +40,10 @@ class PreprocessConfig:
     n_bins: int = 5                           # FIDDLE discretize: quintiles
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # official code 80/10/10 (here by patient)
     seed: int = 0
-    exclude_label_items: bool = True          # DESIGN §4: ARF/shock-defining items are not features
+    exclude_label_items: bool = True          # ARF/shock-defining items (tasks.TASKS) are not features
     drug_code: str = "drug"                   # PRESCRIPTIONS column used as the drug code: drug|ndc|gsn
     vocab_from: Path | None = None            # reuse the code vocabularies of another processed folder
-    note_max_tokens: int = 512                # spec §12.7: Clinical-T5 was trained on 512 tokens
+    note_max_tokens: int = 512                # Clinical-T5 was trained on 512 tokens
     note_pooling: str = "mean"                # "mean" (attention-masked) or "mean_unmasked" (official)
     hashing_dim: int = 768                    # width of the built-in hashing text model (Clinical-T5-Base: 768)
     text_batch_size: int = 16

@@ -1,4 +1,5 @@
-"""Label definitions checked on hand-built stays and admissions whose every row is known (DESIGN §6)."""
+"""Label definitions checked on hand-built stays and admissions whose every row is known (the task table
+of the README, tasks.TASKS)."""
 import csv
 import json
 from pathlib import Path

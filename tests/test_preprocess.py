@@ -237,8 +237,9 @@ def test_limit_patients_is_a_deterministic_sample(tiny, tmp_path):
 
 
 def test_stored_cells_round_trip_to_the_dense_hourly_matrix(tiny, tmp_path):
-    """Hand-placed events come back at the right (hour, feature) cells of the densified batch."""
-    from models import densify
+    """Hand-placed events come back at the right (hour, feature) cells of the densified batch, and the model's
+    sparse projection reads the cells that collate wrote (the ts_idx encoding of docs/data-format.md)."""
+    from models import ModelConfig, TimeSeriesEncoder, densify
     for s in (1, 2):
         tiny.patient(s)
         tiny.admission(s, s * 10, T0, 96)
@@ -261,3 +262,5 @@ def test_stored_cells_round_trip_to_the_dense_hourly_matrix(tiny, tmp_path):
         assert torch.nonzero(x[i, :, hr]).flatten().tolist() == [0, 5]
         assert torch.nonzero(x[i, :, alarm]).flatten().tolist() == [2] and x[i, 2, yes] == 1
         assert int(x[i].sum()) == 6         # 2 x (present + value bin) + (present + category)
+    encoder = TimeSeriesEncoder(ModelConfig.from_meta(meta, d_model=8))
+    assert torch.allclose(encoder.project(batch["ts_idx"], 2), x @ encoder.input_proj, atol=1e-6)

@@ -94,7 +94,7 @@ def test_resolve_device_and_dtype():
     assert train.resolve_device("cpu") == torch.device("cpu")
     assert train.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     cpu = torch.device("cpu")
-    assert train.resolve_dtype("auto", cpu) == torch.float32  # DESIGN §5: fp32 on the CPU unless asked
+    assert train.resolve_dtype("auto", cpu) == torch.float32  # fp32 on the CPU unless asked (docs/design.md)
     if CPU_BF16:
         assert train.resolve_dtype("bf16", cpu) == torch.bfloat16
     else:
@@ -353,7 +353,7 @@ def test_cli_fp16_on_cpu_is_a_clear_error(cohort, tmp_path):
 
 @pytest.mark.skipif(not CPU_BF16, reason="this CPU has no bf16 LSTM (see the next test)")
 def test_cpu_bf16_autocast_steps(cohort, tmp_path):
-    """bf16 on the CPU when asked (DESIGN §5): both stages run and record bfloat16."""
+    """bf16 on the CPU when asked (docs/design.md): both stages run and record bfloat16."""
     root, _ = cohort
     run = tmp_path / "run"
     for level in ("stay", "admission"):
