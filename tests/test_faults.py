@@ -25,7 +25,7 @@ from folders import InputError
 from preprocessing import build, pipeline, tables
 from preprocessing.pipeline import PreprocessConfig, preprocess
 from progress import Reporter
-from conftest import MIMIC3_DEMO, NOTES, REPO, T0, TinyMimic3, hours_after
+from conftest import MIMIC3_DEMO, NOTES, REPO, T0, TinyMimic3, hours_after, one_line_error
 from medhmp import cli
 
 needs_demo = pytest.mark.skipif(not MIMIC3_DEMO.is_dir(), reason="the MIMIC-III demo (conftest.MIMIC3_DEMO) is not present")
@@ -35,16 +35,6 @@ needs_notes = pytest.mark.skipif(not NOTES.is_dir(), reason="the open notes (con
 # ----------------------------------------------------------------------------------------------- helpers
 def _cli(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _one_line_error(result, pattern: str) -> str:
-    """The run failed with exactly one 'Error:' line, last, matching `pattern`, and no traceback."""
-    assert result.exit_code == 1, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1 and result.output.strip().endswith(errors[0]), result.output
-    assert re.search(pattern, errors[0]), errors[0]
-    assert "Traceback" not in result.output
-    return errors[0]
 
 
 def _rewrite(raw: Path, table: str, edit) -> None:
@@ -105,6 +95,7 @@ def raw(tiny_raw, tmp_path) -> Path:
 
 
 # ------------------------------------------------------------------------------- 1: multi-member gzip
+@pytest.mark.slow
 @needs_demo
 @needs_notes
 def test_multi_member_gzip_tables_are_read_whole(tmp_path):
@@ -127,7 +118,7 @@ def test_multi_member_gzip_tables_are_read_whole(tmp_path):
 def test_two_files_for_one_table_stop_naming_both(raw, tmp_path, twin):
     (raw / twin).write_bytes(gzip.decompress((raw / "ADMISSIONS.csv.gz").read_bytes()))
     result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out")
-    line = _one_line_error(result, r"both .* and .* match one table")
+    line = one_line_error(result, r"both .* and .* match one table")
     assert twin in line and "ADMISSIONS.csv.gz" in line
     assert not (tmp_path / "out").exists()
 
@@ -139,7 +130,7 @@ def test_unbalanced_quote_in_a_note_stops_naming_the_row(tmp_path):
     raw = t.write(tmp_path / "raw")
     _rewrite(raw, "NOTEEVENTS", lambda text: text.replace("note 2 discharged", '"note 2 discharged'))
     result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out")
-    _one_line_error(result, r"NOTEEVENTS.csv.gz: row 2: a quoted field opened in this row is still open at "
+    one_line_error(result, r"NOTEEVENTS.csv.gz: row 2: a quoted field opened in this row is still open at "
                             r"the end of the file")
     assert not (tmp_path / "out").exists()
 
@@ -232,7 +223,7 @@ def test_nothing_usable_left_stops_in_one_line(tmp_path):
         t.admission(s, s * 10 + 1, T0, 72, codes=())
         t.stay(s, s * 10 + 1, s * 100 + 1, hours_after(T0, 5), -3)     # every outtime before its intime
     result = _cli("preprocess", "--raw", t.write(tmp_path / "raw"), "--out", tmp_path / "out")
-    _one_line_error(result, r"nothing usable is left: ICU stays in the icustays table 2, none left at 'outtime "
+    one_line_error(result, r"nothing usable is left: ICU stays in the icustays table 2, none left at 'outtime "
                             r"after intime .*', and admissions in the admissions table 2, none left at 'with "
                             r"ICD-9 diagnosis codes'")
     assert not (tmp_path / "out").exists()
@@ -286,7 +277,7 @@ def test_damaged_processed_files_are_one_line_naming_the_file(case, tiny_process
     out = Path(shutil.copytree(tiny_processed, tmp_path / "processed"))
     damage(out / name)
     result = _cli("evaluate", "--task", "mortality", "--data", out, "--run", tmp_path / "run", "--init", "none")
-    _one_line_error(result, re.escape(f"{out / name}: {what}") + r".*re-run `python medhmp.py preprocess --out ")
+    one_line_error(result, re.escape(f"{out / name}: {what}") + r".*re-run `python medhmp.py preprocess --out ")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "not a dict"])
@@ -332,16 +323,16 @@ def test_out_under_a_file_fails_before_any_work(raw, tmp_path, no_work):
     (tmp_path / "afile").write_text("not a folder")
     for command in (["preprocess", "--raw", raw], ["synth", "--patients", 5]):
         result = _cli(*command, "--out", tmp_path / "afile" / "sub")
-        _one_line_error(result, re.escape(f"{tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a "
+        one_line_error(result, re.escape(f"{tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a "
                                           "folder; choose another --out"))
     result = _cli("evaluate", "--task", "mortality", "--run", tmp_path / "afile", "--init", "none")
-    _one_line_error(result, re.escape(f"{tmp_path / 'afile' / 'eval'}: cannot write there") + ".*--run")
+    one_line_error(result, re.escape(f"{tmp_path / 'afile' / 'eval'}: cannot write there") + ".*--run")
 
 
 def test_out_that_is_the_current_folder_is_refused(raw, tmp_path, monkeypatch, no_work):
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
-    _one_line_error(_cli("preprocess", "--raw", raw, "--out", "."), r"is the current folder")
+    one_line_error(_cli("preprocess", "--raw", raw, "--out", "."), r"is the current folder")
 
 
 def test_read_only_parent_fails_before_any_work(raw, tmp_path, monkeypatch, no_work):
@@ -354,7 +345,7 @@ def test_read_only_parent_fails_before_any_work(raw, tmp_path, monkeypatch, no_w
         return real_open(path, *args, **kwargs)
     monkeypatch.setattr(os, "open", read_only)
     result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "ro" / "out")
-    _one_line_error(result, r"ro/out: cannot write there \(Permission denied: .*\.out\.lock\)")
+    one_line_error(result, r"ro/out: cannot write there \(Permission denied: .*\.out\.lock\)")
     assert list((tmp_path / "ro").iterdir()) == []
 
 
@@ -370,7 +361,7 @@ def test_full_disk_while_writing_keeps_the_old_output_and_no_leftovers(raw, tiny
     before = (out / "stays.pt").read_bytes()
     _full_disk(monkeypatch)
     result = _cli("preprocess", "--raw", raw, "--out", out)
-    _one_line_error(result, re.escape(f"{out}: cannot write there (No space left on device)"))
+    one_line_error(result, re.escape(f"{out}: cannot write there (No space left on device)"))
     assert (out / "stays.pt").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "raw"]    # no .tmp folder, no lock
 
@@ -392,15 +383,16 @@ def tables_unread(monkeypatch):
 
 def test_mistyped_text_model_path_fails_before_reading_tables(raw, tmp_path, tables_unread):
     result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out", "--text-model", "./models/clinical-t5")
-    _one_line_error(result, r"--text-model ./models/clinical-t5: no such folder")
+    one_line_error(result, r"--text-model ./models/clinical-t5: no such folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
+@pytest.mark.slow
 def test_hub_text_model_offline_fails_before_reading_tables(raw, tmp_path, tables_unread, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out", "--text-model", "someorg/no-such-t5")
-    _one_line_error(result, r"--text-model someorg/no-such-t5: not a local folder, and as a hub name, it cannot "
+    one_line_error(result, r"--text-model someorg/no-such-t5: not a local folder, and as a hub name, it cannot "
                             r"be loaded")
 
 
@@ -421,7 +413,7 @@ def test_a_second_run_into_the_same_out_is_refused(raw, tiny_processed, tmp_path
     try:
         (tmp_path / ".processed.lock").write_text(str(first.pid))
         result = _cli("preprocess", "--raw", raw, "--out", out)
-        _one_line_error(result, rf"processed: process {first.pid} is writing there \(lock \.processed\.lock\); "
+        one_line_error(result, rf"processed: process {first.pid} is writing there \(lock \.processed\.lock\); "
                                 r"wait for it to finish or choose another --out")
         assert (out / "stays.pt").read_bytes() == before
         assert (tmp_path / ".processed.lock").read_text() == str(first.pid)
@@ -434,6 +426,7 @@ def test_a_second_run_into_the_same_out_is_refused(raw, tiny_processed, tmp_path
 
 
 # -------------------------------------------------------------------------- 19: SIGTERM, dead runs
+@pytest.mark.slow
 @needs_demo
 def test_sigterm_removes_the_staging_folder(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -81,3 +81,22 @@ def test_trinetx_extract_with_a_shared_vocabulary(tmp_path):
         assert result.exit_code != 0 and "no ICU stays to pretrain on" in result.output, result.output
         assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not (tmp_path / "run").exists()
+
+
+def test_synth_command_writes_what_synthesize_writes(tmp_path):
+    """`synth` from the command line: the extract of synthetic.synthesize with the same settings, byte for byte,
+    and one closing line of counts; a bad option is a usage error."""
+    result = CliRunner().invoke(cli, ["synth", "--out", str(tmp_path / "cli"), "--patients", "40", "--layout",
+                                      "mimic4", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    summary = synthetic.synthesize(synthetic.SynthConfig(out=tmp_path / "py", patients=40, layout="mimic4", seed=3,
+                                                         quiet=True))
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("wrote ") and last.endswith(
+        f": 40 patients, {summary['admissions']} admissions, {summary['stays']} ICU stays")
+
+    def files(root):
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert files(tmp_path / "cli") == files(tmp_path / "py") and files(tmp_path / "py")
+    bad = CliRunner().invoke(cli, ["synth", "--out", str(tmp_path / "bad"), "--patients", "0"])
+    assert bad.exit_code == 2 and "--patients" in bad.output and not (tmp_path / "bad").exists()

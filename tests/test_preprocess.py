@@ -2,7 +2,6 @@
 import csv
 import gzip
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -14,17 +13,16 @@ from click.testing import CliRunner
 import data
 from preprocessing import cohorts
 from preprocessing.pipeline import PreprocessConfig, preprocess
-from conftest import MIMIC3_DEMO, NOTES, T0, hours_after
+from conftest import MIMIC3_DEMO, NOTES, T0, hours_after, one_line_error
 from medhmp import cli
 
 needs_demo = pytest.mark.skipif(not MIMIC3_DEMO.is_dir(), reason="../shared/data/mimic3-demo not present")
 
 
 @pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "processed"
-    meta = preprocess(PreprocessConfig(raw=MIMIC3_DEMO, notes=NOTES, out=out, quiet=True))
-    return out, meta
+def demo_out(mimic3_processed):
+    """The session's MIMIC-III demo folder (preprocessed from the CLI with --notes) and its meta.json."""
+    return mimic3_processed, json.loads((mimic3_processed / "meta.json").read_text())
 
 
 @needs_demo
@@ -38,7 +36,8 @@ def test_mimic3_demo_counts_and_attrition(demo_out):
     assert att["stays"]["with events in the first 48 h"] == 77
     assert att["mortality"]["alive at 48 h"] == 34          # FIDDLE's demo cohort at T = 48 h is 34 stays
     assert meta["layout"] == "mimic3" and meta["counts"]["stays"] == 77
-    assert meta["notes"]["with_note"] == 129                # the paired open notes, one per admission
+    assert meta["notes"]["with_note"] == 129                # the paired open notes (--notes), one per admission
+    assert meta["config"]["notes"] == str(NOTES) and meta["notes"]["source"].startswith(str(NOTES))
     assert 0.005 < meta["counts"]["density"] < 0.1           # sparse, as FIDDLE's ~4%
     d = data.load_processed(out)
     assert d.stays["ts_feat"].dtype == torch.int16 and len(d.stays["stay_id"]) == 77
@@ -137,12 +136,7 @@ BAD_INPUTS = {
 def test_bad_input_is_one_clear_line_and_writes_nothing(case, tiny, tmp_path):
     change, message = BAD_INPUTS[case]
     raw = _broken(tiny, tmp_path, change)
-    result = CliRunner().invoke(cli, ["preprocess", "--raw", str(raw), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1 and result.output.strip().endswith(errors[0]), result.output
-    assert re.search(message, errors[0]), errors[0]
-    assert "Traceback" not in result.output
+    one_line_error(CliRunner().invoke(cli, ["preprocess", "--raw", str(raw), "--out", str(tmp_path / "out")]), message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
@@ -198,6 +192,7 @@ def _tiny_t5(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # imports transformers (seconds)
 def test_local_t5_text_model_through_its_encoder_with_cache(tiny, tmp_path):
     tiny.patient(1)
     tiny.patient(2)
@@ -264,3 +259,37 @@ def test_stored_cells_round_trip_to_the_dense_hourly_matrix(tiny, tmp_path):
         assert int(x[i].sum()) == 6         # 2 x (present + value bin) + (present + category)
     encoder = TimeSeriesEncoder(ModelConfig.from_meta(meta, d_model=8))
     assert torch.allclose(encoder.project(batch["ts_idx"], 2), x @ encoder.input_proj, atol=1e-6)
+
+
+def test_an_admission_keeps_its_first_max_stays_stays(tiny, tmp_path):
+    """An admission with more ICU stays than max_stays gives its first max_stays stays by intime, packed in
+    order; fewer slots than stays never mixes in another stay."""
+    tiny.patient(1)
+    tiny.admission(1, 10, T0, 400)
+    for k, start in enumerate((1, 100, 200)):             # three stays told apart by their charted hours
+        tiny.stay(1, 10, 100 + k, hours_after(T0, start), 60, vitals_hours=10 * (k + 1))
+    raw = tiny.write(tmp_path / "raw")
+    preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out", split=(1.0, 0.0, 0.0), min_frequency=0.0,
+                                quiet=True))
+    d = data.load_processed(tmp_path / "out")
+    order = d.admissions["stay_rows"].numpy()
+    assert d.stays["stay_id"].numpy()[order].tolist() == [100, 101, 102]
+    for max_stays in (1, 2, 3, 5):
+        batch = data.AdmissionDataset(d, [0], max_stays=max_stays).__getitems__([0])
+        n = min(max_stays, 3)
+        assert batch["stay_mask"].tolist() == [[True] * n] and batch["static"].shape[0] == n
+        first = data.collate_stay(d, torch.as_tensor(order[:n]))
+        assert torch.equal(batch["ts_idx"], first["ts_idx"]) and torch.equal(batch["static"], first["static"])
+
+
+def test_one_usable_admission_rule_for_pretraining_and_readmission(processed_cohort):
+    """data.admission_requirements decides both the admissions of admission-level pretraining and the start of
+    the readmission cohort."""
+    d = data.load_processed(processed_cohort)
+    usable = data.usable_admissions(d.admissions)
+    rows = np.concatenate([d.pretrain_rows("admission", s) for s in data.SPLITS])
+    assert 0 < len(rows) < len(usable) and np.array_equal(np.sort(rows), np.flatnonzero(usable))
+    cohort = d.labels["readmission"]["row"]
+    assert usable[cohort].all() and not d.admissions["died"].numpy()[cohort].any()
+    steps = dict(d.meta["attrition"]["readmission"])
+    assert steps["with ICD-9 codes in the vocabulary"] == int(usable.sum())
