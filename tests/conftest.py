@@ -141,13 +141,23 @@ def tiny():
     return TinyMimic3()
 
 
-def synthesize_and_preprocess(root: Path, **synth) -> Path:
-    """A synthetic MIMIC-III extract (`SynthConfig(**synth)`) under root/raw, preprocessed to root/processed."""
+def synthesize_and_preprocess(root: Path, options: dict | None = None, **synth) -> Path:
+    """A synthetic MIMIC-III extract (`SynthConfig(**synth)`) under root/raw, preprocessed to root/processed
+    (`PreprocessConfig(**options)`)."""
     from preprocessing.pipeline import PreprocessConfig, preprocess
     from synthetic import SynthConfig, synthesize
     synthesize(SynthConfig(out=root / "raw", quiet=True, **synth))
-    preprocess(PreprocessConfig(raw=root / "raw", out=root / "processed", quiet=True))
+    preprocess(PreprocessConfig(raw=root / "raw", out=root / "processed", quiet=True, **(options or {})))
     return root / "processed"
+
+
+def pretrain_both(processed: Path, run: Path, d_model: int) -> Path:
+    """Both pretraining stages on `processed` into `run`, 4 steps each at width `d_model`."""
+    import train
+    for level in ("stay", "admission"):
+        train.pretrain(train.LEVELS[level](data=processed, run=run, d_model=d_model, batch_size=64, max_steps=4,
+                                           quiet=True))
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -167,12 +177,7 @@ def demo_cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pretrained_run(processed_cohort, tmp_path_factory) -> Path:
     """Both pretraining stages on `processed_cohort`, 4 steps each at width 16 (read-only; copy to change)."""
-    import train
-    run = tmp_path_factory.mktemp("pretrained") / "run"
-    for level in ("stay", "admission"):
-        train.pretrain(train.LEVELS[level](data=processed_cohort, run=run, d_model=16, batch_size=64, max_steps=4,
-                                           quiet=True))
-    return run
+    return pretrain_both(processed_cohort, tmp_path_factory.mktemp("pretrained") / "run", d_model=16)
 
 
 @pytest.fixture(scope="session")

@@ -22,13 +22,10 @@ from sklearn.metrics import (auc, average_precision_score, cohen_kappa_score, f1
 import data
 import evaluate
 import results
-import synthetic
-import train
+from conftest import pretrain_both, read_csv, synthesize_and_preprocess
 from evaluate import Checkpoints, FinetuneConfig, build_model
 from metrics import auprc, auprc_trapezoid, auroc, binary_metrics, bootstrap_ci, f1, kappa
-from conftest import read_csv
 from medhmp import cli
-from preprocessing.pipeline import PreprocessConfig, preprocess
 
 D = 32               # model width of the fine-tuning tests
 AUROC_FLOOR = 0.65   # every synthetic task from scratch, one seed; chance is 0.5, seeds 0-3 gave 0.72-0.94
@@ -116,19 +113,13 @@ def learning_cohort(tmp_path_factory) -> data.Processed:
     """600 synthetic patients split 60/20/20, so every task's test split has a few dozen examples (the
     session cohort's 80/10/10 of 400 leaves ~10 patients per patient-level test split: too noisy to judge)."""
     root = tmp_path_factory.mktemp("eval_cohort")
-    synthetic.synthesize(synthetic.SynthConfig(out=root / "raw", patients=600, seed=1, quiet=True))
-    preprocess(PreprocessConfig(raw=root / "raw", out=root / "processed", split=(0.6, 0.2, 0.2), quiet=True))
-    return data.load_processed(root / "processed")
+    return data.load_processed(synthesize_and_preprocess(root, {"split": (0.6, 0.2, 0.2)}, patients=600, seed=1))
 
 
 @pytest.fixture(scope="module")
 def learning_run(learning_cohort, tmp_path_factory) -> Path:
     """Both pretraining stages on `learning_cohort`, 4 steps each at width D (read-only; copy to change)."""
-    run = tmp_path_factory.mktemp("eval") / "run"
-    for level in ("stay", "admission"):
-        train.pretrain(train.LEVELS[level](data=learning_cohort.root, run=run, d_model=D, batch_size=64,
-                                           max_steps=4, quiet=True))
-    return run
+    return pretrain_both(learning_cohort.root, tmp_path_factory.mktemp("eval") / "run", d_model=D)
 
 
 def cfg_for(processed: Path, run: Path, **kw) -> FinetuneConfig:
