@@ -2,12 +2,13 @@
 
 Usage: `load_processed(dir)` -> `Processed`, then the `StayDataset` / `AdmissionDataset` / `PatientDataset`
 classes and `make_loader`. Reads the folder that `python medhmp.py preprocess` writes (meta.json, stays.pt,
-admissions.pt, labels.csv, splits.json; described in docs/data-format.md) and writes nothing. It holds
-what the format is (`FORMAT_VERSION`, `LABEL_COLUMNS`), how a batch is laid out (`collate_stay`,
-`collate_admission`) and the small helpers shared with the preprocessing package, which writes the folder
-(`preprocessing/`, see its `__init__`). Imports numpy,
-torch and `folders` (InputError, and `repair` of a folder whose swap a killed run left half done); nothing
-of preprocessing, so that this file can be copied with `folders.py` alone.
+admissions.pt, labels.csv, splits.json; docs/data-format.md) and writes nothing. It holds what the format is
+(`FORMAT_VERSION`, `LABEL_COLUMNS`, `SPLITS`, the usable-admission rule `admission_requirements`), how a batch
+is laid out (`collate_stay` writes the `ts_idx` cells that models.py reads, `collate_admission`), the counts and
+no-learning baselines pretraining is judged against, and the small helpers the preprocessing package shares
+(`lookup`, `row_of`, `read_file`, `torch_save`, `config_record`). The package builds on this module, never
+the other way round: data.py imports numpy, torch and `folders` (InputError, and `repair` of a folder whose
+swap a killed run left half done), so it can be copied with `folders.py` alone.
 """
 from __future__ import annotations
 

@@ -137,6 +137,21 @@ def test_runtime_dependencies_are_the_declared_ones():
             assert top in stdlib | project_modules() | PACKAGES | THIRD_PARTY | OPTIONAL, f"{module} imports {top}"
 
 
+BUDGETS = {"models": 500, "data": 500, "train": 500, "evaluate": 400, "medhmp": 150}   # lines (STYLE.md)
+LOOPS = {("train", "pretrain"), ("evaluate", "finetune")}   # the training loops may reach about 120 lines
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_size_budgets(module):
+    """A module within its line budget; every function on one screen (60 lines), a training loop 120."""
+    text = path_of(module).read_text()
+    assert len(text.splitlines()) <= BUDGETS.get(module, 10 ** 6), f"{module}.py is over its line budget"
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.FunctionDef):
+            lines, limit = node.end_lineno - node.lineno + 1, 120 if (module, node.name) in LOOPS else 60
+            assert lines <= limit, f"{module}.{node.name} is {lines} lines (at most {limit})"
+
+
 @pytest.mark.parametrize("module", sorted(ALLOWED))
 def test_module_docstring_and_no_device_literals(module):
     text = path_of(module).read_text()
