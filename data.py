@@ -1,20 +1,21 @@
-"""Data: from MIMIC-style CSV extracts to the processed hierarchical dataset, and back out as batches.
+"""Data: the processed hierarchical dataset on disk, and back out of it as batches.
 
-Usage: `python medhmp.py preprocess --raw RAW --out data/processed` (see `preprocess`), then
-`load_processed(dir)` and the `StayDataset` / `AdmissionDataset` / `PatientDataset` classes.
-Reads the CSV extracts (MIMIC-III, MIMIC-IV or a diagnosis extract) and writes the folder described in
-docs/data-format.md: meta.json, stays.pt, admissions.pt, labels.csv, splits.json, note_cache.pt.
-The work is shared with lower modules that import nothing above them: build (raw tables -> the arrays of the
-folder, in memory) drawing on tables (CSV reading), extract (the raw tables of each layout), features
-(FIDDLE-style features, vocabularies, note embeddings) and cohorts (task cohorts, labels, splits); data.py
-keeps the entry point, the on-disk format and the datasets. `InputError` and `Reporter` are re-exported.
+Usage: `load_processed(dir)` -> `Processed`, then the `StayDataset` / `AdmissionDataset` / `PatientDataset`
+classes and `make_loader`. Reads the folder that `python medhmp.py preprocess` writes (meta.json, stays.pt,
+admissions.pt, labels.csv, splits.json; docs/data-format.md) and writes nothing. It holds what the format is
+(`FORMAT_VERSION`, `LABEL_COLUMNS`, `SPLITS`, the usable-admission rule `admission_requirements`), how a batch
+is laid out (`collate_stay` writes the `ts_idx` cells that models.py reads, `collate_admission`), the counts and
+no-learning baselines pretraining is judged against, and the small helpers the preprocessing package shares
+(`lookup`, `row_of`, `read_file`, `torch_save`, `config_record`). The package builds on this module, never
+the other way round: data.py imports numpy, torch and `folders` (InputError, and `repair` of a folder whose
+swap a killed run left half done), so it can be copied with `folders.py` alone.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,100 +23,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from build import build_mimic, build_trinetx
-from cohorts import task_counts
-from folders import Staged, check_writable, repair  # noqa: F401  (check_writable re-exported for evaluate)
-from progress import Reporter  # noqa: F401  (re-exported: train, evaluate and synthetic report through it)
-from tables import InputError, find_layout, lookup, row_of  # noqa: F401  (InputError re-exported)
+from folders import InputError, repair
 
-
-# ------------------------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class PreprocessConfig:
-    raw: Path = Path("data/raw")
-    notes: Path | None = None                 # a note table or folder; default: the layout's own
-    out: Path = Path("data/processed")
-    text_model: str = "hashing"               # "hashing", a local Hugging Face folder, or a hub name
-    text_device: str = "cpu"                  # where a Hugging Face text model runs
-    limit_patients: int | None = None         # a deterministic sample of this many patients
-    seq_len: int = 48                         # paper App. A: T = 48 one-hour bins
-    min_frequency: float = 0.05               # paper App. A: drop features seen in < 5% of stays
-    n_bins: int = 5                           # FIDDLE discretize: quintiles
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # official code 80/10/10 (here by patient)
-    seed: int = 0
-    exclude_label_items: bool = True          # DESIGN §4: ARF/shock-defining items are not features
-    drug_code: str = "drug"                   # PRESCRIPTIONS column used as the drug code: drug|ndc|gsn
-    vocab_from: Path | None = None            # reuse the code vocabularies of another processed folder
-    note_max_tokens: int = 512                # spec §12.7: Clinical-T5 was trained on 512 tokens
-    note_pooling: str = "mean"                # "mean" (attention-masked) or "mean_unmasked" (official)
-    hashing_dim: int = 768                    # width of the built-in hashing text model (Clinical-T5-Base: 768)
-    text_batch_size: int = 16
-    readmission_days: int = 30                # paper §3.3: 30-day readmission
-    patient_gap_days: int = 180               # paper App. A: history ends six months before diagnosis
-    controls_per_case: int = 3                # paper App. A: three matched controls per case
-    quiet: bool = False
+FORMAT_VERSION = 2                            # 2: stays stored as int16 features with per-hour counts
+LABEL_COLUMNS = ("task", "level", "subject_id", "hadm_id", "stay_id", "label", "cutoff")   # labels.csv
+SPLITS = ("train", "val", "test")             # splits.json: patient-level, shared by every stage and task
 
 
 def config_record(cfg) -> dict:
     """A config dataclass as a JSON-ready dict (paths as strings): what meta.json, checkpoints, run headers
     and eval reports store as the resolved config."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-
-
-FORMAT_VERSION = 2                            # 2: stays stored as int16 features with per-hour counts
-
-
-def preprocess(cfg: PreprocessConfig) -> dict:
-    """Read the extract at `cfg.raw`, write the processed folder `cfg.out` atomically; returns meta.
-    The output is checked, locked and staged (folders.Staged) before any table is read (and build_mimic loads
-    the text model first), so an unwritable --out or a bad --text-model fails in seconds, in one line."""
-    rep = Reporter(cfg.quiet)
-    raw = Path(cfg.raw)
-    layout = find_layout(raw)
-    with Staged(cfg.out, "--out", log=rep.log) as stage:
-        out = stage.out
-        _check_out(out)
-        rep.log(f"reading {raw} ({layout} layout)")
-        cache = _load_cache(out, rep)
-        sources = {}
-        build = build_trinetx if layout == "trinetx" else build_mimic
-        result = build(cfg, raw, layout, sources, rep, cache)
-        meta = result["meta"]
-        meta["tasks"] = task_counts(result["labels"], result["splits"])
-        meta.update(format_version=FORMAT_VERSION, layout=layout, created=time.strftime("%Y-%m-%d %H:%M:%S"),
-                    config=config_record(cfg),
-                    sources={k: s.describe() for k, s in sources.items()})
-        stage.commit(lambda tmp: _write_folder(tmp, result, cache))
-    _print_attrition(meta, rep)
-    for task, c in meta["tasks"].items():
-        parts = [f"{s} {c[s][0]} ({c[s][1]} positive)" for s in ("train", "val", "test")]
-        rep.log(f"{task} ({c['level']}): " + ", ".join(parts))
-    rep.log(f"wrote {out}: {meta['counts']}")
-    _print_skipped(meta, rep)
-    return meta
-
-
-# ------------------------------------------------------------------------------------------- writing
-LABEL_COLUMNS = ("task", "level", "subject_id", "hadm_id", "stay_id", "label", "cutoff")
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").exists())):
-        raise InputError(f"{out}: exists and is not a processed folder; choose another --out")
-
-
-def _load_cache(out: Path, rep: Reporter) -> dict:
-    """{text key: vector} saved by the last run into this folder (note_cache.pt), else empty; a damaged
-    cache is ignored with a warning (the embeddings are recomputed and the cache written anew)."""
-    path = out / "note_cache.pt"
-    if not path.is_file():
-        return {}
-    try:
-        saved = read_file(path, lambda p: torch.load(p, weights_only=True), "")
-        return {k: v for dim in saved["dims"] for k, v in zip(saved[f"keys_{dim}"], saved[f"vectors_{dim}"].numpy())}
-    except (InputError, KeyError, TypeError, AttributeError):
-        rep.log(f"warning: {path} is damaged; ignoring it (the note embeddings are recomputed, the cache rebuilt)")
-        return {}
 
 
 def read_file(path: Path, read, fix: str):
@@ -131,16 +49,9 @@ def read_file(path: Path, read, fix: str):
                          f"{'; ' + fix if fix else ''}") from None
 
 
-def _save_cache(cache: dict, path: Path) -> None:
-    """The note cache grouped by width: keys_<E> (list) and vectors_<E> (n, E) float16."""
-    groups: dict = {}
-    for k, v in cache.items():
-        groups.setdefault(len(v), []).append(k)
-    saved = {"dims": sorted(groups)}
-    for dim, keys in groups.items():
-        saved[f"keys_{dim}"] = keys
-        saved[f"vectors_{dim}"] = torch.from_numpy(np.stack([cache[k] for k in keys]).astype(np.float16))
-    torch_save(saved, path)
+def data_digest(root: Path) -> str:
+    """Identity of a processed folder (a hash of its meta.json), so that a moved folder still resumes."""
+    return hashlib.sha256((Path(root) / "meta.json").read_bytes()).hexdigest()[:16]
 
 
 def torch_save(obj, path: Path) -> None:
@@ -149,35 +60,32 @@ def torch_save(obj, path: Path) -> None:
         torch.save(obj, f)
 
 
-def _write_folder(folder: Path, result: dict, cache: dict) -> None:
-    """Every file of the processed folder into `folder` (the staging folder that then becomes --out)."""
-    for name in ("stays", "admissions"):
-        torch_save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in result[name].items()},
-                    folder / f"{name}.pt")
-    with open(folder / "labels.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(LABEL_COLUMNS)
-        w.writerows(result["labels"])
-    (folder / "splits.json").write_text(json.dumps(result["splits"]))
-    _save_cache(cache, folder / "note_cache.pt")
-    (folder / "meta.json").write_text(json.dumps(result["meta"], indent=1))
+def lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions of `ids` in `sorted_ids`, -1 where absent."""
+    if len(sorted_ids) == 0:
+        return np.full(len(ids), -1)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == ids, pos, -1)
 
 
-def _print_attrition(meta: dict, rep: Reporter) -> None:
-    for name, steps in meta["attrition"].items():
-        rep.log(f"{name}: " + " -> ".join(f"{step} {n:,}" for step, n in steps))
+def row_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row of each wanted id in `ids` (any order, no duplicates), -1 where absent."""
+    order = np.argsort(ids, kind="stable")
+    pos = lookup(ids[order], wanted)
+    return np.where(pos >= 0, order[np.maximum(pos, 0)], -1)
 
 
-def _print_skipped(meta: dict, rep: Reporter) -> None:
-    """One warning line per table with malformed rows or unreadable values (meta.json keeps them all)."""
-    for name, src in meta["sources"].items():
-        parts = [f"{src['bad_rows']:,} malformed rows skipped (first at row {src['first_bad_row']})"] \
-            if src["bad_rows"] else []
-        counts = meta["skipped"].get(name)
-        if isinstance(counts, dict):
-            parts += [f"{n:,} rows with an {what}" for what, n in counts.items() if what.startswith("unparsable") and n]
-        if parts:
-            rep.log(f"warning: {src['path']}: {'; '.join(parts)} (meta.json: sources, skipped)")
+def admission_requirements(admissions: dict) -> list[tuple[str, np.ndarray]]:
+    """The rule for a usable admission, as (attrition step, mask (A,)) per condition: a featurised ICU stay, and
+    ICD-9 codes in the vocabulary. Admission pretraining uses these admissions (as the paper's 99k admissions)
+    and the readmission cohort starts from them. `admissions` holds the CSR pointers of admissions.pt."""
+    return [("with a featurised ICU stay", np.diff(np.asarray(admissions["stay_ptr"])) > 0),
+            ("with ICD-9 codes in the vocabulary", np.diff(np.asarray(admissions["icd_ptr"])) > 0)]
+
+
+def usable_admissions(admissions: dict) -> np.ndarray:
+    """Bool (A,): the admissions that meet every condition of `admission_requirements`."""
+    return np.logical_and.reduce([keep for _, keep in admission_requirements(admissions)])
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -199,13 +107,12 @@ class Processed:
         return out
 
     def pretrain_rows(self, level: str, split: str) -> np.ndarray:
-        """Rows for pretraining: every featurised stay of the split (stay level), or the split's admissions
-        with a featurised stay and ICD codes (admission level, as the paper's 99k admissions)."""
+        """Rows for pretraining: every featurised stay of the split (stay level), or the split's usable
+        admissions (admission level, see `admission_requirements`)."""
         if level == "stay":
             return np.flatnonzero(self.split_of(self.stays["subject_id"].numpy()) == split)
         a = self.admissions
-        usable = (np.diff(a["stay_ptr"].numpy()) > 0) & (np.diff(a["icd_ptr"].numpy()) > 0)
-        return np.flatnonzero(usable & (self.split_of(a["subject_id"].numpy()) == split))
+        return np.flatnonzero(usable_admissions(a) & (self.split_of(a["subject_id"].numpy()) == split))
 
     def examples(self, task: str, split: str) -> dict:
         """The task's examples in a split: {"row", "subject_id", "label", "cutoff"} numpy arrays."""
@@ -253,7 +160,7 @@ def _tensors(path: Path, keys: tuple) -> dict:
 
 def _read_splits(path: Path) -> dict:
     splits = json.loads(path.read_text())
-    return {n: np.array(sorted(splits[n]), dtype=np.int64) for n in ("train", "val", "test")}
+    return {n: np.array(sorted(splits[n]), dtype=np.int64) for n in SPLITS}
 
 
 def _read_labels(path: Path, stays: dict, admissions: dict) -> dict:
@@ -298,6 +205,36 @@ def code_counts(data: Processed, rows: np.ndarray, modality: str) -> tuple[np.nd
     counts = ptr[rows + 1] - ptr[rows]
     take = _ranges(torch.as_tensor(ptr[rows]), torch.as_tensor(counts)).numpy()
     return np.bincount(idx[take], minlength=data.meta[f"n_{modality}"]), int((counts > 0).sum())
+
+
+# ------------------------------------------------------------------------------------------- baselines
+# What a model that learns nothing scores, from the counts above: every pretraining run is judged against them.
+def stay_baselines(data: Processed, train_rows, val_rows) -> tuple[dict, torch.Tensor]:
+    """Validation MSE of three no-learning predictors fitted on the training stays: all zeros, each feature's
+    rate, each (hour, feature) cell's mean. Exact, from cell counts: for binary y and a constant c per cell,
+    Σ (c − y)² over n stays = n c² − 2 c Σy + Σy. Also returns the training cell means (T, F)."""
+    T, F = data.meta["seq_len"], data.meta["n_features"]
+    fit, val = cell_counts(data, train_rows).astype(float), cell_counts(data, val_rows).astype(float)  # (T, F)
+    n_fit, n_val = max(len(train_rows), 1), len(val_rows)
+
+    def mse(c):  # c: constant prediction, broadcastable to (T, F)
+        return float((n_val * c ** 2 - 2 * c * val + val).sum() / max(n_val * T * F, 1))
+    baselines = {"zeros": mse(0.0), "feature_rate": mse(fit.sum(0) / (n_fit * T)), "cell_mean": mse(fit / n_fit)}
+    return baselines, torch.as_tensor(fit / n_fit, dtype=torch.float32)
+
+
+def code_priors(data: Processed, rows, mask_rate: float) -> dict:
+    """Per-code probabilities of the two no-learning masked-code predictors, fitted on the admissions `rows`
+    (the training split): "none" (0 everywhere) and "frequency": P(code is a masked target | not visible) =
+    r f / (1 − (1 − r) f) for a code of frequency f and mask rate r (the best constant per code);
+    {"none" | "frequency": {"icd": (V_icd,), "drug": (V_drug,)}} float32 on the CPU."""
+    priors = {"none": {}, "frequency": {}}
+    for m in ("icd", "drug"):
+        counts, n = code_counts(data, rows, m)
+        f = torch.as_tensor(counts / max(n, 1), dtype=torch.float32)  # (V,)
+        priors["none"][m] = torch.zeros_like(f)
+        priors["frequency"][m] = mask_rate * f / (1 - (1 - mask_rate) * f)
+    return priors
 
 
 # ------------------------------------------------------------------------------------------- batches
@@ -475,7 +412,8 @@ def shuffle_columns(data: Processed, subjects: np.ndarray, seed: int) -> dict:
                                         data.meta[f"n_{m}"], rng)
         adms[f"{m}_ptr"] = torch.from_numpy(np.r_[0, np.cumsum(np.bincount(owner, minlength=len(adms["hadm_id"])))])
         adms[f"{m}_idx"] = torch.from_numpy(idx.astype(np.int32))
-    for table, rows in ((stays["static"].numpy(), s_rows), (adms["note"].numpy(), a_rows[adms["note_mask"].numpy()[a_rows]])):
+    with_note = a_rows[adms["note_mask"].numpy()[a_rows]]
+    for table, rows in ((stays["static"].numpy(), s_rows), (adms["note"].numpy(), with_note)):
         for j in range(table.shape[1]):  # in place: the tensors share the arrays' memory
             table[rows, j] = table[rng.permutation(rows), j]
     return {"stays.pt": stays, "admissions.pt": adms}

@@ -25,6 +25,8 @@ import results
 import synthetic
 import train
 from metrics import auroc, paired_delta
+from preprocessing import pipeline
+from progress import Reporter
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ def _mimic(cfg: DemoConfig) -> tuple[dict, dict]:
     out = Path(cfg.out)
     raw, processed, run = out / "raw", out / "processed", out / "run"
     synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=cfg.patients, seed=cfg.seed, quiet=cfg.quiet))
-    data.preprocess(data.PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed, quiet=cfg.quiet))
+    pipeline.preprocess(pipeline.PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed,
+                                                  quiet=cfg.quiet))
     _pretrain(cfg, processed, run)
     d = data.load_processed(processed)
     shuffled = data.shuffle_columns(d, np.concatenate([d.splits["train"], d.splits["val"]]), cfg.seed)
@@ -98,8 +101,8 @@ def _trinetx(cfg: DemoConfig) -> tuple[dict, dict]:
     raw, processed = out / "trinetx" / "raw", out / "trinetx" / "processed"
     synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=cfg.trinetx_patients, layout="trinetx",
                                                seed=cfg.seed, quiet=cfg.quiet))
-    data.preprocess(data.PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed,
-                                          vocab_from=out / "processed", quiet=cfg.quiet))
+    pipeline.preprocess(pipeline.PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed,
+                                                  vocab_from=out / "processed", quiet=cfg.quiet))
     runs = {}
     for name, source in (("run", out / "run"), ("control", out / "control" / "run")):
         runs[name] = out / "trinetx" / name
@@ -126,7 +129,7 @@ def low_label(cfg: DemoConfig, task: str, d: data.Processed, run: Path, control:
     stats = {s: (len(e["label"]), int(e["label"].sum())) for s, e in examples.items()}
     if any(pos in (0, n) for n, pos in stats.values()):
         return {"skipped": "a split without both classes"}
-    rep, cpu = data.Reporter(quiet=True), train.resolve_device(cfg.device)
+    rep, cpu = Reporter(quiet=True), train.resolve_device(cfg.device)
     ckpts = {"run": evaluate.Checkpoints(run, d.meta), "control": evaluate.Checkpoints(control, d.meta)}
     out, probs = {"n_train": stats["train"][0], "n_test": stats["test"][0]}, {}
     for arm, (where, init) in ARMS.items():
@@ -153,7 +156,7 @@ def low_label_table(few: dict) -> tuple[list, list]:
 def demo(cfg: DemoConfig) -> dict:
     """Run the demo; returns {"full": {task: report}, "few": {task: low-label result}} (TriNetX-style tasks as
     '<task> (trinetx)') and prints both tables; the low-label one is also written to OUT/low_label.json."""
-    rep, start, threads = data.Reporter(cfg.quiet), time.perf_counter(), torch.get_num_threads()
+    rep, start, threads = Reporter(cfg.quiet), time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
     try:
         full, few = _mimic(cfg)

@@ -8,10 +8,10 @@ RUN/eval/<task>.json (config, n and prevalence per split, per-seed metrics, mean
 RUN/eval/<task>_predictions.csv (test probabilities per seed) and one row per (task, init, model) in
 RUN/results.csv; rows and entries of an earlier run with the same key are replaced.
 
-Protocol (paper App. B, spec §6.1): per seed, fine-tune every weight with SGD (weight decay 1e-2) on
-binary cross-entropy for up to `epochs`, stop after `patience` epochs without a better validation
-`select_on`, reload the best weights and score the test split once; report mean ± sd over seeds. Every
-task also runs from scratch (init=none, same architecture), so the value of pretraining is always visible.
+Protocol (paper App. B; docs/design.md, Evaluation protocol): per seed, fine-tune every weight with SGD
+(weight decay 1e-2) on binary cross-entropy for up to `epochs`, stop after `patience` epochs without a better
+validation `select_on`, reload the best weights and score the test split once; report mean ± sd over seeds.
+Every task also runs from scratch (init=none, same architecture), so the value of pretraining is always visible.
 """
 from __future__ import annotations
 
@@ -25,31 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import (AdmissionDataset, InputError, PatientDataset, Processed, Reporter, StayDataset, check_writable,
-                  config_record, load_processed, make_loader, select_rows)
+from data import (SPLITS, AdmissionDataset, InputError, PatientDataset, Processed, StayDataset, config_record,
+                  load_processed, make_loader, select_rows)
+from folders import check_writable
 from metrics import METRIC_FUNCTIONS, METRICS, binary_metrics, bootstrap_ci, paired_delta
 from models import AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, StayEncoder, load_encoder
-from results import SPLITS, print_table, results_table, skipped_lines, write_task
+from progress import Reporter
+from results import print_table, results_table, skipped_lines, write_task
 from sequence import SEQUENCE_MODELS, SequenceClassifier
-from train import NonFiniteLoss, load_checkpoint, optimizer_step, resolve_device, resolve_dtype, to_device
+from tasks import TASKS
+from train import (NonFiniteLoss, autocast, data_mismatch, grad_scaler, load_checkpoint, optimizer_step, resolve_device,
+                   resolve_dtype, to_device)
 
 
-@dataclass(frozen=True)
-class Task:
-    level: str          # stay | admission | patient: which encoder and dataset the task uses
-    description: str
-
-
-# the only list of task names (DESIGN §6); labels and cohorts come from preprocessing (labels.csv)
-TASKS = {
-    "arf": Task("stay", "acute respiratory failure onset after hour 48"),
-    "shock": Task("stay", "shock (vasopressor) onset after hour 48"),
-    "mortality": Task("stay", "in-hospital death, from the first 48 h"),
-    "readmission": Task("admission", "next admission within 30 days of discharge"),
-    "hf": Task("patient", "heart failure diagnosed >= 180 days after the history"),
-    "copd": Task("patient", "COPD diagnosed >= 180 days after the history"),
-    "amnesia": Task("patient", "amnesia diagnosed >= 180 days after the history"),
-}
 INITS = ("admission", "stay", "none")    # MedHMP a+s, MedHMP s, random weights
 PATIENT_MODELS = tuple(SEQUENCE_MODELS)
 STAY_SIZES = ("seq_len", "n_features", "n_static")
@@ -81,9 +69,9 @@ class FinetuneConfig:
     labels: int | None = None         # or this many training examples, stratified (low-label runs)
     # learning rate: `lr` applies to every level when given, else the level's own. Paper App. B grid: batch
     # {16, 32, 64} x lr [2e-5, 5e-3]. Stay/admission: the grid's top, 5e-3 with batch 16, was the best of
-    # {5e-3, 2e-2, 5e-2} on the 400-patient synthetic cohort. Patient: 5e-2, beyond the grid: ~100 training
-    # patients give SGD ~200 steps in 30 epochs, and 5e-3 left hf/copd/amnesia near chance (AUROC 0.52-0.72)
-    # where 5e-2 reached 0.77-0.94 (the paper's cohorts are 10-100x larger; the official patient code uses Adam).
+    # {5e-3, 2e-2, 5e-2} on the synthetic demo cohort. Patient: 5e-2, beyond the grid: ~100 training patients
+    # give SGD ~200 steps in 30 epochs, too few at 5e-3 (README, What does not work yet; the paper's cohorts are
+    # 10-100x larger, and the official patient code uses Adam).
     lr: tuple[float, ...] | None = None  # one rate, or a grid chosen per init on validation (mean over seeds)
     lr_stay: float = 5e-3
     lr_admission: float = 5e-3
@@ -95,14 +83,14 @@ class FinetuneConfig:
     # fidelity: the official code early-stops on a swapped-argument BCE (= 100·MAE), and on dev F1 at patient level
     select_on: str = "auprc"          # validation metric for early stopping and best-epoch selection
     # dropout before the output layer. fidelity: official HMP uses 0.2 (stay), HADM_CLS and the patient models
-    # 0.8. On the synthetic demo cohort (3 seeds, from scratch) 0.8 cut readmission AUROC from 0.66 to 0.57 and
-    # matched 0.2 on hf/copd/amnesia (0.94/0.80/0.85 vs 0.94/0.79/0.82), so 0.2 everywhere.
+    # 0.8; on the synthetic demo cohort 0.8 hurt readmission and did not help the patient tasks (README, What
+    # does not work yet), so 0.2 everywhere.
     dropout: float = 0.2
     probe: bool = False               # train only the head on the frozen encoder (a linear probe at stay and
     #                                   admission level; the sequence model on frozen code embeddings at patient level)
     max_stays: int = 3                # paper: at most M = 3 stays per admission
     max_visits: int = 50              # paper App. A: the last 50 visits
-    bootstrap: int = 1000             # DESIGN §6: 1000-resample percentile CIs
+    bootstrap: int = 1000             # 1000-resample percentile CIs (docs/design.md, Evaluation protocol)
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto | fp32 | bf16 | fp16 (fp32 on the CPU unless asked)
     table: bool = True                # print the results table at the end
@@ -178,11 +166,8 @@ class Checkpoints:
     def check(self, name: str, sizes: tuple) -> dict:
         """The checkpoint, after checking that the `sizes` it was trained with (and, for codes, its ICD
         vocabulary) match the data; a mismatch is an InputError saying what to do."""
-        ckpt, path, meta = self.get(name), self.run / f"{name}.pt", self.meta
-        bad = [f"{k} {ckpt['sizes'].get(k)} vs {meta[k]}" for k in sizes if ckpt["sizes"].get(k) != meta[k]]
-        codes = "n_icd" in sizes
-        if codes and not bad and ckpt.get("icd_vocab") != meta["icd_vocab"]:
-            bad = ["ICD vocabulary (same size, other codes)"]
+        ckpt, path, codes = self.get(name), self.run / f"{name}.pt", "n_icd" in sizes
+        bad = data_mismatch(ckpt, self.meta, sizes, vocabulary=codes)
         if bad:
             hint = ("preprocess this extract with `--vocab-from <the processed folder it was pretrained on>`"
                     if codes else "evaluate on the processed folder it was pretrained on")
@@ -236,7 +221,7 @@ def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, am
     model.eval()
     out = []
     for batch in make_loader(dataset, batch_size, pin_memory=device.type == "cuda"):
-        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+        with autocast(device, amp):
             out.append(torch.sigmoid(model(to_device(batch, device)).float()).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
@@ -263,8 +248,9 @@ def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, devic
     """Train on sets["train"] at `lr`, early-stop on validation `select_on`, reload the best weights (in place)."""
     # fidelity: no learning-rate schedule (official train.py adds StepLR(5, 0.1), the paper none); the official
     # patient-level code trains with Adam and a 2-way softmax, here every level shares SGD and BCE (paper App. B)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    scaler = grad_scaler(amp)
     y_val, select = sets["val"].labels.numpy(), METRIC_FUNCTIONS[cfg.select_on]
     best, best_epoch, best_state, epoch = -math.inf, 0, None, 0
     for epoch in range(1, cfg.epochs + 1):
@@ -272,7 +258,7 @@ def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, devic
         for batch in make_loader(sets["train"], cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch,
                                  pin_memory=device.type == "cuda"):
             batch = to_device(batch, device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+            with autocast(device, amp):
                 logits = model(batch)  # (B,)
             # BCE on logits = the official BCELoss(sigmoid(·)), without its log clamp at −100
             loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])

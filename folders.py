@@ -4,13 +4,15 @@ Usage:
     with Staged(out, "--out", log=rep.log) as stage:   # OUT writable? lock it, tidy up after dead runs
         ...                                           # the work; files go to stage.tmp
         stage.commit(write)                           # write(stage.tmp), then swap it in as OUT
-Used by `data.preprocess` (the processed folder) and `synthetic.synthesize` (an extract); `check_writable`
-serves outputs written file by file (evaluate's RUN/eval). Beside OUT live, for the length of a run, a lock
-`.OUT.lock` (the writer's PID) and the staging folder `.OUT.tmp-PID`; a swap briefly renames the old OUT to
-`.OUT.old-PID`. A run killed outright (kill -9, power loss) leaves those behind: the next run removes the
-ones whose PID is no longer alive, and completes (or undoes) a swap cut between its two renames.
+Used by `preprocessing.pipeline.preprocess` (the processed folder) and `synthetic.synthesize` (an extract);
+`check_writable` serves outputs written file by file (evaluate's RUN/eval), and `replace_file` writes one file
+whole (checkpoints, result files). Beside OUT live, for the length of a run, a lock `.OUT.lock` (the writer's
+PID) and the staging folder `.OUT.tmp-PID`; a swap briefly renames the old OUT to `.OUT.old-PID`. A run
+killed outright (kill -9, power loss) leaves those behind: the next run removes the ones whose PID is no longer
+alive, and completes (or undoes) a swap cut between its two renames.
 A `--out` that is a symlink is written through: the link stays and its target is replaced.
-Imports only `tables` (for InputError) and the stdlib.
+It also defines `InputError`, the one-line error for bad user input that every stage raises (here, in the
+lowest module, so that every other module can import it). Imports the stdlib only.
 """
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ import threading
 import time
 from pathlib import Path
 
-from tables import InputError
-
 LEFTOVER = re.compile(r"\.?(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")   # also synth's old `OUT.tmp-PID`
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}        # a write failed whatever the file
+
+
+class InputError(Exception):
+    """Bad user input: the message is one actionable line naming the file, column or row."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -167,6 +171,19 @@ def swap_in(tmp: Path, out: Path) -> None:
             old.rename(out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_file(path: Path, write) -> None:
+    """`write(tmp)` to a temporary name beside `path`, then rename it over `path`: a file on disk is always
+    whole. On any failure (a full disk, Ctrl-C) the temporary file is removed before the error goes on, and
+    the previous `path` is untouched. The file-sized counterpart of `Staged`."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _is_write_error(err: BaseException, tmp: Path) -> bool:

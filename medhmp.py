@@ -1,27 +1,24 @@
 """medhmp: hierarchical multimodal pretraining on electronic health records (MedHMP, EMNLP 2023).
 
-Usage:
-    python medhmp.py demo                                  # synthetic cohort -> ... -> results table
-    python medhmp.py synth --out data/raw
-    python medhmp.py preprocess --raw data/raw --out data/processed
-    python medhmp.py pretrain --level stay                 # then --level admission
-    python medhmp.py evaluate --task mortality             # or --task all
+Usage: python medhmp.py demo (synthetic cohort -> ... -> results table), or stage by stage:
+    python medhmp.py synth --out data/raw; python medhmp.py preprocess --raw data/raw --out data/processed
+    python medhmp.py pretrain --level stay; python medhmp.py pretrain --level admission
+    python medhmp.py evaluate --task all                   # or one task, e.g. --task mortality
 The command line only parses options and delegates: every default lives in the config dataclass of
 the module that does the work, so options default to None and only what was given is passed on.
 """
-from __future__ import annotations
-
 import dataclasses
 import math
 from pathlib import Path
 
 import click
 
-import data
 import demo
 import evaluate
 import synthetic
 import train
+from folders import InputError
+from preprocessing import pipeline
 
 
 def _run(function, config_class, **options):
@@ -29,15 +26,14 @@ def _run(function, config_class, **options):
     cfg = dataclasses.replace(config_class(), **{k: v for k, v in options.items() if v is not None})
     try:
         return function(cfg)
-    except (data.InputError, train.NonFiniteLoss) as err:
+    except (InputError, train.NonFiniteLoss) as err:
         raise click.ClickException(str(err)) from None
 
 
-def _default(config_class, name: str) -> str:
-    return f"[default: {getattr(config_class(), name)}]"
-
-
-PathOption = click.Path(path_type=Path)
+def _option(name: str, config_class, text: str = "", **kw):
+    """--name, defaulting to None: the config dataclass holds the default, which the help shows."""
+    default = getattr(config_class(), name.lstrip("-").replace("-", "_"))
+    return click.option(name, help=f"{text} [default: {default}]".lstrip(), **kw)
 
 
 class FiniteRange(click.FloatRange):
@@ -50,7 +46,7 @@ class FiniteRange(click.FloatRange):
         return number
 
 
-PositiveFloat = FiniteRange(min=0, min_open=True)
+PathOption, PositiveFloat = click.Path(path_type=Path), FiniteRange(min=0, min_open=True)
 
 
 class RateList(click.ParamType):
@@ -58,9 +54,8 @@ class RateList(click.ParamType):
     name = "LR[,LR...]"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        return tuple(PositiveFloat.convert(v, param, ctx) for v in str(value).split(","))
+        rates = value if isinstance(value, tuple) else str(value).split(",")   # a tuple: converted already
+        return tuple(PositiveFloat.convert(v, param, ctx) for v in rates)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -70,53 +65,49 @@ def cli():
 
 @cli.command()
 @click.option("--out", type=PathOption, required=True, help="Folder to write the extract to.")
-@click.option("--patients", type=click.IntRange(min=1), help=_default(synthetic.SynthConfig, "patients"))
-@click.option("--layout", type=click.Choice(synthetic.LAYOUTS), help=_default(synthetic.SynthConfig, "layout"))
-@click.option("--seed", type=int, help=_default(synthetic.SynthConfig, "seed"))
-@click.option("--event-scale", type=FiniteRange(min=0.1),
-              help="Chart rows per stay-hour multiplier, for scale benchmarks. "
-                   + _default(synthetic.SynthConfig, "event_scale"))
+@_option("--patients", synthetic.SynthConfig, type=click.IntRange(min=1))
+@_option("--layout", synthetic.SynthConfig, type=click.Choice(synthetic.LAYOUTS))
+@_option("--seed", synthetic.SynthConfig, type=int)
+@_option("--event-scale", synthetic.SynthConfig, "Chart rows per stay-hour multiplier, for scale benchmarks.",
+         type=FiniteRange(min=0.1))
 def synth(**options):
     """Write a synthetic cohort drawn from a latent model (true latents in OUT/latents/) in a MIMIC-III, MIMIC-IV
     or diagnosis-extract layout."""
-    summary = _run(synthetic.synthesize, synthetic.SynthConfig, **options)
-    click.echo(f"wrote {summary['out']}: {summary['patients']} patients, {summary['admissions']} admissions, "
-               f"{summary['stays']} ICU stays")
+    done = _run(synthetic.synthesize, synthetic.SynthConfig, **options)
+    click.echo("wrote {out}: {patients} patients, {admissions} admissions, {stays} ICU stays".format(**done))
 
 
 @cli.command()
-@click.option("--raw", type=PathOption, help="Folder of CSV extracts. " + _default(data.PreprocessConfig, "raw"))
+@_option("--raw", pipeline.PreprocessConfig, "Folder of CSV extracts.", type=PathOption)
 @click.option("--notes", type=PathOption, help="Note table or folder (NOTEEVENTS*, MIMIC-IV-Note discharge).")
-@click.option("--out", type=PathOption, help=_default(data.PreprocessConfig, "out"))
-@click.option("--text-model", help="'hashing', a local Hugging Face folder, or a hub name. "
-              + _default(data.PreprocessConfig, "text_model"))
-@click.option("--text-device", help=_default(data.PreprocessConfig, "text_device"))
+@_option("--out", pipeline.PreprocessConfig, type=PathOption)
+@_option("--text-model", pipeline.PreprocessConfig, "'hashing', a local Hugging Face folder, or a hub name.")
+@_option("--text-device", pipeline.PreprocessConfig)
 @click.option("--limit-patients", type=click.IntRange(min=1), help="Keep a deterministic sample of N patients.")
 @click.option("--vocab-from", type=PathOption, help="Reuse the code vocabularies of another processed folder.")
-@click.option("--seed", type=int, help=_default(data.PreprocessConfig, "seed"))
+@_option("--seed", pipeline.PreprocessConfig, type=int)
 def preprocess(**options):
     """Build the processed hierarchical dataset (features, codes, notes, labels, splits)."""
-    _run(data.preprocess, data.PreprocessConfig, **options)
+    _run(pipeline.preprocess, pipeline.PreprocessConfig, **options)
 
 
 @cli.command()
 @click.option("--level", type=click.Choice(list(train.LEVELS)), required=True, help="Pretraining stage.")
-@click.option("--data", type=PathOption, help=_default(train.StayPretrainConfig, "data"))
-@click.option("--run", type=PathOption, help=_default(train.StayPretrainConfig, "run"))
+@_option("--data", train.StayPretrainConfig, type=PathOption)
+@_option("--run", train.StayPretrainConfig, type=PathOption)
 @click.option("--epochs", type=click.IntRange(min=1), help="[default: 200 stay, 300 admission (paper)]")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimiser steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="[default: 128 stay, 4096 admission (paper)]")
 @click.option("--lr", type=PositiveFloat, help="[default: 5e-4 stay, 2e-5 admission (paper)]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help=_default(train.StayPretrainConfig, "device"))
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help=_default(train.StayPretrainConfig, "precision"))
-@click.option("--num-workers", type=click.IntRange(min=0), help=_default(train.StayPretrainConfig, "num_workers"))
-@click.option("--d-model", type=click.IntRange(min=1), help=_default(train.StayPretrainConfig, "d_model"))
-@click.option("--patience", type=click.IntRange(min=0), help="Validation passes without a lower validation loss "
-              "before stopping (0: never). " + _default(train.StayPretrainConfig, "patience"))
+@_option("--device", train.StayPretrainConfig, type=click.Choice(train.DEVICES))
+@_option("--precision", train.StayPretrainConfig, type=click.Choice(train.PRECISIONS))
+@_option("--num-workers", train.StayPretrainConfig, type=click.IntRange(min=0))
+@_option("--d-model", train.StayPretrainConfig, type=click.IntRange(min=1))
+@_option("--patience", train.StayPretrainConfig, "Validation passes without a lower validation loss before "
+         "stopping (0: never).", type=click.IntRange(min=0))
 @click.option("--resume", is_flag=True, default=None, help="Continue from RUN/<level>.pt.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing RUN/<level>.pt.")
-@click.option("--seed", type=int, help=_default(train.StayPretrainConfig, "seed"))
+@_option("--seed", train.StayPretrainConfig, type=int)
 def pretrain(level, **options):
     """Pretrain the stay level (reconstruction), then the admission level (MCP + contrastive)."""
     _run(train.pretrain, train.LEVELS[level], **options)
@@ -124,39 +115,34 @@ def pretrain(level, **options):
 
 @cli.command(name="evaluate")
 @click.option("--task", type=click.Choice([*evaluate.TASKS, "all"]), required=True, help="Downstream task.")
-@click.option("--data", type=PathOption, help=_default(evaluate.FinetuneConfig, "data"))
-@click.option("--run", type=PathOption, help="Checkpoints in, eval/ and results.csv out. "
-              + _default(evaluate.FinetuneConfig, "run"))
-@click.option("--init", type=click.Choice(evaluate.INITS), help=_default(evaluate.FinetuneConfig, "init"))
-@click.option("--seeds", type=click.IntRange(min=1), help=_default(evaluate.FinetuneConfig, "seeds"))
-@click.option("--model", type=click.Choice(evaluate.PATIENT_MODELS), help="Patient-level sequence model. "
-              + _default(evaluate.FinetuneConfig, "model"))
+@_option("--data", evaluate.FinetuneConfig, type=PathOption)
+@_option("--run", evaluate.FinetuneConfig, "Checkpoints in, eval/ and results.csv out.", type=PathOption)
+@_option("--init", evaluate.FinetuneConfig, type=click.Choice(evaluate.INITS))
+@_option("--seeds", evaluate.FinetuneConfig, type=click.IntRange(min=1))
+@_option("--model", evaluate.FinetuneConfig, "Patient-level sequence model.",
+         type=click.Choice(evaluate.PATIENT_MODELS))
 @click.option("--lr", type=RateList(), help="One learning rate for every level, or a grid (e.g. 1e-3,5e-3,2e-2) "
               "chosen per init on validation. [default: 5e-3 stay and admission, 5e-2 patient]")
 @click.option("--probe", is_flag=True, default=None, help="Train only the head on the frozen encoder.")
-@click.option("--batch-size", type=click.IntRange(min=1), help=_default(evaluate.FinetuneConfig, "batch_size"))
-@click.option("--epochs", type=click.IntRange(min=1), help=_default(evaluate.FinetuneConfig, "epochs"))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
-              help=_default(evaluate.FinetuneConfig, "device"))
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help=_default(evaluate.FinetuneConfig, "precision"))
-@click.option("--label-fraction", type=FiniteRange(0, 1, min_open=True),
-              help="Fine-tune on this share of the training labels (low-resource runs). "
-              + _default(evaluate.FinetuneConfig, "label_fraction"))
-@click.option("--labels", type=click.IntRange(min=4), help="Fine-tune on this many training examples "
-              "(stratified), e.g. 50 for a low-label run.")
-@click.option("--seed", type=int, help=_default(evaluate.FinetuneConfig, "seed"))
+@_option("--batch-size", evaluate.FinetuneConfig, type=click.IntRange(min=1))
+@_option("--epochs", evaluate.FinetuneConfig, type=click.IntRange(min=1))
+@_option("--device", evaluate.FinetuneConfig, type=click.Choice(train.DEVICES))
+@_option("--precision", evaluate.FinetuneConfig, type=click.Choice(train.PRECISIONS))
+@_option("--label-fraction", evaluate.FinetuneConfig, "Fine-tune on this share of the training labels (low-resource "
+         "runs).", type=FiniteRange(0, 1, min_open=True))
+@_option("--labels", evaluate.FinetuneConfig, "Or this many, stratified.", type=click.IntRange(min=4))
+@_option("--seed", evaluate.FinetuneConfig, type=int)
 def evaluate_command(**options):
     """Fine-tune on downstream tasks (pretrained vs from scratch) and write metrics with bootstrap CIs."""
     _run(evaluate.evaluate, evaluate.FinetuneConfig, **options)
 
 
 @cli.command(name="demo")
-@click.option("--out", type=PathOption, help=_default(demo.DemoConfig, "out"))
-@click.option("--patients", type=click.IntRange(min=50), help=_default(demo.DemoConfig, "patients"))
-@click.option("--seed", type=int, help=_default(demo.DemoConfig, "seed"))
+@_option("--out", demo.DemoConfig, type=PathOption)
+@_option("--patients", demo.DemoConfig, type=click.IntRange(min=50))
+@_option("--seed", demo.DemoConfig, type=int)
 def demo_command(**options):
-    """Synthetic cohort -> preprocess -> pretrain stay, admission -> evaluate every task, in minutes on a CPU."""
+    """Synthetic cohort -> preprocess -> pretrain (and a shuffled control) -> every task, in minutes on a CPU."""
     _run(demo.demo, demo.DemoConfig, **options)
 
 

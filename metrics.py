@@ -3,7 +3,7 @@
 Usage: `binary_metrics(y, p)` -> {"auroc", "auprc", "auprc_trapezoid", "f1", "kappa"};
 `bootstrap_ci(y, p, auroc, n=1000, seed=0)` -> (lo, hi). Checked against scikit-learn in the tests
 (tests/test_evaluate.py), which scikit-learn is only a test dependency of.
-A module of its own (DESIGN §1 allows one where it keeps files readable): it imports nothing from the
+A module of its own (docs/design.md, Modules): it imports nothing from the
 project, so it can be copied alone, and it keeps evaluate.py to the fine-tuning protocol.
 """
 from __future__ import annotations

@@ -136,12 +136,13 @@ class TimeSeriesEncoder(nn.Module):
 
     def project(self, ts_idx: torch.Tensor, n: int) -> torch.Tensor:
         """Linear(F→D, no bias) of the binary (n, T, F) matrix given by `ts_idx`, without densifying it."""
-        # embedding_bag wants each (stay, hour) row's cells contiguous: data.py emits ts_idx sorted, and
-        # sorting again (~3 ms at batch 128) makes any order safe
+        # embedding_bag wants each (stay, hour) row's cells contiguous: data.collate_stay emits ts_idx sorted
+        # (the encoding of docs/data-format.md, Batches), and sorting again, cheap next to the LSTMs, makes any
+        # order safe
         ts_idx = ts_idx.sort().values  # (nnz,)
         rows = torch.div(ts_idx, self.F, rounding_mode="floor")  # (nnz,) row i*T + t of each active cell
         offsets = torch.searchsorted(rows, torch.arange(n * self.T, device=rows.device))  # (n*T,) bag starts
-        # perf: a fused gather-sum; index_add_ over weight[cols] materialises (nnz, D) and was 15x slower on CPU
+        # perf: a fused gather-sum; index_add_ over weight[cols] materialises (nnz, D) and is far slower on CPU
         x = F.embedding_bag(ts_idx % self.F, self.input_proj, offsets, mode="sum")  # (n*T, D)
         return x.view(n, self.T, -1)  # (n, T, D)
 
@@ -150,7 +151,7 @@ class TimeSeriesEncoder(nn.Module):
             return self.input_proj.new_zeros(0, self.input_proj.shape[1])  # (0, D)
         x = self.project(ts_idx, n)  # (n, T, D)
         # perf: on the CPU, oneDNN's LSTMs over thousands of stays at once lose cache locality; chunks of
-        # `rnn_chunk` stays gave the same result 20% faster at 4,500 stays (an admission batch of 4,096).
+        # `rnn_chunk` stays give the same result faster at admission batch sizes (README, Performance).
         # cuDNN wants the whole batch, so CUDA runs it in one piece.
         size = n if x.is_cuda or self.rnn_chunk <= 0 else self.rnn_chunk
         return torch.cat([self._recur(x[i:i + size]) for i in range(0, n, size)])  # (n, D)
@@ -306,9 +307,9 @@ class StayPretrainer(nn.Module):
         # fidelity: paper §2.2.2 makes b the decoder's initial hidden state, so the decoder has width D and a
         # linear read-out to F (the official code feeds b as the first input of an F-wide LSTM instead). With b
         # as the initial state only (decoder_input "zeros") the decoder learns the features' average pattern
-        # and b collapses: on the synthetic cohort (400 patients, d 64, 60 epochs) 5-fold linear probes of b
-        # gave mortality/ARF/shock AUROC 0.75/0.51/0.78, no better than an untrained encoder (0.75/0.61/0.78).
-        # Feeding b as every hour's input as well ("stay", the default) gave 0.83/0.65/0.84.
+        # and b collapses: linear probes of b score no better than those of an untrained encoder. Feeding b as
+        # every hour's input as well ("stay", the default) keeps the patient in b (README, Results: the probes
+        # of bench/pretraining.py).
         self.decoder_input, self.recon_loss = cfg.decoder_input, cfg.recon_loss
         self.decoder = nn.LSTM(cfg.d_model if cfg.decoder_input == "stay" else 1, cfg.d_model, batch_first=True)
         self.readout = nn.Linear(cfg.d_model, cfg.n_features)
@@ -381,7 +382,8 @@ class AdmissionPretrainer(nn.Module):
         targets = {"icd": (icd * ~keep_icd, ~(icd.bool() & keep_icd) & batch["icd_mask"][:, None]),  # (B, V_icd)
                    "drug": (drug * ~keep_drug, ~(drug.bool() & keep_drug) & batch["drug_mask"][:, None])}
         logits = {"icd": self.icd_head(a_masked), "drug": self.drug_head(a_masked)}  # (B, V) each
-        mcp = 0.5 * sum(masked_code_loss(logits[m], *targets[m], kind=cfg.code_loss) for m in targets)  # official ½(·+·)
+        # official ½(·+·) over the two code sets
+        mcp = 0.5 * sum(masked_code_loss(logits[m], *targets[m], kind=cfg.code_loss) for m in targets)
         out = {}
         for name, prior in (priors or {}).items():
             out[f"mcp_{name}"] = 0.5 * sum(masked_code_loss(torch.logit(prior[m], eps=1e-6).expand_as(t), t, h,

@@ -3,23 +3,22 @@
 Usage: `write_task(task, report, probs, ids, y)` writes RUN/eval/<task>.json, RUN/eval/<task>_predictions.csv,
 the task's rows of RUN/results.csv and (with matplotlib) RUN/eval/<task>_curves.png; `results_table(reports)`
 and `print_table(...)` show them. Rows and entries of an earlier run with the same key are replaced.
-A module of its own (DESIGN §1) so that evaluate.py stays the fine-tuning protocol; it needs no torch.
+A module of its own (docs/design.md, Modules) so that evaluate.py stays the fine-tuning protocol; it needs
+no torch.
 """
 from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 from rich.table import Table
 
+from folders import replace_file
 from metrics import METRICS, auprc, auroc, both_classes, pr_points, roc_points
 from progress import Reporter
-
-SPLITS = ("train", "val", "test")
 
 
 def _replace_rows(path: Path, columns: list, rows: list[dict], key: tuple) -> None:
@@ -30,12 +29,13 @@ def _replace_rows(path: Path, columns: list, rows: list[dict], key: tuple) -> No
             old = list(csv.DictReader(f))
     new_keys = {tuple(str(r[k]) for k in key) for r in rows}
     kept = [r for r in old if tuple(r.get(k, "") for k in key) not in new_keys]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(kept + rows)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(kept + rows)
+    replace_file(path, write)
 
 
 RESULT_COLUMNS = ["task", "level", "init", "model", "seeds", "n_train", "n_val", "n_test", "prevalence",
@@ -57,8 +57,7 @@ def write_task(task: str, report: dict, probs: dict, ids: dict, y: np.ndarray) -
     path = out / f"{task}.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
     report = {**report, "results": {**merged.get("results", {}), **report["results"]}}
-    path.with_name(path.name + ".tmp").write_text(json.dumps(report, indent=1))
-    os.replace(path.with_name(path.name + ".tmp"), path)
+    replace_file(path, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
     model = report["model"]
     rows = [{"subject_id": int(ids["subject_id"][j]), "hadm_id": ids["hadm_id"][j], "stay_id": ids["stay_id"][j],
              "split": "test", "seed": cfg["seed"] + i, "init": init, "model": model, "label": int(y[j]),
@@ -102,7 +101,7 @@ def _result_rows(task: str, report: dict) -> list[dict]:
     stats, cfg, rows = report["splits"], report["config"], []
     for res in report["results"].values():
         row = {"task": task, "level": report["level"], "init": res["init"], "model": report["model"],
-               "seeds": cfg["seeds"], **{f"n_{s}": stats[s]["n"] for s in SPLITS},
+               "seeds": cfg["seeds"], **{f"n_{s}": split["n"] for s, split in stats.items()},
                "prevalence": round(stats["test"]["prevalence"], 4), "skipped": res.get("skipped", ""),
                "data": cfg["data"], "updated": time.strftime("%Y-%m-%d %H:%M")}
         for m in METRICS if "mean" in res else ():

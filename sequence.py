@@ -80,8 +80,8 @@ class Dipole(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D = cfg.d_model
-        # fidelity: Dipole's GRU is bidirectional; the official MedHMP code's "gruself" (reported as Dipole, spec
-        # §6.5) is unidirectional, which also keeps the right-hand padding away from the real visits.
+        # fidelity: Dipole's GRU is bidirectional; the official MedHMP code's "gruself" (reported as Dipole) is
+        # unidirectional, which also keeps the right-hand padding away from the real visits.
         self.rnn = nn.GRU(D, D, batch_first=True)
         self.score = nn.Linear(D, 1)
         self.combine = nn.Linear(2 * D, D)

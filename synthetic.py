@@ -4,7 +4,7 @@ Usage: `python medhmp.py synth --out data/raw [--patients 400] [--layout mimic3|
 `synthesize(SynthConfig(out=Path("data/raw")))`, which returns a summary. Writes `.csv.gz` tables with the real
 column lists of mimic3 (one folder, upper-case MIMIC-III v1.4 names), mimic4 (hosp/, icu/, note/discharge of MIMIC-IV
 v2.2 and MIMIC-IV-Note) or trinetx (patient and diagnosis of a TriNetX-style extract, dotted codes), filling the ids
-and the columns the reader (extract.py) reads, the others blank; and latents/, the true latents and case flags,
+and the columns the reader (preprocessing/extract.py) reads, the others blank; and latents/, true latents and flags,
 which preprocessing never reads (`read_latents` loads them for probes and benchmarks).
 
 The latent model: labels act only through latents (and the noise of a Bernoulli draw); each latent shapes many
@@ -21,10 +21,10 @@ items at once, each weakly, as diseases do; no label is planted on a code or a f
              221662, 222315, 221749) starting before 48 h (out of the cohort) or after (the label), from resp / circ;
              death from the last stay's sev and frailty; a next admission within 30 days from social, frailty, renal;
              heart failure, COPD, amnesia cases from cardiac, pulmonary, cognitive: a case gets its task codes
-             (cohorts.PATIENT_CODES) from its last planned admission (>= 182 days after its first discharge where it
+             (tasks.TASKS) from its last planned admission (>= 182 days after its first discharge where it
              can, so its history is as long as a control's) on, and may come back; its history is emissions only.
-To add a latent, name it in PATIENT_LATENTS (or _STAY_FROM) with a pool in _CODES, _DRUGS, _PHRASES and weights in
-_HOURLY; to add a label, an entry in _OUTCOMES.
+To add a latent: PATIENT_LATENTS (or _STAY_FROM), pools in _CODES, _DRUGS, _PHRASES, weights in _HOURLY; a
+label: _OUTCOMES.
 
 MIMIC conventions kept: GCS (220739/223900/223901) and RASS (228096) carry text in `value` and the score in
 `valuenum`; 'Alarms On' (224641) is a checkbox '1'/'0'; other text items have no `valuenum`; CareVue stays (~15%,
@@ -32,8 +32,7 @@ MIMIC-III only) chart CareVue itemids and have no *_MV rows; discharge summaries
 are error rows; outpatient labs have no `hadm_id`; patients over 89 are born ~300 years back (MIMIC-III); ~15% of
 MIMIC-IV and TriNetX admissions are coded in ICD-10 only, never a first diagnosis. Chunks of patients bound the
 memory; the same config gives the same bytes (a numpy `default_rng` per chunk and table, gzip `mtime=0`); output
-goes to a staging folder beside OUT (folders.Staged), swapped in when complete, so a folder that exists is always
-whole.
+goes to a staging folder (folders.Staged), swapped in when complete: a folder that exists is always whole.
 """
 from __future__ import annotations
 
@@ -45,9 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
-from folders import Staged
+from folders import InputError, Staged
+from preprocessing.tables import group_rank
 from progress import Reporter
-from tables import InputError, group_rank
+from tasks import names_at
 
 LAYOUTS = ("mimic3", "mimic4", "trinetx")
 
@@ -83,12 +83,12 @@ _OUTCOMES = {  # outcome -> (intercept, {latent: loading}): a Bernoulli draw of 
     "hf": (-2.35, {"cardiac": 4.5, "renal": .5}), "copd": (-2.35, {"pulmonary": 4.5, "social": .4}),
     "amnesia": (-2.35, {"cognitive": 4.5, "frailty": .4}),
 }
-_TASKS = {"hf": ("4280", "4281", "42822", "42832", "40491"), "copd": ("496", "49121", "4928"),
-          "amnesia": ("78093", "2940", "2911", "29283")}   # task code groups; the first is the usual one
+_TASKS = dict(zip(names_at("patient"), (("4280", "4281", "42822", "42832", "40491"), ("496", "49121", "4928"),
+                                         ("78093", "2940", "2911", "29283"))))  # codes emitted per group, usual first
 _ICD10 = (  # ICD-10-CM codes for the admissions coded in ICD-10 only (the reader drops them)
     "E785 E039 K219 F329 E871 N390 E1122 Z794 G4733 Z87891 E1165 K5900 N183 D62 E876 F419 R6521 A419 J9601 "
           "I4891 I2510 I10 J189 N179 G309 F1020 Z9114 Z602 R4182 D649 Z7901 J45909 F17210 L89154 Z66 I959").split()
-_CODES = {  # latent -> ICD-9 codes it raises, most frequent first; none in a task group (cohorts.PATIENT_CODES)
+_CODES = {  # latent -> ICD-9 codes it raises, most frequent first; none in a task group (tasks.TASKS)
     "cardiac": "4019 41401 42731 2724 4240 41071 V4581 V4582 4241 42789 4271 412 4254 V5861 4439 42732 4168 4160 "
                "41400 V4501 4373 4532 44021 7850 42741 4210 4111 41091 4233 4242 4251 4255 42611 4409 4414 V1251",
     "pulmonary": "49390 5180 5119 486 5070 32723 51883 V462 4660 515 49392 4829 5121 5181 79902 7862 49320 4870 5168 "
@@ -575,6 +575,13 @@ def _diagnosis_table(rng, adm: dict) -> tuple[int, dict]:
         code=np.array([c if len(c) <= k else f"{c[:k]}.{c[k:]}" for c, k in zip(codes, cut)], dtype=object))
 
 
+def _write_latents(sink, pat: dict, adm: dict, st: dict, a_ids: dict, s_ids: dict) -> None:  # preprocessing never reads
+    sink.write("latent_patients", len(pat["id"]), dict(subject_id=_num(pat["id"]), **{t: _num(pat[t]) for t in _TASKS},
+                                                       **{k: _num(pat[k], 4) for k in PATIENT_LATENTS}))
+    sink.write("latent_admissions", len(adm["id"]), dict(a_ids, **{k: _num(adm[k], 4) for k in ADMISSION_LATENTS}))
+    sink.write("latent_stays", len(st["id"]), dict(s_ids, **{k: _num(st[k], 4) for k in STAY_LATENTS}))
+
+
 def _write_chunk(sink, cfg: SynthConfig, chunk: int, pat: dict, adm: dict, st: dict) -> None:
     """Generate every table of one chunk of patients and append it to the open files. Each table draws from its
     own random stream, so `event_scale` changes the chart rows and nothing else."""
@@ -584,10 +591,7 @@ def _write_chunk(sink, cfg: SynthConfig, chunk: int, pat: dict, adm: dict, st: d
     def ids(s):
         return dict(subject_id=_num(st["subject_id"][s]), hadm_id=_num(st["hadm_id"][s]), stay_id=_num(st["id"][s]))
     a_ids = dict(subject_id=_num(adm["subject_id"]), hadm_id=_num(adm["id"]))
-    sink.write("latent_patients", len(pat["id"]), dict(subject_id=_num(pat["id"]), **{t: _num(pat[t]) for t in _TASKS},
-                                                       **{k: _num(pat[k], 4) for k in PATIENT_LATENTS}))
-    sink.write("latent_admissions", len(adm["id"]), dict(a_ids, **{k: _num(adm[k], 4) for k in ADMISSION_LATENTS}))
-    sink.write("latent_stays", len(st["id"]), dict(ids(slice(None)), **{k: _num(st[k], 4) for k in STAY_LATENTS}))
+    _write_latents(sink, pat, adm, st, a_ids, ids(slice(None)))
     sink.write("diagnoses", *_diagnosis_table(rng(1), adm))
     for table, rows_cols in _hospital_tables(rng(2), pat, adm, st).items():
         sink.write(table, *rows_cols)

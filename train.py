@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 import subprocess
 import time
@@ -23,10 +22,12 @@ from pathlib import Path
 
 import torch
 
-from data import (AdmissionDataset, InputError, Processed, Reporter, StayDataset, cell_counts, code_counts,
-                  config_record, load_processed, make_loader, read_file, torch_save)
+from data import (AdmissionDataset, InputError, Processed, StayDataset, code_priors, config_record, data_digest,
+                  load_processed, make_loader, read_file, stay_baselines, torch_save)
+from folders import replace_file
 from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,
                     count_parameters, load_encoder)
+from progress import Reporter
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class StayPretrainConfig:
     weight_decay: float = 1e-8        # official stay_pretraining.py
     grad_clip: float = 1.0            # not in the paper; keeps early LSTM steps stable
     d_model: int = 256                # paper App. B
-    dropout: float = 0.1              # spec §13 (unknown in the official pretraining)
+    dropout: float = 0.1              # as ModelConfig (the official pretraining's value is unknown)
     # stage-1 decoder input (models.ModelConfig): "stay" (b at every hour) or "zeros" (the paper's wording)
     decoder_input: str = ModelConfig.decoder_input
     hour_bias: bool = ModelConfig.hour_bias
@@ -75,6 +76,7 @@ class AdmissionPretrainConfig(StayPretrainConfig):
 
 
 LEVELS = {"stay": StayPretrainConfig, "admission": AdmissionPretrainConfig}
+DEVICES, PRECISIONS = ("auto", "cpu", "cuda"), ("auto", "fp32", "bf16", "fp16")  # resolve_device, resolve_dtype
 
 
 class NonFiniteLoss(RuntimeError):
@@ -114,24 +116,29 @@ def cpu_bf16_autocast_works() -> bool:
         return False
 
 
+def autocast(device: torch.device, amp: torch.dtype):
+    """The mixed-precision context of every forward pass (pretraining, validation, fine-tuning, prediction):
+    autocast to `amp` (bf16 or fp16, from resolve_dtype), or nothing at fp32."""
+    return torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32)
+
+
+def grad_scaler(amp: torch.dtype) -> torch.amp.GradScaler:
+    """Loss scaling for fp16; disabled (a no-op) otherwise, so that every precision runs one code path."""
+    return torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a batch dict once, asynchronously from pinned memory when on CUDA."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a checkpoint on disk is always complete, and on any
-    failure (a full disk, Ctrl-C) the temporary file is removed before the error goes on."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    """torch.save written whole (folders.replace_file): a checkpoint on disk is always complete, and a failure
+    (a full disk, Ctrl-C) leaves the previous one in place and no temporary file."""
     try:
-        torch_save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as err:  # a full disk, say: one line; the previous checkpoint at `path` is untouched
-        tmp.unlink(missing_ok=True)
+        replace_file(path, lambda tmp: torch_save(state, tmp))
+    except OSError as err:  # a full disk, say: one line
         raise InputError(f"cannot write {path}: {err.strerror or err}; the previous checkpoint there is kept") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -157,15 +164,21 @@ def _versions() -> dict:
     return {"python": platform.python_version(), "torch": str(torch.__version__), "git": sha or "unknown"}
 
 
-def _sizes(meta: dict) -> dict:
-    return {k: meta[k] for k in ModelConfig.SIZES}
+def data_mismatch(state: dict, meta: dict, sizes=ModelConfig.SIZES, vocabulary: bool = False) -> list[str]:
+    """How the data a checkpoint was trained on differs from the data of `meta` in `sizes` ("n_icd 12 vs 10"),
+    and, with `vocabulary` and equal sizes, in its ICD codes; [] when the checkpoint fits. The one check that a
+    checkpoint fits the data: for resuming and the stage transfer here, for fine-tuning in evaluate."""
+    bad = [f"{k} {state['sizes'].get(k)} vs {meta[k]}" for k in sizes if state["sizes"].get(k) != meta[k]]
+    if vocabulary and not bad and state.get("icd_vocab") != meta["icd_vocab"]:
+        bad = ["ICD vocabulary (same size, other codes)"]
+    return bad
 
 
 def _same_model(state: dict, mcfg: ModelConfig, meta: dict, fields=None) -> bool:
     """Whether a checkpoint was trained with this model config (or its `fields`) on data of these sizes."""
     mine = asdict(mcfg)
     keys = mine if fields is None else fields
-    return all(state["model_config"].get(k) == mine[k] for k in keys) and state["sizes"] == _sizes(meta)
+    return all(state["model_config"].get(k) == mine[k] for k in keys) and not data_mismatch(state, meta)
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -173,8 +186,7 @@ def _build(cfg, data: Processed, device: torch.device, rep: Reporter):
     """The pretrainer of cfg.level, its train/val datasets and the digest of the stay checkpoint it starts
     from (None when it starts from random weights); the admission stage loads the stay stage."""
     mcfg = ModelConfig.from_meta(data.meta, d_model=cfg.d_model, dropout=cfg.dropout, decoder_input=cfg.decoder_input,
-                                 recon_loss=cfg.recon_loss, code_loss=cfg.code_loss,
-                                 hour_bias=cfg.hour_bias)
+                                 recon_loss=cfg.recon_loss, code_loss=cfg.code_loss, hour_bias=cfg.hour_bias)
     if data.meta["n_features"] == 0:  # both stages need ICU stays (admission pretraining reads their features)
         raise InputError(f"{cfg.data}: no ICU stays to pretrain on (a diagnosis extract has none; pretrain on a "
                          "MIMIC extract and preprocess this one with --vocab-from)")
@@ -223,7 +235,7 @@ def _validate(model, dataset, cfg, device, amp, priors: dict | None) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)   # fixed masks: comparable across epochs
     for batch in make_loader(dataset, cfg.batch_size, pin_memory=device.type == "cuda"):
         batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+        with autocast(device, amp):
             out = model(batch, generator=gen, priors=priors) if cfg.level == "admission" else model(batch)
         k = _n_examples(batch, cfg.level)
         for key, value in out.items():
@@ -240,41 +252,14 @@ BASELINE_NAMES = {"zeros": "all zeros", "feature_rate": "each feature's rate",
                   "frequency": "each code's training frequency"}
 
 
-def stay_baselines(data: Processed, train_rows, val_rows) -> dict:
-    """Validation MSE of three no-learning predictors fitted on the training stays: all zeros, each feature's
-    rate, each (hour, feature) cell's mean. Exact, from cell counts: for binary y and a constant c per cell,
-    Σ (c − y)² over n stays = n c² − 2 c Σy + Σy. Also returns the training cell means (T, F)."""
-    T, F = data.meta["seq_len"], data.meta["n_features"]
-    fit, val = cell_counts(data, train_rows).astype(float), cell_counts(data, val_rows).astype(float)  # (T, F)
-    n_fit, n_val = max(len(train_rows), 1), len(val_rows)
-
-    def mse(c):  # c: constant prediction, broadcastable to (T, F)
-        return float((n_val * c ** 2 - 2 * c * val + val).sum() / max(n_val * T * F, 1))
-    baselines = {"zeros": mse(0.0), "feature_rate": mse(fit.sum(0) / (n_fit * T)), "cell_mean": mse(fit / n_fit)}
-    return baselines, torch.as_tensor(fit / n_fit, dtype=torch.float32)
-
-
-def code_priors(data: Processed, rows, mask_rate: float, device) -> dict:
-    """Per-code probabilities of the two no-learning masked-code predictors, fitted on the training
-    admissions: "none" (0 everywhere) and "frequency": P(code is a masked target | not visible) =
-    r f / (1 − (1 − r) f) for a code of training frequency f and mask rate r (the best constant per code)."""
-    priors = {"none": {}, "frequency": {}}
-    for m in ("icd", "drug"):
-        counts, n = code_counts(data, rows, m)
-        f = torch.as_tensor(counts / max(n, 1), dtype=torch.float32)  # (V,)
-        priors["none"][m] = torch.zeros_like(f).to(device)
-        priors["frequency"][m] = (mask_rate * f / (1 - (1 - mask_rate) * f)).to(device)
-    return priors
-
-
 def health(level: str, val: dict, baselines: dict) -> dict:
     """The validation objective beside its best no-learning baseline: relative gains (+ = better than it)."""
     if level == "stay":
         best = min(baselines, key=baselines.get)
-        return {"baseline": best, "baseline_value": baselines[best],
-                "gain": 1 - val["val_mse"] / baselines[best]}
+        return {"baseline": best, "baseline_value": baselines[best], "gain": 1 - val["val_mse"] / baselines[best]}
     best = min(("none", "frequency"), key=lambda k: val[f"val_mcp_{k}"])
-    return {"baseline": best, "baseline_value": val[f"val_mcp_{best}"], "gain": 1 - val["val_mcp"] / val[f"val_mcp_{best}"],
+    base = val[f"val_mcp_{best}"]
+    return {"baseline": best, "baseline_value": base, "gain": 1 - val["val_mcp"] / base,
             "cl_chance": val["val_cl_chance"], "cl_gain": val["val_cl_chance"] - val["val_cl"]}
 
 
@@ -287,10 +272,9 @@ def health_status(h: dict) -> str:
 def verdict(level: str, h: dict | None, epoch: float | None) -> tuple[str, bool]:
     """One plain sentence on what the stage learned (at its best validation pass), and whether it learned."""
     if h is None:
-        return f"{_STAGE[level]}: no validation split, so nothing shows whether it learned", True
+        return f"stage {1 if level == 'stay' else 2}: no validation split, so nothing shows whether it learned", True
     where, pct = f" (best validation pass, epoch {epoch:g})", 100 * abs(h["gain"])
-    side = "below" if h["gain"] > 0 else "not below"
-    base = BASELINE_NAMES[h["baseline"]]
+    side, base = "below" if h["gain"] > 0 else "above", BASELINE_NAMES[h["baseline"]]
     if level == "stay":
         what = ("carries nothing measurable beyond the population pattern" if h["gain"] <= 0 else
                 "carries little" if h["gain"] < 0.05 else "carries part of each stay" if h["gain"] < 0.15
@@ -300,9 +284,6 @@ def verdict(level: str, h: dict | None, epoch: float | None) -> tuple[str, bool]
     return (f"stage 2: validation masked-code loss {pct:.1f}% {side} {base}, contrastive loss "
             f"{abs(h['cl_gain']):.2f} {'below' if h['cl_gain'] > 0 else 'above'} chance ({h['cl_chance']:.2f})"
             f"{where}", learned)
-
-
-_STAGE = {"stay": "stage 1", "admission": "stage 2"}
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -326,11 +307,6 @@ def weights_digest(state_dict: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def data_digest(root: Path) -> str:
-    """Identity of a processed folder (its meta.json), so a moved folder still resumes."""
-    return hashlib.sha256((Path(root) / "meta.json").read_bytes()).hexdigest()[:16]
-
-
 class _Best:
     """The best validation pass so far, its weights (copied) and the patience left."""
 
@@ -351,6 +327,23 @@ class _Best:
 
     def record(self) -> dict:
         return {"val_loss": self.loss, "epoch": self.epoch, "step": self.step, "health": self.health, "bad": self.bad}
+
+
+def _no_learning(cfg, data: Processed, model, sets, mask_rate: float, device, fresh: bool) -> tuple[dict, dict]:
+    """The stage's no-learning baselines, fitted once on the training split (every run says whether it learned):
+    (stay level: validation MSE per baseline, admission level: code priors on `device`); a `fresh` model starts
+    at the best of them (the (T, F) cell means, or each code's frequency)."""
+    train_rows = sets[0].rows.numpy()
+    if cfg.level == "stay":
+        baselines, cell_mean = stay_baselines(data, train_rows, sets[1].rows.numpy())
+        if fresh:
+            model.init_pattern(cell_mean.to(device))
+        return baselines, None
+    priors = {name: {m: p.to(device) for m, p in prior.items()}
+              for name, prior in code_priors(data, train_rows, mask_rate).items()}
+    if fresh:
+        model.init_priors(priors["frequency"])
+    return {}, priors
 
 
 def _check_start(cfg, path: Path) -> None:
@@ -382,8 +375,7 @@ def pretrain(cfg) -> dict:
     rep = Reporter(cfg.quiet)
     torch.manual_seed(cfg.seed)
     device, run = resolve_device(cfg.device), Path(cfg.run)
-    amp = resolve_dtype(cfg.precision, device)
-    path = run / f"{cfg.level}.pt"
+    amp, path = resolve_dtype(cfg.precision, device), run / f"{cfg.level}.pt"
     _check_start(cfg, path)
     data = load_processed(cfg.data)
     model, mcfg, (train_set, val_set), parent = _build(cfg, data, device, rep)
@@ -392,7 +384,7 @@ def pretrain(cfg) -> dict:
     model.to(device)
     # AdamW "throughout pretraining" (paper App. B); fidelity: the official code uses Adam (coupled L2)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    scaler = grad_scaler(amp)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     step, saved_step, best = 0, None, _Best()    # saved_step: the step of the checkpoint at `path`, once known
@@ -404,15 +396,7 @@ def pretrain(cfg) -> dict:
         rep.log(f"resuming {path} at step {step}")
     elif cfg.resume:
         rep.log(f"nothing to resume at {path}: starting a new run")
-    # no-learning baselines, fitted once on the training split (docs: every run says whether it learned)
-    if cfg.level == "stay":
-        (baselines, cell_mean), priors = stay_baselines(data, train_set.rows.numpy(), val_set.rows.numpy()), None
-        if step == 0:
-            model.init_pattern(cell_mean.to(device))
-    else:
-        baselines, priors = {}, code_priors(data, train_set.rows.numpy(), mcfg.mask_rate, device)
-        if step == 0:
-            model.init_priors(priors["frequency"])
+    baselines, priors = _no_learning(cfg, data, model, (train_set, val_set), mcfg.mask_rate, device, fresh=step == 0)
     run.mkdir(parents=True, exist_ok=True)
     resolved, versions = config_record(cfg), _versions()
     header = {"level": cfg.level, "config": resolved, "model_config": asdict(mcfg), "device": str(device),
@@ -420,7 +404,8 @@ def pretrain(cfg) -> dict:
               "train": len(train_set), "val": len(val_set), "steps": total, **versions}
     (run / f"config_{cfg.level}.json").write_text(json.dumps(header, indent=1))
     rep.log(json.dumps(header))
-    extra = {"data_digest": data_digest(cfg.data), "stay_digest": parent}
+    extra = {"data_digest": data_digest(cfg.data), "stay_digest": parent, "icd_vocab": data.meta["icd_vocab"],
+             "sizes": {k: data.meta[k] for k in ModelConfig.SIZES}}
 
     def checkpoint():
         nonlocal saved_step
@@ -432,8 +417,7 @@ def pretrain(cfg) -> dict:
         save_checkpoint({"model": weights, "last_model": last, "optimizer": opt.state_dict(),
                          "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
                          "best": best.record(), "rng": rng, "level": cfg.level, "config": resolved,
-                         "model_config": asdict(mcfg), "sizes": _sizes(data.meta), "icd_vocab": data.meta["icd_vocab"],
-                         "digest": weights_digest(weights), **extra, **versions}, path)
+                         "model_config": asdict(mcfg), "digest": weights_digest(weights), **extra, **versions}, path)
         saved_step = step
 
     model.train()
@@ -454,7 +438,7 @@ def pretrain(cfg) -> dict:
             for batch in batches:
                 batch = to_device(batch, device)
                 waited += time.perf_counter() - t_wait
-                with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+                with autocast(device, amp):
                     out = model(batch)
                 loss = out["loss"]
                 if not torch.isfinite(loss):

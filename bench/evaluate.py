@@ -25,6 +25,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import synthetic  # noqa: E402
 from models import ModelConfig, count_parameters  # noqa: E402
+from preprocessing.pipeline import PreprocessConfig, preprocess  # noqa: E402
 from train import resolve_device, resolve_dtype  # noqa: E402
 
 LEVEL_TASKS = {"stay": "mortality", "admission": "readmission", "patient": "hf"}
@@ -38,7 +39,7 @@ def cohort(args) -> Path:
     if not meta.is_file() or json.loads(meta.read_text()).get("format_version") != data.FORMAT_VERSION:
         if not raw.is_dir():
             synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=args.patients, quiet=True))
-        data.preprocess(data.PreprocessConfig(raw=raw, out=processed, quiet=True))
+        preprocess(PreprocessConfig(raw=raw, out=processed, quiet=True))
     return processed
 
 

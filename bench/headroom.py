@@ -32,7 +32,8 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 import data  # noqa: E402
 import synthetic  # noqa: E402
-from tables import lookup  # noqa: E402
+from data import lookup  # noqa: E402
+from preprocessing import pipeline  # noqa: E402
 
 
 def csr_dense(ptr, idx, width: int) -> np.ndarray:
@@ -109,11 +110,11 @@ def compare(task: str, features: dict, y: np.ndarray, split: np.ndarray, args) -
     return out
 
 
-def build(raw: Path, processed: Path, cfg: synthetic.SynthConfig, pre: data.PreprocessConfig) -> dict:
+def build(raw: Path, processed: Path, cfg: synthetic.SynthConfig, pre: pipeline.PreprocessConfig) -> dict:
     t = time.perf_counter()
     synthetic.synthesize(cfg)
     t_synth = time.perf_counter() - t
-    data.preprocess(pre)
+    pipeline.preprocess(pre)
     return {"synth_s": round(t_synth, 1), "preprocess_s": round(time.perf_counter() - t - t_synth, 1)}
 
 
@@ -130,7 +131,7 @@ def main():
     results, timing = [], {}
     m3 = (root / "m3-raw", root / "m3-processed")
     timing["mimic3"] = build(*m3, synthetic.SynthConfig(out=m3[0], patients=args.patients, seed=args.seed, quiet=True),
-                             data.PreprocessConfig(raw=m3[0], out=m3[1], split=(0.6, 0.2, 0.2), quiet=True))
+                             pipeline.PreprocessConfig(raw=m3[0], out=m3[1], split=(0.6, 0.2, 0.2), quiet=True))
     d, lat = data.load_processed(m3[1]), synthetic.read_latents(m3[0])
     stays, adms, pats = lat["stays"], lat["admissions"], lat["patients"]
     stay_x = stay_raw(d)
@@ -156,7 +157,7 @@ def main():
         tx = (root / "tx-raw", root / "tx-processed")
         timing["trinetx"] = build(*tx, synthetic.SynthConfig(out=tx[0], patients=args.trinetx, layout="trinetx",
                                                              seed=args.seed, quiet=True),
-                                  data.PreprocessConfig(raw=tx[0], out=tx[1], split=(0.4, 0.2, 0.4), vocab_from=m3[1],
+                                  pipeline.PreprocessConfig(raw=tx[0], out=tx[1], split=(0.4, 0.2, 0.4), vocab_from=m3[1],
                                                         quiet=True))
         d, pats = data.load_processed(tx[1]), synthetic.read_latents(tx[0])["patients"]
         for task, ex in d.labels.items():

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import data  # noqa: E402
+from preprocessing import pipeline  # noqa: E402
 import models  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
@@ -76,12 +77,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not (processed / "meta.json").is_file():
         synthetic.synthesize(synthetic.SynthConfig(out=out / "raw", patients=args.patients, quiet=True))
-        data.preprocess(data.PreprocessConfig(raw=out / "raw", out=processed, quiet=True))
+        pipeline.preprocess(pipeline.PreprocessConfig(raw=out / "raw", out=processed, quiet=True))
     jobs = [("stay", name, processed, opts) for name, opts in STAY.items()]
     if args.mimic3_demo:
         demo = out / "mimic3-demo"
         if not (demo / "meta.json").is_file():
-            data.preprocess(data.PreprocessConfig(raw=args.mimic3_demo, out=demo, quiet=True))
+            pipeline.preprocess(pipeline.PreprocessConfig(raw=args.mimic3_demo, out=demo, quiet=True))
         paper = dict(d_model=256, lr=5e-4, epochs=100, batch_size=16)
         jobs += [("stay", f"mimic3-demo {name}", demo, {**paper, **opts})
                  for name, opts in (("pattern", {}), ("no pattern", dict(hour_bias=False)))]

@@ -23,10 +23,10 @@ EVENT_TABLES = ("CHARTEVENTS", "LABEVENTS", "OUTPUTEVENTS", "INPUTEVENTS_MV", "P
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-import data
 from pathlib import Path
+from preprocessing.pipeline import PreprocessConfig, preprocess
 t = time.perf_counter()
-meta = data.preprocess(data.PreprocessConfig(raw=Path({raw!r}), out=Path({out!r}), quiet=True))
+meta = preprocess(PreprocessConfig(raw=Path({raw!r}), out=Path({out!r}), quiet=True))
 print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "meta_counts": meta["counts"], "n_features": meta["n_features"], "seq_len": meta["seq_len"],
                   "event_rows": sum(meta["sources"][t]["rows"] for t in meta["sources"] if t.endswith("events"))}}))

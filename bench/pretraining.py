@@ -39,6 +39,7 @@ import synthetic  # noqa: E402
 import train  # noqa: E402
 from metrics import auroc  # noqa: E402
 from models import CodeEncoder, StayEncoder, load_encoder  # noqa: E402
+from preprocessing.pipeline import PreprocessConfig, preprocess  # noqa: E402
 
 STAY_TASKS = ("mortality", "arf", "shock")
 PATIENT_TASKS = ("hf", "copd", "amnesia")
@@ -217,7 +218,7 @@ def bigger(args, results: list) -> None:
                   quiet=True)
     raw, processed, run = cfg.out / "raw", cfg.out / "processed", cfg.out / "run"
     synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=cfg.patients, seed=cfg.seed, quiet=True))
-    data.preprocess(data.PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed, quiet=True))
+    preprocess(PreprocessConfig(raw=raw, out=processed, split=cfg.split, seed=cfg.seed, quiet=True))
     common = dict(data=processed, run=run, d_model=cfg.d_model, seed=cfg.seed, quiet=True, checkpoint_every=10 ** 9)
     train.pretrain(train.StayPretrainConfig(epochs=cfg.stay_epochs, batch_size=cfg.stay_batch_size, lr=cfg.stay_lr,
                                             **common))

@@ -13,13 +13,14 @@ peak RSS is its own):
     FlopCounterMode sees no FLOPs inside oneDNN's fused LSTM, so that step runs with oneDNN off, where
     aten::lstm decomposes into the matmuls it counts (the same math); the timed steps keep oneDNN on;
   - the real loop: train.pretrain with max_steps, read back from log.jsonl (samples_per_s, data_wait);
-  - the official model's work on this machine: a model with the official code's layers and sizes (reference
-    spec §3-5: dense input, F-wide decoder LSTM, 3 stay slots, two masked views), timed the same way on the
+  - the official model's work on this machine: a model with the official code's layers and sizes (dense
+    input, F-wide decoder LSTM, 3 stay slots, two masked views), timed the same way on the
     same data, so "×3 the official code" is checked on one machine, not against another machine's numbers.
 Stay level at the paper's batch 128; admission level at the largest power of two up to 4096 whose peak
 RSS stays under 60% of physical memory (probed at smaller batches, then predicted, before it is tried).
-Targets (DESIGN §7): each stage ≥ 3× the official code (quoted: 54 samples/s stage 1 at batch 128, 60
-samples/s stage 2, on a 2-core CPU), batch 4096 fitting in 24 GiB, data wait < 10% of a step.
+Targets (docs/design.md, Performance principles): each stage ≥ 3× the official code (as quoted when this project
+was set up: 54 samples/s stage 1 at batch 128, 60 samples/s stage 2, on another 2-core CPU), batch 4096 fitting
+in 24 GiB, data wait < 10% of a step.
 Timings beside other busy processes are not comparable: each measurement first waits (up to --max-wait s)
 for the machine to go quiet and records the CPU share other processes used while it ran.
 Prints one JSON line per measurement, then a summary; writes OUT/train.json (OUT/train_quick.json
@@ -50,10 +51,10 @@ from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEnco
 
 # the paper's sizes: official code literals (1318 features, 73 static, 7686+1 ICD, 1701+1 drugs), T5-Base 768
 SIZES = {"seq_len": 48, "n_features": 1318, "n_static": 73, "n_icd": 7687, "n_drug": 1702, "note_dim": 768}
-DENSITY = 0.04            # DESIGN §4: the hourly matrix is about 4% dense
-STAYS_PER_ADMISSION = {1: 0.92, 2: 0.06, 3: 0.02}  # mean 1.1 (DESIGN §7: "admissions average about 1 stay")
+DENSITY = 0.04            # the hourly matrix is about 4% dense (docs/design.md, Preprocessing)
+STAYS_PER_ADMISSION = {1: 0.92, 2: 0.06, 3: 0.02}  # mean 1.1: admissions average about 1 stay
 ICD_PER_ADMISSION, DRUGS_PER_ADMISSION = 13, 30    # MIMIC-III: ~11-13 diagnoses, a few dozen drugs per admission
-OFFICIAL = {"stay": 54.0, "admission": 60.0}       # DESIGN §7, official code on a 2-core CPU, samples/s
+OFFICIAL = {"stay": 54.0, "admission": 60.0}       # official code, another 2-core CPU, samples/s (as quoted)
 MEM_SHARE = 0.6           # "fits comfortably": peak RSS under this share of physical memory
 
 
@@ -225,7 +226,7 @@ def _ffn(D: int) -> nn.Module:
 
 
 class OfficialShapedStay(nn.Module):
-    """The layers and sizes of the official stage-1 model (reference spec §3.2-3.4), to time its work here:
+    """The layers and sizes of the official stage-1 model (stay_admission/ of the official code), to time its work:
     dense (n, T, F) → LSTM(F→D) → Dropout → LN → LSTM(D, 2 layers) → c_T; MLP_d(S); attention over [h, d],
     FFN, max-pool → b; FFN; LSTM(D→F) over [b, 0, …, 0] whose hidden outputs are the reconstruction; MSE.
     Not the official code (which does not run as committed): the same dense work, for a same-machine baseline."""
@@ -253,7 +254,7 @@ class OfficialShapedStay(nn.Module):
 
 
 class OfficialShapedAdmission(nn.Module):
-    """The official stage-2 work (reference spec §3.5, §5): every admission encodes exactly K = 3 dense stay
+    """The official stage-2 work (the official admission pretraining): every admission encodes exactly K = 3 dense stay
     slots, two masked views (ICD, drug) with count embeddings, three leave-one-out views for InfoNCE."""
 
     def __init__(self, F: int, S: int, V_icd: int, V_drug: int, E: int, D: int = 256, K: int = 3):

@@ -49,6 +49,7 @@ import synthetic  # noqa: E402
 import train  # noqa: E402
 from metrics import auprc, auroc, paired_delta  # noqa: E402
 from models import AdmissionEncoder, CodeEncoder, StayEncoder, load_encoder  # noqa: E402
+from preprocessing.pipeline import PreprocessConfig, preprocess  # noqa: E402
 
 ROWS = {"arf": "mimic", "shock": "mimic", "mortality": "mimic", "readmission": "mimic", "hf": "mimic",
         "hf (trinetx)": "trinetx", "copd (trinetx)": "trinetx", "amnesia (trinetx)": "trinetx"}
@@ -114,10 +115,10 @@ def prepare_data(cfg: TransferConfig) -> None:
             synthetic.synthesize(synthetic.SynthConfig(out=raw / layout, patients=n, layout=layout, seed=cfg.seed,
                                                        quiet=True))
     if not (processed / "mimic3" / "meta.json").is_file():
-        data.preprocess(data.PreprocessConfig(raw=raw / "mimic3", out=processed / "mimic3", seed=cfg.seed,
+        preprocess(PreprocessConfig(raw=raw / "mimic3", out=processed / "mimic3", seed=cfg.seed,
                                               split=(0.755, 0.045, 0.2), quiet=True))
     if not (processed / "trinetx" / "meta.json").is_file():
-        data.preprocess(data.PreprocessConfig(raw=raw / "trinetx", out=processed / "trinetx", seed=cfg.seed,
+        preprocess(PreprocessConfig(raw=raw / "trinetx", out=processed / "trinetx", seed=cfg.seed,
                                               split=(0.16, 0.1, 0.74), vocab_from=processed / "mimic3", quiet=True))
     d = data.load_processed(processed / "mimic3")
     n_label = len(d.splits["train"]) // (cfg.pool_ratio + 1)

@@ -1,7 +1,11 @@
-"""Shared test fixtures: paths to the real data in ../shared/data and a writer of tiny MIMIC-III extracts
-whose every row is chosen by hand, so label definitions can be checked exactly."""
+"""Shared test fixtures: paths to the real data in ../shared/data, a writer of tiny MIMIC-III extracts whose
+every row is chosen by hand (so label definitions can be checked exactly), and the expensive inputs built once
+per session and shared read-only: a small synthetic cohort, processed, and a short pretraining run on it (the
+demo-sized cohort for the learning checks), and the MIMIC-III demo preprocessed from the command line. `python -m pytest -m "not slow"` leaves out
+the tests marked slow (whole pipelines, learning checks)."""
 import csv
 import gzip
+import re
 from pathlib import Path
 
 import pytest
@@ -137,13 +141,70 @@ def tiny():
     return TinyMimic3()
 
 
+def synthesize_and_preprocess(root: Path, options: dict | None = None, **synth) -> Path:
+    """A synthetic MIMIC-III extract (`SynthConfig(**synth)`) under root/raw, preprocessed to root/processed
+    (`PreprocessConfig(**options)`)."""
+    from preprocessing.pipeline import PreprocessConfig, preprocess
+    from synthetic import SynthConfig, synthesize
+    synthesize(SynthConfig(out=root / "raw", quiet=True, **synth))
+    preprocess(PreprocessConfig(raw=root / "raw", out=root / "processed", quiet=True, **(options or {})))
+    return root / "processed"
+
+
+def pretrain_both(processed: Path, run: Path, d_model: int) -> Path:
+    """Both pretraining stages on `processed` into `run`, 4 steps each at width `d_model`."""
+    import train
+    for level in ("stay", "admission"):
+        train.pretrain(train.LEVELS[level](data=processed, run=run, d_model=d_model, batch_size=64, max_steps=4,
+                                           quiet=True))
+    return run
+
+
 @pytest.fixture(scope="session")
 def processed_cohort(tmp_path_factory) -> Path:
-    """A processed folder built once per test session from the demo-sized synthetic MIMIC-III cohort
-    (`SynthConfig()` defaults: 400 patients, seed 0; about 10 s). Read-only: other tests share it."""
-    import data
-    from synthetic import SynthConfig, synthesize
-    root = tmp_path_factory.mktemp("cohort")
-    synthesize(SynthConfig(out=root / "raw", quiet=True))
-    data.preprocess(data.PreprocessConfig(raw=root / "raw", out=root / "processed", quiet=True))
-    return root / "processed"
+    """A small synthetic MIMIC-III extract (150 patients, seed 0), generated and preprocessed once per test
+    session (about 1.5 s). Read-only: other tests share it."""
+    return synthesize_and_preprocess(tmp_path_factory.mktemp("cohort"), patients=150)
+
+
+@pytest.fixture(scope="session")
+def demo_cohort(tmp_path_factory) -> Path:
+    """The demo-sized synthetic cohort (`SynthConfig()` defaults: 400 patients, seed 0), processed once per
+    session, for the learning checks (marked slow). Read-only."""
+    return synthesize_and_preprocess(tmp_path_factory.mktemp("demo-cohort"))
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(processed_cohort, tmp_path_factory) -> Path:
+    """Both pretraining stages on `processed_cohort`, 4 steps each at width 16 (read-only; copy to change)."""
+    return pretrain_both(processed_cohort, tmp_path_factory.mktemp("pretrained") / "run", d_model=16)
+
+
+@pytest.fixture(scope="session")
+def mimic3_processed(tmp_path_factory) -> Path:
+    """The MIMIC-III demo with the open notes, preprocessed once per test session through the command line
+    (`preprocess --notes`); skipped when the demo is absent. Read-only: other tests share it."""
+    if not MIMIC3_DEMO.is_dir():
+        pytest.skip(f"the MIMIC-III demo ({MIMIC3_DEMO}) is not present")
+    from click.testing import CliRunner
+    from medhmp import cli
+    out = tmp_path_factory.mktemp("mimic3-demo") / "processed"
+    notes = ["--notes", str(NOTES)] if NOTES.is_dir() else []
+    result = CliRunner().invoke(cli, ["preprocess", "--raw", str(MIMIC3_DEMO), *notes, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def one_line_error(result, pattern: str = "") -> str:
+    """A failed CLI call: exit status 1, no traceback, exactly one 'Error: ' line, the last, matching `pattern`."""
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and result.output.strip().endswith(errors[0]), result.output
+    assert re.search(pattern, errors[0]), errors[0]
+    assert "Traceback" not in result.output
+    return errors[0]

@@ -1,13 +1,12 @@
 """Tests for demo.py and the end-to-end pipeline: the demo from the command line at a reduced size, and the
-real MIMIC-III demo (../shared/data/mimic3-demo) through preprocess → pretrain → evaluate from the CLI.
+real MIMIC-III demo (conftest.MIMIC3_DEMO, preprocessed once per session from the CLI) through pretrain →
+evaluate from the CLI. Both are whole pipelines, so both are marked slow.
 
 Reduced sizes (width 16, one or two epochs, one seed) keep the file to about half a minute on a CPU.
 Run: `python -m pytest -q tests/test_demo.py`.
 """
-import csv
 import functools
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -15,16 +14,10 @@ from click.testing import CliRunner
 import data
 import demo
 import evaluate
+from conftest import read_csv
 from medhmp import cli
 
-MIMIC3_DEMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "mimic3-demo"
-
-
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+pytestmark = pytest.mark.slow
 
 
 def test_demo_from_the_cli_writes_every_task(tmp_path, monkeypatch):
@@ -62,12 +55,10 @@ def test_demo_from_the_cli_writes_every_task(tmp_path, monkeypatch):
     assert (out / "control" / "run" / "admission.pt").is_file()
 
 
-@pytest.mark.skipif(not MIMIC3_DEMO.is_dir(), reason="../shared/data/mimic3-demo is not available")
-def test_mimic3_demo_through_preprocess_pretrain_evaluate(tmp_path):
-    processed, run = tmp_path / "processed", tmp_path / "run"
+def test_mimic3_demo_through_preprocess_pretrain_evaluate(mimic3_processed, tmp_path):
+    processed, run = mimic3_processed, tmp_path / "run"
     runner = CliRunner()
-    steps = [["preprocess", "--raw", str(MIMIC3_DEMO), "--out", str(processed)],
-             ["pretrain", "--level", "stay", "--data", str(processed), "--run", str(run), "--max-steps", "2",
+    steps = [["pretrain", "--level", "stay", "--data", str(processed), "--run", str(run), "--max-steps", "2",
               "--batch-size", "16"],
              ["pretrain", "--level", "admission", "--data", str(processed), "--run", str(run), "--max-steps", "2",
               "--batch-size", "16"],

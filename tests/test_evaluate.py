@@ -1,8 +1,9 @@
 """Tests for evaluate.py: metrics against scikit-learn (random and heavily tied scores), bootstrap CIs, weight
 transfer per init, fine-tuning beats chance on every synthetic task, skipped tasks, result files, the CLI.
 
-Fine-tuning runs on a 1,000-patient synthetic cohort (split 60/20/20) at width 32 with one seed and a few
-epochs. Run: `python -m pytest -q tests/test_evaluate.py`.
+Most tests use the session's synthetic cohort and short pretraining run (conftest); the learning checks
+(marked slow) fine-tune on a 1,000-patient cohort split 60/20/20 at width 32, with one seed and a few epochs.
+Run: `python -m pytest -q tests/test_evaluate.py`.
 """
 import csv
 import json
@@ -21,8 +22,7 @@ from sklearn.metrics import (auc, average_precision_score, cohen_kappa_score, f1
 import data
 import evaluate
 import results
-import synthetic
-import train
+from conftest import pretrain_both, read_csv, synthesize_and_preprocess
 from evaluate import Checkpoints, FinetuneConfig, build_model
 from metrics import auprc, auprc_trapezoid, auroc, binary_metrics, bootstrap_ci, f1, kappa
 from medhmp import cli
@@ -99,29 +99,29 @@ def test_bootstrap_ci_over_seeds_scores_the_mean_of_the_rows():
 
 # --------------------------------------------------------------------------------------------- pipeline
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> data.Processed:
-    """1,000 synthetic patients split 60/20/20, so every task's test split has a hundred or more examples (the
-    session cohort's 80/10/10 of 400 leaves ~25 patients per patient-level test split: too noisy to judge)."""
-    root = tmp_path_factory.mktemp("eval_cohort")
-    synthetic.synthesize(synthetic.SynthConfig(out=root / "raw", patients=1000, seed=1, quiet=True))
-    data.preprocess(data.PreprocessConfig(raw=root / "raw", out=root / "processed", split=(0.6, 0.2, 0.2),
-                                          quiet=True))
-    return data.load_processed(root / "processed")
+def cohort(processed_cohort) -> data.Processed:
+    """The session's synthetic cohort (read-only)."""
+    return data.load_processed(processed_cohort)
 
 
 @pytest.fixture(scope="module")
-def run(cohort, tmp_path_factory) -> Path:
-    """Both pretraining stages, 4 steps each at width D (read-only; copy to change)."""
-    run = tmp_path_factory.mktemp("eval") / "run"
-    for level in ("stay", "admission"):
-        train.pretrain(train.LEVELS[level](data=cohort.root, run=run, d_model=D, batch_size=64, max_steps=4,
-                                           quiet=True))
-    return run
+def run(pretrained_run) -> Path:
+    """The session's short pretraining run on `cohort` (read-only; copy to change)."""
+    return pretrained_run
 
 
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+@pytest.fixture(scope="module")
+def learning_cohort(tmp_path_factory) -> data.Processed:
+    """1,000 synthetic patients split 60/20/20, so every task's test split has a hundred or more examples (the
+    session cohort's 80/10/10 of 400 leaves ~10 patients per patient-level test split: too noisy to judge)."""
+    root = tmp_path_factory.mktemp("eval_cohort")
+    return data.load_processed(synthesize_and_preprocess(root, {"split": (0.6, 0.2, 0.2)}, patients=1000, seed=1))
+
+
+@pytest.fixture(scope="module")
+def learning_run(learning_cohort, tmp_path_factory) -> Path:
+    """Both pretraining stages on `learning_cohort`, 4 steps each at width D (read-only; copy to change)."""
+    return pretrain_both(learning_cohort.root, tmp_path_factory.mktemp("eval") / "run", d_model=D)
 
 
 def cfg_for(processed: Path, run: Path, **kw) -> FinetuneConfig:
@@ -172,11 +172,12 @@ def test_a_checkpoint_from_other_data_is_refused_with_the_fix(cohort, run):
         build_model("arf", "admission", cfg_for(cohort.root, run), Checkpoints(run, meta))
 
 
-def test_finetuned_models_beat_chance_on_every_synthetic_task(cohort, run, tmp_path):
+@pytest.mark.slow
+def test_finetuned_models_beat_chance_on_every_synthetic_task(learning_cohort, learning_run, tmp_path):
     """From scratch, seed 0: test AUROC >= AUROC_FLOOR on each task (8 epochs for the stay and admission
     tasks, 20 for the cheap patient tasks); also checks every result file and that rows are replaced."""
-    out = tmp_path / "run"
-    shutil.copytree(run, out)
+    cohort, out = learning_cohort, tmp_path / "run"
+    shutil.copytree(learning_run, out)
     reports = {}
     for task, spec in evaluate.TASKS.items():
         epochs, patience = (20, 5) if spec.level == "patient" else (8, 3)
@@ -236,7 +237,7 @@ def test_patient_tasks_have_no_stay_transfer(cohort, run, tmp_path):
 
 
 def test_cli_evaluate_missing_checkpoint_is_one_line(cohort, tmp_path):
-    result = CliRunner().invoke(cli, ["evaluate", "--task", "arf", "--data", str(cohort.root), "--run",
+    result = CliRunner().invoke(cli, ["evaluate", "--task", "mortality", "--data", str(cohort.root), "--run",
                                       str(tmp_path / "nothing"), "--epochs", "1", "--seeds", "1"])
     assert result.exit_code == 1 and "Error:" in result.output and "pretrain" in result.output.splitlines()[-1]
 
@@ -261,11 +262,12 @@ def test_label_fraction_keeps_a_fixed_share_of_training_examples(processed_cohor
     assert len(part["val"]) == len(full["val"]) and len(part["test"]) == len(full["test"])
 
 
-def test_every_patient_model_learns_hf_and_keeps_its_own_row(cohort, run, tmp_path):
+@pytest.mark.slow
+def test_every_patient_model_learns_hf_and_keeps_its_own_row(learning_cohort, learning_run, tmp_path):
     """Each sequence model (paper Table 4: LSTM, RETAIN, Dipole, AdaCare, HiTANet), from scratch, seed 0,
     20 epochs: test AUROC >= AUROC_FLOOR on hf; results.csv then holds one row per model."""
-    out = tmp_path / "run"
-    shutil.copytree(run, out)
+    cohort, out = learning_cohort, tmp_path / "run"
+    shutil.copytree(learning_run, out)
     for model in evaluate.PATIENT_MODELS:
         report = evaluate.evaluate(cfg_for(cohort.root, out, task="hf", init="none", model=model, epochs=20))["hf"]
         result = report["results"][f"none/{model}"]
@@ -293,6 +295,7 @@ def test_paired_delta_matches_a_direct_computation():
     assert hi2 - lo2 > hi1 - lo1
 
 
+@pytest.mark.slow
 def test_lr_grid_probe_and_paired_delta_in_every_output(cohort, run, tmp_path):
     """--lr with two rates picks the one with the best mean validation AUPRC per init (recorded with both
     validation scores); --probe leaves the pretrained encoder's weights untouched; the paired Δ against none
@@ -347,3 +350,25 @@ def test_labels_keeps_a_stratified_sample_of_that_many_training_examples(process
     a, b = (evaluate.task_examples("mortality", d, FinetuneConfig(labels=10, seed=s))["train"]["row"] for s in (0, 1))
     assert not np.array_equal(a, b)
     assert len(evaluate.task_examples("mortality", d, FinetuneConfig(labels=10 ** 6))["train"]["label"]) == len(full["label"])
+
+
+def test_finetune_stops_after_patience_and_restores_the_best_epoch(cohort, run, monkeypatch):
+    """evaluate.finetune, the core of the protocol: with the validation AUPRC scripted to peak at epoch 2 and
+    patience 2, training stops after epoch 4, reports epoch 2 as the best, and leaves the model with the
+    weights it had at the end of epoch 2, not the last ones."""
+    cfg = cfg_for(cohort.root, run, task="mortality", epochs=10, patience=2)
+    sets, _ = evaluate.task_datasets("mortality", cohort, cfg)
+    torch.manual_seed(0)
+    model, _ = build_model("mortality", "none", cfg, Checkpoints(run, cohort.meta))
+    scores, weights, real_predict = iter([0.3, 0.8, 0.5, 0.7, 0.9]), [], evaluate.predict
+
+    def predict(model, dataset, *args):  # each validation pass: the weights the epoch ended with
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_predict(model, dataset, *args)
+    monkeypatch.setattr(evaluate, "predict", predict)
+    monkeypatch.setitem(evaluate.METRIC_FUNCTIONS, "auprc", lambda y, p: next(scores))
+    record = evaluate.finetune(model, sets, cfg, 0, torch.device("cpu"), torch.float32, lambda *a, **k: None, 5e-2)
+    assert record == {"epochs": 4, "best_epoch": 2, "val_auprc": 0.8} and len(weights) == 4
+    final = model.state_dict()
+    assert all(torch.equal(v, weights[1][k]) for k, v in final.items())
+    assert not all(torch.equal(v, weights[3][k]) for k, v in final.items())  # the last epoch did change them

@@ -17,13 +17,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import build
 import data
 import evaluate
 import synthetic
-import tables
 import train
-from conftest import MIMIC3_DEMO, NOTES, REPO, T0, TinyMimic3, hours_after
+from folders import InputError
+from preprocessing import build, pipeline, tables
+from preprocessing.pipeline import PreprocessConfig, preprocess
+from progress import Reporter
+from conftest import MIMIC3_DEMO, NOTES, REPO, T0, TinyMimic3, hours_after, one_line_error
 from medhmp import cli
 
 needs_demo = pytest.mark.skipif(not MIMIC3_DEMO.is_dir(), reason="the MIMIC-III demo (conftest.MIMIC3_DEMO) is not present")
@@ -33,16 +35,6 @@ needs_notes = pytest.mark.skipif(not NOTES.is_dir(), reason="the open notes (con
 # ----------------------------------------------------------------------------------------------- helpers
 def _cli(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _one_line_error(result, pattern: str) -> str:
-    """The run failed with exactly one 'Error:' line, last, matching `pattern`, and no traceback."""
-    assert result.exit_code == 1, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1 and result.output.strip().endswith(errors[0]), result.output
-    assert re.search(pattern, errors[0]), errors[0]
-    assert "Traceback" not in result.output
-    return errors[0]
 
 
 def _rewrite(raw: Path, table: str, edit) -> None:
@@ -92,7 +84,7 @@ def tiny_raw(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_processed(tiny_raw, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-processed") / "processed"
-    data.preprocess(data.PreprocessConfig(raw=tiny_raw, out=out, quiet=True))
+    preprocess(PreprocessConfig(raw=tiny_raw, out=out, quiet=True))
     return out
 
 
@@ -103,20 +95,21 @@ def raw(tiny_raw, tmp_path) -> Path:
 
 
 # ------------------------------------------------------------------------------- 1: multi-member gzip
+@pytest.mark.slow
 @needs_demo
 @needs_notes
 def test_multi_member_gzip_tables_are_read_whole(tmp_path):
     raw = _demo_links(tmp_path / "raw", without=("ADMISSIONS", "CHARTEVENTS"))
     for table in ("ADMISSIONS", "CHARTEVENTS"):       # a core table and an event table (the fast block reader)
         _two_members(MIMIC3_DEMO / f"{table}.csv.gz", raw / f"{table}.csv.gz")
-    meta = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
+    meta = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
     assert dict(meta["attrition"]["admissions"])["admissions in the admissions table"] == 129
     assert meta["sources"]["chartevents"]["rows"] == 758355
     assert dict(meta["attrition"]["stays"])["with events in the first 48 h"] == 77
     notes = tmp_path / "NOTEEVENTS.csv.gz"                # and the note reader
     _two_members(NOTES / "NOTEEVENTS_SYNTHETIC_PAIRING.csv.gz", notes)
-    from extract import read_notes
-    _, counts = read_notes(notes, set(), {}, data.Reporter(quiet=True).task)
+    from preprocessing.extract import read_notes
+    _, counts, _ = read_notes(notes, set(), Reporter(quiet=True).task)
     assert counts["rows"] == 265
 
 
@@ -125,7 +118,7 @@ def test_multi_member_gzip_tables_are_read_whole(tmp_path):
 def test_two_files_for_one_table_stop_naming_both(raw, tmp_path, twin):
     (raw / twin).write_bytes(gzip.decompress((raw / "ADMISSIONS.csv.gz").read_bytes()))
     result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out")
-    line = _one_line_error(result, r"both .* and .* match one table")
+    line = one_line_error(result, r"both .* and .* match one table")
     assert twin in line and "ADMISSIONS.csv.gz" in line
     assert not (tmp_path / "out").exists()
 
@@ -137,7 +130,7 @@ def test_unbalanced_quote_in_a_note_stops_naming_the_row(tmp_path):
     raw = t.write(tmp_path / "raw")
     _rewrite(raw, "NOTEEVENTS", lambda text: text.replace("note 2 discharged", '"note 2 discharged'))
     result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out")
-    _one_line_error(result, r"NOTEEVENTS.csv.gz: row 2: a quoted field opened in this row is still open at "
+    one_line_error(result, r"NOTEEVENTS.csv.gz: row 2: a quoted field opened in this row is still open at "
                             r"the end of the file")
     assert not (tmp_path / "out").exists()
 
@@ -147,7 +140,7 @@ def test_quote_running_past_the_row_limit_stops_the_block_reader(tmp_path):
     row = b"1,2,3,220045,2150-01-01 09:00:00,80\n"
     body = row * ((tables.MAX_RECORD_BYTES // len(row)) + 1000)
     path.write_bytes(b"a,b,c,itemid,charttime,value\n" + row + b'1,2,3,220045,"2150-01-01,80\n' + body)
-    with pytest.raises(tables.InputError, match=r"CHARTEVENTS.csv: row 2: a quoted field opened in this row "
+    with pytest.raises(InputError, match=r"CHARTEVENTS.csv: row 2: a quoted field opened in this row "
                                                 r"does not close within 4 MiB"):
         list(tables.read_blocks(tables.Source(path), {"itemid": True}))
 
@@ -158,7 +151,7 @@ def test_a_stray_quote_that_merges_later_rows_stops_naming_the_row(tmp_path):
     rows[7] = b'1,220210,"12,5"'                # ... pairs with the first quote of row 8: rows 3-8 become one
     path = tmp_path / "CHARTEVENTS.csv"
     path.write_bytes(b"a,itemid,value\n" + b"\n".join(rows) + b"\n")
-    with pytest.raises(tables.InputError, match=r"row 3: a quoted field opened in this row runs over 6 lines "
+    with pytest.raises(InputError, match=r"row 3: a quoted field opened in this row runs over 6 lines "
                                                 r"into a row of 4 fields, not 3"):
         list(tables.read_blocks(tables.Source(path), {"itemid": True}))
 
@@ -168,10 +161,10 @@ def test_a_stray_quote_inside_a_note_stops_instead_of_reading_its_text_as_rows(t
     text = gzip.decompress((NOTES / "NOTEEVENTS_SYNTHETIC_PAIRING.csv.gz").read_bytes())
     notes = tmp_path / "NOTEEVENTS.csv.gz"      # the first note's quoted text ends early, at a stray quote
     notes.write_bytes(gzip.compress(text.replace(b"Annual exam.", b'Annual exam."', 1)))
-    from extract import read_notes
-    with pytest.raises(tables.InputError, match=r"NOTEEVENTS.csv.gz: row \d+: a quoted field opened in this row "
+    from preprocessing.extract import read_notes
+    with pytest.raises(InputError, match=r"NOTEEVENTS.csv.gz: row \d+: a quoted field opened in this row "
                                                 r"runs over \d+ lines .*, after malformed rows from row 3 on"):
-        read_notes(notes, set(), {}, data.Reporter(quiet=True).task)
+        read_notes(notes, set(), Reporter(quiet=True).task)
 
 
 def test_a_bare_quote_inside_a_field_is_read_as_csv_does(tmp_path):
@@ -198,7 +191,7 @@ def test_ids_codes_and_flags_padded_with_spaces_are_read(raw, tiny_processed, tm
         return "\n".join([head] + [row.replace(",", ", ") for row in rows]) + "\n"
     for table in ("DIAGNOSES_ICD", "ICUSTAYS", "ADMISSIONS", "CHARTEVENTS"):
         _rewrite(raw, table, pad)
-    meta = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
+    meta = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
     want = json.loads((tiny_processed / "meta.json").read_text())
     assert meta["icd_vocab"] == want["icd_vocab"] == ["4019"]
     assert meta["counts"] == want["counts"]
@@ -212,7 +205,7 @@ def test_times_out_of_order_are_invalid_rows_with_their_own_label(tmp_path):
     t.patient(3)
     t.admission(3, 31, T0, 72)
     t.stay(3, 31, 301, hours_after(T0, 5), -2)                 # ICU outtime before intime: invalid
-    meta = data.preprocess(data.PreprocessConfig(raw=t.write(tmp_path / "raw"), out=tmp_path / "out", quiet=True))
+    meta = preprocess(PreprocessConfig(raw=t.write(tmp_path / "raw"), out=tmp_path / "out", quiet=True))
     admissions, stays = dict(meta["attrition"]["admissions"]), dict(meta["attrition"]["stays"])
     assert admissions["of kept patients"] == 4
     assert admissions["discharged at or after admission (others: invalid times)"] == 3
@@ -230,7 +223,7 @@ def test_nothing_usable_left_stops_in_one_line(tmp_path):
         t.admission(s, s * 10 + 1, T0, 72, codes=())
         t.stay(s, s * 10 + 1, s * 100 + 1, hours_after(T0, 5), -3)     # every outtime before its intime
     result = _cli("preprocess", "--raw", t.write(tmp_path / "raw"), "--out", tmp_path / "out")
-    _one_line_error(result, r"nothing usable is left: ICU stays in the icustays table 2, none left at 'outtime "
+    one_line_error(result, r"nothing usable is left: ICU stays in the icustays table 2, none left at 'outtime "
                             r"after intime .*', and admissions in the admissions table 2, none left at 'with "
                             r"ICD-9 diagnosis codes'")
     assert not (tmp_path / "out").exists()
@@ -240,7 +233,7 @@ def test_nothing_usable_left_stops_in_one_line(tmp_path):
 def test_out_that_is_a_symlink_is_written_through(raw, tmp_path):
     (tmp_path / "big-disk" / "processed").mkdir(parents=True)
     (tmp_path / "processed").symlink_to(tmp_path / "big-disk" / "processed")
-    data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "processed", quiet=True))
+    preprocess(PreprocessConfig(raw=raw, out=tmp_path / "processed", quiet=True))
     assert (tmp_path / "processed").is_symlink()
     assert (tmp_path / "big-disk" / "processed" / "meta.json").is_file()
     (tmp_path / "big-disk" / "raw").mkdir()
@@ -257,7 +250,7 @@ def test_evaluate_skips_empty_stay_and_admission_cohorts(tmp_path):
         t.patient(s)
         t.admission(s, s * 10 + 1, T0, 72)
         t.stay(s, s * 10 + 1, s * 100 + 1, hours_after(T0, 1), 60, dbsource="carevue")   # no MetaVision stay
-    data.preprocess(data.PreprocessConfig(raw=t.write(tmp_path / "raw"), out=tmp_path / "out", quiet=True))
+    preprocess(PreprocessConfig(raw=t.write(tmp_path / "raw"), out=tmp_path / "out", quiet=True))
     for task in ("mortality", "readmission"):
         reports = evaluate.evaluate(evaluate.FinetuneConfig(task=task, data=tmp_path / "out", run=tmp_path / "run",
                                                             init="none", seeds=1, epochs=1, quiet=True))
@@ -284,7 +277,7 @@ def test_damaged_processed_files_are_one_line_naming_the_file(case, tiny_process
     out = Path(shutil.copytree(tiny_processed, tmp_path / "processed"))
     damage(out / name)
     result = _cli("evaluate", "--task", "mortality", "--data", out, "--run", tmp_path / "run", "--init", "none")
-    _one_line_error(result, re.escape(f"{out / name}: {what}") + r".*re-run `python medhmp.py preprocess --out ")
+    one_line_error(result, re.escape(f"{out / name}: {what}") + r".*re-run `python medhmp.py preprocess --out ")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "not a dict"])
@@ -297,7 +290,7 @@ def test_damaged_checkpoint_is_one_line_without_unsafe_advice(tmp_path, damage):
         path.write_bytes(os.urandom(4096))
     else:
         torch.save([1, 2, 3], path)
-    with pytest.raises(data.InputError) as err:
+    with pytest.raises(InputError) as err:
         train.load_checkpoint(path)
     message = str(err.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
@@ -321,7 +314,7 @@ def no_work(monkeypatch):
     """Reading the extract fails the test: the error must come before any work."""
     def fail(*args, **kwargs):
         raise AssertionError("the work started before the output was checked")
-    monkeypatch.setattr(data, "build_mimic", fail)
+    monkeypatch.setattr(pipeline, "build_mimic", fail)
     monkeypatch.setattr(synthetic, "_cohort", fail)
     monkeypatch.setattr(evaluate, "evaluate_task", fail)
 
@@ -330,16 +323,16 @@ def test_out_under_a_file_fails_before_any_work(raw, tmp_path, no_work):
     (tmp_path / "afile").write_text("not a folder")
     for command in (["preprocess", "--raw", raw], ["synth", "--patients", 5]):
         result = _cli(*command, "--out", tmp_path / "afile" / "sub")
-        _one_line_error(result, re.escape(f"{tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a "
+        one_line_error(result, re.escape(f"{tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a "
                                           "folder; choose another --out"))
     result = _cli("evaluate", "--task", "mortality", "--run", tmp_path / "afile", "--init", "none")
-    _one_line_error(result, re.escape(f"{tmp_path / 'afile' / 'eval'}: cannot write there") + ".*--run")
+    one_line_error(result, re.escape(f"{tmp_path / 'afile' / 'eval'}: cannot write there") + ".*--run")
 
 
 def test_out_that_is_the_current_folder_is_refused(raw, tmp_path, monkeypatch, no_work):
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
-    _one_line_error(_cli("preprocess", "--raw", raw, "--out", "."), r"is the current folder")
+    one_line_error(_cli("preprocess", "--raw", raw, "--out", "."), r"is the current folder")
 
 
 def test_read_only_parent_fails_before_any_work(raw, tmp_path, monkeypatch, no_work):
@@ -352,7 +345,7 @@ def test_read_only_parent_fails_before_any_work(raw, tmp_path, monkeypatch, no_w
         return real_open(path, *args, **kwargs)
     monkeypatch.setattr(os, "open", read_only)
     result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "ro" / "out")
-    _one_line_error(result, r"ro/out: cannot write there \(Permission denied: .*\.out\.lock\)")
+    one_line_error(result, r"ro/out: cannot write there \(Permission denied: .*\.out\.lock\)")
     assert list((tmp_path / "ro").iterdir()) == []
 
 
@@ -368,14 +361,14 @@ def test_full_disk_while_writing_keeps_the_old_output_and_no_leftovers(raw, tiny
     before = (out / "stays.pt").read_bytes()
     _full_disk(monkeypatch)
     result = _cli("preprocess", "--raw", raw, "--out", out)
-    _one_line_error(result, re.escape(f"{out}: cannot write there (No space left on device)"))
+    one_line_error(result, re.escape(f"{out}: cannot write there (No space left on device)"))
     assert (out / "stays.pt").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "raw"]    # no .tmp folder, no lock
 
 
 def test_full_disk_while_checkpointing_leaves_no_temporary_file(tmp_path, monkeypatch):
     _full_disk(monkeypatch)
-    with pytest.raises(data.InputError, match="cannot write .*stay.pt: No space left"):
+    with pytest.raises(InputError, match="cannot write .*stay.pt: No space left"):
         train.save_checkpoint({"w": torch.ones(1000)}, tmp_path / "stay.pt")
     assert list(tmp_path.iterdir()) == []
 
@@ -390,15 +383,16 @@ def tables_unread(monkeypatch):
 
 def test_mistyped_text_model_path_fails_before_reading_tables(raw, tmp_path, tables_unread):
     result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out", "--text-model", "./models/clinical-t5")
-    _one_line_error(result, r"--text-model ./models/clinical-t5: no such folder")
+    one_line_error(result, r"--text-model ./models/clinical-t5: no such folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
+@pytest.mark.slow
 def test_hub_text_model_offline_fails_before_reading_tables(raw, tmp_path, tables_unread, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out", "--text-model", "someorg/no-such-t5")
-    _one_line_error(result, r"--text-model someorg/no-such-t5: not a local folder, and as a hub name, it cannot "
+    one_line_error(result, r"--text-model someorg/no-such-t5: not a local folder, and as a hub name, it cannot "
                             r"be loaded")
 
 
@@ -419,7 +413,7 @@ def test_a_second_run_into_the_same_out_is_refused(raw, tiny_processed, tmp_path
     try:
         (tmp_path / ".processed.lock").write_text(str(first.pid))
         result = _cli("preprocess", "--raw", raw, "--out", out)
-        _one_line_error(result, rf"processed: process {first.pid} is writing there \(lock \.processed\.lock\); "
+        one_line_error(result, rf"processed: process {first.pid} is writing there \(lock \.processed\.lock\); "
                                 r"wait for it to finish or choose another --out")
         assert (out / "stays.pt").read_bytes() == before
         assert (tmp_path / ".processed.lock").read_text() == str(first.pid)
@@ -432,6 +426,7 @@ def test_a_second_run_into_the_same_out_is_refused(raw, tiny_processed, tmp_path
 
 
 # -------------------------------------------------------------------------- 19: SIGTERM, dead runs
+@pytest.mark.slow
 @needs_demo
 def test_sigterm_removes_the_staging_folder(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")

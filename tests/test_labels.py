@@ -1,4 +1,5 @@
-"""Label definitions checked on hand-built stays and admissions whose every row is known (DESIGN §6)."""
+"""Label definitions checked on hand-built stays and admissions whose every row is known (the task table
+of the README, tasks.TASKS)."""
 import csv
 import json
 from pathlib import Path
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 import data
+from preprocessing.pipeline import PreprocessConfig, preprocess
 from conftest import T0, hours_after
 
 
@@ -21,8 +23,8 @@ def _labels(out: Path) -> dict:
 
 
 def _run(raw: Path, out: Path, **kw) -> dict:
-    cfg = data.PreprocessConfig(raw=raw, out=out, quiet=True, min_frequency=0.0, **kw)
-    return data.preprocess(cfg)
+    cfg = PreprocessConfig(raw=raw, out=out, quiet=True, min_frequency=0.0, **kw)
+    return preprocess(cfg)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 import data
 import synthetic
+from preprocessing.pipeline import PreprocessConfig, preprocess
 from medhmp import cli
 
 
@@ -21,7 +22,7 @@ def mimic4(tmp_path_factory):
     root = tmp_path_factory.mktemp("m4")
     summary = synthetic.synthesize(synthetic.SynthConfig(out=root / "raw", patients=60, layout="mimic4", seed=1,
                                                          quiet=True))
-    meta = data.preprocess(data.PreprocessConfig(raw=root / "raw", out=root / "out", quiet=True))
+    meta = preprocess(PreprocessConfig(raw=root / "raw", out=root / "out", quiet=True))
     return root, summary, meta
 
 
@@ -57,8 +58,8 @@ def test_mimic4_vocabulary_is_icd9_and_built_on_training_admissions(mimic4):
 def test_trinetx_extract_with_a_shared_vocabulary(tmp_path):
     synthetic.synthesize(synthetic.SynthConfig(out=tmp_path / "m3", patients=80, layout="mimic3", quiet=True))
     synthetic.synthesize(synthetic.SynthConfig(out=tmp_path / "tx", patients=120, layout="trinetx", quiet=True))
-    m3 = data.preprocess(data.PreprocessConfig(raw=tmp_path / "m3", out=tmp_path / "m3-out", quiet=True))
-    tx = data.preprocess(data.PreprocessConfig(raw=tmp_path / "tx", out=tmp_path / "tx-out",
+    m3 = preprocess(PreprocessConfig(raw=tmp_path / "m3", out=tmp_path / "m3-out", quiet=True))
+    tx = preprocess(PreprocessConfig(raw=tmp_path / "tx", out=tmp_path / "tx-out",
                                                vocab_from=tmp_path / "m3-out", quiet=True))
     assert tx["layout"] == "trinetx" and tx["icd_vocab"] == m3["icd_vocab"]
     assert tx["counts"]["patients"] == 120 and tx["counts"]["stays"] == 0
@@ -80,3 +81,22 @@ def test_trinetx_extract_with_a_shared_vocabulary(tmp_path):
         assert result.exit_code != 0 and "no ICU stays to pretrain on" in result.output, result.output
         assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not (tmp_path / "run").exists()
+
+
+def test_synth_command_writes_what_synthesize_writes(tmp_path):
+    """`synth` from the command line: the extract of synthetic.synthesize with the same settings, byte for byte,
+    and one closing line of counts; a bad option is a usage error."""
+    result = CliRunner().invoke(cli, ["synth", "--out", str(tmp_path / "cli"), "--patients", "40", "--layout",
+                                      "mimic4", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    summary = synthetic.synthesize(synthetic.SynthConfig(out=tmp_path / "py", patients=40, layout="mimic4", seed=3,
+                                                         quiet=True))
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("wrote ") and last.endswith(
+        f": 40 patients, {summary['admissions']} admissions, {summary['stays']} ICU stays")
+
+    def files(root):
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert files(tmp_path / "cli") == files(tmp_path / "py") and files(tmp_path / "py")
+    bad = CliRunner().invoke(cli, ["synth", "--out", str(tmp_path / "bad"), "--patients", "0"])
+    assert bad.exit_code == 2 and "--patients" in bad.output and not (tmp_path / "bad").exists()

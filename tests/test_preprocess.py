@@ -2,7 +2,6 @@
 import csv
 import gzip
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -11,19 +10,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cohorts
 import data
-from conftest import MIMIC3_DEMO, NOTES, T0, hours_after
+from preprocessing import cohorts
+from preprocessing.pipeline import PreprocessConfig, preprocess
+from conftest import MIMIC3_DEMO, NOTES, T0, hours_after, one_line_error
 from medhmp import cli
 
 needs_demo = pytest.mark.skipif(not MIMIC3_DEMO.is_dir(), reason="../shared/data/mimic3-demo not present")
 
 
 @pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "processed"
-    meta = data.preprocess(data.PreprocessConfig(raw=MIMIC3_DEMO, notes=NOTES, out=out, quiet=True))
-    return out, meta
+def demo_out(mimic3_processed):
+    """The session's MIMIC-III demo folder (preprocessed from the CLI with --notes) and its meta.json."""
+    return mimic3_processed, json.loads((mimic3_processed / "meta.json").read_text())
 
 
 @needs_demo
@@ -37,7 +36,8 @@ def test_mimic3_demo_counts_and_attrition(demo_out):
     assert att["stays"]["with events in the first 48 h"] == 77
     assert att["mortality"]["alive at 48 h"] == 34          # FIDDLE's demo cohort at T = 48 h is 34 stays
     assert meta["layout"] == "mimic3" and meta["counts"]["stays"] == 77
-    assert meta["notes"]["with_note"] == 129                # the paired open notes, one per admission
+    assert meta["notes"]["with_note"] == 129                # the paired open notes (--notes), one per admission
+    assert meta["config"]["notes"] == str(NOTES) and meta["notes"]["source"].startswith(str(NOTES))
     assert 0.005 < meta["counts"]["density"] < 0.1           # sparse, as FIDDLE's ~4%
     d = data.load_processed(out)
     assert d.stays["ts_feat"].dtype == torch.int16 and len(d.stays["stay_id"]) == 77
@@ -82,14 +82,14 @@ def test_rerun_is_a_clean_overwrite_and_a_failed_run_keeps_the_old_output(tiny, 
     tiny.stay(1, 11, 111, hours_after(T0, 1), 60)
     raw = tiny.write(tmp_path / "raw")
     out = tmp_path / "out"
-    cfg = data.PreprocessConfig(raw=raw, out=out, quiet=True)
-    data.preprocess(cfg)
+    cfg = PreprocessConfig(raw=raw, out=out, quiet=True)
+    preprocess(cfg)
     first = (out / "stays.pt").read_bytes()
-    data.preprocess(cfg)
+    preprocess(cfg)
     assert (out / "stays.pt").read_bytes() == first
     (raw / "ICUSTAYS.csv.gz").write_bytes(b"")             # now broken: the old output must survive
     with pytest.raises(data.InputError):
-        data.preprocess(cfg)
+        preprocess(cfg)
     assert (out / "stays.pt").read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]   # no temporary folder left
 
@@ -136,12 +136,7 @@ BAD_INPUTS = {
 def test_bad_input_is_one_clear_line_and_writes_nothing(case, tiny, tmp_path):
     change, message = BAD_INPUTS[case]
     raw = _broken(tiny, tmp_path, change)
-    result = CliRunner().invoke(cli, ["preprocess", "--raw", str(raw), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1 and result.output.strip().endswith(errors[0]), result.output
-    assert re.search(message, errors[0]), errors[0]
-    assert "Traceback" not in result.output
+    one_line_error(CliRunner().invoke(cli, ["preprocess", "--raw", str(raw), "--out", str(tmp_path / "out")]), message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
@@ -159,7 +154,7 @@ def test_counted_skips_for_bad_event_rows_and_missing_modalities(tiny, tmp_path)
     (tmp_path / "raw").mkdir()
     raw = tiny.write(tmp_path / "raw")
     (raw / "LABEVENTS.csv.gz").write_bytes(gzip.compress(b""))      # an empty optional table
-    meta = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
+    meta = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
     assert meta["skipped"]["chartevents"]["unparsable time"] == 1
     assert meta["skipped"]["chartevents"]["unparsable number"] == 0   # "12,5" is a category, not a number
     assert meta["skipped"]["labevents"] == "empty file (optional table)"
@@ -177,7 +172,7 @@ def test_out_folder_that_is_not_ours_is_refused(tiny, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(data.InputError, match="not a processed folder"):
-        data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "mine", quiet=True))
+        preprocess(PreprocessConfig(raw=raw, out=tmp_path / "mine", quiet=True))
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
@@ -197,6 +192,7 @@ def _tiny_t5(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # imports transformers (seconds)
 def test_local_t5_text_model_through_its_encoder_with_cache(tiny, tmp_path):
     tiny.patient(1)
     tiny.patient(2)
@@ -207,16 +203,16 @@ def test_local_t5_text_model_through_its_encoder_with_cache(tiny, tmp_path):
     tiny.note(2, 21, hours_after(T0, 72), "fever and pain")
     raw = tiny.write(tmp_path / "raw")
     model = _tiny_t5(tmp_path / "t5")
-    cfg = data.PreprocessConfig(raw=raw, out=tmp_path / "out", text_model=str(model), quiet=True)
-    meta = data.preprocess(cfg)
+    cfg = PreprocessConfig(raw=raw, out=tmp_path / "out", text_model=str(model), quiet=True)
+    meta = preprocess(cfg)
     assert meta["note_dim"] == 16 and meta["notes"]["architecture"] == "T5EncoderModel"
     d = data.load_processed(tmp_path / "out")
     note = d.admissions["note"].float()
     assert note.shape == (2, 16) and not torch.allclose(note[0], note[1])
-    again = data.preprocess(cfg)
+    again = preprocess(cfg)
     assert again["notes"]["cached"] == 2
     assert torch.equal(data.load_processed(tmp_path / "out").admissions["note"], d.admissions["note"])
-    unmasked = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out2", text_model=str(model),
+    unmasked = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out2", text_model=str(model),
                                                      note_pooling="mean_unmasked", note_max_tokens=12, quiet=True))
     assert unmasked["notes"]["cached"] == 0
     assert not torch.allclose(data.load_processed(tmp_path / "out2").admissions["note"].float(), note)
@@ -228,16 +224,17 @@ def test_limit_patients_is_a_deterministic_sample(tiny, tmp_path):
         tiny.admission(s, s * 10, T0, 72)
         tiny.stay(s, s * 10, s * 100, hours_after(T0, 1), 60)
     raw = tiny.write(tmp_path / "raw")
-    a = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "a", limit_patients=4, quiet=True))
-    data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "b", limit_patients=4, quiet=True))
+    a = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "a", limit_patients=4, quiet=True))
+    preprocess(PreprocessConfig(raw=raw, out=tmp_path / "b", limit_patients=4, quiet=True))
     assert a["counts"]["patients"] == 4 and a["counts"]["stays"] == 4
     assert json.loads((tmp_path / "a" / "splits.json").read_text()) == json.loads((tmp_path / "b" / "splits.json").read_text())
     shutil.rmtree(tmp_path / "a")
 
 
 def test_stored_cells_round_trip_to_the_dense_hourly_matrix(tiny, tmp_path):
-    """Hand-placed events come back at the right (hour, feature) cells of the densified batch."""
-    from models import densify
+    """Hand-placed events come back at the right (hour, feature) cells of the densified batch, and the model's
+    sparse projection reads the cells that collate wrote (the ts_idx encoding of docs/data-format.md)."""
+    from models import ModelConfig, TimeSeriesEncoder, densify
     for s in (1, 2):
         tiny.patient(s)
         tiny.admission(s, s * 10, T0, 96)
@@ -247,7 +244,7 @@ def test_stored_cells_round_trip_to_the_dense_hourly_matrix(tiny, tmp_path):
         tiny.chart_row(s, s * 10, s * 100, 224641, hours_after(T0, 2.5), "Yes")      # hour 2: category
         tiny.chart_row(s, s * 10, s * 100, 224641, hours_after(T0, 50), "No")        # after 48 h: not a feature
     raw = tiny.write(tmp_path / "raw")
-    meta = data.preprocess(data.PreprocessConfig(raw=raw, out=tmp_path / "out", split=(1.0, 0.0, 0.0),
+    meta = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out", split=(1.0, 0.0, 0.0),
                                                  min_frequency=0.0, quiet=True))
     names = meta["feature_names"]
     d = data.load_processed(tmp_path / "out")
@@ -260,3 +257,39 @@ def test_stored_cells_round_trip_to_the_dense_hourly_matrix(tiny, tmp_path):
         assert torch.nonzero(x[i, :, hr]).flatten().tolist() == [0, 5]
         assert torch.nonzero(x[i, :, alarm]).flatten().tolist() == [2] and x[i, 2, yes] == 1
         assert int(x[i].sum()) == 6         # 2 x (present + value bin) + (present + category)
+    encoder = TimeSeriesEncoder(ModelConfig.from_meta(meta, d_model=8))
+    assert torch.allclose(encoder.project(batch["ts_idx"], 2), x @ encoder.input_proj, atol=1e-6)
+
+
+def test_an_admission_keeps_its_first_max_stays_stays(tiny, tmp_path):
+    """An admission with more ICU stays than max_stays gives its first max_stays stays by intime, packed in
+    order; fewer slots than stays never mixes in another stay."""
+    tiny.patient(1)
+    tiny.admission(1, 10, T0, 400)
+    for k, start in enumerate((1, 100, 200)):             # three stays told apart by their charted hours
+        tiny.stay(1, 10, 100 + k, hours_after(T0, start), 60, vitals_hours=10 * (k + 1))
+    raw = tiny.write(tmp_path / "raw")
+    preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out", split=(1.0, 0.0, 0.0), min_frequency=0.0,
+                                quiet=True))
+    d = data.load_processed(tmp_path / "out")
+    order = d.admissions["stay_rows"].numpy()
+    assert d.stays["stay_id"].numpy()[order].tolist() == [100, 101, 102]
+    for max_stays in (1, 2, 3, 5):
+        batch = data.AdmissionDataset(d, [0], max_stays=max_stays).__getitems__([0])
+        n = min(max_stays, 3)
+        assert batch["stay_mask"].tolist() == [[True] * n] and batch["static"].shape[0] == n
+        first = data.collate_stay(d, torch.as_tensor(order[:n]))
+        assert torch.equal(batch["ts_idx"], first["ts_idx"]) and torch.equal(batch["static"], first["static"])
+
+
+def test_one_usable_admission_rule_for_pretraining_and_readmission(processed_cohort):
+    """data.admission_requirements decides both the admissions of admission-level pretraining and the start of
+    the readmission cohort."""
+    d = data.load_processed(processed_cohort)
+    usable = data.usable_admissions(d.admissions)
+    rows = np.concatenate([d.pretrain_rows("admission", s) for s in data.SPLITS])
+    assert 0 < len(rows) < len(usable) and np.array_equal(np.sort(rows), np.flatnonzero(usable))
+    cohort = d.labels["readmission"]["row"]
+    assert usable[cohort].all() and not d.admissions["died"].numpy()[cohort].any()
+    steps = dict(d.meta["attrition"]["readmission"])
+    assert steps["with ICD-9 codes in the vocabulary"] == int(usable.sum())

@@ -23,8 +23,10 @@ import torch
 import data
 import synthetic
 from metrics import auroc   # checked against scikit-learn in test_evaluate.py
+from data import lookup
+from folders import InputError
+from preprocessing import pipeline
 from synthetic import SynthConfig, read_latents, synthesize
-from tables import InputError, lookup
 
 LATENT_FILES = {"latents/patients", "latents/admissions", "latents/stays"}
 MIMIC3_FILES = {"PATIENTS", "ADMISSIONS", "ICUSTAYS", "CHARTEVENTS", "LABEVENTS", "OUTPUTEVENTS", "INPUTEVENTS_MV",
@@ -64,7 +66,7 @@ def preprocess(raw: Path, out: Path, **kw) -> tuple[data.Processed, str]:
     """Preprocess `raw` into `out`; returns the loaded folder and everything preprocessing logged."""
     log = io.StringIO()
     with contextlib.redirect_stderr(log):
-        data.preprocess(data.PreprocessConfig(raw=raw, out=out, **kw))
+        pipeline.preprocess(pipeline.PreprocessConfig(raw=raw, out=out, **kw))
     return data.load_processed(out), log.getvalue()
 
 

@@ -6,8 +6,9 @@ import io
 import numpy as np
 import pytest
 
-import tables
-from tables import InputError, Source, parse_float, parse_int, parse_minutes, read_blocks
+from folders import InputError
+from preprocessing import tables
+from preprocessing.tables import Source, parse_float, parse_int, parse_minutes, read_blocks
 
 
 def _write(path, text: str, gz: bool):

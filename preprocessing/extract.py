@@ -1,12 +1,14 @@
 """Extract: the raw tables of one layout, read into plain numpy arrays with the canonical column names.
 
-Own module so that data.py keeps to the processed format and cohorts; imports only `tables` and numpy.
+Imports numpy, `preprocessing.tables`, `data.lookup` and the task registry (for the onset items). Every reader
+returns what it read and the `tables.Source` of each table it opened (for meta.json `sources`).
   * `load_core` reads PATIENTS / ADMISSIONS / ICUSTAYS (or the MIMIC-IV and diagnosis-extract
     equivalents), checks ids and times, and reports bad input as one-line `InputError`s.
   * `stream_events` streams the six event tables once, in blocks, keeping for every (stay, hour, variable)
     only the last value in the first T hours, plus the onset hour of the ARF and shock label items.
     Memory grows with that output, never with the size of CHARTEVENTS or LABEVENTS.
-  * `read_codes` and `read_notes` collect ICD-9 diagnosis codes, drug codes and one note per admission.
+  * `read_diagnoses`, `read_drugs` and `read_notes` collect ICD-9 diagnosis codes, drug codes and one note
+    per admission; `load_trinetx` reads a diagnosis extract.
 Times are int64 minutes since 1970-01-01 throughout (-1 where missing).
 """
 from __future__ import annotations
@@ -17,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tables import (ALIASES, LAYOUTS, CsvLines, EmptyFile, InputError, Source, count_bad, decode, find_file,
-                    group_rank, lookup, open_table, parse_float, parse_int, parse_minutes, read_blocks, read_error,
-                    read_table, strip, unique)
-
-# Label-defining MetaVision items (FIDDLE generate_labels.py; DESIGN §4), as (table, itemid).
-ARF_ITEMS = {("chartevents", 220339), ("procedureevents", 225792), ("procedureevents", 225794)}
-SHOCK_ITEMS = {("inputevents", i) for i in (221906, 221289, 221662, 222315, 221749)}
+from data import lookup
+from folders import InputError
+from preprocessing.tables import (ALIASES, LAYOUTS, CsvLines, EmptyFile, Source, count_bad, decode, find_file,
+                                  group_rank, open_table, parse_float, parse_int, parse_minutes, read_blocks,
+                                  read_error, read_table, strip, unique)
+from tasks import TASKS
 
 # How each event table becomes (time, variable, value). `num` is read as a number, `value` as a category
 # when `num` is empty; interval tables (`end`) are spread over every hour they overlap.
@@ -85,49 +86,57 @@ def _check_unique(values: np.ndarray, table: dict, column: str, src: Source) -> 
                          f"duplicated id {shown} (first at row {table['__row__'][i]})")
 
 
-def _read_core(raw: Path, layout: str, table: str, columns: dict, sources: dict):
+def _read_core(raw: Path, layout: str, table: str, columns: dict) -> tuple[dict, Source]:
+    """A core table read whole: ({column: S-array, "__row__": line numbers}, its Source); no rows is an error."""
     path = source_path(raw, layout, table, required=True)
     out, src = read_table(path, columns, ALIASES[layout])
-    sources[table] = src
     if len(out["__row__"]) == 0:
         raise InputError(f"{path}: the table has a header but no rows")
     return out, src
 
 
-def load_core(raw: Path, layout: str, sources: dict) -> dict:
-    """Patients, admissions and ICU stays of a MIMIC layout as dicts of arrays (see module docstring)."""
-    m3 = layout == "mimic3"
-    pat, psrc = _read_core(raw, layout, "patients", {"subject_id": True, "gender": True, "dob": m3,
-                                                     "anchor_age": not m3, "anchor_year": not m3}, sources)
-    adm_cols = {"subject_id": True, "hadm_id": True, "admittime": True, "dischtime": True,
-                "deathtime": False, "hospital_expire_flag": False}
-    adm_cols.update({c: False for c in STATIC_CATEGORIES if c not in ("gender", "first_careunit")})
-    adm, asrc = _read_core(raw, layout, "admissions", adm_cols, sources)
-    icu, isrc = _read_core(raw, layout, "icustays", {"subject_id": True, "hadm_id": True, "stay_id": True,
-                                                     "dbsource": False, "first_careunit": False,
-                                                     "intime": True, "outtime": False}, sources)
-    patients = {"subject_id": _ids(pat, "subject_id", psrc, unique=True), "gender": decode(pat["gender"])}
-    if m3:
-        patients["dob"] = _times(pat, "dob", psrc, required=True)
+def load_core(raw: Path, layout: str) -> tuple[dict, dict]:
+    """Patients, admissions and ICU stays of a MIMIC layout as records (dicts of arrays, the schemas of
+    docs/preprocessing.md), and the Source of each table read: ({"patients", "admissions", "stays"}, sources)."""
+    mimic3 = layout == "mimic3"
+    patient_table, patient_src = _read_core(raw, layout, "patients", {
+        "subject_id": True, "gender": True, "dob": mimic3, "anchor_age": not mimic3, "anchor_year": not mimic3})
+    admission_columns = {"subject_id": True, "hadm_id": True, "admittime": True, "dischtime": True,
+                         "deathtime": False, "hospital_expire_flag": False}
+    admission_columns.update({c: False for c in STATIC_CATEGORIES if c not in ("gender", "first_careunit")})
+    admission_table, admission_src = _read_core(raw, layout, "admissions", admission_columns)
+    stay_table, stay_src = _read_core(raw, layout, "icustays", {
+        "subject_id": True, "hadm_id": True, "stay_id": True, "dbsource": False, "first_careunit": False,
+        "intime": True, "outtime": False})
+    patients = {"subject_id": _ids(patient_table, "subject_id", patient_src, unique=True),
+                "gender": decode(patient_table["gender"])}
+    if mimic3:
+        patients["dob"] = _times(patient_table, "dob", patient_src, required=True)
     else:
-        patients["anchor_age"] = parse_float(pat["anchor_age"])
-        patients["anchor_year"] = parse_float(pat["anchor_year"])
-    admissions = {"hadm_id": _ids(adm, "hadm_id", asrc, unique=True), "subject_id": _ids(adm, "subject_id", asrc),
-                  "admittime": _times(adm, "admittime", asrc, True), "dischtime": _times(adm, "dischtime", asrc, True),
-                  "deathtime": _times(adm, "deathtime", asrc, False) if "deathtime" in adm else None}
-    flag = adm.get("hospital_expire_flag")
+        patients["anchor_age"] = parse_float(patient_table["anchor_age"])
+        patients["anchor_year"] = parse_float(patient_table["anchor_year"])
+
+    def admission_times(column, required):
+        return _times(admission_table, column, admission_src, required)
+    admissions = {"hadm_id": _ids(admission_table, "hadm_id", admission_src, unique=True),
+                  "subject_id": _ids(admission_table, "subject_id", admission_src),
+                  "admittime": admission_times("admittime", True), "dischtime": admission_times("dischtime", True),
+                  "deathtime": admission_times("deathtime", False) if "deathtime" in admission_table else None}
+    flag = admission_table.get("hospital_expire_flag")
     admissions["died"] = (strip(flag) == b"1") if flag is not None else admissions["deathtime"] >= 0
     for c in STATIC_CATEGORIES:
-        if c in adm:
-            admissions[c] = decode(adm[c])
-    stays = {"stay_id": _ids(icu, "stay_id", isrc, unique=True), "hadm_id": _ids(icu, "hadm_id", isrc),
-             "subject_id": _ids(icu, "subject_id", isrc), "intime": _times(icu, "intime", isrc, True),
-             "outtime": _times(icu, "outtime", isrc, False),
-             "first_careunit": decode(icu["first_careunit"]) if "first_careunit" in icu else None,
+        if c in admission_table:
+            admissions[c] = decode(admission_table[c])
+    stays = {"stay_id": _ids(stay_table, "stay_id", stay_src, unique=True),
+             "hadm_id": _ids(stay_table, "hadm_id", stay_src), "subject_id": _ids(stay_table, "subject_id", stay_src),
+             "intime": _times(stay_table, "intime", stay_src, True),
+             "outtime": _times(stay_table, "outtime", stay_src, False),
+             "first_careunit": decode(stay_table["first_careunit"]) if "first_careunit" in stay_table else None,
              # MIMIC-IV is all MetaVision; MIMIC-III says per stay (CareVue stays chart other itemids)
-             "metavision": (np.char.lower(np.char.strip(icu["dbsource"])) == b"metavision")
-             if "dbsource" in icu else np.ones(len(icu["__row__"]), bool)}
-    return {"patients": patients, "admissions": admissions, "stays": stays}
+             "metavision": (np.char.lower(np.char.strip(stay_table["dbsource"])) == b"metavision")
+             if "dbsource" in stay_table else np.ones(len(stay_table["__row__"]), bool)}
+    return ({"patients": patients, "admissions": admissions, "stays": stays},
+            {"patients": patient_src, "admissions": admission_src, "icustays": stay_src})
 
 
 def age_at(patients: dict, rows: np.ndarray, minutes: np.ndarray) -> np.ndarray:
@@ -234,31 +243,33 @@ class EventStore:
                 "category_names": [names[i] for i in range(len(names))]}
 
 
-def stream_events(raw: Path, layout: str, index: StayIndex, n_stays: int, hours: int, exclude_labels: bool,
-                  sources: dict, task) -> tuple[dict, dict, dict]:
-    """Stream every event table once; returns (events, onsets, skipped counts). `onsets` maps "arf" and
-    "shock" to the first onset hour per stay (inf where never). `task(name, total_bytes)` gives progress."""
-    store = EventStore()
-    onsets = {"arf": np.full(n_stays, np.inf), "shock": np.full(n_stays, np.inf)}
-    label_keys = {"arf": _keys(ARF_ITEMS), "shock": _keys(SHOCK_ITEMS)}
+def stream_events(raw: Path, layout: str, index: StayIndex, n_stays: int, *, hours: int,
+                  exclude_label_items: bool, progress) -> tuple[dict, dict, dict, dict]:
+    """Stream every event table once; returns (events, onsets, skipped counts, the Source of each table read).
+    `events` holds the last value of each (stay, hour, variable) in the first `hours` hours (EventStore.result);
+    `onsets` maps each task with onset items (tasks.TASKS: ARF, shock) to the first onset hour per stay (inf
+    where never). `progress(name, total_bytes)` is a context giving an advance(bytes) callback."""
+    store, sources = EventStore(), {}
+    onset_keys = {name: _keys(task.onset_items) for name, task in TASKS.items() if task.onset_items}
+    onsets = {name: np.full(n_stays, np.inf) for name in onset_keys}
     skipped = {}
     for table, spec in EVENT_TABLES.items():
         path = source_path(raw, layout, table, required=False)
         if path is None:
             skipped[table] = "missing (optional table)"
             continue
-        src = sources[table] = Source(path)
+        src = sources[table] = Source(path)          # registered even if the file turns out empty
         cols = {"hadm_id": True, spec["time"]: True, "itemid": True}
         cols.update({spec[k]: False for k in ("num", "value", "end") if k in spec})
         if "skip" in spec:
             cols[spec["skip"][0]] = False
         counts = skipped[table] = {}
         try:
-            with task(table, path.stat().st_size) as advance:
+            with progress(table, path.stat().st_size) as advance:
                 done = 0
                 for block in read_blocks(src, cols, ALIASES[layout]):
-                    for k, v in _event_block(block, spec, index, hours, store, onsets, label_keys,
-                                             exclude_labels).items():
+                    for k, v in _event_block(block, spec, index=index, hours=hours, store=store, onsets=onsets,
+                                             onset_keys=onset_keys, exclude_label_items=exclude_label_items).items():
                         counts[k] = counts.get(k, 0) + v
                     advance(src.bytes_read - done)
                     done = src.bytes_read
@@ -267,15 +278,16 @@ def stream_events(raw: Path, layout: str, index: StayIndex, n_stays: int, hours:
             continue
         if src.bad_rows:
             skipped.setdefault(table, {})["malformed rows"] = src.bad_rows
-    return store.result(), onsets, skipped
+    return store.result(), onsets, skipped, sources
 
 
 def _keys(items) -> np.ndarray:
     return np.array([EVENT_TABLES[t]["code"] * VAR_SPAN + i for t, i in items], dtype=np.int64)
 
 
-def _event_block(block, spec, index, hours, store, onsets, label_keys, exclude_labels) -> dict:
-    """One block of an event table into the store; returns counts of skipped rows by reason."""
+def _event_block(block, spec, *, index, hours, store, onsets, onset_keys, exclude_label_items) -> dict:
+    """One block of an event table into the accumulators of `stream_events` (the store of last values, the
+    onset hours); returns counts of skipped rows by reason."""
     hadm, ok = parse_int(block["hadm_id"])
     sel = np.flatnonzero(ok & index.admissions(hadm))                    # rows of cohort admissions
     if "skip" in spec and spec["skip"][0] in block:
@@ -289,10 +301,10 @@ def _event_block(block, spec, index, hours, store, onsets, label_keys, exclude_l
     item, ok = parse_int(block.get("itemid", sel))
     counts["unparsable itemid"] = int((~ok).sum())
     var = spec["code"] * VAR_SPAN + item
-    for name, keys in label_keys.items():                                # onsets over the whole stay
+    for name, keys in onset_keys.items():                                # onsets over the whole stay
         hit = ok & np.isin(var, keys)
         np.minimum.at(onsets[name], stay[hit], since[hit] / 60.0)
-        if exclude_labels:
+        if exclude_label_items:
             ok &= ~hit
     ok &= since < hours * 60                                              # features: first T hours only
     sel, start, stay, since, var = sel[ok], start[ok], stay[ok], since[ok], var[ok]
@@ -319,18 +331,18 @@ def _event_block(block, spec, index, hours, store, onsets, label_keys, exclude_l
 
 
 # ------------------------------------------------------------------------------------------- codes
-def read_diagnoses(raw: Path, layout: str, sources: dict) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(hadm_id, ICD-9 code without dots) pairs of a MIMIC layout; ICD-10 rows are dropped and counted."""
+def read_diagnoses(raw: Path, layout: str) -> tuple[np.ndarray, np.ndarray, dict, Source]:
+    """(hadm_id, ICD-9 code without dots) pairs of a MIMIC layout, counts of the rows dropped (ICD-10 rows,
+    rows without code or admission) and the table's Source."""
     path = source_path(raw, layout, "diagnoses", required=True)
     table, src = read_table(path, {"hadm_id": True, "icd_code": True, "icd_version": False}, ALIASES[layout])
-    sources["diagnoses"] = src
     nine = strip(table["icd_version"]) == b"9" if "icd_version" in table else np.ones(len(table["__row__"]), bool)
     hadm, ok = parse_int(table["hadm_id"])
     codes = normalise_icd(table["icd_code"])
     keep = nine & ok & (codes != b"")
     counts = {"ICD-10 rows dropped": int((~nine).sum()),
               "rows without code or admission": int((nine & ~keep).sum())}
-    return hadm[keep], codes[keep], counts
+    return hadm[keep], codes[keep], counts, src
 
 
 def normalise_icd(codes: np.ndarray) -> np.ndarray:
@@ -340,14 +352,15 @@ def normalise_icd(codes: np.ndarray) -> np.ndarray:
     return np.char.upper(np.char.replace(np.char.strip(codes), b".", b""))
 
 
-def read_drugs(raw: Path, layout: str, code: str, sources: dict, task) -> tuple[np.ndarray, np.ndarray]:
-    """(hadm_id, drug code) pairs from PRESCRIPTIONS; `code` names the column (drug, ndc or gsn)."""
+def read_drugs(raw: Path, layout: str, code: str, progress) -> tuple[np.ndarray, np.ndarray, Source | None]:
+    """(hadm_id, drug code) pairs from PRESCRIPTIONS and its Source (None without the table); `code` names the
+    column (drug, ndc or gsn)."""
     path = source_path(raw, layout, "prescriptions", required=False)
     if path is None:
-        return np.zeros(0, np.int64), np.zeros(0, "S1")
-    src = sources["prescriptions"] = Source(path)
+        return np.zeros(0, np.int64), np.zeros(0, "S1"), None
+    src = Source(path)
     hadms, codes = [], []
-    with task("prescriptions", path.stat().st_size) as advance:
+    with progress("prescriptions", path.stat().st_size) as advance:
         done = 0
         for block in read_blocks(src, {"hadm_id": True, code: True}, ALIASES[layout]):
             hadm, ok = parse_int(block["hadm_id"])
@@ -357,7 +370,7 @@ def read_drugs(raw: Path, layout: str, code: str, sources: dict, task) -> tuple[
             codes.append(value[good])
             advance(src.bytes_read - done)
             done = src.bytes_read
-    return np.concatenate(hadms), np.concatenate(codes)
+    return np.concatenate(hadms), np.concatenate(codes), src
 
 
 # ------------------------------------------------------------------------------------------- notes
@@ -385,17 +398,18 @@ def _stem(path: Path) -> str:
     return name[:-len(".gz")][:-len(".csv")] if name.endswith(".gz") else name[:-len(".csv")]
 
 
-def read_notes(path: Path, hadms: set, sources: dict, task) -> tuple[dict, dict]:
+def read_notes(path: Path, hadms: set, progress) -> tuple[dict, dict, Source]:
     """One text per admission: its latest discharge summary (MIMIC-III category 'Discharge summary',
-    MIMIC-IV-Note discharge table), error rows (iserror = 1) skipped. Returns ({hadm_id: text}, counts).
+    MIMIC-IV-Note discharge table), error rows (iserror = 1) skipped. Returns ({hadm_id: text}, counts, the
+    table's Source).
     Rows of another field count are skipped and counted ("malformed rows"); a quote that never closes stops
     the run (tables.CsvLines), as it would otherwise swallow every later note."""
-    src = sources["notes"] = Source(path)
+    src = Source(path)
     chosen, done = {}, 0
     counts = {"rows": 0, "malformed rows": 0, "error rows": 0, "other categories": 0, "unknown admission": 0}
     raw, stream = open_table(src)
     f = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
-    with raw, f, task("notes", path.stat().st_size) as advance:
+    with raw, f, progress("notes", path.stat().st_size) as advance:
         try:
             watch = CsvLines(src, f)
             rows = watch.rows()
@@ -417,7 +431,7 @@ def read_notes(path: Path, hadms: set, sources: dict, task) -> tuple[dict, dict]
             raise read_error(src, err) from None
         advance(raw.bytes_read - done)
     src.rows, src.sha256, counts["malformed rows"] = counts["rows"], raw.digest.hexdigest(), src.bad_rows
-    return {h: text for h, (_, text) in chosen.items()}, counts
+    return {h: text for h, (_, text) in chosen.items()}, counts, src
 
 
 def _note_columns(path: Path, header: list[str]) -> tuple[dict, int]:
@@ -443,22 +457,23 @@ def _note_admission(row: list[str], col: dict, hadms: set, counts: dict) -> int 
     return int(hadm)
 
 
-def load_trinetx(raw: Path, sources: dict) -> dict:
-    """A diagnosis extract: patients (sex, year of birth) and dated ICD-9 codes per encounter.
-    Ids stay byte strings here (TriNetX ids need not be numbers); data.py numbers them."""
-    pat, psrc = _read_core(raw, "trinetx", "patients", {"subject_id": True, "sex": True,
-                                                        "year_of_birth": True}, sources)
-    dia, dsrc = _read_core(raw, "trinetx", "diagnoses", {"subject_id": True, "hadm_id": True, "date": True,
-                                                         "code": True, "code_system": True}, sources)
-    _check_unique(pat["subject_id"], pat, "subject_id", psrc)
-    nine = np.char.find(np.char.upper(dia["code_system"]), b"ICD-9") >= 0
-    codes = normalise_icd(dia["code"])
+def load_trinetx(raw: Path) -> tuple[dict, dict]:
+    """A diagnosis extract: patients (sex, year of birth) and dated ICD-9 codes per encounter, and the Source
+    of each table: ({"patients", "diagnoses", "counts"}, sources). Ids stay byte strings here (TriNetX ids
+    need not be numbers); build.build_trinetx numbers them."""
+    patient_table, patient_src = _read_core(raw, "trinetx", "patients",
+                                            {"subject_id": True, "sex": True, "year_of_birth": True})
+    diagnosis_table, diagnosis_src = _read_core(raw, "trinetx", "diagnoses", {
+        "subject_id": True, "hadm_id": True, "date": True, "code": True, "code_system": True})
+    _check_unique(patient_table["subject_id"], patient_table, "subject_id", patient_src)
+    nine = np.char.find(np.char.upper(diagnosis_table["code_system"]), b"ICD-9") >= 0
+    codes = normalise_icd(diagnosis_table["code"])
     keep = nine & (codes != b"")
-    return {"patients": {"subject_id": np.char.strip(pat["subject_id"]), "gender": decode(pat["sex"]),
-                         "year_of_birth": parse_float(pat["year_of_birth"])},
-            "diagnoses": {"subject_id": np.char.strip(dia["subject_id"][keep]),
-                          "hadm_id": np.char.strip(dia["hadm_id"][keep]),
-                          "date": _times({k: v[keep] for k, v in dia.items()}, "date", dsrc, required=True),
-                          "code": codes[keep]},
-            "counts": {"ICD-10 rows dropped": int((~nine).sum()),
-                       "rows without code": int((nine & ~keep).sum())}}
+    kept = {k: v[keep] for k, v in diagnosis_table.items()}
+    patients = {"subject_id": np.char.strip(patient_table["subject_id"]), "gender": decode(patient_table["sex"]),
+                "year_of_birth": parse_float(patient_table["year_of_birth"])}
+    diagnoses = {"subject_id": np.char.strip(kept["subject_id"]), "hadm_id": np.char.strip(kept["hadm_id"]),
+                 "date": _times(kept, "date", diagnosis_src, required=True), "code": codes[keep]}
+    counts = {"ICD-10 rows dropped": int((~nine).sum()), "rows without code": int((nine & ~keep).sum())}
+    return ({"patients": patients, "diagnoses": diagnoses, "counts": counts},
+            {"patients": patient_src, "diagnoses": diagnosis_src})

@@ -2,7 +2,7 @@
 
 Own module so data.py keeps to the processed format; imports numpy and `tables` (and torch/transformers only
 inside `load_text_model` and `embed_notes`, for a Hugging Face text model). Everything is fitted on the training
-split and then applied unchanged to every stay (DESIGN §4):
+split and then applied unchanged to every stay (docs/design.md, Preprocessing):
   * time series: per (stay, hour, variable) the last value becomes a presence column plus a one-hot
     quantile bin (numbers) or category (text); variables and columns seen in fewer than theta of the
     training stays are dropped; the result is stored sparse as flat indices t * F + f.
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tables import InputError, lookup, row_of, unique
+from data import lookup, row_of
+from folders import InputError
+from preprocessing.tables import unique
 
 
 def _quantile_edges(values: np.ndarray, n_bins: int) -> list[float]:
@@ -43,8 +45,8 @@ def fit_timeseries(events: dict, train: np.ndarray, names: dict, theta: float, n
     Returns a JSON-able spec: per variable its key, name, kind and bins/categories, plus the names of the
     F output columns in order. `names` maps variable keys to readable names.
     """
-    tr = train[events["stay"]]
-    stay, var, num, cat = events["stay"][tr], events["var"][tr], events["num"][tr], events["cat"][tr]
+    in_train = train[events["stay"]]
+    stay, var, num, cat = (events[k][in_train] for k in ("stay", "var", "num", "cat"))
     n_train = int(train.sum())
     keys, inverse = unique(var, return_inverse=True)
     freq = _stay_frequency(stay, inverse, len(keys), n_train)
@@ -69,8 +71,8 @@ def fit_timeseries(events: dict, train: np.ndarray, names: dict, theta: float, n
         variables.append(v)
     spec = {"variables": variables, "columns": columns}
     # post-filter (FIDDLE theta_2): drop value columns active in fewer than theta of the training stays
-    t_stay, _, t_col = _columns(events, spec, train)
-    keep = _stay_frequency(t_stay, t_col, len(columns), n_train) >= theta
+    train_stay, _, train_column = _columns(events, spec, train)
+    keep = _stay_frequency(train_stay, train_column, len(columns), n_train) >= theta
     new_index = np.cumsum(keep) - 1
     for v in variables:
         v["columns"] = [int(new_index[c]) if keep[c] else -1 for c in v["columns"]]
@@ -239,36 +241,40 @@ def load_text_model(name: str, device: str):
 
 
 def embed_notes(texts: list[str], model: str, cache: dict, *, dim: int, max_tokens: int, pooling: str,
-                device: str, batch_size: int, task, loaded=None) -> tuple[np.ndarray, dict]:
-    """(n, E) float16 embeddings of `texts` by a frozen text model, reusing and filling `cache`
-    ({text key: vector}). `model` is "hashing" or a local Hugging Face folder / hub name, whose
-    `load_text_model` result is `loaded` (loaded here when not given)."""
+                device: str, batch_size: int, progress, loaded=None) -> tuple[np.ndarray, dict, dict]:
+    """(n, E) float16 embeddings of `texts` by a frozen text model, the text model's part of meta.json, and
+    the embeddings computed here ({text key: vector}, for the note cache); `cache` ({text key: vector}, read
+    only) holds those of earlier runs. `model` is "hashing" or a local Hugging Face folder / hub name, whose
+    `load_text_model` result is `loaded` (loaded here when not given); `progress(name, total)` is a context
+    giving an advance(n) callback."""
     model_id = f"hashing-{dim}" if model == "hashing" else model
     keys = [text_key(model_id, pooling, t) for t in texts]
     todo = sorted({k: t for k, t in zip(keys, texts) if k not in cache}.items(), key=lambda kt: len(kt[1]))
     info = {"text_model": model, "pooling": pooling if model != "hashing" else "hashed bag of words",
             "max_tokens": max_tokens, "cached": len(texts) - len(todo)}
-    with task("embedding notes", len(todo)) as advance:
+    computed: dict = {}
+    with progress("embedding notes", len(todo)) as advance:
         if model == "hashing":
             memo: dict = {}
             for k, t in todo:
-                cache[k] = hashing_embed(t, dim, memo).astype(np.float16)
+                computed[k] = hashing_embed(t, dim, memo).astype(np.float16)
                 advance(1)
         elif todo:
             loaded = loaded or load_text_model(model, device)
             info["architecture"] = loaded["architecture"]
-            _embed_hf(todo, loaded, cache, max_tokens, pooling, device, batch_size, advance)
+            computed = _embed_hf(todo, loaded, max_tokens, pooling, device, batch_size, advance)
     if not texts:
-        return np.zeros((0, dim if model == "hashing" else 0), np.float16), info   # HF width unknown unloaded
-    out = np.stack([cache[k] for k in keys]).astype(np.float16)
+        return np.zeros((0, dim if model == "hashing" else 0), np.float16), info, computed  # HF width unknown
+    out = np.stack([computed[k] if k in computed else cache[k] for k in keys]).astype(np.float16)
     info["dim"] = int(out.shape[1])
-    return out, info
+    return out, info, computed
 
 
-def _embed_hf(todo, loaded, cache, max_tokens, pooling, device, batch_size, advance) -> None:
-    """Frozen Hugging Face encoder (T5 models through their encoder only), mean-pooled last hidden state."""
+def _embed_hf(todo, loaded, max_tokens, pooling, device, batch_size, advance) -> dict:
+    """{text key: float16 vector} of the (key, text) pairs `todo` by a frozen Hugging Face encoder (T5 models
+    through their encoder only), mean-pooled last hidden state."""
     import torch
-    tokenizer, net = loaded["tokenizer"], loaded["net"]
+    tokenizer, net, computed = loaded["tokenizer"], loaded["net"], {}
     with torch.inference_mode():
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
@@ -280,5 +286,6 @@ def _embed_hf(todo, loaded, cache, max_tokens, pooling, device, batch_size, adva
             mask = torch.ones_like(enc["attention_mask"]) if pooling == "mean_unmasked" else enc["attention_mask"]
             pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (b, E)
             for (k, _), v in zip(chunk, pooled.float().cpu().numpy()):
-                cache[k] = v.astype(np.float16)
+                computed[k] = v.astype(np.float16)
             advance(len(chunk))
+    return computed
