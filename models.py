@@ -307,9 +307,8 @@ class StayPretrainer(nn.Module):
         # fidelity: paper §2.2.2 makes b the decoder's initial hidden state, so the decoder has width D and a
         # linear read-out to F (the official code feeds b as the first input of an F-wide LSTM instead). With b
         # as the initial state only (decoder_input "zeros") the decoder learns the features' average pattern
-        # and b collapses: linear probes of b score no better than those of an untrained encoder. Feeding b as
-        # every hour's input as well ("stay", the default) keeps the patient in b (README, Results: the probes
-        # of bench/pretraining.py).
+        # and b carries little; feeding b as every hour's input as well ("stay", the default) lets it carry the
+        # stay (README, "Why pretraining did not learn": bench/learning.py).
         self.decoder_input, self.recon_loss = cfg.decoder_input, cfg.recon_loss
         self.decoder = nn.LSTM(cfg.d_model if cfg.decoder_input == "stay" else 1, cfg.d_model, batch_first=True)
         self.readout = nn.Linear(cfg.d_model, cfg.n_features)
