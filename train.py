@@ -341,7 +341,7 @@ def _no_learning(cfg, data: Processed, model, sets, mask_rate: float, device, fr
         return baselines, None
     priors = {name: {m: p.to(device) for m, p in prior.items()}
               for name, prior in code_priors(data, train_rows, mask_rate).items()}
-    if fresh:
+    if fresh:  # fidelity: the paper does not say how the code heads start; from ½ everywhere they stalled
         model.init_priors(priors["frequency"])
     return {}, priors
 
