@@ -280,6 +280,24 @@ def test_damaged_processed_files_are_one_line_naming_the_file(case, tiny_process
     one_line_error(result, re.escape(f"{out / name}: {what}") + r".*re-run `python medhmp.py preprocess --out ")
 
 
+def test_an_empty_admission_checkpoint_is_one_line_not_aborted(processed_cohort, tmp_path):
+    """Item 17: a 0-byte admission.pt made torch.load raise EOFError, which click prints as 'Aborted!'."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "admission.pt").write_bytes(b"")
+    result = _cli("evaluate", "--task", "mortality", "--data", processed_cohort, "--run", run)
+    assert "Aborted" not in result.output
+    one_line_error(result, re.escape(f"{run / 'admission.pt'}: ") + r".*re-run `python medhmp.py pretrain")
+
+
+# Items 6 and 14-18 (pretraining: overwrite refusal and the stay checkpoint an admission one grew from, resume by
+# content and its messages, resume without a checkpoint, a non-finite loss before any checkpoint, admission batch
+# size 1) are tested in tests/test_train.py beside the loop they guard: test_an_existing_checkpoint_is_not_overwritten
+# _without_asking, test_admission_checkpoint_records_its_stay_checkpoint, test_resume_survives_relative_paths_and_a
+# _moved_run, test_resume_with_changed_settings_is_refused_in_one_line, test_resume_without_a_checkpoint_says_so,
+# test_non_finite_loss_before_any_checkpoint_says_none_was_written, test_admission_batch_size_one_is_refused.
+
+
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "not a dict"])
 def test_damaged_checkpoint_is_one_line_without_unsafe_advice(tmp_path, damage):
     path = tmp_path / "stay.pt"
