@@ -16,6 +16,7 @@ lowest module, so that every other module can import it). Imports the stdlib onl
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -40,6 +41,19 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame):
     raise Terminated(f"terminated by signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside, SIGTERM raises `Terminated` where the program is (main thread only), so a terminated command
+    cleans up (temporary files, staging folders) exactly as after Ctrl-C."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
 
 
 def resolve(out: Path) -> Path:
@@ -199,7 +213,7 @@ class Staged:
     def __init__(self, out: Path, option: str = "--out", log=None):
         self.out, self.option, self.log = resolve(out), option, log
         self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
-        self.lock, self.handler = Lock(self.out, option), None
+        self.lock, self.terminate = Lock(self.out, option), sigterm_as_interrupt()
 
     def __enter__(self):
         if Path.cwd().resolve().is_relative_to(self.out.resolve()):
@@ -219,8 +233,7 @@ class Staged:
         except OSError as err:
             self.lock.__exit__()
             raise cannot_write(self.out, err, self.option) from None
-        if threading.current_thread() is threading.main_thread():
-            self.handler = signal.signal(signal.SIGTERM, _terminate) or signal.SIG_DFL
+        self.terminate.__enter__()
         return self
 
     def commit(self, write=None) -> None:
@@ -230,8 +243,7 @@ class Staged:
         swap_in(self.tmp, self.out)
 
     def __exit__(self, kind, err, tb):
-        if self.handler is not None:
-            signal.signal(signal.SIGTERM, self.handler)
+        self.terminate.__exit__(None, None, None)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.lock.__exit__()
         if _is_write_error(err, self.tmp):

@@ -17,7 +17,7 @@ import demo
 import evaluate
 import synthetic
 import train
-from folders import InputError
+from folders import InputError, sigterm_as_interrupt
 from preprocessing import pipeline
 
 
@@ -25,7 +25,8 @@ def _run(function, config_class, **options):
     """Build the config from the given options (None = not given) and run; bad input is one line."""
     cfg = dataclasses.replace(config_class(), **{k: v for k, v in options.items() if v is not None})
     try:
-        return function(cfg)
+        with sigterm_as_interrupt():   # SIGTERM cleans up as Ctrl-C does (no .tmp left behind)
+            return function(cfg)
     except (InputError, train.NonFiniteLoss) as err:
         raise click.ClickException(str(err)) from None
 
@@ -68,8 +69,7 @@ def cli():
 @_option("--patients", synthetic.SynthConfig, type=click.IntRange(min=1))
 @_option("--layout", synthetic.SynthConfig, type=click.Choice(synthetic.LAYOUTS))
 @_option("--seed", synthetic.SynthConfig, type=int)
-@_option("--event-scale", synthetic.SynthConfig, "Chart rows per stay-hour multiplier, for scale benchmarks.",
-         type=FiniteRange(min=0.1))
+@_option("--event-scale", synthetic.SynthConfig, "Chart rows per stay-hour multiplier.", type=FiniteRange(min=0.1))
 def synth(**options):
     """Write a synthetic cohort drawn from a latent model (true latents in OUT/latents/) in a MIMIC-III, MIMIC-IV
     or diagnosis-extract layout."""
@@ -103,8 +103,8 @@ def preprocess(**options):
 @_option("--precision", train.StayPretrainConfig, type=click.Choice(train.PRECISIONS))
 @_option("--num-workers", train.StayPretrainConfig, type=click.IntRange(min=0))
 @_option("--d-model", train.StayPretrainConfig, type=click.IntRange(min=1))
-@_option("--patience", train.StayPretrainConfig, "Validation passes without a lower validation loss before "
-         "stopping (0: never).", type=click.IntRange(min=0))
+@_option("--patience", train.StayPretrainConfig, "Stop after N passes without improvement (0: never).",
+         type=click.IntRange(min=0))
 @click.option("--resume", is_flag=True, default=None, help="Continue from RUN/<level>.pt.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing RUN/<level>.pt.")
 @_option("--seed", train.StayPretrainConfig, type=int)

@@ -461,6 +461,17 @@ def test_sigterm_removes_the_staging_folder(tmp_path):
     assert list(tmp_path.iterdir()) == [], [p.name for p in tmp_path.iterdir()]
 
 
+def test_sigterm_while_a_command_writes_a_file_leaves_no_tmp(tmp_path):
+    """Every command runs with SIGTERM raised as an interrupt, so a checkpoint cut mid-write loses its .tmp."""
+    script = (f"import os, pathlib, signal, sys; sys.path.insert(0, {str(REPO)!r}); import medhmp, folders, train\n"
+              "def write(tmp):\n    tmp.write_bytes(b'half'); os.kill(os.getpid(), signal.SIGTERM)\n"
+              "def command(cfg):\n    folders.replace_file(cfg.run / 'stay.pt', write)\n"
+              f"medhmp._run(command, train.StayPretrainConfig, run=pathlib.Path({str(tmp_path)!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "Terminated" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == [], [p.name for p in tmp_path.iterdir()]
+
+
 def test_a_swap_cut_by_a_kill_is_completed_and_dead_runs_tidied(tiny_processed, tmp_path):
     dead, other = _dead_pid(), _dead_pid()
     shutil.copytree(tiny_processed, tmp_path / f".processed.tmp-{dead}")        # written whole, then killed
