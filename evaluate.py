@@ -88,6 +88,8 @@ class FinetuneConfig:
     dropout: float = 0.2
     probe: bool = False               # train only the head on the frozen encoder (a linear probe at stay and
     #                                   admission level; the sequence model on frozen code embeddings at patient level)
+    standardize_codes: bool = True    # patient level: standardise the visit embeddings on the training visits
+    #                                   (sequence.SequenceClassifier.standardize_codes; False: the paper's as-is)
     max_stays: int = 3                # paper: at most M = 3 stays per admission
     max_visits: int = 50              # paper App. A: the last 50 visits
     bootstrap: int = 1000             # 1000-resample percentile CIs (docs/design.md, Evaluation protocol)
@@ -251,6 +253,8 @@ def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, devic
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     scaler = grad_scaler(amp)
+    if isinstance(model, SequenceClassifier) and cfg.standardize_codes:
+        model.standardize_codes(to_device(b, device) for b in make_loader(sets["train"], 4 * cfg.batch_size))
     y_val, select = sets["val"].labels.numpy(), METRIC_FUNCTIONS[cfg.select_on]
     best, best_epoch, best_state, epoch = -math.inf, 0, None, 0
     for epoch in range(1, cfg.epochs + 1):

@@ -174,8 +174,22 @@ class SequenceClassifier(nn.Module):
         self.drop = nn.Dropout(cfg.dropout if dropout is None else dropout)
         self.model = SEQUENCE_MODELS[kind](cfg)
         self.head = nn.Linear(cfg.d_model, 1)
+        # a fixed per-dimension standardisation of the visit embeddings (identity until `standardize_codes`)
+        self.register_buffer("code_mean", torch.zeros(cfg.d_model))
+        self.register_buffer("code_scale", torch.ones(cfg.d_model))
+
+    @torch.no_grad()
+    def standardize_codes(self, batches) -> None:
+        """Fix `code_mean`/`code_scale` to the mean and sd of the code encoder's output over the real visits
+        of `batches` (codes only, no labels). fidelity: the paper feeds the ICD MLP's output to the sequence
+        model as it is; pretrained, that output is ~4x smaller and sparser than a fresh MLP's, and SGD on a
+        fresh sequence model did not use it with <= 100 labels (README, Results: patient level)."""
+        z = torch.cat([self.code_encoder(b["icd"])[b["visit_mask"]] for b in batches])  # (visits, D)
+        self.code_mean.copy_(z.mean(0))
+        self.code_scale.copy_(z.std(0).clamp(min=1e-3))
 
     def forward(self, batch: dict) -> torch.Tensor:
-        x = self.drop(self.code_encoder(batch["icd"]))  # (B, L, V_icd) → (B, L, D)
+        x = (self.code_encoder(batch["icd"]) - self.code_mean) / self.code_scale  # (B, L, V_icd) → (B, L, D)
+        x = self.drop(x)
         z = self.model(x, batch["visit_mask"], batch["visit_time"])  # (B, D)
         return self.head(self.drop(z)).squeeze(-1)  # (B,)

@@ -20,8 +20,8 @@ Writes everything under OUT and can be stopped and re-run: finished steps and ru
             arm from a small grid on validation), and L2 logistic-regression probes of each frozen encoder
             (medhmp-probe, shuffled-probe, random-probe: untrained weights).
   report    one JSON line per (task, labels, arm): auroc, auprc, delta_auroc and its CI against scratch (paired
-            bootstrap over test examples and pretraining seeds), then the pass criteria; transfer.png with
-            matplotlib.
+            bootstrap over test examples and pretraining seeds), then the pass criteria; the Δ tables in
+            OUT/transfer.md; transfer.png with matplotlib.
 Every result line is also appended to OUT/transfer.jsonl. One torch thread per process; `--jobs` processes.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -293,7 +294,7 @@ def _examples(cfg: TransferConfig, row: str, fcfg) -> tuple[data.Processed, dict
 
 
 def _cache(cfg: TransferConfig, row: str, n: int, arm: str, pt: int, ft: int, lr: float) -> Path:
-    return cfg.out / "finetune" / row.replace(" ", "_").strip("()") / str(n) / f"{arm}-p{pt}-f{ft}-{lr:g}.npz"
+    return cfg.out / "finetune" / re.sub(r"\W+", "_", row).strip("_") / str(n) / f"{arm}-p{pt}-f{ft}-{lr:g}.npz"
 
 
 def finetune_one(cfg: TransferConfig, row: str, n: int, arm: str, pt: int, ft: int, lr: float) -> dict:
@@ -369,23 +370,27 @@ def finetune_all(cfg: TransferConfig, pool: ProcessPoolExecutor) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def report(cfg: TransferConfig, results: dict) -> list[dict]:
-    """One JSON line per (task, labels, arm), paired against scratch on the same test examples."""
-    lines = []
-    for (row, n, arm), r in results.items():
-        d = _data(cfg, ROWS[row])
-        y = evaluate.task_examples(_task(row), d, evaluate.FinetuneConfig())["test"]["label"]
-        rows, base = np.asarray(r["rows"]), np.asarray(results[row, n, "scratch"]["rows"])
-        aucs = [auroc(y, p) for p in rows]
-        line = {"kind": "result", "task": row, "labels": n or "all", "n_train": r["n_train"], "arm": arm,
-                "auroc": round(float(np.mean(aucs)), 4), "auroc_sd": round(float(np.std(aucs)), 4),
-                "auprc": round(float(np.mean([auprc(y, p) for p in rows])), 4), "lr": r["lr"],
-                "n_test": len(y), "positives": int(y.sum())}
-        for name, metric in (("auroc", auroc), ("auprc", auprc)):
-            delta, lo, hi = paired_delta(y, rows, base, metric, cfg.bootstrap, cfg.seed, groups=r["groups"])
-            line.update({f"delta_{name}": round(delta, 4), f"delta_{name}_ci": [round(lo, 4), round(hi, 4)]})
-        lines.append(emit(cfg, **line))
-    return lines
+def report_line(cfg: TransferConfig, row: str, n: int, arm: str, r: dict, base: np.ndarray) -> dict:
+    """The result line of one (task, labels, arm): its test rows paired against scratch's `base` rows."""
+    y = evaluate.task_examples(_task(row), _data(cfg, ROWS[row]), evaluate.FinetuneConfig())["test"]["label"]
+    rows = np.asarray(r["rows"])
+    aucs = [auroc(y, p) for p in rows]
+    line = {"kind": "result", "task": row, "labels": n or "all", "n_train": r["n_train"], "arm": arm,
+            "auroc": round(float(np.mean(aucs)), 4), "auroc_sd": round(float(np.std(aucs)), 4),
+            "auprc": round(float(np.mean([auprc(y, p) for p in rows])), 4), "lr": r["lr"],
+            "n_test": len(y), "positives": int(y.sum())}
+    for name, metric in (("auroc", auroc), ("auprc", auprc)):
+        delta, lo, hi = paired_delta(y, rows, base, metric, cfg.bootstrap, cfg.seed, groups=r["groups"])
+        line.update({f"delta_{name}": round(delta, 4), f"delta_{name}_ci": [round(lo, 4), round(hi, 4)]})
+    return line
+
+
+def report(cfg: TransferConfig, results: dict, pool: ProcessPoolExecutor) -> list[dict]:
+    """One JSON line per (task, labels, arm), paired against scratch on the same test examples (bootstraps in
+    the pool's processes)."""
+    jobs = [pool.submit(report_line, cfg, row, n, arm, r, np.asarray(results[row, n, "scratch"]["rows"]))
+            for (row, n, arm), r in results.items()]
+    return [emit(cfg, **job.result()) for job in jobs]
 
 
 def verdicts(cfg: TransferConfig, lines: list[dict]) -> None:
@@ -404,6 +409,21 @@ def verdicts(cfg: TransferConfig, lines: list[dict]) -> None:
          passed=len(rows_pass) >= 6, delta_first_vs_last=shrink,
          gain_shrinks=float(np.mean([a - b for a, b in shrink.values()])) > 0,
          control_ci_covers_zero=f"{covers}/{len(control)}", probe_delta_at_fewest=probe_gain)
+
+
+def markdown(cfg: TransferConfig, lines: list[dict]) -> None:
+    """OUT/transfer.md: scratch's test AUROC, then per arm Δ AUROC against scratch [95% CI], per task and labels."""
+    get = {(x["task"], x["labels"], x["arm"]): x for x in lines}
+    labels = [n or "all" for n in cfg.labels]
+    head = "| task | " + " | ".join(map(str, labels)) + " |\n|---|" + "---|" * len(labels) + "\n"
+    out = ["AUROC from scratch (mean over fine-tuning seeds)\n\n" + head + "".join(
+        f"| {row} | " + " | ".join(f"{get[row, n, 'scratch']['auroc']:.3f}" for n in labels) + " |\n" for row in ROWS)]
+    def cell(x: dict) -> str:
+        return f"{x['delta_auroc']:+.3f} [{x['delta_auroc_ci'][0]:+.2f}, {x['delta_auroc_ci'][1]:+.2f}]"
+    for arm in ("medhmp", "shuffled", *PROBES):
+        out.append(f"Δ AUROC {arm} − scratch [95% CI]\n\n" + head + "".join(
+            f"| {row} | " + " | ".join(cell(get[row, n, arm]) for n in labels) + " |\n" for row in ROWS))
+    (cfg.out / "transfer.md").write_text("\n".join(out))
 
 
 def plot(cfg: TransferConfig, lines: list[dict]) -> None:
@@ -451,8 +471,9 @@ def main() -> None:
         if "latents" in steps:
             latent_probes(cfg)
         if "finetune" in steps or "report" in steps:
-            lines = report(cfg, finetune_all(cfg, pool))
+            lines = report(cfg, finetune_all(cfg, pool), pool)
             verdicts(cfg, lines)
+            markdown(cfg, lines)
             plot(cfg, lines)
     emit(cfg, kind="time", seconds=round(time.perf_counter() - start), jobs=cfg.jobs, steps=steps)
 

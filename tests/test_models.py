@@ -366,6 +366,22 @@ def test_classifiers_and_pretrained_transfer(cfg):
         SequenceClassifier(CodeEncoder(V_ICD, D), "nope", cfg)
 
 
+def test_standardize_codes_gives_the_real_visits_zero_mean_and_unit_sd(cfg):
+    model = SequenceClassifier(CodeEncoder(V_ICD, D), "lstm", cfg).eval()
+    batch = patient_batch()
+    before = model(batch)
+    with torch.no_grad():
+        model.code_encoder.mlp[-2].bias.fill_(-0.5)   # a shrunken, sparse output, as after pretraining
+    model.standardize_codes([{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}])
+    z = (model.code_encoder(batch["icd"]) - model.code_mean) / model.code_scale  # (B, L, D)
+    real = z[batch["visit_mask"]]                                                   # (visits, D)
+    alive = model.code_encoder(batch["icd"])[batch["visit_mask"]].std(0) > 1e-3     # dims ReLU did not zero
+    assert torch.allclose(real.mean(0), torch.zeros(D), atol=1e-5)
+    assert torch.allclose(real.std(0)[alive], torch.ones(int(alive.sum())), atol=1e-4)
+    assert not torch.allclose(before, model(batch))
+    assert {"code_mean", "code_scale"} <= model.state_dict().keys()   # kept with the best fine-tuned weights
+
+
 @pytest.mark.parametrize("kind", sorted(sequence.SEQUENCE_MODELS))
 def test_sequence_classifier_respects_visit_mask(cfg, kind):
     model = SequenceClassifier(CodeEncoder(V_ICD, D), kind, cfg).eval()

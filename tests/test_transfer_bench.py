@@ -48,6 +48,8 @@ def test_every_row_label_count_and_arm_is_reported(quick):
     assert {(x["level"], x["arm"]) for x in lines if x["kind"] == "latents"} == {
         (lv, a) for lv in ("stay", "admission", "patient") for a in ("medhmp", "random", "shuffled")}
     assert (out / "transfer.jsonl").is_file()
+    table = (out / "transfer.md").read_text()
+    assert all(f"| {row} | " in table for row in transfer.ROWS) and "Δ AUROC medhmp − scratch" in table
 
 
 def test_a_rerun_reuses_every_finished_run(quick):
