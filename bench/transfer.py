@@ -439,7 +439,10 @@ def plot(cfg: TransferConfig, lines: list[dict]) -> None:
         for arm in (*ARMS, *PROBES):
             pts = sorted((x["n_train"], x["auroc"]) for x in lines if x["task"] == row and x["arm"] == arm)
             ax.plot(*zip(*pts), "o-" if arm in ARMS else "s--", label=arm, alpha=0.8)
+        ticks = sorted({x["n_train"] for x in lines if x["task"] == row})
         ax.set(xscale="log", title=row, xlabel="labelled training examples", ylabel="test AUROC")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(cfg.out / "transfer.png", dpi=90)
