@@ -461,6 +461,7 @@ def test_sigterm_removes_the_staging_folder(tmp_path):
     assert list(tmp_path.iterdir()) == [], [p.name for p in tmp_path.iterdir()]
 
 
+@pytest.mark.slow
 def test_sigterm_while_a_command_writes_a_file_leaves_no_tmp(tmp_path):
     """Every command runs with SIGTERM raised as an interrupt, so a checkpoint cut mid-write loses its .tmp."""
     script = (f"import os, pathlib, signal, sys; sys.path.insert(0, {str(REPO)!r}); import medhmp, folders, train\n"
