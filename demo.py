@@ -19,7 +19,7 @@ import multiprocessing
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,16 +72,19 @@ def _finetune_config(cfg: DemoConfig, **where) -> evaluate.FinetuneConfig:
                                    quiet=cfg.quiet, **where)
 
 
-def _pretrain(cfg: DemoConfig, processed: Path, run: Path) -> list[str]:
-    """Both stages into `run` (one checkpoint per stage, at its end); returns each stage's health verdict."""
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    common = dict(data=processed, run=run, d_model=cfg.d_model, device=cfg.device, seed=cfg.seed, quiet=cfg.quiet,
+def _stages(cfg: DemoConfig, processed: Path, run: Path, quiet: bool) -> list:
+    """The two pretraining stages' configs, into `run` (one checkpoint per stage, at its end)."""
+    common = dict(data=processed, run=run, d_model=cfg.d_model, device=cfg.device, seed=cfg.seed, quiet=quiet,
                   checkpoint_every=10 ** 9, patience=cfg.pretrain_patience, overwrite=True)
-    stay = train.pretrain(train.StayPretrainConfig(epochs=cfg.stay_epochs, batch_size=cfg.stay_batch_size,
-                                                   lr=cfg.stay_lr, **common))
-    admission = train.pretrain(train.AdmissionPretrainConfig(epochs=cfg.admission_epochs, lr=cfg.admission_lr,
-                                                             batch_size=cfg.admission_batch_size, **common))
-    return [stay["verdict"], admission["verdict"]]
+    return [train.StayPretrainConfig(epochs=cfg.stay_epochs, batch_size=cfg.stay_batch_size, lr=cfg.stay_lr, **common),
+            train.AdmissionPretrainConfig(epochs=cfg.admission_epochs, batch_size=cfg.admission_batch_size,
+                                          lr=cfg.admission_lr, **common)]
+
+
+def _pretrain(stages: list, threads: int) -> list[str]:
+    """Run the stages in order with `threads` torch threads (0: as is); returns each stage's health verdict."""
+    torch.set_num_threads(threads or torch.get_num_threads())
+    return [train.pretrain(stage)["verdict"] for stage in stages]
 
 
 def _mimic(cfg: DemoConfig) -> tuple[dict, dict]:
@@ -97,8 +100,8 @@ def _mimic(cfg: DemoConfig) -> tuple[dict, dict]:
     control = data.write_view(processed, out / "control" / "processed", d.splits, shuffled)
     # the control pretrains in a second process (quiet; its verdicts printed after), MedHMP here
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        job = pool.submit(_pretrain, replace(cfg, quiet=True), control, out / "control" / "run")
-        _pretrain(cfg, processed, run)
+        job = pool.submit(_pretrain, _stages(cfg, control, out / "control" / "run", quiet=True), cfg.threads)
+        _pretrain(_stages(cfg, processed, run, cfg.quiet), cfg.threads)
         for verdict in job.result():
             Reporter(cfg.quiet).log(f"shuffled control, {verdict}")
     full = evaluate.evaluate(_finetune_config(cfg, task="all", data=processed, run=run))
