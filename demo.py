@@ -102,8 +102,9 @@ def _mimic(cfg: DemoConfig) -> tuple[dict, dict]:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         job = pool.submit(_pretrain, _stages(cfg, control, out / "control" / "run", quiet=True), cfg.threads)
         _pretrain(_stages(cfg, processed, run, cfg.quiet), cfg.threads)
+        rep = Reporter(cfg.quiet)
         for verdict in job.result():
-            Reporter(cfg.quiet).log(f"shuffled control, {verdict}")
+            rep.log(f"shuffled control, {verdict}")
     full = evaluate.evaluate(_finetune_config(cfg, task="all", data=processed, run=run))
     few = {t: low_label(cfg, t, d, run, out / "control" / "run") for t in evaluate.TASKS}
     return full, few

@@ -371,9 +371,9 @@ def finetune_all(cfg: TransferConfig, pool: ProcessPoolExecutor) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def report_line(cfg: TransferConfig, row: str, n: int, arm: str, r: dict, base: np.ndarray) -> dict:
-    """The result line of one (task, labels, arm): its test rows paired against scratch's `base` rows."""
-    y = evaluate.task_examples(_task(row), _data(cfg, ROWS[row]), evaluate.FinetuneConfig())["test"]["label"]
+def report_line(cfg: TransferConfig, row: str, n: int, arm: str, r: dict, y: np.ndarray, base: np.ndarray) -> dict:
+    """The result line of one (task, labels, arm): its test rows paired against scratch's `base` rows on the
+    test labels `y`."""
     rows = np.asarray(r["rows"])
     aucs = [auroc(y, p) for p in rows]
     line = {"kind": "result", "task": row, "labels": n or "all", "n_train": r["n_train"], "arm": arm,
@@ -389,7 +389,9 @@ def report_line(cfg: TransferConfig, row: str, n: int, arm: str, r: dict, base: 
 def report(cfg: TransferConfig, results: dict, pool: ProcessPoolExecutor) -> list[dict]:
     """One JSON line per (task, labels, arm), paired against scratch on the same test examples (bootstraps in
     the pool's processes)."""
-    jobs = [pool.submit(report_line, cfg, row, n, arm, r, np.asarray(results[row, n, "scratch"]["rows"]))
+    ys = {row: evaluate.task_examples(_task(row), _data(cfg, ROWS[row]), evaluate.FinetuneConfig())["test"]["label"]
+          for row in ROWS}
+    jobs = [pool.submit(report_line, cfg, row, n, arm, r, ys[row], np.asarray(results[row, n, "scratch"]["rows"]))
             for (row, n, arm), r in results.items()]
     return [emit(cfg, **job.result()) for job in jobs]
 
@@ -416,14 +418,16 @@ def markdown(cfg: TransferConfig, lines: list[dict]) -> None:
     """OUT/transfer.md: scratch's test AUROC, then per arm Δ AUROC against scratch [95% CI], per task and labels."""
     get = {(x["task"], x["labels"], x["arm"]): x for x in lines}
     labels = [n or "all" for n in cfg.labels]
-    head = "| task | " + " | ".join(map(str, labels)) + " |\n|---|" + "---|" * len(labels) + "\n"
-    out = ["AUROC from scratch (mean over fine-tuning seeds)\n\n" + head + "".join(
-        f"| {row} | " + " | ".join(f"{get[row, n, 'scratch']['auroc']:.3f}" for n in labels) + " |\n" for row in ROWS)]
-    def cell(x: dict) -> str:
+
+    def table(title: str, arm: str, cell) -> str:
+        head = "| task | " + " | ".join(map(str, labels)) + " |\n|---|" + "---|" * len(labels) + "\n"
+        return f"{title}\n\n{head}" + "".join(
+            f"| {row} | " + " | ".join(cell(get[row, n, arm]) for n in labels) + " |\n" for row in ROWS)
+
+    def delta(x: dict) -> str:
         return f"{x['delta_auroc']:+.3f} [{x['delta_auroc_ci'][0]:+.2f}, {x['delta_auroc_ci'][1]:+.2f}]"
-    for arm in ("medhmp", "shuffled", *PROBES):
-        out.append(f"Δ AUROC {arm} − scratch [95% CI]\n\n" + head + "".join(
-            f"| {row} | " + " | ".join(cell(get[row, n, arm]) for n in labels) + " |\n" for row in ROWS))
+    out = [table("AUROC from scratch (mean over fine-tuning seeds)", "scratch", lambda x: f"{x['auroc']:.3f}")]
+    out += [table(f"Δ AUROC {arm} − scratch [95% CI]", arm, delta) for arm in ("medhmp", "shuffled", *PROBES)]
     (cfg.out / "transfer.md").write_text("\n".join(out))
 
 
