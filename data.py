@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from folders import InputError, repair
 
-FORMAT_VERSION = 2                            # 2: stays stored as int16 features with per-hour counts
+FORMAT_VERSION = 3                            # 3: ICD codes namespaced by system ('ICD9:4280')
 LABEL_COLUMNS = ("task", "level", "subject_id", "hadm_id", "stay_id", "label", "cutoff")   # labels.csv
 SPLITS = ("train", "val", "test")             # splits.json: patient-level, shared by every stage and task
 
@@ -77,10 +77,10 @@ def row_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 def admission_requirements(admissions: dict) -> list[tuple[str, np.ndarray]]:
     """The rule for a usable admission, as (attrition step, mask (A,)) per condition: a featurised ICU stay, and
-    ICD-9 codes in the vocabulary. Admission pretraining uses these admissions (as the paper's 99k admissions)
+    ICD codes in the vocabulary. Admission pretraining uses these admissions (as the paper's 99k admissions)
     and the readmission cohort starts from them. `admissions` holds the CSR pointers of admissions.pt."""
     return [("with a featurised ICU stay", np.diff(np.asarray(admissions["stay_ptr"])) > 0),
-            ("with ICD-9 codes in the vocabulary", np.diff(np.asarray(admissions["icd_ptr"])) > 0)]
+            ("with ICD codes in the vocabulary", np.diff(np.asarray(admissions["icd_ptr"])) > 0)]
 
 
 def usable_admissions(admissions: dict) -> np.ndarray:

@@ -71,8 +71,7 @@ def cli():
 @_option("--seed", synthetic.SynthConfig, type=int)
 @_option("--event-scale", synthetic.SynthConfig, "Chart rows per stay-hour multiplier.", type=FiniteRange(min=0.1))
 def synth(**options):
-    """Write a synthetic cohort drawn from a latent model (true latents in OUT/latents/) in a MIMIC-III, MIMIC-IV
-    or diagnosis-extract layout."""
+    """Write a synthetic cohort from a latent model (true latents in OUT/latents/) in any of the input layouts."""
     done = _run(synthetic.synthesize, synthetic.SynthConfig, **options)
     click.echo("wrote {out}: {patients} patients, {admissions} admissions, {stays} ICU stays".format(**done))
 
@@ -85,6 +84,7 @@ def synth(**options):
 @_option("--text-device", pipeline.PreprocessConfig)
 @click.option("--limit-patients", type=click.IntRange(min=1), help="Keep a deterministic sample of N patients.")
 @click.option("--vocab-from", type=PathOption, help="Reuse the code vocabularies of another processed folder.")
+@_option("--icd", pipeline.PreprocessConfig, "ICD systems (9: the paper's).", type=click.Choice(pipeline.ICD_OPTIONS))
 @_option("--seed", pipeline.PreprocessConfig, type=int)
 def preprocess(**options):
     """Build the processed hierarchical dataset (features, codes, notes, labels, splits)."""

@@ -30,7 +30,9 @@ MIMIC conventions kept: GCS (220739/223900/223901) and RASS (228096) carry text 
 `valuenum`; 'Alarms On' (224641) is a checkbox '1'/'0'; other text items have no `valuenum`; CareVue stays (~15%,
 MIMIC-III only) chart CareVue itemids and have no *_MV rows; discharge summaries have a date-only `chartdate`, ~1%
 are error rows; outpatient labs have no `hadm_id`; patients over 89 are born ~300 years back (MIMIC-III); ~15% of
-MIMIC-IV and TriNetX admissions are coded in ICD-10 only, never a first diagnosis. Chunks of patients bound the
+MIMIC-IV and TriNetX patients switch from ICD-9 to ICD-10 at a point of their history (before it, after it, or
+between two admissions: about half the admissions are coded in ICD-10), each ICD-9 code becoming one ICD-10 code
+(a task code its ICD-10-CM equivalent in tasks.TASKS). Chunks of patients bound the
 memory; the same config gives the same bytes (a numpy `default_rng` per chunk and table, gzip `mtime=0`); output
 goes to a staging folder (folders.Staged), swapped in when complete: a folder that exists is always whole.
 """
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import zlib
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -85,7 +88,7 @@ _OUTCOMES = {  # outcome -> (intercept, {latent: loading}): a Bernoulli draw of 
 }
 _TASKS = dict(zip(names_at("patient"), (("4280", "4281", "42822", "42832", "40491"), ("496", "49121", "4928"),
                                          ("78093", "2940", "2911", "29283"))))  # codes emitted per group, usual first
-_ICD10 = (  # ICD-10-CM codes for the admissions coded in ICD-10 only (the reader drops them)
+_ICD10 = (  # ICD-10-CM codes (with a digit added: one per ICD-9 code) for the admissions coded in ICD-10
     "E785 E039 K219 F329 E871 N390 E1122 Z794 G4733 Z87891 E1165 K5900 N183 D62 E876 F419 R6521 A419 J9601 "
           "I4891 I2510 I10 J189 N179 G309 F1020 Z9114 Z602 R4182 D649 Z7901 J45909 F17210 L89154 Z66 I959").split()
 _CODES = {  # latent -> ICD-9 codes it raises, most frequent first; none in a task group (tasks.TASKS)
@@ -360,7 +363,9 @@ def _timeline(rng, pat: dict, adm: dict, st: dict, layout: str) -> None:
     """Epoch seconds: stays inside their admission, admissions spread over years; the gap to the next admission is
     under 30 days with the probability of _OUTCOMES["readmission"]. Then adm[task]: admissions since a case's first
     diagnosis (negative before it, and for non-cases), its last planned admission >= 182 days after its first
-    discharge (or its last planned one); and the ICD-10-only admissions (never a first diagnosis)."""
+    discharge (or its last planned one); and the admissions coded in ICD-10: MIMIC-IV and TriNetX patients switch
+    at a time drawn around their history (from a quarter of its span before its first admission to a quarter after
+    its last)."""
     n, p, a = len(adm["pat"]), adm["pat"], st["adm"]
     pre, between = np.clip(rng.lognormal(np.log(8), 0.8, n), 0.5, 72) * _HOUR, rng.uniform(24, 96, n) * _HOUR
     los = np.round(st["los"] * _HOUR)
@@ -385,13 +390,14 @@ def _timeline(rng, pat: dict, adm: dict, st: dict, layout: str) -> None:
     st["outtime"] = st["intime"] + los.astype(np.int64)
     pat["first"] = first.astype(np.int64)
     eligible = adm["admit"] >= adm["disch"][starts][p] + 182 * _DAY
-    adm["first_dx"] = np.zeros(n, bool)
     for task in _TASKS:
         base = adm["k"] < pat["n_base"][p]
         pick = np.lexsort((adm["k"] + 100 * base + 1000 * (base & eligible), p))[np.cumsum(pat["n_adm"]) - 1]
         adm[task] = adm["k"] - np.where(pat[task], adm["k"][pick], 99)[p]
-        adm["first_dx"] |= adm[task] == 0
-    adm["icd10"] = (rng.random(n) < 0.15 * (layout != "mimic3")) & ~adm["first_dx"]
+    u = rng.random(n)[starts]                    # one draw per admission (as many as before), the first's per patient
+    span = adm["admit"][starts + pat["n_adm"] - 1] - adm["admit"][starts] + 365 * _DAY   # (patients,)
+    switch = adm["admit"][starts] + (1.5 * u - 0.25) * span
+    adm["icd10"] = (adm["admit"] >= switch[p]) & (layout != "mimic3")
 
 
 def _notes(rng, pat: dict, adm: dict, drug_rows, drugs, layout: str) -> list[str]:
@@ -548,10 +554,23 @@ def _hospital_tables(rng, pat: dict, adm: dict, st: dict) -> dict:
             "icustays": (len(st["id"]), stays)}
 
 
+_TASK_ICD10 = dict(zip(sum(_TASKS.values(), ()),  # each ICD-9 code of _TASKS -> its ICD-10-CM equivalent
+                       "I509 I501 I5022 I5032 I130 J449 J441 J439 R413 F04 F1096 F1996".split()))
+
+
+def _icd10(code: str) -> str:
+    """The ICD-10-CM code of an ICD-9 code once a patient's admissions are coded in ICD-10: a task code's equivalent
+    (within tasks.TASKS' ICD-10 sets), else a stand-in from _ICD10 with a digit added, fixed per code."""
+    if code in _TASK_ICD10:
+        return _TASK_ICD10[code]
+    h = zlib.crc32(code.encode())
+    return _ICD10[h % len(_ICD10)] + str(h // len(_ICD10) % 10)
+
+
 def _diagnosis_table(rng, adm: dict) -> tuple[int, dict]:
     """DIAGNOSES_ICD / hosp/diagnoses_icd / diagnosis: the codes the latents emit and, from a case's first diagnosis
     on, its task group (the usual code in 60% of admissions, another one in the rest, now and then a second one).
-    ICD-10-only admissions get other codes (deduplicated)."""
+    Admissions coded in ICD-10 get each code's ICD-10 code (_icd10; deduplicated)."""
     rows, idx = _emit(rng, _CODE_TABLE, np.column_stack([adm[k] for k in _ALL]))
     rows, codes = [rows], [_CODE_TABLE[0][idx]]
     for task, group in _TASKS.items():
@@ -564,7 +583,7 @@ def _diagnosis_table(rng, adm: dict) -> tuple[int, dict]:
     order = np.lexsort((rng.random(len(rows)), rows))
     rows, codes = rows[order], codes[order]
     ten = adm["icd10"][rows]
-    codes[ten] = [_ICD10[sum(map(ord, c)) % len(_ICD10)] for c in codes[ten]]
+    codes[ten] = [_icd10(c) for c in codes[ten]]
     keep = np.sort(np.unique(np.char.add(rows.astype(str), "|" + codes.astype(str)), return_index=True)[1])
     rows, codes, ten = rows[keep], codes[keep], ten[keep]
     cut = np.where(np.char.startswith(codes.astype(str), "E") & ~ten, 4, 3)  # '4280' -> '428.0', 'E8497' -> 'E849.7'

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import SPLITS, lookup, row_of
+from data import FORMAT_VERSION, SPLITS, lookup, row_of
 from folders import InputError
 from preprocessing.cohorts import (MINUTES_PER_DAY, assign_splits, patient_labels, readmission_labels,
                                    sample_patients, stay_labels)
@@ -25,6 +25,7 @@ from preprocessing.extract import (STATIC_CATEGORIES, StayIndex, age_at, find_no
 from preprocessing.features import (apply_static, apply_timeseries, build_vocab, codes_to_csr, embed_notes,
                                     fit_static, fit_timeseries, load_text_model)
 from preprocessing.tables import unique
+from tasks import ICD_SYSTEMS
 
 
 @dataclass
@@ -71,7 +72,7 @@ def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Built:
 
     codes = _admission_codes(cfg, raw, layout, admissions, split[admission_patient] == 0, rep)  # small: first
     sources.update(codes["sources"])
-    attrition["admissions"].append(["with ICD-9 diagnosis codes", codes["with_codes"]])
+    attrition["admissions"].append([CODED, codes["with_codes"]])
     _check_usable(raw, attrition, rep)
     stays, events, onsets, skipped, event_sources = _stays_with_events(cfg, raw, layout, stays, rep)
     sources.update(event_sources)
@@ -97,6 +98,7 @@ def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Built:
     meta = {"seq_len": cfg.seq_len, **_feature_meta(cfg, ts_spec, static_spec),
             "n_icd": len(codes["icd_vocab"]), "n_drug": len(codes["drug_vocab"]), "note_dim": notes["dim"],
             "icd_vocab": codes["icd_vocab"], "drug_vocab": codes["drug_vocab"], "drug_code": cfg.drug_code,
+            "icd": codes["icd"],
             "notes": notes["info"], "attrition": {**attrition, **task_steps}, "skipped": skipped,
             "counts": {"patients": len(subjects), "admissions": len(admissions["hadm_id"]),
                        "stays": len(stays["stay_id"]), "active_cells": len(ts["ts_feat"]),
@@ -149,14 +151,38 @@ def _stays_with_events(cfg, raw: Path, layout: str, stays: dict, rep):
 
 
 def _check_usable(raw, attrition: dict, rep) -> None:
-    """Stop, in one line, when no ICU stay and no admission with ICD-9 codes is left (an empty folder would
+    """Stop, in one line, when no ICU stay and no admission with ICD codes is left (an empty folder would
     only fail later, in pretraining, with a less helpful message); warn when no ICU stay is left."""
     stays, admissions = attrition["stays"], attrition["admissions"]
-    if stays[-1][1] == 0 and dict(admissions)["with ICD-9 diagnosis codes"] == 0:
+    if stays[-1][1] == 0 and dict(admissions)[CODED] == 0:
         raise InputError(f"{raw}: nothing usable is left: {_where_lost(stays)}, and {_where_lost(admissions)}")
     if stays[-1][0].startswith("with events") and stays[-1][1] == 0:
         rep.log(f"warning: no ICU stay is left ({_where_lost(stays)}): only admission codes, notes and "
                 "patient-level tasks are written; pretraining needs ICU stays")
+
+
+CODED = "with ICD diagnosis codes"   # the admissions' attrition step that _check_usable reads
+
+
+ICD_OPTIONS = (*ICD_SYSTEMS, "both")  # --icd
+
+
+def icd_systems(option: str) -> tuple[str, ...]:
+    """--icd 9|10|both -> the ICD systems whose codes are kept (tasks.ICD_SYSTEMS keys)."""
+    if option not in ICD_OPTIONS:
+        raise InputError(f"--icd {option!r} is not one of {', '.join(ICD_OPTIONS)}")
+    return tuple(ICD_SYSTEMS) if option == "both" else (option,)
+
+
+def icd_record(option: str, visit: np.ndarray, codes: np.ndarray) -> dict:
+    """meta.json "icd": the --icd option, and per system the (visit, code) rows kept and the visits (admissions
+    or encounters) with at least one code of that system."""
+    record = {"option": option, "rows": {}, "admissions": {}}
+    for system, prefix in ICD_SYSTEMS.items():
+        rows = np.char.startswith(codes, prefix.encode()) if len(codes) else np.zeros(0, bool)
+        record["rows"][f"ICD-{system}"] = int(rows.sum())
+        record["admissions"][f"ICD-{system}"] = len(unique(visit[rows]))
+    return record
 
 
 def _where_lost(steps: list) -> str:
@@ -210,14 +236,18 @@ def _vocabularies(cfg, icd_codes, drug_codes, icd_train, drug_train) -> tuple[li
     if not path.is_file():
         raise InputError(f"{path}: not found (--vocab-from needs a processed folder)")
     other = json.loads(path.read_text())
+    if other.get("format_version") != FORMAT_VERSION:   # e.g. codes spelled without their ICD system (version 2)
+        raise InputError(f"{path}: format version {other.get('format_version')}, this medhmp writes "
+                         f"{FORMAT_VERSION}; preprocess that extract again before reusing its vocabularies")
     return other["icd_vocab"], other["drug_vocab"]
 
 
 def _admission_codes(cfg, raw: Path, layout: str, admissions: dict, train_admission: np.ndarray, rep) -> dict:
-    """ICD-9 and drug code sets per admission: {"diagnoses": (admission row, code) pairs (for the cohorts),
-    "icd_vocab", "drug_vocab", "csr": the code arrays of admissions.pt, "with_codes": admissions with an ICD-9
-    code, "counts": rows dropped, "sources"}."""
-    diagnosis_hadm, diagnosis_code, counts, diagnoses_src = read_diagnoses(raw, layout)
+    """ICD and drug code sets per admission: {"diagnoses": (admission row, code) pairs (for the cohorts),
+    "icd_vocab", "drug_vocab", "csr": the code arrays of admissions.pt, "with_codes": admissions with an ICD
+    code, "icd": rows and admissions kept per ICD system (meta.json), "counts": rows dropped, "sources"}."""
+    systems = icd_systems(cfg.icd)
+    diagnosis_hadm, diagnosis_code, counts, diagnoses_src = read_diagnoses(raw, layout, systems)
     drug_hadm, drug_code, drugs_src = read_drugs(raw, layout, cfg.drug_code, rep.bytes_task)
     diagnosis_row = lookup(admissions["hadm_id"], diagnosis_hadm)     # admission row per pair, -1: not kept
     drug_row = lookup(admissions["hadm_id"], drug_hadm)
@@ -228,11 +258,13 @@ def _admission_codes(cfg, raw: Path, layout: str, admissions: dict, train_admiss
                                           train_admission[drug_row])
     icd_ptr, icd_idx, icd_oov = codes_to_csr(diagnosis_row, diagnosis_code, icd_vocab, n)
     drug_ptr, drug_idx, drug_oov = codes_to_csr(drug_row, drug_code, drug_vocab, n)
-    rep.log(f"codes: {len(icd_vocab)} ICD-9, {len(drug_vocab)} drugs ({cfg.drug_code}); {counts}")
+    icd = icd_record(cfg.icd, diagnosis_row, diagnosis_code)
+    rep.log(f"codes: {len(icd_vocab)} ICD ({icd['admissions']} admissions per system), {len(drug_vocab)} drugs "
+            f"({cfg.drug_code}); {counts}")
     sources = {"diagnoses": diagnoses_src, **({"prescriptions": drugs_src} if drugs_src else {})}
     return {"diagnoses": (diagnosis_row, diagnosis_code), "icd_vocab": icd_vocab, "drug_vocab": drug_vocab,
             "csr": {"icd_ptr": icd_ptr, "icd_idx": icd_idx, "drug_ptr": drug_ptr, "drug_idx": drug_idx},
-            "with_codes": len(unique(diagnosis_row)), "sources": sources,
+            "with_codes": len(unique(diagnosis_row)), "sources": sources, "icd": icd,
             "counts": {**counts, "ICD codes outside the vocabulary": icd_oov, "drug codes outside": drug_oov}}
 
 
@@ -276,9 +308,9 @@ def _admission_arrays(admissions: dict, stays: dict, code_arrays: dict, note_arr
 
 # ------------------------------------------------------------------------------------------- diagnosis extract
 def build_trinetx(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Built:
-    """A diagnosis extract: visits (encounters) with ICD-9 sets and the patient-level tasks only (no stays,
+    """A diagnosis extract: visits (encounters) with ICD code sets and the patient-level tasks only (no stays,
     drugs or notes; `rep` and `note_cache` are unused)."""
-    tables, sources = load_trinetx(raw)
+    tables, sources = load_trinetx(raw, icd_systems(cfg.icd))
     patient_table, diagnosis_table = tables["patients"], tables["diagnoses"]
     numeric = all(s.isdigit() for s in patient_table["subject_id"].tolist())  # keep numeric ids, number others
     patient_ids = (patient_table["subject_id"].astype(np.int64) if numeric
@@ -295,7 +327,7 @@ def build_trinetx(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Buil
                                           np.zeros(0, bool))
     n = len(visits["subject_id"])
     icd_ptr, icd_idx, oov = codes_to_csr(diagnosis_visit, codes, icd_vocab, n)
-    attrition["visits"] = [["encounters with ICD-9 codes", n]]
+    attrition["visits"] = [["encounters with ICD codes", n]]
     admission_arrays = {"hadm_id": np.arange(n, dtype=np.int64), "subject_id": visits["subject_id"],
                         "admittime": visits["first_date"] / 60.0,
                         "dischtime": visits["last_date"] / 60.0 + 24.0,   # a dated visit lasts its day
@@ -308,6 +340,7 @@ def build_trinetx(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Buil
                                         diagnoses, patients, subjects, cfg)
     meta = {"seq_len": cfg.seq_len, "n_features": 0, "n_static": 0, "n_icd": len(icd_vocab),
             "n_drug": len(drug_vocab), "note_dim": 0, "feature_names": [], "static_names": [],
+            "icd": icd_record(cfg.icd, diagnosis_visit, codes),
             "icd_vocab": icd_vocab, "drug_vocab": drug_vocab, "drug_code": None,
             "ids": "source patient ids" if numeric else "patients numbered in sorted order of patient_id; "
                    "encounters numbered per patient in date order",
@@ -322,7 +355,7 @@ def build_trinetx(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Buil
 
 
 def _visits(diagnosis_table: dict, patient_table: dict, patient_ids: np.ndarray, subjects: np.ndarray):
-    """The visits of the kept patients, one per (patient, encounter) with an ICD-9 code, numbered per patient
+    """The visits of the kept patients, one per (patient, encounter) with an ICD code, numbered per patient
     in date order: ({"subject_id", "first_date", "last_date"} per visit, in minutes, and the (visit row, code)
     pairs of their diagnoses)."""
     diagnosis_patient = row_of(patient_table["subject_id"], diagnosis_table["subject_id"])   # -1: unknown

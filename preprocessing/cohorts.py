@@ -117,7 +117,7 @@ def patient_labels(visits: dict, diagnoses: tuple, patients: dict, subjects: np.
     rows, attrition = [], {}
     for task in names_at("patient"):
         hit = np.zeros(len(diagnosis_code), bool)
-        for prefix in TASKS[task].icd9_prefixes:
+        for prefix in TASKS[task].code_prefixes():
             hit |= np.char.startswith(diagnosis_code, prefix.encode())
         diagnosed_at = np.zeros(len(admittime), bool)
         diagnosed_at[diagnosis_visit[hit]] = True

@@ -7,7 +7,7 @@ returns what it read and the `tables.Source` of each table it opened (for meta.j
   * `stream_events` streams the six event tables once, in blocks, keeping for every (stay, hour, variable)
     only the last value in the first T hours, plus the onset hour of the ARF and shock label items.
     Memory grows with that output, never with the size of CHARTEVENTS or LABEVENTS.
-  * `read_diagnoses`, `read_drugs` and `read_notes` collect ICD-9 diagnosis codes, drug codes and one note
+  * `read_diagnoses`, `read_drugs` and `read_notes` collect ICD diagnosis codes, drug codes and one note
     per admission; `load_trinetx` reads a diagnosis extract.
 Times are int64 minutes since 1970-01-01 throughout (-1 where missing).
 """
@@ -24,7 +24,7 @@ from folders import InputError
 from preprocessing.tables import (ALIASES, LAYOUTS, CsvLines, EmptyFile, Source, count_bad, decode, find_file,
                                   group_rank, open_table, parse_float, parse_int, parse_minutes, read_blocks,
                                   read_error, read_table, strip, unique)
-from tasks import TASKS
+from tasks import ICD_SYSTEMS, TASKS
 
 # How each event table becomes (time, variable, value). `num` is read as a number, `value` as a category
 # when `num` is empty; interval tables (`end`) are spread over every hour they overlap.
@@ -331,22 +331,46 @@ def _event_block(block, spec, *, index, hours, store, onsets, onset_keys, exclud
 
 
 # ------------------------------------------------------------------------------------------- codes
-def read_diagnoses(raw: Path, layout: str) -> tuple[np.ndarray, np.ndarray, dict, Source]:
-    """(hadm_id, ICD-9 code without dots) pairs of a MIMIC layout, counts of the rows dropped (ICD-10 rows,
-    rows without code or admission) and the table's Source."""
+def read_diagnoses(raw: Path, layout: str, systems: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, dict, Source]:
+    """(hadm_id, namespaced ICD code) pairs of a MIMIC layout for the ICD `systems` kept ("9", "10"), counts of
+    the rows dropped (another system, rows without code or admission) and the table's Source. MIMIC-III has no
+    icd_version column: every row is ICD-9."""
     path = source_path(raw, layout, "diagnoses", required=True)
     table, src = read_table(path, {"hadm_id": True, "icd_code": True, "icd_version": False}, ALIASES[layout])
-    nine = strip(table["icd_version"]) == b"9" if "icd_version" in table else np.ones(len(table["__row__"]), bool)
+    n = len(table["__row__"])
+    version = strip(table["icd_version"]) if "icd_version" in table else np.full(n, b"9")
+    codes, kept, counts = namespace_icd(table["icd_code"], version, systems)
     hadm, ok = parse_int(table["hadm_id"])
-    codes = normalise_icd(table["icd_code"])
-    keep = nine & ok & (codes != b"")
-    counts = {"ICD-10 rows dropped": int((~nine).sum()),
-              "rows without code or admission": int((nine & ~keep).sum())}
-    return hadm[keep], codes[keep], counts, src
+    counts["rows without code or admission"] += int((kept & ~ok).sum())
+    return hadm[kept & ok], codes[kept & ok], counts, src
+
+
+def namespace_icd(codes: np.ndarray, version: np.ndarray, systems: tuple[str, ...]):
+    """Raw codes and their ICD version (S arrays; b"9", b"10", anything else unknown) -> (codes as the vocabulary
+    spells them, b'ICD9:4280' / b'ICD10:I5020' (tasks.ICD_SYSTEMS), a keep mask: a code of a kept system, and the
+    counts of the rows dropped)."""
+    codes = normalise_icd(codes)
+    out, keep, counts = np.zeros(len(codes), "S1"), np.zeros(len(codes), bool), {}
+    for system, prefix in ICD_SYSTEMS.items():
+        rows = version == system.encode()
+        if system not in systems:
+            counts[f"ICD-{system} rows dropped (--icd {system_option(systems)})"] = int(rows.sum())
+            continue
+        out = np.where(rows, np.char.add(prefix.encode(), codes), out)
+        keep |= rows & (codes != b"")
+        counts["rows without code or admission"] = counts.get("rows without code or admission", 0) + int(
+            (rows & (codes == b"")).sum())
+    unknown = int((~np.isin(version, [s.encode() for s in ICD_SYSTEMS])).sum())
+    return out, keep, {**counts, **({"rows of another or no ICD version": unknown} if unknown else {})}
+
+
+def system_option(systems: tuple[str, ...]) -> str:
+    """("9", "10") -> "both", ("9",) -> "9": the --icd value that keeps `systems`."""
+    return "both" if len(systems) > 1 else systems[0]
 
 
 def normalise_icd(codes: np.ndarray) -> np.ndarray:
-    """'428.0 ' -> b'4280': MIMIC stores ICD-9 without the dot, TriNetX with it."""
+    """'428.0 ' -> b'4280', 'i50.20' -> b'I5020': MIMIC stores ICD codes without the dot, TriNetX with it."""
     if len(codes) == 0:                    # np.char.replace fails on an empty array (a header-only table)
         return codes
     return np.char.upper(np.char.replace(np.char.strip(codes), b".", b""))
@@ -457,23 +481,30 @@ def _note_admission(row: list[str], col: dict, hadms: set, counts: dict) -> int 
     return int(hadm)
 
 
-def load_trinetx(raw: Path) -> tuple[dict, dict]:
-    """A diagnosis extract: patients (sex, year of birth) and dated ICD-9 codes per encounter, and the Source
-    of each table: ({"patients", "diagnoses", "counts"}, sources). Ids stay byte strings here (TriNetX ids
-    need not be numbers); build.build_trinetx numbers them."""
+def code_system_version(names: np.ndarray) -> np.ndarray:
+    """A diagnosis extract's code_system ('ICD-10-CM', 'ICD-9-CM', 'icd10', ...) -> b"10", b"9" or b"" (another)."""
+    if len(names) == 0:                    # np.char.replace fails on an empty array
+        return names
+    names = np.char.replace(np.char.replace(np.char.upper(strip(names)), b"-", b""), b" ", b"")
+    return np.where(np.char.startswith(names, b"ICD10"), b"10", np.where(np.char.startswith(names, b"ICD9"), b"9", b""))
+
+
+def load_trinetx(raw: Path, systems: tuple[str, ...]) -> tuple[dict, dict]:
+    """A diagnosis extract: patients (sex, year of birth) and dated ICD codes (namespace_icd) per encounter, and
+    the Source of each table: ({"patients", "diagnoses", "counts"}, sources). Ids stay byte strings here (TriNetX
+    ids need not be numbers); build.build_trinetx numbers them."""
     patient_table, patient_src = _read_core(raw, "trinetx", "patients",
                                             {"subject_id": True, "sex": True, "year_of_birth": True})
     diagnosis_table, diagnosis_src = _read_core(raw, "trinetx", "diagnoses", {
         "subject_id": True, "hadm_id": True, "date": True, "code": True, "code_system": True})
     _check_unique(patient_table["subject_id"], patient_table, "subject_id", patient_src)
-    nine = np.char.find(np.char.upper(diagnosis_table["code_system"]), b"ICD-9") >= 0
-    codes = normalise_icd(diagnosis_table["code"])
-    keep = nine & (codes != b"")
+    version = code_system_version(diagnosis_table["code_system"])
+    codes, keep, counts = namespace_icd(diagnosis_table["code"], version, systems)
+    counts["rows without code"] = counts.pop("rows without code or admission")
     kept = {k: v[keep] for k, v in diagnosis_table.items()}
     patients = {"subject_id": np.char.strip(patient_table["subject_id"]), "gender": decode(patient_table["sex"]),
                 "year_of_birth": parse_float(patient_table["year_of_birth"])}
     diagnoses = {"subject_id": np.char.strip(kept["subject_id"]), "hadm_id": np.char.strip(kept["hadm_id"]),
                  "date": _times(kept, "date", diagnosis_src, required=True), "code": codes[keep]}
-    counts = {"ICD-10 rows dropped": int((~nine).sum()), "rows without code": int((nine & ~keep).sum())}
     return ({"patients": patients, "diagnoses": diagnoses, "counts": counts},
             {"patients": patient_src, "diagnoses": diagnosis_src})

@@ -193,7 +193,7 @@ def test_ids_codes_and_flags_padded_with_spaces_are_read(raw, tiny_processed, tm
         _rewrite(raw, table, pad)
     meta = preprocess(PreprocessConfig(raw=raw, out=tmp_path / "out", quiet=True))
     want = json.loads((tiny_processed / "meta.json").read_text())
-    assert meta["icd_vocab"] == want["icd_vocab"] == ["4019"]
+    assert meta["icd_vocab"] == want["icd_vocab"] == ["ICD9:4019"]
     assert meta["counts"] == want["counts"]
     assert meta["attrition"] == want["attrition"]
 
@@ -225,7 +225,7 @@ def test_nothing_usable_left_stops_in_one_line(tmp_path):
     result = _cli("preprocess", "--raw", t.write(tmp_path / "raw"), "--out", tmp_path / "out")
     one_line_error(result, r"nothing usable is left: ICU stays in the icustays table 2, none left at 'outtime "
                             r"after intime .*', and admissions in the admissions table 2, none left at 'with "
-                            r"ICD-9 diagnosis codes'")
+                            r"ICD diagnosis codes'")
     assert not (tmp_path / "out").exists()
 
 

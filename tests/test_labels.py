@@ -120,6 +120,6 @@ def test_patient_level_cases_controls_and_cutoff(tiny, tmp_path):
     ds = data.PatientDataset(d, ex["subject_id"][[i]], ex["cutoff"][[i]], ex["label"][[i]])
     batch = ds.__getitems__([0])
     assert batch["visit_mask"].tolist() == [[True]]
-    hypertension = d.meta["icd_vocab"].index("4019") if "4019" in d.meta["icd_vocab"] else None
+    hypertension = d.meta["icd_vocab"].index("ICD9:4019") if "ICD9:4019" in d.meta["icd_vocab"] else None
     assert hypertension is None or batch["icd"][0, 0, hypertension] == 1
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["attrition"]["hf"][2][1] == 1

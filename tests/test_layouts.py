@@ -37,30 +37,97 @@ def test_mimic4_layout_counts(mimic4):
     assert att["stays"]["MetaVision (the label items are MetaVision itemids)"] == summary["stays"]
     diagnoses = _rows(root / "raw" / "hosp" / "diagnoses_icd.csv.gz")
     icd10 = sum(r["icd_version"] == "10" for r in diagnoses)
-    assert icd10 > 0 and meta["skipped"]["diagnoses and prescriptions"]["ICD-10 rows dropped"] == icd10
-    coded9 = {int(r["hadm_id"]) for r in diagnoses if r["icd_version"] == "9"}
-    assert att["admissions"]["with ICD-9 diagnosis codes"] == len(coded9)
+    assert icd10 > 0 and meta["icd"]["rows"] == {"ICD-9": len(diagnoses) - icd10, "ICD-10": icd10}
+    coded = {v: {int(r["hadm_id"]) for r in diagnoses if r["icd_version"] == v} for v in ("9", "10")}
+    assert meta["icd"]["admissions"] == {"ICD-9": len(coded["9"]), "ICD-10": len(coded["10"])}
+    assert meta["icd"]["option"] == "both" and "ICD-10 rows dropped (--icd 9)" not in meta["skipped"]
+    assert att["admissions"]["with ICD diagnosis codes"] == len(coded["9"] | coded["10"])
     notes = _rows(root / "raw" / "note" / "discharge.csv.gz")
     assert meta["notes"]["with_note"] == len({r["hadm_id"] for r in notes})
     assert meta["notes"]["source"].endswith("discharge.csv.gz")
     assert meta["n_features"] > 20 and meta["n_static"] > 5 and meta["note_dim"] == 768
 
 
-def test_mimic4_vocabulary_is_icd9_and_built_on_training_admissions(mimic4):
+def test_mimic4_vocabulary_has_both_systems_and_is_built_on_training_admissions(mimic4):
     root, _, meta = mimic4
     diagnoses = _rows(root / "raw" / "hosp" / "diagnoses_icd.csv.gz")
     admissions = {int(r["hadm_id"]): int(r["subject_id"]) for r in _rows(root / "raw" / "hosp" / "admissions.csv.gz")}
     train = set(json.loads((root / "out" / "splits.json").read_text())["train"])
-    expected = {r["icd_code"] for r in diagnoses if r["icd_version"] == "9" and admissions[int(r["hadm_id"])] in train}
-    assert set(meta["icd_vocab"]) == expected
+    expected = {f"ICD{r['icd_version']}:{r['icd_code']}" for r in diagnoses if admissions[int(r["hadm_id"])] in train}
+    assert set(meta["icd_vocab"]) == expected and {c.split(":")[0] for c in expected} == {"ICD9", "ICD10"}
+
+
+def _cases(meta: dict, task: str) -> int:
+    return sum(meta["tasks"][task][s][1] for s in ("train", "val", "test"))
+
+
+def test_mimic4_icd9_only_drops_the_icd10_half_and_its_cases(mimic4, tmp_path):
+    """--icd 9 (the paper's choice) drops and counts every ICD-10 row; the cases first diagnosed after a patient's
+    switch to ICD-10 are then lost, while --icd both finds them and only true cases (the generator's latents)."""
+    root, _, both = mimic4
+    nine = preprocess(PreprocessConfig(raw=root / "raw", out=tmp_path / "out9", icd="9", quiet=True))
+    icd10 = both["icd"]["rows"]["ICD-10"]
+    assert nine["skipped"]["diagnoses and prescriptions"]["ICD-10 rows dropped (--icd 9)"] == icd10
+    assert nine["icd"]["rows"] == {"ICD-9": both["icd"]["rows"]["ICD-9"], "ICD-10": 0}
+    assert all(c.startswith("ICD9:") for c in nine["icd_vocab"])
+    truth = {int(r["subject_id"]): r for r in _rows(root / "raw" / "latents" / "patients.csv.gz")}
+    for task in ("hf", "copd", "amnesia"):
+        assert _cases(both, task) > _cases(nine, task)
+        labels = [r for r in csv.DictReader(open(root / "out" / "labels.csv")) if r["task"] == task]
+        assert all(truth[int(r["subject_id"])][task] == "1" for r in labels if r["label"] == "1")
+
+
+def test_icd_option_is_checked_before_reading(tmp_path):
+    with pytest.raises(data.InputError, match="--icd '11' is not one of 9, 10, both"):
+        preprocess(PreprocessConfig(raw=tmp_path / "nothing", out=tmp_path / "out", icd="11", quiet=True))
+
+
+def test_vocab_from_an_older_format_is_refused(mimic4, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "meta.json").write_text(json.dumps({"format_version": 2, "icd_vocab": ["4280"], "drug_vocab": []}))
+    with pytest.raises(data.InputError, match="format version 2.*preprocess that extract again"):
+        preprocess(PreprocessConfig(raw=mimic4[0] / "raw", out=tmp_path / "out", vocab_from=old, quiet=True))
+
+
+def test_mimic4_note_folder_given_with_notes(mimic4, tmp_path):
+    """MIMIC-IV-Note is a separate download: --notes names its folder (holding note/discharge.csv.gz), or the
+    file itself; the notes read are the same as from the note/ folder beside hosp/."""
+    root, _, meta = mimic4
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for part in ("hosp", "icu"):
+        (raw / part).symlink_to(root / "raw" / part)
+    (tmp_path / "mimic-iv-note" / "note").mkdir(parents=True)
+    note = tmp_path / "mimic-iv-note" / "note" / "discharge.csv.gz"
+    note.symlink_to(root / "raw" / "note" / "discharge.csv.gz")
+    for i, given in enumerate((tmp_path / "mimic-iv-note", note)):
+        out = preprocess(PreprocessConfig(raw=raw, notes=given, out=tmp_path / f"out{i}", quiet=True))
+        assert out["notes"]["with_note"] == meta["notes"]["with_note"] > 0
+    assert preprocess(PreprocessConfig(raw=raw, out=tmp_path / "none", quiet=True))["notes"]["with_note"] == 0
+
+
+def test_trinetx_extract_coded_in_icd10(tmp_path):
+    """A diagnosis extract read with --icd 10: only ICD-10-CM rows are kept (the others counted), and the cases of
+    every task are found from the ICD-10-CM code sets alone."""
+    synthetic.synthesize(synthetic.SynthConfig(out=tmp_path / "tx", patients=300, layout="trinetx", quiet=True))
+    meta = preprocess(PreprocessConfig(raw=tmp_path / "tx", out=tmp_path / "out", icd="10", quiet=True))
+    rows = _rows(tmp_path / "tx" / "diagnosis.csv.gz")
+    nine = sum(r["code_system"] == "ICD-9-CM" for r in rows)
+    assert meta["skipped"]["diagnoses"]["ICD-9 rows dropped (--icd 10)"] == nine > 0
+    assert meta["icd"]["rows"] == {"ICD-9": 0, "ICD-10": len(rows) - nine}
+    assert meta["icd_vocab"] and all(c.startswith("ICD10:") for c in meta["icd_vocab"])
+    for task in ("hf", "copd", "amnesia"):
+        assert _cases(meta, task) > 0
 
 
 def test_trinetx_extract_with_a_shared_vocabulary(tmp_path):
     synthetic.synthesize(synthetic.SynthConfig(out=tmp_path / "m3", patients=80, layout="mimic3", quiet=True))
     synthetic.synthesize(synthetic.SynthConfig(out=tmp_path / "tx", patients=120, layout="trinetx", quiet=True))
     m3 = preprocess(PreprocessConfig(raw=tmp_path / "m3", out=tmp_path / "m3-out", quiet=True))
-    tx = preprocess(PreprocessConfig(raw=tmp_path / "tx", out=tmp_path / "tx-out",
-                                               vocab_from=tmp_path / "m3-out", quiet=True))
+    # --icd 9: the MIMIC-III vocabulary knows no ICD-10 code, so a history coded in ICD-10 would be left empty
+    tx = preprocess(PreprocessConfig(raw=tmp_path / "tx", out=tmp_path / "tx-out", icd="9",
+                                     vocab_from=tmp_path / "m3-out", quiet=True))
     assert tx["layout"] == "trinetx" and tx["icd_vocab"] == m3["icd_vocab"]
     assert tx["counts"]["patients"] == 120 and tx["counts"]["stays"] == 0
     assert set(tx["tasks"]) == {"hf", "copd", "amnesia"}

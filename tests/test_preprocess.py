@@ -161,7 +161,7 @@ def test_counted_skips_for_bad_event_rows_and_missing_modalities(tiny, tmp_path)
     assert meta["skipped"]["outputevents"] == "missing (optional table)"
     assert meta["skipped"]["notes"]["error rows"] == 1
     assert dict(meta["attrition"]["stays"])["with events in the first 48 h"] == 1
-    assert dict(meta["attrition"]["admissions"])["with ICD-9 diagnosis codes"] == 1
+    assert dict(meta["attrition"]["admissions"])["with ICD diagnosis codes"] == 1
     assert meta["notes"]["with_note"] == 1
     d = data.load_processed(tmp_path / "out")
     assert d.admissions["note_mask"].tolist() == [True, False]
@@ -292,4 +292,4 @@ def test_one_usable_admission_rule_for_pretraining_and_readmission(processed_coh
     cohort = d.labels["readmission"]["row"]
     assert usable[cohort].all() and not d.admissions["died"].numpy()[cohort].any()
     steps = dict(d.meta["attrition"]["readmission"])
-    assert steps["with ICD-9 codes in the vocabulary"] == int(usable.sum())
+    assert steps["with ICD codes in the vocabulary"] == int(usable.sum())

@@ -31,7 +31,7 @@ ALLOWED = {
     "preprocessing.pipeline": {"data", "folders", "progress", "preprocessing.build", "preprocessing.cohorts",
                                "preprocessing.tables"},
     "preprocessing.build": {"data", "folders", "preprocessing.cohorts", "preprocessing.extract",
-                            "preprocessing.features", "preprocessing.tables"},
+                            "preprocessing.features", "preprocessing.tables", "tasks"},
     "preprocessing.cohorts": {"data", "preprocessing.extract", "preprocessing.tables", "tasks"},
     "preprocessing.features": {"data", "folders", "preprocessing.tables"},
     "preprocessing.extract": {"data", "folders", "preprocessing.tables", "tasks"},
