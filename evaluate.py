@@ -172,7 +172,7 @@ class Checkpoints:
         bad = data_mismatch(ckpt, self.meta, sizes, vocabulary=codes)
         if bad:
             hint = ("preprocess this extract with `--vocab-from <the processed folder it was pretrained on>`"
-                    if codes else "evaluate on the processed folder it was pretrained on")
+                    if codes else "use the processed folder it was pretrained on as --data")
             raise InputError(f"{path} was pretrained on other data ({', '.join(bad)}); {hint}")
         return ckpt
 

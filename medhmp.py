@@ -1,19 +1,19 @@
 """medhmp: hierarchical multimodal pretraining on electronic health records (MedHMP, EMNLP 2023).
 
-Usage: python medhmp.py demo (synthetic cohort -> ... -> results table), or stage by stage:
-    python medhmp.py synth --out data/raw; python medhmp.py preprocess --raw data/raw --out data/processed
-    python medhmp.py pretrain --level stay; python medhmp.py pretrain --level admission
-    python medhmp.py evaluate --task all                   # or one task, e.g. --task mortality
-The command line only parses options and delegates: every default lives in the config dataclass of
-the module that does the work, so options default to None and only what was given is passed on.
+Usage: python medhmp.py demo (synthetic cohort -> ... -> results), or stage by stage: synth --out data/raw; preprocess
+--raw data/raw --out data/processed; pretrain --level stay; pretrain --level admission; evaluate --task all; embed
+--level stay --out stays.npz (the pretrained vectors, for your own models). Each command's --help lists its options.
+The command line only parses and delegates: options default to None, every default lives in the config dataclass.
 """
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
 import click
 
 import demo
+import embed
 import evaluate
 import synthetic
 import train
@@ -32,22 +32,29 @@ def _run(function, config_class, **options):
 
 
 def _option(name: str, config_class, text: str = "", **kw):
-    """--name, defaulting to None: the config dataclass holds the default, which the help shows."""
+    """--name, defaulting to None: the config dataclass holds the default (shown); type TYPES[name] unless given."""
     default = getattr(config_class(), name.lstrip("-").replace("-", "_"))
-    return click.option(name, help=f"{text} [default: {default}]".lstrip(), **kw)
+    return click.option(name, help=f"{text} [default: {default}]".lstrip(), **{"type": TYPES.get(name), **kw})
+
+
+def _options(config_class, *names: str):
+    """`_option` for each of `names`, shown in this order, each with the type TYPES gives it and no other text."""
+    return lambda function: functools.reduce(lambda f, name: _option(name, config_class)(f), names[::-1], function)
 
 
 class FiniteRange(click.FloatRange):
     """click.FloatRange that also refuses nan and inf (nan passes every range comparison)."""
 
     def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
+        if not math.isfinite(number := super().convert(value, param, ctx)):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
 
 
-PathOption, PositiveFloat = click.Path(path_type=Path), FiniteRange(min=0, min_open=True)
+PathOption, PositiveFloat, Count = click.Path(path_type=Path), FiniteRange(min=0, min_open=True), click.IntRange(min=1)
+TYPES = {"--seed": int, "--device": click.Choice(train.DEVICES), "--precision": click.Choice(train.PRECISIONS),
+         **dict.fromkeys("--batch-size --epochs --seeds --d-model --patients".split(), Count), "--out": PathOption,
+         "--data": PathOption, "--run": PathOption, **dict.fromkeys(("--num-workers", "--patience"), click.IntRange(0))}
 
 
 class RateList(click.ParamType):
@@ -66,12 +73,11 @@ def cli():
 
 @cli.command()
 @click.option("--out", type=PathOption, required=True, help="Folder to write the extract to.")
-@_option("--patients", synthetic.SynthConfig, type=click.IntRange(min=1))
+@_options(synthetic.SynthConfig, "--patients", "--seed")
 @_option("--layout", synthetic.SynthConfig, type=click.Choice(synthetic.LAYOUTS))
-@_option("--seed", synthetic.SynthConfig, type=int)
 @_option("--event-scale", synthetic.SynthConfig, "Chart rows per stay-hour multiplier.", type=FiniteRange(min=0.1))
 def synth(**options):
-    """Write a synthetic cohort from a latent model (true latents in OUT/latents/) in any of the input layouts."""
+    """Write a synthetic cohort (MIMIC-III, MIMIC-IV or diagnosis-extract layout) of a latent model (OUT/latents/)."""
     done = _run(synthetic.synthesize, synthetic.SynthConfig, **options)
     click.echo("wrote {out}: {patients} patients, {admissions} admissions, {stays} ICU stays".format(**done))
 
@@ -79,13 +85,11 @@ def synth(**options):
 @cli.command()
 @_option("--raw", pipeline.PreprocessConfig, "Folder of CSV extracts.", type=PathOption)
 @click.option("--notes", type=PathOption, help="Note table or folder (NOTEEVENTS*, MIMIC-IV-Note discharge).")
-@_option("--out", pipeline.PreprocessConfig, type=PathOption)
 @_option("--text-model", pipeline.PreprocessConfig, "'hashing', a local Hugging Face folder, or a hub name.")
-@_option("--text-device", pipeline.PreprocessConfig)
-@click.option("--limit-patients", type=click.IntRange(min=1), help="Keep a deterministic sample of N patients.")
+@click.option("--limit-patients", type=Count, help="Keep a deterministic sample of N patients.")
 @click.option("--vocab-from", type=PathOption, help="Reuse the code vocabularies of another processed folder.")
 @_option("--icd", pipeline.PreprocessConfig, "ICD systems (9: the paper's).", type=click.Choice(pipeline.ICD_OPTIONS))
-@_option("--seed", pipeline.PreprocessConfig, type=int)
+@_options(pipeline.PreprocessConfig, "--out", "--text-device", "--seed")
 def preprocess(**options):
     """Build the processed hierarchical dataset (features, codes, notes, labels, splits)."""
     _run(pipeline.preprocess, pipeline.PreprocessConfig, **options)
@@ -93,21 +97,15 @@ def preprocess(**options):
 
 @cli.command()
 @click.option("--level", type=click.Choice(list(train.LEVELS)), required=True, help="Pretraining stage.")
-@_option("--data", train.StayPretrainConfig, type=PathOption)
-@_option("--run", train.StayPretrainConfig, type=PathOption)
-@click.option("--epochs", type=click.IntRange(min=1), help="[default: 200 stay, 300 admission (paper)]")
-@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimiser steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="[default: 128 stay, 4096 admission (paper)]")
+@_options(train.StayPretrainConfig, "--data", "--run")
+@click.option("--epochs", type=Count, help="[default: 200 stay, 300 admission (paper)]")
+@click.option("--max-steps", type=Count, help="Stop after this many optimiser steps.")
+@click.option("--batch-size", type=Count, help="[default: 128 stay, 4096 admission (paper)]")
 @click.option("--lr", type=PositiveFloat, help="[default: 5e-4 stay, 2e-5 admission (paper)]")
-@_option("--device", train.StayPretrainConfig, type=click.Choice(train.DEVICES))
-@_option("--precision", train.StayPretrainConfig, type=click.Choice(train.PRECISIONS))
-@_option("--num-workers", train.StayPretrainConfig, type=click.IntRange(min=0))
-@_option("--d-model", train.StayPretrainConfig, type=click.IntRange(min=1))
-@_option("--patience", train.StayPretrainConfig, "Stop after N passes without improvement (0: never).",
-         type=click.IntRange(min=0))
+@_option("--patience", train.StayPretrainConfig, "Stop after N passes without improvement (0: never).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from RUN/<level>.pt.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing RUN/<level>.pt.")
-@_option("--seed", train.StayPretrainConfig, type=int)
+@_options(train.StayPretrainConfig, "--device", "--precision", "--num-workers", "--d-model", "--seed")
 def pretrain(level, **options):
     """Pretrain the stay level (reconstruction), then the admission level (MCP + contrastive)."""
     _run(train.pretrain, train.LEVELS[level], **options)
@@ -115,32 +113,35 @@ def pretrain(level, **options):
 
 @cli.command(name="evaluate")
 @click.option("--task", type=click.Choice([*evaluate.TASKS, "all"]), required=True, help="Downstream task.")
-@_option("--data", evaluate.FinetuneConfig, type=PathOption)
-@_option("--run", evaluate.FinetuneConfig, "Checkpoints in, eval/ and results.csv out.", type=PathOption)
+@_options(evaluate.FinetuneConfig, "--data", "--run")
 @_option("--init", evaluate.FinetuneConfig, type=click.Choice(evaluate.INITS))
-@_option("--seeds", evaluate.FinetuneConfig, type=click.IntRange(min=1))
-@_option("--model", evaluate.FinetuneConfig, "Patient-level sequence model.",
-         type=click.Choice(evaluate.PATIENT_MODELS))
+@_option("--model", evaluate.FinetuneConfig, "Patient-level model.", type=click.Choice(evaluate.PATIENT_MODELS))
 @click.option("--lr", type=RateList(), help="One learning rate for every level, or a grid (e.g. 1e-3,5e-3,2e-2) "
               "chosen per init on validation. [default: 5e-3 stay and admission, 5e-2 patient]")
 @click.option("--probe", is_flag=True, default=None, help="Train only the head on the frozen encoder.")
-@_option("--batch-size", evaluate.FinetuneConfig, type=click.IntRange(min=1))
-@_option("--epochs", evaluate.FinetuneConfig, type=click.IntRange(min=1))
-@_option("--device", evaluate.FinetuneConfig, type=click.Choice(train.DEVICES))
-@_option("--precision", evaluate.FinetuneConfig, type=click.Choice(train.PRECISIONS))
 @_option("--label-fraction", evaluate.FinetuneConfig, "Fine-tune on this share of the training labels (low-resource "
          "runs).", type=FiniteRange(0, 1, min_open=True))
 @_option("--labels", evaluate.FinetuneConfig, "Or this many, stratified.", type=click.IntRange(min=4))
-@_option("--seed", evaluate.FinetuneConfig, type=int)
+@_options(evaluate.FinetuneConfig, "--seeds", "--batch-size", "--epochs", "--device", "--precision", "--seed")
 def evaluate_command(**options):
-    """Fine-tune on downstream tasks (pretrained vs from scratch) and write metrics with bootstrap CIs."""
+    """Fine-tune RUN's checkpoints (and from scratch) on downstream tasks; metrics with CIs to RUN/eval, results.csv."""
     _run(evaluate.evaluate, evaluate.FinetuneConfig, **options)
 
 
+@cli.command(name="embed")
+@click.option("--level", type=click.Choice(list(embed.LEVELS)), required=True, help="Rows: every stay, usable "
+              "admission or patient with ICD codes (the README and embed.LEVELS say exactly what each vector is).")
+@_option("--out", embed.EmbedConfig, "A .npz file: embeddings (N, D), subject_id, hadm_id, stay_id, split, info.")
+@_option("--init", embed.EmbedConfig, "RUN/admission.pt's encoder, or RUN/stay.pt's.", type=click.Choice(embed.INITS))
+@_options(embed.EmbedConfig, "--data", "--run", "--batch-size", "--device")
+def embed_command(**options):
+    """Write the pretrained vector of every stay, admission or patient, with its ids and split, for your models."""
+    _run(embed.embed, embed.EmbedConfig, **options)
+
+
 @cli.command(name="demo")
-@_option("--out", demo.DemoConfig, type=PathOption)
+@_options(demo.DemoConfig, "--out", "--seed")
 @_option("--patients", demo.DemoConfig, type=click.IntRange(min=50))
-@_option("--seed", demo.DemoConfig, type=int)
 def demo_command(**options):
     """Synthetic cohort -> preprocess -> pretrain (and a shuffled control) -> every task, in minutes on a CPU."""
     _run(demo.demo, demo.DemoConfig, **options)

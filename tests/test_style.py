@@ -14,8 +14,9 @@ from conftest import REPO
 # module -> the project modules it may import. The core (models, data, train, evaluate, metrics and what they
 # import) never reaches the preprocessing package, which reads raw extracts and writes what data.py reads.
 ALLOWED = {
-    "medhmp": {"synthetic", "train", "evaluate", "demo", "folders", "preprocessing.pipeline"},
+    "medhmp": {"synthetic", "train", "evaluate", "embed", "demo", "folders", "preprocessing.pipeline"},
     "demo": {"synthetic", "data", "train", "evaluate", "results", "metrics", "progress", "preprocessing.pipeline"},
+    "embed": {"data", "models", "train", "evaluate", "folders", "progress"},
     "evaluate": {"data", "models", "sequence", "train", "metrics", "results", "folders", "progress", "tasks"},
     "sequence": {"models"},
     "results": {"metrics", "progress", "folders"},
@@ -87,8 +88,9 @@ def test_import_graph_points_one_way(module):
 
 def test_every_module_is_in_the_graph():
     assert project_modules() == set(ALLOWED)
-    # 12, and tasks.py, the task registry that the generator shares without torch (README: Layout of the code)
-    assert len(list(REPO.glob("*.py"))) <= 13, "the root holds at most 12 modules, or the README argues for more"
+    # 12, tasks.py, the task registry that the generator shares without torch, and embed.py, the representations
+    # for other people's code, which evaluate.py has no room for (README: Layout of the code)
+    assert len(list(REPO.glob("*.py"))) <= 14, "the root holds at most 12 modules, or the README argues for more"
 
 
 def test_models_imports_only_torch():
@@ -107,7 +109,7 @@ def closure(module: str) -> set:
     return seen
 
 
-COPYABLE = ("models", "data", "train", "evaluate", "metrics")
+COPYABLE = ("models", "data", "train", "evaluate", "embed", "metrics")
 
 
 def test_core_modules_copy_with_only_what_they_name(tmp_path):
