@@ -32,7 +32,7 @@ from train import resolve_device, to_device
 LEVELS = {
     "stay": "every ICU stay of stays.pt: the stay vector b (StayEncoder: time series and demographics fused) of "
             "its first 48 h",
-    "admission": "every usable admission (a featurised ICU stay and ICD-9 codes, data.usable_admissions, as "
+    "admission": "every usable admission (a featurised ICU stay and ICD codes, data.usable_admissions, as "
                  "pretraining and readmission use): the admission vector a (AdmissionEncoder) of up to max_stays "
                  "stays, ICD and drug codes and the note",
     "patient": "every patient with an ICD-coded admission: the mean over ALL their coded admissions (no cutoff: "
