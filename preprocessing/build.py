@@ -80,7 +80,7 @@ def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Built:
     _check_usable(raw, attrition, rep)
     train_stay = split[stays["patient_row"]] == 0
     rep.log(f"fitting features on {int(train_stay.sum())} training stays")
-    ts, ts_spec = _time_series(cfg, events, variable_names(raw, layout, events["var"]), train_stay)
+    ts, ts_spec = _time_series(cfg, events, variable_names(raw, layout, events["var_keys"]), train_stay)
     static, static_spec = _static_vectors(cfg, stays, admissions, patients, train_stay)
 
     skipped["diagnoses and prescriptions"] = codes["counts"]
@@ -145,7 +145,8 @@ def _stays_with_events(cfg, raw: Path, layout: str, stays: dict, rep):
                                                      progress=rep.bytes_task)
     has_events = np.zeros(len(stays["stay_id"]), bool)
     has_events[events["stay"]] = True
-    events = dict(events, stay=(np.cumsum(has_events) - 1)[events["stay"]])   # renumbered over the kept stays
+    new_row = (np.cumsum(has_events) - 1).astype(np.int32)
+    events = dict(events, stay=new_row[events["stay"]])               # renumbered over the kept stays (in order)
     onsets = {task: hours[has_events] for task, hours in onsets.items()}
     return _take(stays, has_events), events, onsets, skipped, sources
 

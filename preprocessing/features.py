@@ -20,6 +20,7 @@ import numpy as np
 
 from data import lookup, row_of
 from folders import InputError
+from preprocessing.extract import EVENT_ARRAYS
 from preprocessing.tables import unique
 
 
@@ -31,48 +32,58 @@ def _quantile_edges(values: np.ndarray, n_bins: int) -> list[float]:
     return [float(q) for q in unique(qs)]
 
 
-def _stay_frequency(stay: np.ndarray, column: np.ndarray, n_columns: int, n_train: int) -> np.ndarray:
-    """Fraction of training stays in which each column is active at least once."""
-    pairs = unique(column.astype(np.int64) * (int(stay.max()) + 1 if len(stay) else 1) + stay)
-    counts = np.bincount(pairs // (int(stay.max()) + 1 if len(stay) else 1), minlength=n_columns)
-    return counts / max(n_train, 1)
-
-
 # ------------------------------------------------------------------------------------------- time series
+CHUNK_EVENTS = 1 << 22   # events per chunk when fitting and applying: bounds the temporaries (~200 bytes per event)
+
+
+def event_chunks(events: dict, size: int | None = None):
+    """Consecutive slices of `events` (extract.EventStore.result: sorted by stay) of about `size` (default
+    CHUNK_EVENTS) events each, never splitting a stay; the per-event arrays are sliced (views), the rest passed on."""
+    stay, n, size = events["stay"], len(events["stay"]), size or CHUNK_EVENTS
+    cuts = unique(np.searchsorted(stay, stay[np.arange(size, n, size)]))  # the first event of a stay
+    bounds = [0, *cuts[cuts > 0].tolist(), n]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start or n == 0:
+            yield {k: (v[start:end] if k in EVENT_ARRAYS else v) for k, v in events.items()}
+
+
 def fit_timeseries(events: dict, train: np.ndarray, names: dict, theta: float, n_bins: int) -> dict:
-    """Choose variables, bins and categories on the training stays (`train`: bool per stay).
+    """Choose variables, bins and categories on the training stays (`train`: bool per stay), in chunks of events.
 
     Returns a JSON-able spec: per variable its key, name, kind and bins/categories, plus the names of the
     F output columns in order. `names` maps variable keys to readable names.
     """
-    in_train = train[events["stay"]]
-    stay, var, num, cat = (events[k][in_train] for k in ("stay", "var", "num", "cat"))
-    n_train = int(train.sum())
-    keys, inverse = unique(var, return_inverse=True)
-    freq = _stay_frequency(stay, inverse, len(keys), n_train)
-    order, bounds = _groups(inverse, len(keys))
+    n_train, keys = int(train.sum()), events["var_keys"]
+    stats = _variable_stats(events, train)
+    freq = stats["stays"] / max(n_train, 1)
+    chosen = np.flatnonzero(freq >= theta)
+    numeric = chosen[(stats["finite"][chosen] >= 0.5 * stats["events"][chosen]) & (stats["finite"][chosen] > 0)]
+    values = _numeric_values(events, train, numeric, stats["finite"])
+    pairs = stats["categories"]                                # (variable << 32 | category), sorted
     variables, columns = [], []
-    for k in np.flatnonzero(freq >= theta):
-        mine = order[bounds[k]:bounds[k + 1]]                 # this variable's training events
-        nums, cats = num[mine], cat[mine]
-        finite = nums[np.isfinite(nums)]
+    for k in chosen:
         v = {"key": int(keys[k]), "name": names[int(keys[k])], "frequency": float(freq[k])}
-        if len(finite) >= 0.5 * len(mine) and len(finite):
-            v.update(kind="numeric", edges=_quantile_edges(finite, n_bins))
-            values = [f"q{i + 1}" for i in range(len(v["edges"]) + 1)]
-        elif (cats >= 0).any():
-            v.update(kind="categorical", categories=sorted(set(unique(cats[cats >= 0]).tolist())))
-            values = [f"= {events['category_names'][c]}" for c in v["categories"]]
+        lo, hi = np.searchsorted(pairs, [k << 32, (k + 1) << 32])
+        cats = (pairs[lo:hi] & 0xFFFFFFFF).tolist()
+        if k in values:
+            v.update(kind="numeric", edges=_quantile_edges(values[k], n_bins))
+            labels = [f"q{i + 1}" for i in range(len(v["edges"]) + 1)]
+        elif cats:
+            v.update(kind="categorical", categories=cats)
+            labels = [f"= {events['category_names'][c]}" for c in v["categories"]]
         else:
             v.update(kind="presence")
-            values = []
-        v["columns"] = [len(columns)] + list(range(len(columns) + 1, len(columns) + 1 + len(values)))
-        columns += [f"{v['name']} present"] + [f"{v['name']} {x}" for x in values]
+            labels = []
+        v["columns"] = [len(columns)] + list(range(len(columns) + 1, len(columns) + 1 + len(labels)))
+        columns += [f"{v['name']} present"] + [f"{v['name']} {x}" for x in labels]
         variables.append(v)
     spec = {"variables": variables, "columns": columns}
     # post-filter (FIDDLE theta_2): drop value columns active in fewer than theta of the training stays
-    train_stay, _, train_column = _columns(events, spec, train)
-    keep = _stay_frequency(train_stay, train_column, len(columns), n_train) >= theta
+    stays_with = np.zeros(len(columns), np.int64)
+    for chunk in event_chunks(events):
+        stay, _, column = _columns(chunk, spec, train)
+        stays_with += np.bincount(unique(column * (len(train) + 1) + stay) // (len(train) + 1), minlength=len(columns))
+    keep = stays_with / max(n_train, 1) >= theta
     new_index = np.cumsum(keep) - 1
     for v in variables:
         v["columns"] = [int(new_index[c]) if keep[c] else -1 for c in v["columns"]]
@@ -80,20 +91,53 @@ def fit_timeseries(events: dict, train: np.ndarray, names: dict, theta: float, n
     return spec
 
 
-def _groups(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(order, bounds): the items with label k are order[bounds[k]:bounds[k + 1]] (one sort, no n-fold scan)."""
-    order = np.argsort(labels, kind="stable")
-    return order, np.searchsorted(labels[order], np.arange(n + 1))
+def _variable_stats(events: dict, train: np.ndarray) -> dict:
+    """Per variable over the training stays' events: "stays" with it, "events", "finite" numbers; and the sorted
+    (variable << 32 | category) pairs seen, "categories"."""
+    n_vars = len(events["var_keys"])
+    stats = {name: np.zeros(n_vars, np.int64) for name in ("stays", "events", "finite")}
+    pairs = [np.zeros(0, np.int64)]
+    for chunk in event_chunks(events):
+        mine = train[chunk["stay"]]
+        stay, var, num, cat = (chunk[k][mine] for k in ("stay", "var", "num", "cat"))
+        stats["stays"] += np.bincount(unique(stay.astype(np.int64) * n_vars + var) % n_vars, minlength=n_vars)
+        stats["events"] += np.bincount(var, minlength=n_vars)
+        stats["finite"] += np.bincount(var[np.isfinite(num)], minlength=n_vars)
+        pairs.append(unique(var[cat >= 0].astype(np.int64) << 32 | cat[cat >= 0]))
+    stats["categories"] = unique(np.concatenate(pairs))
+    return stats
+
+
+def _numeric_values(events: dict, train: np.ndarray, numeric: np.ndarray, finite: np.ndarray) -> dict:
+    """{variable: its finite training values (float32)} for the `numeric` variables, gathered chunk by chunk into
+    one buffer grouped by variable (a counting sort: one copy of those values, no per-event index arrays)."""
+    slot = np.full(len(events["var_keys"]), -1, np.int64)
+    slot[numeric] = np.arange(len(numeric))
+    offsets = np.concatenate(([0], np.cumsum(finite[numeric])))
+    buffer, filled = np.empty(offsets[-1], np.float32), offsets[:-1].copy()
+    for chunk in event_chunks(events):
+        s = slot[chunk["var"]]
+        mine = train[chunk["stay"]] & np.isfinite(chunk["num"]) & (s >= 0)
+        s, num = s[mine], chunk["num"][mine]
+        order = np.argsort(s, kind="stable")
+        s, num = s[order], num[order]
+        rank = np.arange(len(s)) - np.searchsorted(s, s)                 # position within its variable's run
+        buffer[filled[s] + rank] = num
+        filled += np.bincount(s, minlength=len(numeric))
+    return {int(k): buffer[offsets[i]:offsets[i + 1]] for i, k in enumerate(numeric)}
 
 
 def _columns(events: dict, spec: dict, rows: np.ndarray | None = None):
-    """(stay, hour, column) of every active cell under `spec`; columns may be -1 (dropped) before filtering."""
+    """(stay, hour, column) of every active cell of `events` (a chunk) under `spec`, int64; columns may be -1
+    (dropped) before filtering. `rows` (bool per stay) keeps the events of those stays only."""
     sel = np.ones(len(events["stay"]), bool) if rows is None else rows[events["stay"]]
     var, num, cat = events["var"][sel], events["num"][sel], events["cat"][sel]
-    stay, hour = events["stay"][sel], events["hour"][sel]
+    stay, hour = events["stay"][sel].astype(np.int64), events["hour"][sel].astype(np.int64)
     variables = spec["variables"]
     keys = np.array([v["key"] for v in variables], dtype=np.int64)
-    pos = lookup(keys, var)                                                  # -1: not a feature
+    position = np.full(len(events["var_keys"]) + 1, -1, np.int64)            # variable index -> spec position
+    position[lookup(events["var_keys"], keys)] = np.arange(len(keys))
+    pos = position[var]                                                      # -1: not a feature
     present = np.array([v["columns"][0] for v in variables] + [-1], dtype=np.int64)
     value_col = np.full(len(var), -1, np.int64)
     order, bounds = _groups(pos + 1, len(keys) + 1)             # group 0 holds the unknown variables
@@ -107,7 +151,7 @@ def _columns(events: dict, spec: dict, rows: np.ndarray | None = None):
     if pairs:                                                   # categories: one lookup of (variable, category)
         p = np.array(pairs, dtype=np.int64)
         table = p[:, 0] << 32 | p[:, 1]
-        key = pos.astype(np.int64) << 32 | cat.astype(np.int64)
+        key = pos << 32 | cat.astype(np.int64)
         hit = np.minimum(np.searchsorted(table, key), len(table) - 1)
         found = (table[hit] == key) & (cat >= 0)
         value_col[found] = p[hit[found], 2]
@@ -117,17 +161,30 @@ def _columns(events: dict, spec: dict, rows: np.ndarray | None = None):
     return stay2[ok], hour2[ok], col[ok]
 
 
+def _groups(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, bounds): the items with label k are order[bounds[k]:bounds[k + 1]] (one sort, no n-fold scan)."""
+    order = np.argsort(labels, kind="stable")
+    return order, np.searchsorted(labels[order], np.arange(n + 1))
+
+
 def apply_timeseries(events: dict, spec: dict, n_stays: int, hours: int) -> dict:
     """Sparse binary (T, F) matrices of every stay, compactly: per stay and hour the count of active
     features (`ts_count` (N, T) int16), the active feature indices in (hour, feature) order (`ts_feat`
-    (nnz,) int16) and CSR offsets into them (`ts_ptr` (N+1,)). Two bytes per active cell."""
-    stay, hour, col = _columns(events, spec)
+    (nnz,) int16) and CSR offsets into them (`ts_ptr` (N+1,)). Two bytes per active cell. Built chunk by
+    chunk of stays, so the temporaries stay bounded whatever the number of events."""
     n_features = len(spec["columns"])
-    cell = unique((stay * hours + hour) * n_features + col)   # sorted by stay, then hour, then feature
-    bag = cell // n_features                                      # stay * T + hour
-    count = np.bincount(bag, minlength=n_stays * hours).reshape(n_stays, hours)
+    count = np.zeros(n_stays * hours, np.int64)
+    feats = [np.zeros(0, np.int16)]
+    for chunk in event_chunks(events):
+        stay, hour, col = _columns(chunk, spec)
+        cell = unique((stay * hours + hour) * n_features + col)   # sorted by stay, then hour, then feature
+        bag = cell // n_features                                      # stay * T + hour
+        if len(bag):
+            count[bag[0]:bag[-1] + 1] += np.bincount(bag - bag[0])
+        feats.append((cell % n_features).astype(np.int16))
+    count = count.reshape(n_stays, hours)
     ptr = np.concatenate(([0], np.cumsum(count.sum(axis=1)))).astype(np.int64)
-    return {"ts_ptr": ptr, "ts_count": count.astype(np.int16), "ts_feat": (cell % n_features).astype(np.int16)}
+    return {"ts_ptr": ptr, "ts_count": count.astype(np.int16), "ts_feat": np.concatenate(feats)}
 
 
 # ------------------------------------------------------------------------------------------- static

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import data
-from preprocessing import cohorts
+from preprocessing import cohorts, extract, features
 from preprocessing.pipeline import PreprocessConfig, preprocess
 from conftest import MIMIC3_DEMO, NOTES, T0, hours_after, one_line_error
 from medhmp import cli
@@ -293,3 +293,21 @@ def test_one_usable_admission_rule_for_pretraining_and_readmission(processed_coh
     assert usable[cohort].all() and not d.admissions["died"].numpy()[cohort].any()
     steps = dict(d.meta["attrition"]["readmission"])
     assert steps["with ICD codes in the vocabulary"] == int(usable.sum())
+
+
+def test_small_merge_buckets_and_chunks_change_nothing(mimic3_processed, tmp_path, monkeypatch):
+    """The event store merges per bucket of stays and the features are fitted and applied chunk by chunk
+    (bounded memory at MIMIC size); with buckets of 3 stays and chunks of 2,000 events (dozens of each on the
+    MIMIC-III demo) every tensor and the fitted spec are exactly those of one bucket and one chunk."""
+    monkeypatch.setattr(extract, "BUCKET_STAYS", 3)
+    monkeypatch.setattr(features, "CHUNK_EVENTS", 2000)
+    out = tmp_path / "out"
+    meta = preprocess(PreprocessConfig(raw=MIMIC3_DEMO, notes=NOTES, out=out, quiet=True))
+    want = json.loads((mimic3_processed / "meta.json").read_text())
+    assert meta["counts"]["active_cells"] > 50 * features.CHUNK_EVENTS
+    for key in ("features", "feature_names", "static_names", "counts", "attrition", "skipped", "icd_vocab"):
+        assert meta[key] == want[key], key
+    for name in ("stays.pt", "admissions.pt"):
+        got, ref = (torch.load(d / name, weights_only=True) for d in (out, mimic3_processed))
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), name
+    assert (out / "labels.csv").read_text() == (mimic3_processed / "labels.csv").read_text()

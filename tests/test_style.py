@@ -34,7 +34,7 @@ ALLOWED = {
     "preprocessing.build": {"data", "folders", "preprocessing.cohorts", "preprocessing.extract",
                             "preprocessing.features", "preprocessing.tables", "tasks"},
     "preprocessing.cohorts": {"data", "preprocessing.extract", "preprocessing.tables", "tasks"},
-    "preprocessing.features": {"data", "folders", "preprocessing.tables"},
+    "preprocessing.features": {"data", "folders", "preprocessing.extract", "preprocessing.tables"},
     "preprocessing.extract": {"data", "folders", "preprocessing.tables", "tasks"},
     "preprocessing.tables": {"folders"},
 }
