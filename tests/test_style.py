@@ -18,6 +18,7 @@ ALLOWED = {
     "demo": {"synthetic", "data", "train", "evaluate", "results", "metrics", "progress", "preprocessing.pipeline"},
     "evaluate": {"data", "models", "sequence", "train", "metrics", "results", "folders", "progress", "tasks"},
     "sequence": {"models"},
+    "baselines": {"models"},
     "results": {"metrics", "progress", "folders"},
     "metrics": set(),
     "train": {"data", "models", "progress", "folders"},
@@ -87,8 +88,9 @@ def test_import_graph_points_one_way(module):
 
 def test_every_module_is_in_the_graph():
     assert project_modules() == set(ALLOWED)
-    # 12, and tasks.py, the task registry that the generator shares without torch (README: Layout of the code)
-    assert len(list(REPO.glob("*.py"))) <= 13, "the root holds at most 12 modules, or the README argues for more"
+    # 12, tasks.py, the task registry that the generator shares without torch, and baselines.py, the comparison
+    # models kept out of models.py like sequence.py (README: Layout of the code)
+    assert len(list(REPO.glob("*.py"))) <= 14, "the root holds at most 12 modules, or the README argues for more"
 
 
 def test_models_imports_only_torch():
