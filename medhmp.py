@@ -119,8 +119,8 @@ def pretrain(level, **options):
 @_option("--run", evaluate.FinetuneConfig, "Checkpoints in, eval/ and results.csv out.", type=PathOption)
 @_option("--init", evaluate.FinetuneConfig, type=click.Choice(evaluate.INITS))
 @_option("--seeds", evaluate.FinetuneConfig, type=click.IntRange(min=1))
-@_option("--model", evaluate.FinetuneConfig, "Patient-level sequence model.",
-         type=click.Choice(evaluate.PATIENT_MODELS))
+@_option("--model", evaluate.FinetuneConfig, "medhmp, a patient-level sequence model, or a stay or admission "
+         "baseline (README: Models).", type=click.Choice(evaluate.MODELS))
 @click.option("--lr", type=RateList(), help="One learning rate for every level, or a grid (e.g. 1e-3,5e-3,2e-2) "
               "chosen per init on validation. [default: 5e-3 stay and admission, 5e-2 patient]")
 @click.option("--probe", is_flag=True, default=None, help="Train only the head on the frozen encoder.")

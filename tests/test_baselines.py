@@ -1,11 +1,17 @@
 """Tests for baselines.py: shapes, each example scored alone, masked modalities and padding change nothing
 (garbage there), absent modalities give finite outputs and gradients, and each model learns a planted task from
-scratch (slow). Tiny sizes, CPU."""
+scratch (slow); and their wiring into `evaluate --model NAME`. Tiny sizes, CPU."""
+import shutil
+
 import pytest
 import torch
+from click.testing import CliRunner
 
 import baselines
+import evaluate
 from baselines import ADMISSION_MODELS, STAY_MODELS
+from conftest import one_line_error, read_csv
+from medhmp import cli
 from metrics import auroc
 from models import ModelConfig
 
@@ -213,3 +219,43 @@ def test_admission_models_learn_from_either_modality(cfg, name, signal):
     train, test = planted_admissions(128, g, signal), planted_admissions(256, g, signal)
     model = build(ADMISSION_MODELS, name, cfg)
     assert learns(model, train, test) > 0.85, (name, signal)
+
+
+# ------------------------------------------------------------------------------------------ evaluate wiring
+def test_level_model_says_what_runs_at_each_level():
+    cases = {"medhmp": ("medhmp", "medhmp", "lstm"), "retain": ("medhmp", "medhmp", "retain"),
+             "f-lstm": ("f-lstm", None, None), "ts-transformer": ("ts-transformer", None, None),
+             "bert-lstm": (None, "bert-lstm", None), "lstm": ("medhmp", "medhmp", "lstm")}
+    for model, expected in cases.items():
+        assert tuple(evaluate.level_model(model, lv) for lv in ("stay", "admission", "patient")) == expected
+    assert evaluate.FinetuneConfig().model == "medhmp" and set(evaluate.MODELS) >= {*STAY_MODELS, *ADMISSION_MODELS}
+
+
+@pytest.fixture
+def run_copy(pretrained_run, tmp_path):
+    """A writable copy of the shared pretrained run (width 16, which init=none models take from it)."""
+    return shutil.copytree(pretrained_run, tmp_path / "run")
+
+
+def test_evaluate_runs_a_stay_baseline_from_scratch_only(processed_cohort, run_copy):
+    cfg = evaluate.FinetuneConfig(task="mortality", model="f-lstm", data=processed_cohort, run=run_copy, seeds=1,
+                                  epochs=1, bootstrap=20, quiet=True, table=False)
+    report = evaluate.evaluate(cfg)["mortality"]
+    assert report["model"] == "f-lstm"
+    assert "baseline without pretrained weights" in report["results"]["admission/f-lstm"]["skipped"]
+    none = report["results"]["none/f-lstm"]
+    assert none["seeds"][0]["loaded_tensors"] == 0 and 0 <= none["mean"]["auroc"] <= 1
+    rows = {(r["init"], r["model"]): r for r in read_csv(run_copy / "results.csv")}
+    assert rows["none", "f-lstm"]["auroc"] and rows["admission", "f-lstm"]["skipped"]
+
+
+def test_cli_runs_an_admission_baseline_and_refuses_a_wrong_level(processed_cohort, run_copy):
+    common = ["--data", str(processed_cohort), "--run", str(run_copy), "--seeds", "1", "--epochs", "1"]
+    done = CliRunner().invoke(cli, ["evaluate", "--task", "readmission", "--model", "bert-lstm", "--init", "none",
+                                    *common])
+    assert done.exit_code == 0, done.output
+    assert [r["model"] for r in read_csv(run_copy / "results.csv")] == ["bert-lstm"]
+    wrong = CliRunner().invoke(cli, ["evaluate", "--task", "readmission", "--model", "f-lstm", *common])
+    one_line_error(wrong, "f-lstm is a stay-level baseline: it cannot run --task readmission")
+    probe = CliRunner().invoke(cli, ["evaluate", "--task", "mortality", "--model", "raim", "--probe", *common])
+    one_line_error(probe, "no pretrained encoder to probe")

@@ -16,7 +16,8 @@ from conftest import REPO
 ALLOWED = {
     "medhmp": {"synthetic", "train", "evaluate", "demo", "folders", "preprocessing.pipeline"},
     "demo": {"synthetic", "data", "train", "evaluate", "results", "metrics", "progress", "preprocessing.pipeline"},
-    "evaluate": {"data", "models", "sequence", "train", "metrics", "results", "folders", "progress", "tasks"},
+    "evaluate": {"data", "models", "sequence", "baselines", "train", "metrics", "results", "folders", "progress",
+                 "tasks"},
     "sequence": {"models"},
     "baselines": {"models"},
     "results": {"metrics", "progress", "folders"},
