@@ -15,6 +15,7 @@ import click
 
 import demo
 import evaluate
+import paper_tables
 import synthetic
 import train
 from folders import InputError, sigterm_as_interrupt
@@ -119,8 +120,7 @@ def pretrain(level, **options):
 @_option("--run", evaluate.FinetuneConfig, "Checkpoints in, eval/ and results.csv out.", type=PathOption)
 @_option("--init", evaluate.FinetuneConfig, type=click.Choice(evaluate.INITS))
 @_option("--seeds", evaluate.FinetuneConfig, type=click.IntRange(min=1))
-@_option("--model", evaluate.FinetuneConfig, "medhmp, a patient-level sequence model, or a stay or admission "
-         "baseline (README: Models).", type=click.Choice(evaluate.MODELS))
+@_option("--model", evaluate.FinetuneConfig, "all: the paper's tables.", type=click.Choice([*evaluate.MODELS, "all"]))
 @click.option("--lr", type=RateList(), help="One learning rate for every level, or a grid (e.g. 1e-3,5e-3,2e-2) "
               "chosen per init on validation. [default: 5e-3 stay and admission, 5e-2 patient]")
 @click.option("--probe", is_flag=True, default=None, help="Train only the head on the frozen encoder.")
@@ -133,8 +133,8 @@ def pretrain(level, **options):
 @_option("--labels", evaluate.FinetuneConfig, "Or this many, stratified.", type=click.IntRange(min=4))
 @_option("--seed", evaluate.FinetuneConfig, type=int)
 def evaluate_command(**options):
-    """Fine-tune on downstream tasks (pretrained vs from scratch) and write metrics with bootstrap CIs."""
-    _run(evaluate.evaluate, evaluate.FinetuneConfig, **options)
+    """Fine-tune on downstream tasks and write metrics with CIs; --model all: the paper's Tables 1-3 (RUN/tables/)."""
+    _run(paper_tables.tables if options["model"] == "all" else evaluate.evaluate, evaluate.FinetuneConfig, **options)
 
 
 @cli.command(name="demo")

@@ -95,6 +95,16 @@ def write_task(task: str, report: dict, probs: dict, ids: dict, y: np.ndarray) -
     plot_curves(task, probs, np.asarray(y), out / f"{task}_curves.png")
 
 
+def read_predictions(run: Path, task: str, init: str, model: str) -> tuple[list[int], list[list[float]]]:
+    """The test labels (n,) and probabilities (seeds, n) of one (init, model) in RUN/eval/<task>_predictions.csv,
+    seeds in increasing order, examples in the order write_task wrote them."""
+    with open(Path(run) / "eval" / f"{task}_predictions.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["init"] == init and r["model"] == model]
+    seeds = sorted({int(r["seed"]) for r in rows})
+    probs = [[float(r["probability"]) for r in rows if int(r["seed"]) == s] for s in seeds]
+    return [int(r["label"]) for r in rows if seeds and int(r["seed"]) == seeds[0]], probs
+
+
 def plot_curves(task: str, probs: dict, y: np.ndarray, path: Path) -> bool:
     """ROC and PR curves of the test split, one line per init (probabilities averaged over seeds), as a PNG;
     only when matplotlib is installed (it is optional, never required). Returns whether a file was written."""

@@ -14,7 +14,8 @@ from conftest import REPO
 # module -> the project modules it may import. The core (models, data, train, evaluate, metrics and what they
 # import) never reaches the preprocessing package, which reads raw extracts and writes what data.py reads.
 ALLOWED = {
-    "medhmp": {"synthetic", "train", "evaluate", "demo", "folders", "preprocessing.pipeline"},
+    "medhmp": {"synthetic", "train", "evaluate", "paper_tables", "demo", "folders", "preprocessing.pipeline"},
+    "paper_tables": {"data", "evaluate", "folders", "metrics", "progress", "results", "tasks", "train"},
     "demo": {"synthetic", "data", "train", "evaluate", "results", "metrics", "progress", "preprocessing.pipeline"},
     "evaluate": {"data", "models", "sequence", "baselines", "train", "metrics", "results", "folders", "progress",
                  "tasks"},
@@ -89,9 +90,10 @@ def test_import_graph_points_one_way(module):
 
 def test_every_module_is_in_the_graph():
     assert project_modules() == set(ALLOWED)
-    # 12, tasks.py, the task registry that the generator shares without torch, and baselines.py, the comparison
-    # models kept out of models.py like sequence.py (README: Layout of the code)
-    assert len(list(REPO.glob("*.py"))) <= 14, "the root holds at most 12 modules, or the README argues for more"
+    # 12, tasks.py, the task registry that the generator shares without torch, baselines.py, the comparison
+    # models kept out of models.py like sequence.py, and paper_tables.py, the tables over every model, which
+    # evaluate.py's budget cannot hold (README: Layout of the code)
+    assert len(list(REPO.glob("*.py"))) <= 15, "the root holds at most 12 modules, or the README argues for more"
 
 
 def test_models_imports_only_torch():
