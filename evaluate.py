@@ -2,7 +2,7 @@
 
 Usage:
     python medhmp.py evaluate --task mortality --data data/processed --run runs/default [--init admission]
-    python medhmp.py evaluate --task all --seeds 5 --model retain
+    python medhmp.py evaluate --task all --seeds 5 --model retain      # or --model f-lstm, bert-lstm, ... (baselines)
 Reads DATA/ (labels, splits, tensors) and RUN/admission.pt or RUN/stay.pt (never writes them). Writes
 RUN/eval/<task>.json (config, n and prevalence per split, per-seed metrics, mean ± sd, bootstrap CIs),
 RUN/eval/<task>_predictions.csv (test probabilities per seed) and one row per (task, init, model) in
@@ -28,10 +28,11 @@ from torch import nn
 from data import (SPLITS, AdmissionDataset, InputError, PatientDataset, Processed, StayDataset, config_record,
                   load_processed, make_loader, select_rows)
 from folders import check_writable
-from metrics import METRIC_FUNCTIONS, METRICS, binary_metrics, bootstrap_ci, paired_delta
+from baselines import ADMISSION_MODELS, STAY_MODELS
+from metrics import METRIC_FUNCTIONS, METRICS, binary_metrics, bootstrap_ci
 from models import AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, StayEncoder, load_encoder
 from progress import Reporter
-from results import print_table, results_table, skipped_lines, write_task
+from results import paired_deltas, print_table, results_table, skip_reason, skipped_lines, split_stats, write_task
 from sequence import SEQUENCE_MODELS, SequenceClassifier
 from tasks import TASKS
 from train import (NonFiniteLoss, autocast, data_mismatch, grad_scaler, load_checkpoint, optimizer_step, resolve_device,
@@ -40,6 +41,8 @@ from train import (NonFiniteLoss, autocast, data_mismatch, grad_scaler, load_che
 
 INITS = ("admission", "stay", "none")    # MedHMP a+s, MedHMP s, random weights
 PATIENT_MODELS = tuple(SEQUENCE_MODELS)
+BASELINES = {"stay": STAY_MODELS, "admission": ADMISSION_MODELS, "patient": {}}  # no pretrained init: none only
+MODELS = ("medhmp", *PATIENT_MODELS, *STAY_MODELS, *ADMISSION_MODELS)  # what --model may name
 STAY_SIZES = ("seq_len", "n_features", "n_static")
 # (level, init) -> (checkpoint, key prefix in it, submodule of the fine-tuned model, sizes that must match)
 TRANSFERS = {
@@ -60,7 +63,7 @@ class FinetuneConfig:
     run: Path = Path("runs/default")  # reads the checkpoints here, writes eval/ and results.csv here
     init: str = "admission"           # admission (MedHMP a+s) | stay (MedHMP s) | none (random weights)
     compare_none: bool = True         # also run init=none (same architecture) beside a pretrained init
-    model: str = "lstm"               # patient-level sequence model (sequence.SEQUENCE_MODELS)
+    model: str = "medhmp"             # a MODELS name; what it runs at each level: level_model
     seeds: int = 5                    # paper App. B: mean of 5 runs
     seed: int = 0                     # run i uses seed + i (weights, dropout, batch order)
     epochs: int = 30                  # paper App. B: at most 30 epochs
@@ -138,22 +141,17 @@ def task_datasets(task: str, data: Processed, cfg: FinetuneConfig) -> tuple[dict
     return {s: labelled_dataset(TASKS[task].level, data, e, cfg) for s, e in examples.items()}, examples
 
 
-def _split_stats(examples: dict) -> dict:
-    return {s: {"n": len(e["label"]), "positives": int(e["label"].sum()),
-                "prevalence": float(e["label"].mean()) if len(e["label"]) else math.nan}
-            for s, e in examples.items()}
-
-
-def _skip_reason(stats: dict) -> str | None:
-    """Why a cohort cannot be evaluated (no examples, or a split without both classes), or None."""
-    if all(v["n"] == 0 for v in stats.values()):
-        return "no examples in this data"
-    bad = [f"{s} {v['n']} examples, {v['positives']} positive" for s, v in stats.items()
-           if v["positives"] in (0, v["n"])]
-    return "single-class split: " + "; ".join(bad) if bad else None
-
-
 # ------------------------------------------------------------------------------------------ models
+def level_model(model: str, level: str) -> str | None:
+    """The model that `--model model` runs at `level`: "medhmp" (MedHMP's encoder; at patient level the LSTM
+    over visits, whose ICD MLP is MedHMP's), a baseline of that level, or None where it has none (a stay
+    baseline at admission level). A sequence-model name picks the patient-level model and keeps MedHMP's
+    encoders at the stay and admission levels."""
+    if level == "patient":
+        return "lstm" if model == "medhmp" else model if model in SEQUENCE_MODELS else None
+    return model if model in BASELINES[level] else "medhmp" if model in ("medhmp", *SEQUENCE_MODELS) else None
+
+
 class Checkpoints:
     """RUN/stay.pt and RUN/admission.pt, loaded once on first use and checked against the data."""
 
@@ -202,12 +200,15 @@ def build_model(task: str, init: str, cfg: FinetuneConfig, ckpts: Checkpoints,
     """The fine-tuning model of `task` and the number of pretrained tensors loaded into it (0 for none);
     `mcfg` overrides the architecture that `ckpts` would give (benchmarks)."""
     level, mcfg = TASKS[task].level, mcfg or ckpts.model_config(init)
+    kind = level_model(cfg.model, level)
+    if kind in BASELINES[level]:  # random weights only (evaluate_task skips a pretrained init)
+        return BASELINES[level][kind](mcfg, dropout=cfg.dropout), 0
     if level == "stay":
         model = Classifier(StayEncoder(mcfg), dropout=cfg.dropout)
     elif level == "admission":
         model = Classifier(AdmissionEncoder(mcfg), dropout=cfg.dropout)
     else:
-        model = SequenceClassifier(CodeEncoder(mcfg.n_icd, mcfg.d_model), cfg.model, mcfg, dropout=cfg.dropout)
+        model = SequenceClassifier(CodeEncoder(mcfg.n_icd, mcfg.d_model), kind, mcfg, dropout=cfg.dropout)
     if cfg.probe:  # the pretrained (or, for init=none, random) encoder stays as it is
         model.get_submodule(PROBED[level]).requires_grad_(False)
     if init == "none":
@@ -320,16 +321,6 @@ def run_init(task: str, init: str, sets: dict, cfg: FinetuneConfig, ckpts: Check
     return result, probs
 
 
-def paired_deltas(y: np.ndarray, probs: dict, cfg: FinetuneConfig) -> dict:
-    """Δ AUROC and Δ AUPRC of each pretrained init against init=none on the same test examples, with a paired
-    bootstrap CI: {init: {"auroc": [Δ, lo, hi], "auprc": [...]}}; empty without a none run."""
-    if "none" not in probs:
-        return {}
-    return {init: {m: list(paired_delta(y, p, probs["none"], METRIC_FUNCTIONS[m], cfg.bootstrap, cfg.seed))
-                   for m in ("auroc", "auprc")}
-            for init, p in probs.items() if init != "none"}
-
-
 # ------------------------------------------------------------------------------------------ outputs
 def _ids(task: str, data: Processed, examples: dict) -> dict:
     """subject/hadm/stay id columns of the test examples ('' where the level has none)."""
@@ -348,22 +339,25 @@ def evaluate_task(task: str, cfg: FinetuneConfig, data: Processed, ckpts: Checkp
     """Fine-tune and score one task for each init; writes its files and returns its report."""
     level = TASKS[task].level
     sets, examples = task_datasets(task, data, cfg)
-    stats = _split_stats(examples)
+    stats = split_stats(examples)
     inits = [cfg.init] + (["none"] if cfg.compare_none and cfg.init != "none" else [])
-    model = (cfg.model if level == "patient" else "medhmp") + ("-probe" if cfg.probe else "")
+    kind = level_model(cfg.model, level)
+    model = kind + ("-probe" if cfg.probe else "")
     report = {"task": task, "level": level, "model": model, "config": config_record(cfg), "splits": stats,
               "results": {}}
-    probs, cohort_reason = {}, _skip_reason(stats)
+    probs, cohort_reason = {}, skip_reason(stats)
     for init in inits:
         reason = cohort_reason
-        if reason is None and init != "none" and (level, init) not in TRANSFERS:
+        if reason is None and init != "none" and kind in BASELINES[level]:
+            reason = f"{kind} is a baseline without pretrained weights; it runs init=none only"
+        elif reason is None and init != "none" and (level, init) not in TRANSFERS:
             reason = f"RUN/{init}.pt has no encoder for {level}-level tasks; use --init admission or none"
         if reason is not None:
             report["results"][f"{init}/{model}"] = {"init": init, "skipped": reason}
             rep.log(f"{task} init={init}: skipped ({reason})")
             continue
         report["results"][f"{init}/{model}"], probs[init] = run_init(task, init, sets, cfg, ckpts, device, amp, rep)
-    for init, delta in paired_deltas(examples["test"]["label"], probs, cfg).items():
+    for init, delta in paired_deltas(examples["test"]["label"], probs, "none", cfg.bootstrap, cfg.seed).items():
         report["results"][f"{init}/{model}"]["delta_vs_none"] = delta
     write_task(task, report, probs, _ids(task, data, examples["test"]), examples["test"]["label"])
     return report
@@ -371,11 +365,16 @@ def evaluate_task(task: str, cfg: FinetuneConfig, data: Processed, ckpts: Checkp
 
 def evaluate(cfg: FinetuneConfig) -> dict:
     """Evaluate `cfg.task` (or every task); returns {task: report} and prints the results table."""
-    tasks = list(TASKS) if cfg.task == "all" else [cfg.task]
     for name, value, allowed in (("task", cfg.task, [*TASKS, "all"]), ("init", cfg.init, INITS),
-                                 ("model", cfg.model, PATIENT_MODELS), ("select_on", cfg.select_on, METRICS)):
+                                 ("model", cfg.model, MODELS), ("select_on", cfg.select_on, METRICS)):
         if value not in allowed:
             raise InputError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(allowed)}")
+    # a baseline runs at its own level only: --task all keeps that level's tasks
+    tasks = [t for t in (TASKS if cfg.task == "all" else [cfg.task]) if level_model(cfg.model, TASKS[t].level)]
+    baseline_level = next((lv for lv, models in BASELINES.items() if cfg.model in models), None)
+    if not tasks or (baseline_level and cfg.probe):
+        raise InputError(f"--model {cfg.model} is a {baseline_level}-level baseline: " + (
+            "it has no pretrained encoder to probe" if tasks else f"it cannot run --task {cfg.task}"))
     rep = Reporter(cfg.quiet)
     device = resolve_device(cfg.device)
     amp = resolve_dtype(cfg.precision, device)

@@ -1,9 +1,8 @@
 """medhmp: hierarchical multimodal pretraining on electronic health records (MedHMP, EMNLP 2023).
 
-Usage: python medhmp.py demo (synthetic cohort -> ... -> results), or stage by stage: synth --out data/raw; preprocess
---raw data/raw --out data/processed; pretrain --level stay; pretrain --level admission; evaluate --task all; embed
---level stay --out stays.npz (the pretrained vectors, for your own models). Each command's --help lists its options.
-The command line only parses and delegates: options default to None, every default lives in the config dataclass.
+Usage: python medhmp.py demo, or stage by stage: synth --out data/raw; preprocess --raw data/raw; pretrain --level
+stay; pretrain --level admission; evaluate --task all [--model all]; embed --level stay --out stays.npz. Options
+default to None: the command line only parses and delegates, every default lives in a config dataclass.
 """
 import dataclasses
 import functools
@@ -15,6 +14,7 @@ import click
 import demo
 import embed
 import evaluate
+import paper_tables
 import synthetic
 import train
 from folders import InputError, sigterm_as_interrupt
@@ -115,22 +115,22 @@ def pretrain(level, **options):
 @click.option("--task", type=click.Choice([*evaluate.TASKS, "all"]), required=True, help="Downstream task.")
 @_options(evaluate.FinetuneConfig, "--data", "--run")
 @_option("--init", evaluate.FinetuneConfig, type=click.Choice(evaluate.INITS))
-@_option("--model", evaluate.FinetuneConfig, "Patient-level model.", type=click.Choice(evaluate.PATIENT_MODELS))
+@_option("--model", evaluate.FinetuneConfig, "all: the paper's tables.", type=click.Choice([*evaluate.MODELS, "all"]))
 @click.option("--lr", type=RateList(), help="One learning rate for every level, or a grid (e.g. 1e-3,5e-3,2e-2) "
               "chosen per init on validation. [default: 5e-3 stay and admission, 5e-2 patient]")
 @click.option("--probe", is_flag=True, default=None, help="Train only the head on the frozen encoder.")
-@_option("--label-fraction", evaluate.FinetuneConfig, "Fine-tune on this share of the training labels (low-resource "
-         "runs).", type=FiniteRange(0, 1, min_open=True))
+@_option("--label-fraction", evaluate.FinetuneConfig, "Train on this share of the labels.",
+         type=FiniteRange(0, 1, min_open=True))
 @_option("--labels", evaluate.FinetuneConfig, "Or this many, stratified.", type=click.IntRange(min=4))
 @_options(evaluate.FinetuneConfig, "--seeds", "--batch-size", "--epochs", "--device", "--precision", "--seed")
 def evaluate_command(**options):
-    """Fine-tune RUN's checkpoints (and from scratch) on downstream tasks; metrics with CIs to RUN/eval, results.csv."""
-    _run(evaluate.evaluate, evaluate.FinetuneConfig, **options)
+    """Fine-tune on downstream tasks and write metrics with CIs; --model all: the paper's Tables 1-3 (RUN/tables/)."""
+    _run(paper_tables.tables if options["model"] == "all" else evaluate.evaluate, evaluate.FinetuneConfig, **options)
 
 
 @cli.command(name="embed")
-@click.option("--level", type=click.Choice(list(embed.LEVELS)), required=True, help="Rows: every stay, usable "
-              "admission or patient with ICD codes (the README and embed.LEVELS say exactly what each vector is).")
+@click.option("--level", type=click.Choice(list(embed.LEVELS)), required=True,
+              help="Rows (README: Pretrained representations).")
 @_option("--out", embed.EmbedConfig, "A .npz file: embeddings (N, D), subject_id, hadm_id, stay_id, split, info.")
 @_option("--init", embed.EmbedConfig, "RUN/admission.pt's encoder, or RUN/stay.pt's.", type=click.Choice(embed.INITS))
 @_options(embed.EmbedConfig, "--data", "--run", "--batch-size", "--device")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 from rich.table import Table
 
 from folders import replace_file
-from metrics import METRICS, auprc, auroc, both_classes, pr_points, roc_points
+from metrics import METRIC_FUNCTIONS, METRICS, auprc, auroc, both_classes, paired_delta, pr_points, roc_points
 from progress import Reporter
 
 
@@ -36,6 +37,33 @@ def _replace_rows(path: Path, columns: list, rows: list[dict], key: tuple) -> No
             w.writeheader()
             w.writerows(kept + rows)
     replace_file(path, write)
+
+
+def split_stats(examples: dict) -> dict:
+    """n, positives and prevalence of each split's examples ({split: {"label": (n,), ...}})."""
+    return {s: {"n": len(e["label"]), "positives": int(e["label"].sum()),
+                "prevalence": float(e["label"].mean()) if len(e["label"]) else math.nan}
+            for s, e in examples.items()}
+
+
+def skip_reason(stats: dict) -> str | None:
+    """Why a cohort cannot be evaluated (no examples, or a split without both classes), or None."""
+    if all(v["n"] == 0 for v in stats.values()):
+        return "no examples in this data"
+    bad = [f"{s} {v['n']} examples, {v['positives']} positive" for s, v in stats.items()
+           if v["positives"] in (0, v["n"])]
+    return "single-class split: " + "; ".join(bad) if bad else None
+
+
+def paired_deltas(y: np.ndarray, probs: dict, reference: str, n: int, seed: int,
+                  metrics: tuple = ("auroc", "auprc")) -> dict:
+    """Δ of each entry of `probs` ({key: test probabilities (seeds, n)}) against probs[reference] on the same
+    test examples y (n,), with a paired bootstrap CI of `n` resamples: {key: {metric: [Δ, lo, hi]}}; empty
+    without the reference (e.g. every pretrained init against "none")."""
+    if reference not in probs:
+        return {}
+    return {key: {m: list(paired_delta(y, p, probs[reference], METRIC_FUNCTIONS[m], n, seed)) for m in metrics}
+            for key, p in probs.items() if key != reference}
 
 
 RESULT_COLUMNS = ["task", "level", "init", "model", "seeds", "n_train", "n_val", "n_test", "prevalence",
@@ -65,6 +93,16 @@ def write_task(task: str, report: dict, probs: dict, ids: dict, y: np.ndarray) -
             for init, p in probs.items() for i in range(len(p)) for j in range(len(y))]
     _replace_rows(out / f"{task}_predictions.csv", PREDICTION_COLUMNS, rows, ("init", "model"))
     plot_curves(task, probs, np.asarray(y), out / f"{task}_curves.png")
+
+
+def read_predictions(run: Path, task: str, init: str, model: str) -> tuple[list[int], list[list[float]]]:
+    """The test labels (n,) and probabilities (seeds, n) of one (init, model) in RUN/eval/<task>_predictions.csv,
+    seeds in increasing order, examples in the order write_task wrote them."""
+    with open(Path(run) / "eval" / f"{task}_predictions.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["init"] == init and r["model"] == model]
+    seeds = sorted({int(r["seed"]) for r in rows})
+    probs = [[float(r["probability"]) for r in rows if int(r["seed"]) == s] for s in seeds]
+    return [int(r["label"]) for r in rows if seeds and int(r["seed"]) == seeds[0]], probs
 
 
 def plot_curves(task: str, probs: dict, y: np.ndarray, path: Path) -> bool:

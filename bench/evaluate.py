@@ -1,12 +1,14 @@
-"""Benchmark: fine-tuning throughput per level (stay, admission, patient) on a synthetic cohort.
+"""Benchmark: fine-tuning throughput per level (stay, admission, patient) and model on a synthetic cohort.
 
 Usage: python bench/evaluate.py [--patients 400] [--d-model 256] [--batch-size 16] [--epochs 2] [--threads 1]
-                                [--device auto] [--out bench/out]
+                                [--device auto] [--out bench/out] [--models medhmp,f-lstm,...]
 Writes (once, then reuses) a synthetic MIMIC-III extract and its processed folder under OUT, then per level
 fine-tunes one task from scratch with evaluate.finetune (SGD steps plus the per-epoch validation pass, as in
 `medhmp.py evaluate`; one untimed warm-up epoch first) and scores its test split with evaluate.predict.
-Prints, per level (and per sequence model at patient level): task, examples, parameters, fine-tuning
-samples/s (training examples per second, the validation pass included in the time) and prediction samples/s. `--threads 1` is the default because two
+Models (`--models`, every one by default): MedHMP at the stay and admission levels, the sequence models at the
+patient level, and the baselines of baselines.py at their own level (stay: F-LSTM, ...; admission: BertLstm, ...).
+Prints, per level and model: task, examples, parameters, fine-tuning samples/s (training examples per second,
+the validation pass included in the time) and prediction samples/s. `--threads 1` is the default because two
 threads on a busy 2-core machine were 10-50x slower for these small LSTMs; pass 0 for torch's default.
 """
 import argparse
@@ -43,7 +45,7 @@ def cohort(args) -> Path:
     return processed
 
 
-def bench_level(level: str, processed: Path, d: data.Processed, args, device, amp, model_name: str = "lstm") -> dict:
+def bench_level(level: str, processed: Path, d: data.Processed, args, device, amp, model_name: str = "medhmp") -> dict:
     task = LEVEL_TASKS[level]
     cfg = evaluate.FinetuneConfig(task=task, data=processed, epochs=args.epochs, patience=args.epochs + 1,
                                   batch_size=args.batch_size, device=str(device), quiet=True, model=model_name)
@@ -60,7 +62,7 @@ def bench_level(level: str, processed: Path, d: data.Processed, args, device, am
     start = time.perf_counter()
     evaluate.predict(model, sets["test"], 4 * args.batch_size, device, amp)
     pred_s = time.perf_counter() - start
-    return {"level": level, "task": task, "model": model_name if level == "patient" else "medhmp",
+    return {"level": level, "task": task, "model": evaluate.level_model(model_name, level),
             "train": n_train, "test": len(sets["test"]),
             "parameters": count_parameters(model),
             "finetune_samples_per_s": n_train * args.epochs / fit_s,
@@ -76,6 +78,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--models", default=None, help="comma-separated model names (evaluate.MODELS); default: all")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,13 +88,18 @@ def main():
     d = data.load_processed(processed)
     print(f"fine-tuning throughput: {args.patients} synthetic patients, d_model {args.d_model}, batch "
           f"{args.batch_size}, {args.epochs} epochs, device {device}, {torch.get_num_threads()} thread(s)")
-    print(f"{'level':<10} {'task':<12} {'model':<8} {'train':>6} {'test':>5} {'params':>9} {'finetune/s':>11} "
+    print(f"{'level':<10} {'task':<12} {'model':<15} {'train':>6} {'test':>5} {'params':>10} {'finetune/s':>11} "
           f"{'predict/s':>10}")
-    runs = [("stay", "lstm"), ("admission", "lstm")] + [("patient", m) for m in evaluate.PATIENT_MODELS]
+    runs = [("stay", "medhmp"), ("admission", "medhmp")] + [("patient", m) for m in evaluate.PATIENT_MODELS]
+    runs += [(level, m) for level in ("stay", "admission") for m in evaluate.BASELINES[level]]
+    wanted = args.models.split(",") if args.models else None
     for level, model_name in runs:
+        if wanted and model_name not in wanted:
+            continue
         r = bench_level(level, processed, d, args, device, amp, model_name)
-        print(f"{r['level']:<10} {r['task']:<12} {r['model']:<8} {r['train']:>6} {r['test']:>5} {r['parameters']:>9,} "
-              f"{r['finetune_samples_per_s']:>11.0f} {r['predict_samples_per_s']:>10.0f}")
+        print(f"{r['level']:<10} {r['task']:<12} {r['model']:<15} {r['train']:>6} {r['test']:>5} "
+              f"{r['parameters']:>10,} {r['finetune_samples_per_s']:>11.0f} {r['predict_samples_per_s']:>10.0f}",
+              flush=True)
 
 
 if __name__ == "__main__":

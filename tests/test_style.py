@@ -14,11 +14,14 @@ from conftest import REPO
 # module -> the project modules it may import. The core (models, data, train, evaluate, metrics and what they
 # import) never reaches the preprocessing package, which reads raw extracts and writes what data.py reads.
 ALLOWED = {
-    "medhmp": {"synthetic", "train", "evaluate", "embed", "demo", "folders", "preprocessing.pipeline"},
+    "medhmp": {"synthetic", "train", "evaluate", "embed", "paper_tables", "demo", "folders", "preprocessing.pipeline"},
+    "paper_tables": {"data", "evaluate", "folders", "metrics", "progress", "results", "tasks", "train"},
     "demo": {"synthetic", "data", "train", "evaluate", "results", "metrics", "progress", "preprocessing.pipeline"},
     "embed": {"data", "models", "train", "evaluate", "folders", "progress"},
-    "evaluate": {"data", "models", "sequence", "train", "metrics", "results", "folders", "progress", "tasks"},
+    "evaluate": {"data", "models", "sequence", "baselines", "train", "metrics", "results", "folders", "progress",
+                 "tasks"},
     "sequence": {"models"},
+    "baselines": {"models"},
     "results": {"metrics", "progress", "folders"},
     "metrics": set(),
     "train": {"data", "models", "progress", "folders"},
@@ -88,9 +91,10 @@ def test_import_graph_points_one_way(module):
 
 def test_every_module_is_in_the_graph():
     assert project_modules() == set(ALLOWED)
-    # 12, tasks.py, the task registry that the generator shares without torch, and embed.py, the representations
-    # for other people's code, which evaluate.py has no room for (README: Layout of the code)
-    assert len(list(REPO.glob("*.py"))) <= 14, "the root holds at most 12 modules, or the README argues for more"
+    # 12, tasks.py, the task registry that the generator shares without torch, embed.py, the representations
+    # for other people's code, baselines.py, the comparison models kept out of models.py like sequence.py, and
+    # paper_tables.py, the tables over every model; evaluate.py's budget holds neither (README: Layout of the code)
+    assert len(list(REPO.glob("*.py"))) <= 16, "the root holds at most 12 modules, or the README argues for more"
 
 
 def test_models_imports_only_torch():
