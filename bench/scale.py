@@ -124,6 +124,7 @@ from preprocessing.pipeline import PreprocessConfig, preprocess
 t = time.perf_counter()
 meta = preprocess(PreprocessConfig(raw=Path({raw!r}), out=Path({out!r})))
 print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t, "counts": meta["counts"],
+      "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "n_features": meta["n_features"], "event_rows": sum(meta["sources"][t]["rows"] for t in meta["sources"]
                                                           if t.endswith("events"))}}), flush=True)
 """
@@ -151,26 +152,30 @@ def rss_mib(pid: int) -> float:
 
 
 def preprocess_child(raw: Path, out: Path) -> dict:
-    """Preprocess in a fresh process, sampling its RSS every 0.2 s; returns the result, the peak RSS and the RSS
-    at each line it logged (the steps of preprocessing)."""
+    """Preprocess in a fresh process, sampling its RSS every 0.2 s; returns the result, its peak RSS (the kernel's
+    ru_maxrss) and per line it logged the seconds, the RSS then and the highest RSS sampled since the line before
+    (where memory goes, step by step)."""
     env = dict(os.environ, CI="true")        # plain progress lines
     proc = subprocess.Popen([sys.executable, "-c", CHILD.format(root=str(ROOT), raw=str(raw), out=str(out))],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    peak, steps, result, start = [0.0], [], None, time.perf_counter()
+    window, steps, result, start = [0.0], [], None, time.perf_counter()
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], rss_mib(proc.pid))
+            window[0] = max(window[0], rss_mib(proc.pid))
             time.sleep(0.2)
     threading.Thread(target=sample, daemon=True).start()
     for line in proc.stdout:
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
         elif line.strip() and "%" not in line:
-            steps.append((round(time.perf_counter() - start), round(rss_mib(proc.pid)), line.strip()[:110]))
+            now = rss_mib(proc.pid)
+            steps.append((round(time.perf_counter() - start), round(now), round(max(window[0], now)),
+                          line.strip()[:100]))
+            window[0] = 0.0
     if proc.wait() != 0 or result is None:
-        raise SystemExit("preprocessing failed:\n" + "\n".join(s[2] for s in steps[-20:]))
-    return {**result, "peak_rss_mib": round(peak[0]), "steps": steps}
+        raise SystemExit("preprocessing failed:\n" + "\n".join(s[3] for s in steps[-20:]))
+    return {**result, "peak_rss_mib": round(result.pop("ru_maxrss_mib")), "steps": steps}
 
 
 def folder_mib(path: Path) -> float:
@@ -211,8 +216,9 @@ def main():
         r = run_size(args, fraction)
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "steps"}), flush=True)
-        for t, rss, line in r["steps"]:
-            print(f"  {t:>6} s {rss:>7} MiB  {line}")
+        print("  seconds, RSS at the line, highest RSS since the line before (MiB), the line")
+        for t, rss, high, line in r["steps"]:
+            print(f"  {t:>6} {rss:>7} {high:>7}  {line}")
         (args.out / "scale.json").write_text(json.dumps(results, indent=1))
     print("| fraction | patients | stays | event rows | features | active cells | time | rows/s (x bare) | peak RSS "
           "| folder | load RSS |\n|---|---|---|---|---|---|---|---|---|---|---|")

@@ -509,3 +509,61 @@ def test_skipped_rows_get_one_summary_line_per_table(raw, tmp_path):
     assert "2 malformed rows skipped (first at row 3); 1 rows with an unparsable time" in lines[0]
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["sources"]["chartevents"]["bad_rows"] == 2 and meta["sources"]["chartevents"]["first_bad_row"] == 3
+
+
+# ------------------------------------------------------------------- issue 9: bad input at scale
+@pytest.fixture(scope="module")
+def long_chart(tmp_path_factory):
+    """A synthetic MIMIC-III extract whose CHARTEVENTS spans two read blocks (about 24 MB of text; blocks are
+    tables.BLOCK_BYTES = 16 MiB), with three bad rows 90% of the way in: one whose valuenum is not a number, one
+    with an extra field, one whose charttime is not a date (month 13)."""
+    raw = tmp_path_factory.mktemp("long") / "raw"
+    synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=60, event_scale=4, quiet=True))
+    text = gzip.decompress((raw / "CHARTEVENTS.csv.gz").read_bytes()).decode()
+    assert 0.9 * len(text) > tables.BLOCK_BYTES                   # the bad rows are in a later block
+    lines = text.splitlines()
+    stays = gzip.decompress((raw / "ICUSTAYS.csv.gz").read_bytes()).decode().splitlines()[1:]
+    intime = {f[3]: f[9] for f in (line.split(",") for line in stays) if f[4] == "metavision"}
+
+    def used(f):          # a number charted in the first 47 h of a MetaVision stay: read, not left out
+        return f[3] in intime and f[9] and intime[f[3]] <= f[5] <= hours_after(intime[f[3]], 47)
+    deep = next(i for i in range(int(0.9 * len(lines)), len(lines)) if used(lines[i].split(",")))
+    fields = [line.split(",") for line in lines[deep:deep + 3]]
+    fields[0][8:10] = ["1.2.3", "1.2.3"]                          # value, valuenum of a row that is read
+    fields[1].append("an extra field")
+    fields[2][5] = "2150-13-45 09:00:00"                           # charttime
+    lines[deep:deep + 3] = [",".join(f) for f in fields]
+    (raw / "CHARTEVENTS.csv.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode(), compresslevel=1))
+    return raw, deep + 1                                           # the malformed row (data rows count from 1)
+
+
+@pytest.mark.slow
+def test_bad_rows_deep_in_a_large_event_table_are_skipped_and_counted(long_chart, tmp_path):
+    raw, line = long_chart
+    result = _cli("preprocess", "--raw", raw, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    source = meta["sources"]["chartevents"]
+    assert source["bad_rows"] == 1 and source["first_bad_row"] == line
+    assert meta["skipped"]["chartevents"]["unparsable number"] == 1
+    assert meta["skipped"]["chartevents"]["unparsable time"] == 1
+    assert re.search(r"warning: .*CHARTEVENTS.*1 row", result.output), result.output
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_way_leaves_no_folder_and_the_next_one_starts_cleanly(long_chart, tmp_path):
+    raw, _ = long_chart
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO / "medhmp.py"), "preprocess", "--raw", str(raw), "--out",
+                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)                                               # into the tables (the run takes ~5 s)
+    proc.kill()                                                   # SIGKILL: no handler, no tidying
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not out.exists() and list(tmp_path.glob(".out.tmp-*")), [p.name for p in tmp_path.iterdir()]
+    result = _cli("preprocess", "--raw", raw, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert data.load_processed(out).meta["counts"]["stays"] > 0
