@@ -130,13 +130,14 @@ print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t, "counts": met
 """
 
 LOAD = """
-import resource, sys, time
+import sys, time
 sys.path.insert(0, {root!r})
 import data
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t = time.perf_counter()
+def rss():   # MiB resident now (VmRSS)
+    return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+before, t = rss(), time.perf_counter()
 d = data.load_processed({out!r})
-print(before / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t)
+print(before, rss(), time.perf_counter() - t)
 """
 
 
