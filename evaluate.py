@@ -313,7 +313,7 @@ def run_init(task: str, init: str, sets: dict, cfg: FinetuneConfig, ckpts: Check
     result = {"init": init, "lr": lr, "lr_val": {str(k): v for k, v in val.items()}, "probe": cfg.probe,
               "seeds": records,
               "mean": dict(zip(METRICS, table.mean(0).tolist())),
-              "sd": dict(zip(METRICS, (table.std(0, ddof=1) if len(table) > 1 else 0 * table[0]).tolist())),
+              "sd": dict(zip(METRICS, (table.std(0, ddof=1) if len(table) > 1 else np.zeros_like(table[0])).tolist())),
               # pooled: the test examples are resampled and every seed's predictions scored on each resample
               "ci": {m: bootstrap_ci(y_test, probs, METRIC_FUNCTIONS[m], cfg.bootstrap, cfg.seed) for m in METRICS},
               "ci_method": f"percentile bootstrap, {cfg.bootstrap} resamples of the test split, "
