@@ -291,13 +291,40 @@ class OfficialShapedAdmission(nn.Module):
         return mcp + 0.1 * cl
 
 
+class OfficialShapedClassifier(nn.Module):
+    """The official stay-level fine-tuning model's prediction work: the official-shaped stay encoder on the dense
+    (n, T, F) input, then a linear head (the official stay classifier: encoder, dropout, Linear(D→1))."""
+
+    def __init__(self, stay: OfficialShapedStay, D: int = 256):
+        super().__init__()
+        self.stay, self.drop, self.head = stay, nn.Dropout(0.1), nn.Linear(D, 1)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.stay.encode(x, s))).squeeze(-1)  # (n,)
+
+
+def official_inputs(level: str, batch: dict, meta: dict, K: int = 3) -> tuple:
+    """The official code's dense inputs of one of our batches: (x (n, T, F), static (n, S)) for a stay batch
+    ("stay", "infer"); every admission's K stay slots (zeros where it has none), codes and note otherwise."""
+    T, F, S = meta["seq_len"], meta["n_features"], meta["n_static"]
+    x = densify(batch["ts_idx"], len(batch["static"]), T, F)  # (Ns, T, F)
+    if level in ("stay", "infer"):
+        return x, batch["static"]
+    B = len(batch["icd"])
+    slots = batch["stay_mask"].new_zeros(B, K)  # the real stays in their slots, zeros elsewhere
+    slots[:, :batch["stay_mask"].shape[1]] = batch["stay_mask"]
+    xs, ss = x.new_zeros(B, K, T, F), x.new_zeros(B, K, S)
+    xs[slots], ss[slots] = x, batch["static"]
+    return xs, ss, batch["icd"], batch["drug"], batch["note"]
+
+
 def official_step(level: str, data_dir: str, batch_size: int, warmup: int, steps: int, count_flops: bool) -> dict:
     """Forward + backward + Adam of the official-shaped model on dense batches built (untimed) from the same
     data: the compute a same-machine run of the official code would do. Data loading is not timed."""
     torch.manual_seed(0)
     d = data.load_processed(Path(data_dir))
     m, K = d.meta, 3
-    T, F, S = m["seq_len"], m["n_features"], m["n_static"]
+    F, S = m["n_features"], m["n_static"]
     if level == "stay":
         model, ds = OfficialShapedStay(F, S), data.StayDataset(d, d.pretrain_rows("stay", "train"))
     else:
@@ -306,15 +333,7 @@ def official_step(level: str, data_dir: str, batch_size: int, warmup: int, steps
     opt = torch.optim.Adam(model.parameters(), lr=5e-4, weight_decay=1e-8)  # official: Adam
 
     def dense(i):
-        batch = ds.__getitems__(list(range(i * batch_size, (i + 1) * batch_size)))
-        x = densify(batch["ts_idx"], len(batch["static"]), T, F)  # (Ns, T, F)
-        if level == "stay":
-            return x, batch["static"]
-        slots = batch["stay_mask"].new_zeros(batch_size, K)  # the real stays in their slots, zeros elsewhere
-        slots[:, :batch["stay_mask"].shape[1]] = batch["stay_mask"]
-        xs, ss = x.new_zeros(batch_size, K, T, F), x.new_zeros(batch_size, K, S)
-        xs[slots], ss[slots] = x, batch["static"]
-        return xs, ss, batch["icd"], batch["drug"], batch["note"]
+        return official_inputs(level, ds.__getitems__(list(range(i * batch_size, (i + 1) * batch_size))), m, K)
 
     model.train()
     compute = 0.0
