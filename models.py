@@ -115,6 +115,28 @@ def random_code_mask(codes: torch.Tensor, rate: float, generator: torch.Generato
     return (u >= rate) | (codes == 0)
 
 
+class _BagSum(torch.autograd.Function):
+    """embedding_bag(cols, weight, offsets, "sum") with a CPU backward 2-3x faster than torch's at stage-2 sizes.
+
+    perf: torch's CPU backward of a sum-bag sorts and accumulates the ~10 M cells of an admission batch row by
+    row (7 s at batch 4096, bench/profile_train.py); here the gradient of each weight row f is itself a sum-bag:
+    the gradient rows of the (stay, hour) rows where f is active, grouped by a stable sort of the columns.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, cols, rows, offsets):  # weight (F, D); cols, rows (nnz,); offsets (n*T,)
+        ctx.save_for_backward(cols, rows)
+        ctx.n_rows = weight.shape[0]
+        return F.embedding_bag(cols, weight, offsets, mode="sum")  # (n*T, D)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (n*T, D)
+        cols, rows = ctx.saved_tensors
+        by_col = torch.sort(cols.int(), stable=True)  # int32 sorts faster than int64
+        starts = torch.searchsorted(by_col.values, torch.arange(ctx.n_rows, dtype=torch.int32, device=cols.device))
+        return F.embedding_bag(rows[by_col.indices], grad.contiguous(), starts, mode="sum"), None, None, None
+
+
 # ----------------------------------------------------------------------------------------- encoders
 class TimeSeriesEncoder(nn.Module):
     """Binary hourly matrix (sparse) → stay vector h = final cell state of the top LSTM layer (paper Eq. 1)."""
@@ -137,13 +159,18 @@ class TimeSeriesEncoder(nn.Module):
     def project(self, ts_idx: torch.Tensor, n: int) -> torch.Tensor:
         """Linear(F→D, no bias) of the binary (n, T, F) matrix given by `ts_idx`, without densifying it."""
         # embedding_bag wants each (stay, hour) row's cells contiguous: data.collate_stay emits ts_idx sorted
-        # (the encoding of docs/data-format.md, Batches), and sorting again, cheap next to the LSTMs, makes any
-        # order safe
-        ts_idx = ts_idx.sort().values  # (nnz,)
+        # (the encoding of docs/data-format.md, Batches), and sorting again makes any order safe. perf: on the CPU
+        # a sort of ~10 M cells (an admission batch of 4096) takes a second, a check of the order 20 ms; the
+        # check would be a device sync on CUDA, where sorting is cheap.
+        if ts_idx.is_cuda or not bool((ts_idx[1:] >= ts_idx[:-1]).all()):
+            ts_idx = ts_idx.sort().values  # (nnz,)
         rows = torch.div(ts_idx, self.F, rounding_mode="floor")  # (nnz,) row i*T + t of each active cell
         offsets = torch.searchsorted(rows, torch.arange(n * self.T, device=rows.device))  # (n*T,) bag starts
         # perf: a fused gather-sum; index_add_ over weight[cols] materialises (nnz, D) and is far slower on CPU
-        x = F.embedding_bag(ts_idx % self.F, self.input_proj, offsets, mode="sum")  # (n*T, D)
+        if ts_idx.is_cuda or not torch.is_grad_enabled():
+            x = F.embedding_bag(ts_idx % self.F, self.input_proj, offsets, mode="sum")  # (n*T, D)
+        else:
+            x = _BagSum.apply(self.input_proj, ts_idx % self.F, rows, offsets)  # same values, faster backward
         return x.view(n, self.T, -1)  # (n, T, D)
 
     def forward(self, ts_idx: torch.Tensor, n: int) -> torch.Tensor:

@@ -93,6 +93,26 @@ def test_sparse_projection_equals_dense_linear(cfg):
     assert torch.allclose(enc.input_proj.grad, linear.weight.grad.T, atol=1e-5)  # same gradient as well
 
 
+def test_sparse_projection_backward_equals_torchs_embedding_bag(cfg):
+    """The CPU projection's own backward (models._BagSum) gives torch's embedding_bag gradient, with empty
+    hours and unused features; under no_grad the plain embedding_bag runs and gives the same values."""
+    enc = TimeSeriesEncoder(cfg)
+    ts_idx, _, _ = stay_inputs(6, gen(3))
+    ts_idx = ts_idx[ts_idx % F != 0]  # feature 0 never active: a zero gradient row
+    x = enc.project(ts_idx, 6)
+    g = torch.randn(x.shape, generator=gen(4))
+    x.backward(g)
+    ours, enc.input_proj.grad = enc.input_proj.grad, None
+    rows = torch.div(ts_idx, F, rounding_mode="floor")
+    ref = torch.nn.functional.embedding_bag(ts_idx % F, enc.input_proj, torch.searchsorted(rows, torch.arange(6 * T)),
+                                            mode="sum")
+    ref.backward(g.view(6 * T, D))
+    assert torch.allclose(x.view(6 * T, D), ref) and torch.allclose(ours, enc.input_proj.grad, atol=1e-6)
+    assert not ours[0].any()
+    with torch.no_grad():
+        assert torch.allclose(enc.project(ts_idx, 6), x)
+
+
 def test_time_series_encoder_returns_top_layer_cell_state(cfg):
     enc = TimeSeriesEncoder(cfg).eval()
     ts_idx, _, dense = stay_inputs(3, gen(2))
