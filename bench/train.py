@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import train  # noqa: E402
-from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,  # noqa: E402
-                    count_parameters, densify)
+from models import (AdmissionEncoder, AdmissionPretrainer, Classifier, ModelConfig, StayEncoder,  # noqa: E402
+                    StayPretrainer, count_parameters, densify)
 
 # the paper's sizes: official code literals (1318 features, 73 static, 7686+1 ICD, 1701+1 drugs), T5-Base 768
 SIZES = {"seq_len": 48, "n_features": 1318, "n_static": 73, "n_icd": 7687, "n_drug": 1702, "note_dim": 768}
@@ -360,6 +360,31 @@ def official_step(level: str, data_dir: str, batch_size: int, warmup: int, steps
     return result
 
 
+def infer_step(data_dir: str, batch_size: int, warmup: int, steps: int, official: bool = False) -> dict:
+    """Stay-classifier prediction as evaluate.predict runs it (eval mode, torch.no_grad, batches of `batch_size`
+    stays): ours builds each batch from the processed folder inside the timing (reported as the data share);
+    the official-shaped classifier (OfficialShapedClassifier) gets its dense batches built outside it."""
+    torch.manual_seed(0)
+    d = data.load_processed(Path(data_dir))
+    m, ds = d.meta, data.StayDataset(d, d.pretrain_rows("stay", "train"))
+    model = (OfficialShapedClassifier(OfficialShapedStay(m["n_features"], m["n_static"], decoder=False)) if official
+             else Classifier(StayEncoder(ModelConfig.from_meta(m))))
+    model.eval()
+    wait = compute = 0.0
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        batch = ds.__getitems__([(i * batch_size + j) % len(ds) for j in range(batch_size)])
+        inputs = official_inputs("infer", batch, m) if official else (batch,)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            model(*inputs)
+        if i >= warmup:
+            wait, compute = wait + (0.0 if official else t1 - t0), compute + time.perf_counter() - t1
+    return {"what": "infer_official" if official else "infer", "batch_size": batch_size, "steps": steps,
+            "threads": torch.get_num_threads(), "samples_per_s": batch_size * steps / (wait + compute),
+            "data_wait_share": wait / (wait + compute), "peak_rss_mib": peak_rss_mib()}
+
+
 def real_loop(level: str, data_dir: str, batch_size: int, max_steps: int, log_every: int) -> dict:
     """train.pretrain itself; throughput and data-wait share from its log.jsonl after the first record."""
     with tempfile.TemporaryDirectory() as run:
@@ -398,11 +423,12 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.1) -> float:
     return time.perf_counter() - start
 
 
-def child(kind: str, threads: int | None, max_wait: float = 0.0, **kw) -> dict:
-    """Run one measurement in a fresh process (its peak RSS is its own). Records the share of the machine's
-    CPU time that other processes used meanwhile: timings taken beside other work are not comparable."""
+def child(kind: str, threads: int | None, max_wait: float = 0.0, script: str | None = None, **kw) -> dict:
+    """Run one measurement in a fresh process (its peak RSS is its own), by this file or by `script` (this
+    file in another checkout, e.g. the code before a change). Records the share of the machine's CPU time that
+    other processes used meanwhile: timings taken beside other work are not comparable."""
     waited = wait_for_quiet(max_wait) if max_wait else 0.0
-    cmd = [sys.executable, __file__, "--child", json.dumps({"kind": kind, "threads": threads, **kw})]
+    cmd = [sys.executable, script or __file__, "--child", json.dumps({"kind": kind, "threads": threads, **kw})]
     (b0, t0), r0 = cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     (b1, t1), r1 = cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -423,7 +449,7 @@ def run_child(spec: str) -> None:
     threads, kind = kw.pop("threads"), kw.pop("kind")
     if threads:
         torch.set_num_threads(threads)
-    fn = {"step": step_harness, "loop": real_loop, "matmul": matmul, "official": official_step}[kind]
+    fn = {"step": step_harness, "loop": real_loop, "matmul": matmul, "official": official_step, "infer": infer_step}[kind]
     print(json.dumps(fn(**kw)))
 
 
