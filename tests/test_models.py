@@ -237,6 +237,20 @@ def test_info_nce_matches_explicit_loops():
     assert info_nce(a, b, tau, include_positive=True).item() == pytest.approx(official, rel=1e-5)
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_info_nce_over_masked_rows_equals_the_selected_rows(include):
+    """info_nce(rows=m) is info_nce over a[m], b[m] (what the admission objective computed by indexing, a host
+    sync on a GPU), and a mask with fewer than 2 rows gives 0 with finite gradients."""
+    a, b = torch.randn(7, 5, generator=gen(5), requires_grad=True), torch.randn(7, 5, generator=gen(6))
+    rows = torch.tensor([True, False, True, True, False, True, False])
+    expected = info_nce(a[rows], b[rows], 0.1, include).item()
+    assert info_nce(a, b, 0.1, include, rows=rows).item() == pytest.approx(expected, rel=1e-6)
+    one = torch.zeros(7, dtype=torch.bool)
+    loss = info_nce(a, b, 0.1, include, rows=one)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(a.grad).all()
+
+
 def test_info_nce_prefers_aligned_pairs():
     a = torch.randn(8, 16, generator=gen(4))
     b = a + 0.05 * torch.randn(8, 16, generator=gen(5))
