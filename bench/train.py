@@ -394,7 +394,7 @@ def real_loop(level: str, data_dir: str, batch_size: int, max_steps: int, log_ev
         t = time.perf_counter()
         train.pretrain(cfg)
         seconds = time.perf_counter() - t
-        recs = [json.loads(x) for x in (Path(run) / "log.jsonl").read_text().splitlines()]
+        recs = [r for r in map(json.loads, (Path(run) / "log.jsonl").read_text().splitlines()) if "event" not in r]
     steady = recs[1:] or recs
     return {"what": "loop", "level": level, "batch_size": batch_size, "max_steps": max_steps, "log_every": log_every,
             "samples_per_s": sum(r["samples_per_s"] for r in steady) / len(steady),
