@@ -1,12 +1,14 @@
 """Data: the processed hierarchical dataset on disk, and back out of it as batches.
 
 Usage: `load_processed(dir)` -> `Processed`, then the `StayDataset` / `AdmissionDataset` / `PatientDataset`
-classes and `make_loader`. Reads the folder that `python medhmp.py preprocess` writes (meta.json, stays.pt,
-admissions.pt, labels.csv, splits.json; docs/data-format.md) and writes nothing. It holds what the format is
+classes, `make_loader` and `prefetch` (batches moved to the device one step ahead). Reads the folder that
+`python medhmp.py preprocess` writes (meta.json, stays.pt, admissions.pt, labels.csv, splits.json;
+docs/data-format.md) and writes nothing. It holds what the format is
 (`FORMAT_VERSION`, `LABEL_COLUMNS`, `SPLITS`, the usable-admission rule `admission_requirements`), how a batch
 is laid out (`collate_stay` writes the `ts_idx` cells that models.py reads, `collate_admission`), the counts and
 no-learning baselines pretraining is judged against, and the small helpers the preprocessing package shares
-(`lookup`, `row_of`, `read_file`, `torch_save`, `config_record`). The package builds on this module, never
+(`lookup`, `row_of`, `read_file`, `torch_save`, `config_record`), and the identity of a set of weights
+(`weights_digest`: which stay.pt an admission.pt grew from). The package builds on this module, never
 the other way round: data.py imports numpy, torch and `folders` (InputError, and `repair` of a folder whose
 swap a killed run left half done), so it can be copied with `folders.py` alone.
 """
@@ -52,6 +54,15 @@ def read_file(path: Path, read, fix: str):
 def data_digest(root: Path) -> str:
     """Identity of a processed folder (a hash of its meta.json), so that a moved folder still resumes."""
     return hashlib.sha256((Path(root) / "meta.json").read_bytes()).hexdigest()[:16]
+
+
+def weights_digest(state_dict: dict) -> str:
+    """A short content hash of a state dict (names, shapes, values): which stay.pt an admission.pt grew from."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        v = state_dict[k].detach().cpu().contiguous()
+        h.update(k.encode() + str(tuple(v.shape)).encode() + v.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def torch_save(obj, path: Path) -> None:
@@ -373,6 +384,36 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
         return DataLoader(dataset, batch_sampler=batches, **common)
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last, **common)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a batch dict once, asynchronously (non_blocking) from pinned memory when on CUDA."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def prefetch(batches, device: torch.device):
+    """The batches of an iterable, moved to `device`, each one fetched and moved before the previous one is
+    yielded: the host builds batch i + 1 while the accelerator runs step i. On CUDA the copies run on a side
+    stream (from the pinned memory of make_loader(pin_memory=True)) that the compute stream waits for; on the
+    CPU moving is a no-op and only the one-batch lookahead remains (the code path the tests run)."""
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def move(batch):
+        if stream is None:
+            return to_device(batch, device)
+        with torch.cuda.stream(stream):
+            return to_device(batch, device)
+    it = iter(batches)
+    ahead = next(it, None)
+    ahead = None if ahead is None else move(ahead)
+    while ahead is not None:
+        current, ahead = ahead, next(it, None)
+        if stream is not None:  # the compute stream waits for the copy; the allocator keeps the memory for it
+            torch.cuda.current_stream(device).wait_stream(stream)
+            for v in current.values():
+                v.record_stream(torch.cuda.current_stream(device))
+        ahead = None if ahead is None else move(ahead)
+        yield current
 
 
 # ------------------------------------------------------------------------------- views and controls

@@ -12,7 +12,6 @@ Shape legend:
     V  code vocabulary (V_icd, V_drug)                               E  note-embedding dim (note_dim)
     D  model width (d_model)        L  visits per patient           N  tokens entering a fusion block
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -90,19 +89,27 @@ def masked_code_loss(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.
     return (err * m).sum() / m.sum().clamp(min=1.0)
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1,
-             include_positive: bool = False) -> torch.Tensor:
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1, include_positive: bool = False,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
     """One-directional InfoNCE a → b with in-batch negatives; a, b (B, D) → scalar (mean over B).
 
     s_ij = cos(a_i, b_j) / τ.  Paper Eq. 10 (include_positive=False): u_i = −s_ii + log Σ_{j≠i} e^{s_ij}.
     Official info-nce (include_positive=True): u_i = −s_ii + log Σ_j e^{s_ij}, i.e. cross-entropy with
     diagonal labels. The paper form needs B ≥ 2 (B = 1 leaves an empty denominator: −inf).
+    `rows` (B,) bool: the loss of the rows a[rows], b[rows] alone (the others are neither anchors nor
+    negatives; 0 when no row is kept), without indexing by the mask, which would read it back to the host.
+    The caller keeps at least two rows (one in the paper form gives an empty denominator).
     """
     s = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature  # (B, B)
     pos = s.diagonal()  # (B,)
     if not include_positive:
         s = s.masked_fill(torch.eye(len(s), dtype=torch.bool, device=s.device), float("-inf"))
-    return (torch.logsumexp(s, dim=1) - pos).mean()
+    if rows is None:
+        return (torch.logsumexp(s, dim=1) - pos).mean()
+    # other columns out of every denominator; other rows all 0 (finite: no NaN reaches the gradient), weight 0
+    s = torch.where(rows[:, None], s.masked_fill(~rows[None, :], float("-inf")), 0.0)  # (B, B)
+    u = torch.where(rows, torch.logsumexp(s, dim=1) - pos, 0.0)  # (B,)
+    return u.sum() / rows.sum().clamp(min=1)
 
 
 def random_code_mask(codes: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -113,6 +120,28 @@ def random_code_mask(codes: torch.Tensor, rate: float, generator: torch.Generato
     """
     u = torch.rand(codes.shape, generator=generator, device=codes.device)
     return (u >= rate) | (codes == 0)
+
+
+class _BagSum(torch.autograd.Function):
+    """embedding_bag(cols, weight, offsets, "sum") with a CPU backward 2-3x faster than torch's at stage-2 sizes.
+
+    perf: torch's CPU backward of a sum-bag sorts and accumulates the ~10 M cells of an admission batch row by
+    row (7 s at batch 4096, bench/profile_train.py); here the gradient of each weight row f is itself a sum-bag:
+    the gradient rows of the (stay, hour) rows where f is active, grouped by a stable sort of the columns.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, cols, rows, offsets):  # weight (F, D); cols, rows (nnz,); offsets (n*T,)
+        ctx.save_for_backward(cols, rows)
+        ctx.n_rows = weight.shape[0]
+        return F.embedding_bag(cols, weight, offsets, mode="sum")  # (n*T, D)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (n*T, D)
+        cols, rows = ctx.saved_tensors
+        by_col = torch.sort(cols.int(), stable=True)  # int32 sorts faster than int64
+        starts = torch.searchsorted(by_col.values, torch.arange(ctx.n_rows, dtype=torch.int32, device=cols.device))
+        return F.embedding_bag(rows[by_col.indices], grad.contiguous(), starts, mode="sum"), None, None, None
 
 
 # ----------------------------------------------------------------------------------------- encoders
@@ -137,13 +166,18 @@ class TimeSeriesEncoder(nn.Module):
     def project(self, ts_idx: torch.Tensor, n: int) -> torch.Tensor:
         """Linear(F→D, no bias) of the binary (n, T, F) matrix given by `ts_idx`, without densifying it."""
         # embedding_bag wants each (stay, hour) row's cells contiguous: data.collate_stay emits ts_idx sorted
-        # (the encoding of docs/data-format.md, Batches), and sorting again, cheap next to the LSTMs, makes any
-        # order safe
-        ts_idx = ts_idx.sort().values  # (nnz,)
+        # (the encoding of docs/data-format.md, Batches), and sorting again makes any order safe. perf: on the CPU
+        # a sort of ~10 M cells (an admission batch of 4096) takes a second, a check of the order 20 ms; the
+        # check would be a device sync on CUDA, where sorting is cheap.
+        if ts_idx.is_cuda or not bool((ts_idx[1:] >= ts_idx[:-1]).all()):
+            ts_idx = ts_idx.sort().values  # (nnz,)
         rows = torch.div(ts_idx, self.F, rounding_mode="floor")  # (nnz,) row i*T + t of each active cell
         offsets = torch.searchsorted(rows, torch.arange(n * self.T, device=rows.device))  # (n*T,) bag starts
         # perf: a fused gather-sum; index_add_ over weight[cols] materialises (nnz, D) and is far slower on CPU
-        x = F.embedding_bag(ts_idx % self.F, self.input_proj, offsets, mode="sum")  # (n*T, D)
+        if ts_idx.is_cuda or not torch.is_grad_enabled():
+            x = F.embedding_bag(ts_idx % self.F, self.input_proj, offsets, mode="sum")  # (n*T, D)
+        else:
+            x = _BagSum.apply(self.input_proj, ts_idx % self.F, rows, offsets)  # same values, faster backward
         return x.view(n, self.T, -1)  # (n, T, D)
 
     def forward(self, ts_idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -390,20 +424,20 @@ class AdmissionPretrainer(nn.Module):
                                            for m, (t, h) in targets.items()).detach()
 
         # (b) CL: r ∈ {c, g, l} (s is never the anchor, paper §2.3.3) against the fusion of the other three
-        terms, chance = [], []
+        # a term needs an in-batch negative (n ≥ 2 rows with the modality); counted on the device, no host sync
+        terms, chance, used = [], [], []
         for i, name in enumerate(enc.TOKENS[1:], start=1):
-            present = mask[:, i]  # (B,)
-            n = int(present.sum())  # one host sync per term
-            if n < 2:  # no in-batch negative: skip the term
-                continue
+            n = mask[:, i].sum()  # rows with modality r
+            used.append(n >= 2)
             key = enc.fuse(x, mask, keep=tuple(t for t in enc.TOKENS if t != name))  # (B, D) = a\r
-            terms.append(info_nce(x[present, i], key[present], cfg.temperature, cfg.cl_include_positive))
-            chance.append(math.log(n if cfg.cl_include_positive else n - 1))
-        cl = torch.stack(terms).mean() if terms else x.new_zeros(())
+            terms.append(info_nce(x[:, i], key, cfg.temperature, cfg.cl_include_positive, rows=mask[:, i] & used[-1]))
+            chance.append(torch.log((n if cfg.cl_include_positive else n - 1).clamp(min=1).float()))
+        used = torch.stack(used).float()  # (3,) the terms kept; cl and its chance level are their means (0: none)
+        cl = (torch.stack(terms) * used).sum() / used.sum().clamp(min=1)
 
         loss = mcp + cfg.cl_weight * cl  # paper Eq. 11
         out.update(loss=loss, mcp=mcp.detach(), cl=cl.detach(),
-                   cl_chance=x.new_tensor(sum(chance) / len(chance) if chance else 0.0))
+                   cl_chance=(torch.stack(chance) * used).sum() / used.sum().clamp(min=1))
         return out
 
 

@@ -11,7 +11,6 @@ Pretraining sees the training split only; the validation split gives a held-out 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -23,7 +22,8 @@ from pathlib import Path
 import torch
 
 from data import (AdmissionDataset, InputError, Processed, StayDataset, code_priors, config_record, data_digest,
-                  load_processed, make_loader, read_file, stay_baselines, torch_save)
+                  load_processed, make_loader, prefetch, read_file, stay_baselines, to_device, torch_save,
+                  weights_digest)
 from folders import replace_file
 from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,
                     count_parameters, load_encoder)
@@ -95,9 +95,8 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """Autocast dtype: bf16/fp16 on CUDA, fp32 (or bf16 when asked) on CPU."""
     if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return ((torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda"
+                else torch.float32)
     if precision == "fp16" and device.type != "cuda":
         raise InputError("--precision fp16 needs CUDA; use fp32 or bf16 on the CPU")
     if precision == "bf16" and device.type == "cpu" and not cpu_bf16_autocast_works():
@@ -125,11 +124,6 @@ def autocast(device: torch.device, amp: torch.dtype):
 def grad_scaler(amp: torch.dtype) -> torch.amp.GradScaler:
     """Loss scaling for fp16; disabled (a no-op) otherwise, so that every precision runs one code path."""
     return torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Move a batch dict once, asynchronously from pinned memory when on CUDA."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -177,8 +171,7 @@ def data_mismatch(state: dict, meta: dict, sizes=ModelConfig.SIZES, vocabulary: 
 def _same_model(state: dict, mcfg: ModelConfig, meta: dict, fields=None) -> bool:
     """Whether a checkpoint was trained with this model config (or its `fields`) on data of these sizes."""
     mine = asdict(mcfg)
-    keys = mine if fields is None else fields
-    return all(state["model_config"].get(k) == mine[k] for k in keys) and not data_mismatch(state, meta)
+    return all(state["model_config"].get(k) == mine[k] for k in (fields or mine)) and not data_mismatch(state, meta)
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -233,17 +226,16 @@ def _validate(model, dataset, cfg, device, amp, priors: dict | None) -> dict:
     model.eval()
     totals, n = {}, 0
     gen = torch.Generator(device=device).manual_seed(cfg.seed)   # fixed masks: comparable across epochs
-    for batch in make_loader(dataset, cfg.batch_size, pin_memory=device.type == "cuda"):
-        batch = to_device(batch, device)
+    for batch in prefetch(make_loader(dataset, cfg.batch_size, pin_memory=device.type == "cuda"), device):
         with autocast(device, amp):
             out = model(batch, generator=gen, priors=priors) if cfg.level == "admission" else model(batch)
         k = _n_examples(batch, cfg.level)
-        for key, value in out.items():
+        for key, value in out.items():  # summed on the device: one read-back at the end, not one per batch
             if key in ("loss", "mse") or key.startswith(("mcp", "cl")):
-                totals[key] = totals.get(key, 0.0) + float(value) * k
+                totals[key] = totals.get(key, 0.0) + value.detach().double() * k
         n += k
     model.train()
-    return {f"val_{k}": v / n for k, v in totals.items()}
+    return {f"val_{k}": float(v) / n for k, v in totals.items()}
 
 
 # ------------------------------------------------------------------------------------------- health
@@ -265,8 +257,8 @@ def health(level: str, val: dict, baselines: dict) -> dict:
 
 def health_status(h: dict) -> str:
     """Short form for the progress line."""
-    text = f"val {100 * h['gain']:+.1f}% vs {h['baseline'].replace('_', ' ')}"
-    return text + (f", cl {h['cl_gain']:+.2f} vs chance" if "cl_gain" in h else "")
+    return (f"val {100 * h['gain']:+.1f}% vs {h['baseline'].replace('_', ' ')}"
+            + (f", cl {h['cl_gain']:+.2f} vs chance" if "cl_gain" in h else ""))
 
 
 def verdict(level: str, h: dict | None, epoch: float | None) -> tuple[str, bool]:
@@ -298,13 +290,24 @@ def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, scaler, grad
     opt.zero_grad(set_to_none=True)
 
 
-def weights_digest(state_dict: dict) -> str:
-    """A short content hash of a state dict (names, shapes, values): which stay.pt an admission.pt grew from."""
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        v = state_dict[k].detach().cpu().contiguous()
-        h.update(k.encode() + str(tuple(v.shape)).encode() + v.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+class _FiniteWatch:
+    """The first step whose loss was NaN or inf, kept on the device so that the loop reads no loss back per step
+    (a GPU would wait); `check`, at each log line and before each checkpoint, reads it and raises NonFiniteLoss:
+    a non-finite step is never logged, validated or written, and the error names it."""
+
+    def __init__(self, device: torch.device):
+        self.step, self.value = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), device=device)
+
+    def see(self, loss: torch.Tensor, step: int) -> None:
+        new = ~torch.isfinite(loss.detach()) & (self.step == 0)
+        self.step, self.value = torch.where(new, step, self.step), torch.where(new, loss.detach().float(), self.value)
+
+    def check(self, level: str, saved_step: int | None, path: Path) -> None:
+        if int(self.step):  # the one read-back
+            kept = (f"the last good checkpoint (step {saved_step}) is kept at {path}" if saved_step
+                    else "no checkpoint was written")
+            raise NonFiniteLoss(f"the {level} loss became {float(self.value)} at step {int(self.step)}; {kept}; "
+                                "lower --lr")
 
 
 class _Best:
@@ -383,8 +386,7 @@ def pretrain(cfg) -> dict:
         raise InputError(f"{cfg.data}: no {cfg.level}s in the training split to pretrain on")
     model.to(device)
     # AdamW "throughout pretraining" (paper App. B); fidelity: the official code uses Adam (coupled L2)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = grad_scaler(amp)
+    opt, scaler = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), grad_scaler(amp)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     step, saved_step, best = 0, None, _Best()    # saved_step: the step of the checkpoint at `path`, once known
@@ -409,9 +411,8 @@ def pretrain(cfg) -> dict:
 
     def checkpoint():
         nonlocal saved_step
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
+        rng = {"torch": torch.get_rng_state(),
+               **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
         last = model.state_dict()
         weights = best.weights if best.weights is not None else last  # the best validation pass, else the last
         save_checkpoint({"model": weights, "last_model": last, "optimizer": opt.state_dict(),
@@ -421,7 +422,8 @@ def pretrain(cfg) -> dict:
         saved_step = step
 
     model.train()
-    record, last_log, waited, samples, status = {}, time.perf_counter(), 0.0, 0, ""
+    record, last_log, waited, samples, status, shown = {}, time.perf_counter(), 0.0, 0, "", ""
+    watch = _FiniteWatch(device)
     stopped = cfg.patience and best.bad >= cfg.patience
     with open(run / "log.jsonl", "a") as log, rep.task(f"pretrain {cfg.level}", total, "steps") as advance:
         log.write(json.dumps({"event": "start", "level": cfg.level, "step": step, "resume": cfg.resume,
@@ -434,25 +436,22 @@ def pretrain(cfg) -> dict:
             # a DataLoader iterator draws its base seed from the global RNG; fork it so that the dropout and
             # masking streams do not depend on where a loader started (a mid-epoch --resume starts one more)
             with torch.random.fork_rng(devices=[]):
-                batches = iter(loader)
+                batches = prefetch(iter(loader), device)  # batch i + 1 is built and moved during step i
             for batch in batches:
-                batch = to_device(batch, device)
                 waited += time.perf_counter() - t_wait
                 with autocast(device, amp):
                     out = model(batch)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    kept = (f"the last good checkpoint (step {saved_step}) is kept at {path}" if saved_step
-                            else "no checkpoint was written")
-                    raise NonFiniteLoss(f"the {cfg.level} loss became {float(loss.detach())} at step {step + 1}; "
-                                        f"{kept}; lower --lr")
-                optimizer_step(loss, model, opt, scaler, cfg.grad_clip)
+                watch.see(out["loss"], step + 1)          # no read-back here: the host never waits for a step
+                optimizer_step(out["loss"], model, opt, scaler, cfg.grad_clip)
                 step += 1
                 samples += _n_examples(batch, cfg.level)
-                parts = {k: round(float(v.detach()), 5) for k, v in out.items() if k in ("loss", "mse", "mcp", "cl")}
                 end_of_epoch = step % steps_per_epoch == 0
-                if step % cfg.log_every == 0 or step == total or end_of_epoch:
+                logged = step % cfg.log_every == 0 or step == total or end_of_epoch
+                if logged or step % cfg.checkpoint_every == 0:
+                    watch.check(cfg.level, saved_step, path)   # before any line, validation or checkpoint
+                if logged:
                     now = time.perf_counter()
+                    parts = {k: round(float(out[k].detach()), 5) for k in ("loss", "mse", "mcp", "cl") if k in out}
                     record = {"level": cfg.level, "step": step, "epoch": step / steps_per_epoch, **parts,
                               "lr": cfg.lr, "samples_per_s": round(samples / (now - last_log), 1),
                               "data_wait": round(waited / (now - last_log), 3), "time": time.time()}
@@ -467,7 +466,8 @@ def pretrain(cfg) -> dict:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     last_log, waited, samples = time.perf_counter(), 0.0, 0
-                advance(1, status=" ".join(f"{k} {v:.4f}" for k, v in parts.items()) + f" lr {cfg.lr:.1e}" + status)
+                    shown = " ".join(f"{k} {v:.4f}" for k, v in parts.items()) + f" lr {cfg.lr:.1e}" + status
+                advance(1, status=shown)
                 if step % cfg.checkpoint_every == 0 or step == total or stopped:
                     checkpoint()
                 if step >= total or stopped:

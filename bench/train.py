@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import train  # noqa: E402
-from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,  # noqa: E402
-                    count_parameters, densify)
+from models import (AdmissionEncoder, AdmissionPretrainer, Classifier, ModelConfig, StayEncoder,  # noqa: E402
+                    StayPretrainer, count_parameters, densify)
 
 # the paper's sizes: official code literals (1318 features, 73 static, 7686+1 ICD, 1701+1 drugs), T5-Base 768
 SIZES = {"seq_len": 48, "n_features": 1318, "n_static": 73, "n_icd": 7687, "n_drug": 1702, "note_dim": 768}
@@ -291,13 +291,40 @@ class OfficialShapedAdmission(nn.Module):
         return mcp + 0.1 * cl
 
 
+class OfficialShapedClassifier(nn.Module):
+    """The official stay-level fine-tuning model's prediction work: the official-shaped stay encoder on the dense
+    (n, T, F) input, then a linear head (the official stay classifier: encoder, dropout, Linear(D→1))."""
+
+    def __init__(self, stay: OfficialShapedStay, D: int = 256):
+        super().__init__()
+        self.stay, self.drop, self.head = stay, nn.Dropout(0.1), nn.Linear(D, 1)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.stay.encode(x, s))).squeeze(-1)  # (n,)
+
+
+def official_inputs(level: str, batch: dict, meta: dict, K: int = 3) -> tuple:
+    """The official code's dense inputs of one of our batches: (x (n, T, F), static (n, S)) for a stay batch
+    ("stay", "infer"); every admission's K stay slots (zeros where it has none), codes and note otherwise."""
+    T, F, S = meta["seq_len"], meta["n_features"], meta["n_static"]
+    x = densify(batch["ts_idx"], len(batch["static"]), T, F)  # (Ns, T, F)
+    if level in ("stay", "infer"):
+        return x, batch["static"]
+    B = len(batch["icd"])
+    slots = batch["stay_mask"].new_zeros(B, K)  # the real stays in their slots, zeros elsewhere
+    slots[:, :batch["stay_mask"].shape[1]] = batch["stay_mask"]
+    xs, ss = x.new_zeros(B, K, T, F), x.new_zeros(B, K, S)
+    xs[slots], ss[slots] = x, batch["static"]
+    return xs, ss, batch["icd"], batch["drug"], batch["note"]
+
+
 def official_step(level: str, data_dir: str, batch_size: int, warmup: int, steps: int, count_flops: bool) -> dict:
     """Forward + backward + Adam of the official-shaped model on dense batches built (untimed) from the same
     data: the compute a same-machine run of the official code would do. Data loading is not timed."""
     torch.manual_seed(0)
     d = data.load_processed(Path(data_dir))
     m, K = d.meta, 3
-    T, F, S = m["seq_len"], m["n_features"], m["n_static"]
+    F, S = m["n_features"], m["n_static"]
     if level == "stay":
         model, ds = OfficialShapedStay(F, S), data.StayDataset(d, d.pretrain_rows("stay", "train"))
     else:
@@ -306,15 +333,7 @@ def official_step(level: str, data_dir: str, batch_size: int, warmup: int, steps
     opt = torch.optim.Adam(model.parameters(), lr=5e-4, weight_decay=1e-8)  # official: Adam
 
     def dense(i):
-        batch = ds.__getitems__(list(range(i * batch_size, (i + 1) * batch_size)))
-        x = densify(batch["ts_idx"], len(batch["static"]), T, F)  # (Ns, T, F)
-        if level == "stay":
-            return x, batch["static"]
-        slots = batch["stay_mask"].new_zeros(batch_size, K)  # the real stays in their slots, zeros elsewhere
-        slots[:, :batch["stay_mask"].shape[1]] = batch["stay_mask"]
-        xs, ss = x.new_zeros(batch_size, K, T, F), x.new_zeros(batch_size, K, S)
-        xs[slots], ss[slots] = x, batch["static"]
-        return xs, ss, batch["icd"], batch["drug"], batch["note"]
+        return official_inputs(level, ds.__getitems__(list(range(i * batch_size, (i + 1) * batch_size))), m, K)
 
     model.train()
     compute = 0.0
@@ -341,6 +360,31 @@ def official_step(level: str, data_dir: str, batch_size: int, warmup: int, steps
     return result
 
 
+def infer_step(data_dir: str, batch_size: int, warmup: int, steps: int, official: bool = False) -> dict:
+    """Stay-classifier prediction as evaluate.predict runs it (eval mode, torch.no_grad, batches of `batch_size`
+    stays): ours builds each batch from the processed folder inside the timing (reported as the data share);
+    the official-shaped classifier (OfficialShapedClassifier) gets its dense batches built outside it."""
+    torch.manual_seed(0)
+    d = data.load_processed(Path(data_dir))
+    m, ds = d.meta, data.StayDataset(d, d.pretrain_rows("stay", "train"))
+    model = (OfficialShapedClassifier(OfficialShapedStay(m["n_features"], m["n_static"], decoder=False)) if official
+             else Classifier(StayEncoder(ModelConfig.from_meta(m))))
+    model.eval()
+    wait = compute = 0.0
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        batch = ds.__getitems__([(i * batch_size + j) % len(ds) for j in range(batch_size)])
+        inputs = official_inputs("infer", batch, m) if official else (batch,)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            model(*inputs)
+        if i >= warmup:
+            wait, compute = wait + (0.0 if official else t1 - t0), compute + time.perf_counter() - t1
+    return {"what": "infer_official" if official else "infer", "batch_size": batch_size, "steps": steps,
+            "threads": torch.get_num_threads(), "samples_per_s": batch_size * steps / (wait + compute),
+            "data_wait_share": wait / (wait + compute), "peak_rss_mib": peak_rss_mib()}
+
+
 def real_loop(level: str, data_dir: str, batch_size: int, max_steps: int, log_every: int) -> dict:
     """train.pretrain itself; throughput and data-wait share from its log.jsonl after the first record."""
     with tempfile.TemporaryDirectory() as run:
@@ -350,7 +394,7 @@ def real_loop(level: str, data_dir: str, batch_size: int, max_steps: int, log_ev
         t = time.perf_counter()
         train.pretrain(cfg)
         seconds = time.perf_counter() - t
-        recs = [json.loads(x) for x in (Path(run) / "log.jsonl").read_text().splitlines()]
+        recs = [r for r in map(json.loads, (Path(run) / "log.jsonl").read_text().splitlines()) if "event" not in r]
     steady = recs[1:] or recs
     return {"what": "loop", "level": level, "batch_size": batch_size, "max_steps": max_steps, "log_every": log_every,
             "samples_per_s": sum(r["samples_per_s"] for r in steady) / len(steady),
@@ -379,11 +423,12 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.1) -> float:
     return time.perf_counter() - start
 
 
-def child(kind: str, threads: int | None, max_wait: float = 0.0, **kw) -> dict:
-    """Run one measurement in a fresh process (its peak RSS is its own). Records the share of the machine's
-    CPU time that other processes used meanwhile: timings taken beside other work are not comparable."""
+def child(kind: str, threads: int | None, max_wait: float = 0.0, script: str | None = None, **kw) -> dict:
+    """Run one measurement in a fresh process (its peak RSS is its own), by this file or by `script` (this
+    file in another checkout, e.g. the code before a change). Records the share of the machine's CPU time that
+    other processes used meanwhile: timings taken beside other work are not comparable."""
     waited = wait_for_quiet(max_wait) if max_wait else 0.0
-    cmd = [sys.executable, __file__, "--child", json.dumps({"kind": kind, "threads": threads, **kw})]
+    cmd = [sys.executable, script or __file__, "--child", json.dumps({"kind": kind, "threads": threads, **kw})]
     (b0, t0), r0 = cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     (b1, t1), r1 = cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -404,7 +449,7 @@ def run_child(spec: str) -> None:
     threads, kind = kw.pop("threads"), kw.pop("kind")
     if threads:
         torch.set_num_threads(threads)
-    fn = {"step": step_harness, "loop": real_loop, "matmul": matmul, "official": official_step}[kind]
+    fn = {"step": step_harness, "loop": real_loop, "matmul": matmul, "official": official_step, "infer": infer_step}[kind]
     print(json.dumps(fn(**kw)))
 
 

@@ -93,6 +93,26 @@ def test_sparse_projection_equals_dense_linear(cfg):
     assert torch.allclose(enc.input_proj.grad, linear.weight.grad.T, atol=1e-5)  # same gradient as well
 
 
+def test_sparse_projection_backward_equals_torchs_embedding_bag(cfg):
+    """The CPU projection's own backward (models._BagSum) gives torch's embedding_bag gradient, with empty
+    hours and unused features; under no_grad the plain embedding_bag runs and gives the same values."""
+    enc = TimeSeriesEncoder(cfg)
+    ts_idx, _, _ = stay_inputs(6, gen(3))
+    ts_idx = ts_idx[ts_idx % F != 0]  # feature 0 never active: a zero gradient row
+    x = enc.project(ts_idx, 6)
+    g = torch.randn(x.shape, generator=gen(4))
+    x.backward(g)
+    ours, enc.input_proj.grad = enc.input_proj.grad, None
+    rows = torch.div(ts_idx, F, rounding_mode="floor")
+    ref = torch.nn.functional.embedding_bag(ts_idx % F, enc.input_proj, torch.searchsorted(rows, torch.arange(6 * T)),
+                                            mode="sum")
+    ref.backward(g.view(6 * T, D))
+    assert torch.allclose(x.view(6 * T, D), ref) and torch.allclose(ours, enc.input_proj.grad, atol=1e-6)
+    assert not ours[0].any()
+    with torch.no_grad():
+        assert torch.allclose(enc.project(ts_idx, 6), x)
+
+
 def test_time_series_encoder_returns_top_layer_cell_state(cfg):
     enc = TimeSeriesEncoder(cfg).eval()
     ts_idx, _, dense = stay_inputs(3, gen(2))
@@ -215,6 +235,20 @@ def test_info_nce_matches_explicit_loops():
     official = sum(-s[i][i] + math.log(sum(math.exp(s[i][j]) for j in range(5))) for i in range(5)) / 5
     assert info_nce(a, b, tau).item() == pytest.approx(paper, rel=1e-5)
     assert info_nce(a, b, tau, include_positive=True).item() == pytest.approx(official, rel=1e-5)
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_info_nce_over_masked_rows_equals_the_selected_rows(include):
+    """info_nce(rows=m) is info_nce over a[m], b[m] (what the admission objective computed by indexing, a host
+    sync on a GPU), and a mask with fewer than 2 rows gives 0 with finite gradients."""
+    a, b = torch.randn(7, 5, generator=gen(5), requires_grad=True), torch.randn(7, 5, generator=gen(6))
+    rows = torch.tensor([True, False, True, True, False, True, False])
+    expected = info_nce(a[rows], b[rows], 0.1, include).item()
+    assert info_nce(a, b, 0.1, include, rows=rows).item() == pytest.approx(expected, rel=1e-6)
+    one = torch.zeros(7, dtype=torch.bool)
+    loss = info_nce(a, b, 0.1, include, rows=one)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(a.grad).all()
 
 
 def test_info_nce_prefers_aligned_pairs():

@@ -318,6 +318,60 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(level
     assert not list(run.glob("*.tmp"))
 
 
+def test_non_finite_loss_between_log_lines_is_caught_before_the_next_checkpoint(cohort, tmp_path, monkeypatch):
+    """The loop reads no loss back per step: a NaN at step 5 is found at the step-6 checkpoint (no log line
+    before step 10), named by its step, and nothing after step 4 is written."""
+    root, _ = cohort
+    run = tmp_path / "run"
+    nan_at(monkeypatch, StayPretrainer, 5)
+    with pytest.raises(train.NonFiniteLoss, match=r"the stay loss became nan at step 5; the last good checkpoint "
+                                                  r"\(step 4\)"):
+        train.pretrain(config("stay", root, run, max_steps=12, checkpoint_every=2, log_every=10, batch_size=16))
+    assert train.load_checkpoint(run / "stay.pt")["step"] == 4 and records(run) == []
+
+
+def test_the_loop_reads_losses_back_per_log_line_not_per_step(cohort, tmp_path, monkeypatch):
+    """No host read of a float tensor (a device sync on a GPU) per step: 2 or 8 steps with one log line (the
+    last step) read the same number of values back."""
+    root, _ = cohort
+    reads, to_float = [], torch.Tensor.__float__
+
+    def counted(self):
+        reads.append(1)
+        return to_float(self)
+    monkeypatch.setattr(torch.Tensor, "__float__", counted)
+    counts = []
+    for steps in (2, 8):
+        reads.clear()
+        train.pretrain(config("stay", root, tmp_path / f"r{steps}", max_steps=steps, log_every=100, batch_size=8,
+                              eval_every=0))
+        counts.append(len(reads))
+    assert counts[0] == counts[1] > 0
+
+
+def test_prefetch_builds_the_next_batch_before_yielding_one():
+    """data.prefetch yields every batch in order, moved, one batch ahead of the consumer (CPU path)."""
+    made = []
+
+    def batches():
+        for i in range(3):
+            made.append(i)
+            yield {"x": torch.full((2,), float(i))}
+    seen = []
+    for batch in data.prefetch(batches(), torch.device("cpu")):
+        seen.append((float(batch["x"][0]), list(made)))
+    assert seen == [(0.0, [0, 1]), (1.0, [0, 1, 2]), (2.0, [0, 1, 2])]
+    assert list(data.prefetch(iter([]), torch.device("cpu"))) == []
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_prefetch_moves_batches_to_cuda_from_pinned_memory():
+    batches = [{"x": torch.arange(4.0).pin_memory()}, {"x": torch.arange(4.0, 8.0).pin_memory()}]
+    out = [b["x"] for b in data.prefetch(batches, torch.device("cuda"))]
+    assert all(x.is_cuda for x in out) and torch.equal(torch.cat(out).cpu(), torch.arange(8.0))
+
+
 def test_non_finite_loss_is_one_line_on_the_command_line(cohort, tmp_path, monkeypatch):
     root, _ = cohort
     nan_at(monkeypatch, StayPretrainer, 1)
