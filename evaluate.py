@@ -363,6 +363,19 @@ def evaluate_task(task: str, cfg: FinetuneConfig, data: Processed, ckpts: Checkp
     return report
 
 
+def open_run(cfg: FinetuneConfig, folder: str) -> tuple:
+    """(reporter, device, autocast dtype, data, checkpoints), RUN/<folder> checked writable before any fine-tuning."""
+    rep = Reporter(cfg.quiet)
+    device = resolve_device(cfg.device)
+    amp = resolve_dtype(cfg.precision, device)
+    check_writable(Path(cfg.run) / folder, "--run")
+    data = load_processed(cfg.data)
+    ckpts = Checkpoints(cfg.run, data.meta)
+    if cfg.init != "none" and (warning := ckpts.lineage()):
+        rep.log(warning)
+    return rep, device, amp, data, ckpts
+
+
 def evaluate(cfg: FinetuneConfig) -> dict:
     """Evaluate `cfg.task` (or every task); returns {task: report} and prints the results table."""
     for name, value, allowed in (("task", cfg.task, [*TASKS, "all"]), ("init", cfg.init, INITS),
@@ -375,14 +388,7 @@ def evaluate(cfg: FinetuneConfig) -> dict:
     if not tasks or (baseline_level and cfg.probe):
         raise InputError(f"--model {cfg.model} is a {baseline_level}-level baseline: " + (
             "it has no pretrained encoder to probe" if tasks else f"it cannot run --task {cfg.task}"))
-    rep = Reporter(cfg.quiet)
-    device = resolve_device(cfg.device)
-    amp = resolve_dtype(cfg.precision, device)
-    check_writable(Path(cfg.run) / "eval", "--run")   # before any fine-tuning, not after it
-    data = load_processed(cfg.data)
-    ckpts = Checkpoints(cfg.run, data.meta)
-    if cfg.init != "none" and (warning := ckpts.lineage()):
-        rep.log(warning)
+    rep, device, amp, data, ckpts = open_run(cfg, "eval")
     rep.log(f"evaluating {', '.join(tasks)} on {cfg.data} (init={cfg.init}, seeds={cfg.seeds}, device {device}, "
             f"{str(amp).replace('torch.', '')})")
     reports = {t: evaluate_task(t, cfg, data, ckpts, device, amp, rep) for t in tasks}

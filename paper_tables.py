@@ -27,14 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data import config_record, load_processed
-from evaluate import BASELINES, INITS, PATIENT_MODELS, TRANSFERS, Checkpoints, FinetuneConfig, evaluate_task
-from folders import InputError, check_writable, replace_file
+from data import config_record
+from evaluate import BASELINES, INITS, PATIENT_MODELS, TRANSFERS, Checkpoints, FinetuneConfig, evaluate_task, open_run
+from folders import InputError, replace_file
 from metrics import METRICS
-from progress import Reporter
 from results import paired_deltas, print_table, read_predictions
 from tasks import TASKS
-from train import resolve_device, resolve_dtype
 
 # table file name -> (level, metrics shown; the first is the one its Δ column compares)
 TABLES = {"table1": ("stay", ("auroc", "auprc")), "table2": ("admission", ("auroc", "auprc")),
@@ -224,15 +222,8 @@ def tables(cfg: FinetuneConfig) -> dict:
             raise InputError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
     if cfg.probe:
         raise InputError("--model all compares fine-tuned models; --probe is for one model at a time")
-    rep = Reporter(cfg.quiet)
-    device = resolve_device(cfg.device)
-    amp = resolve_dtype(cfg.precision, device)
-    out = check_writable(Path(cfg.run) / "tables", "--run")
-    data = load_processed(cfg.data)
-    ckpts = Checkpoints(cfg.run, data.meta)
-    if cfg.init != "none" and (warning := ckpts.lineage()):
-        rep.log(warning)
-    env = (data, ckpts, device, amp, rep)
+    rep, device, amp, data, ckpts = open_run(cfg, "tables")
+    out, env = Path(cfg.run) / "tables", (data, ckpts, device, amp, rep)
     tasks = list(TASKS) if cfg.task == "all" else [cfg.task]
     how = [run_cell(t, m, i, cfg, env)[1] for t in tasks for m, i in cell_plan(TASKS[t].level, cfg)]
     rep.log(f"{len(how)} cells: {how.count('run')} fine-tuned, {how.count('read')} read back from {out / 'cells'}"

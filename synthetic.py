@@ -29,7 +29,7 @@ label: _OUTCOMES.
 MIMIC conventions kept: GCS (220739/223900/223901) and RASS (228096) carry text in `value` and the score in
 `valuenum`; 'Alarms On' (224641) is a checkbox '1'/'0'; other text items have no `valuenum`; CareVue stays (~15%,
 MIMIC-III only) chart CareVue itemids and have no *_MV rows; discharge summaries have a date-only `chartdate`, ~1%
-are error rows; outpatient labs have no `hadm_id`; patients over 89 are born ~300 years back (MIMIC-III); ~15% of
+are error rows; outpatient labs have no `hadm_id`; patients over 89 are born ~300 years back (MIMIC-III);
 MIMIC-IV and TriNetX patients switch from ICD-9 to ICD-10 at a point of their history (before it, after it, or
 between two admissions: about half the admissions are coded in ICD-10), each ICD-9 code becoming one ICD-10 code
 (a task code its ICD-10-CM equivalent in tasks.TASKS). Chunks of patients bound the

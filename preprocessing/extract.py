@@ -366,7 +366,7 @@ def read_diagnoses(raw: Path, layout: str, systems: tuple[str, ...]) -> tuple[np
     version = strip(table["icd_version"]) if "icd_version" in table else np.full(n, b"9")
     codes, kept, counts = namespace_icd(table["icd_code"], version, systems)
     hadm, ok = parse_int(table["hadm_id"])
-    counts["rows without code or admission"] += int((kept & ~ok).sum())
+    counts["rows without code or admission"] = counts.pop("rows without code") + int((kept & ~ok).sum())
     return hadm[kept & ok], codes[kept & ok], counts, src
 
 
@@ -375,18 +375,18 @@ def namespace_icd(codes: np.ndarray, version: np.ndarray, systems: tuple[str, ..
     spells them, b'ICD9:4280' / b'ICD10:I5020' (tasks.ICD_SYSTEMS), a keep mask: a code of a kept system, and the
     counts of the rows dropped)."""
     codes = normalise_icd(codes)
-    out, keep, counts = np.zeros(len(codes), "S1"), np.zeros(len(codes), bool), {}
+    out, chosen, counts = np.zeros(len(codes), "S1"), np.zeros(len(codes), bool), {}
     for system, prefix in ICD_SYSTEMS.items():
         rows = version == system.encode()
-        if system not in systems:
+        if system in systems:
+            out, chosen = np.where(rows, np.char.add(prefix.encode(), codes), out), chosen | rows
+        else:
             counts[f"ICD-{system} rows dropped (--icd {system_option(systems)})"] = int(rows.sum())
-            continue
-        out = np.where(rows, np.char.add(prefix.encode(), codes), out)
-        keep |= rows & (codes != b"")
-        counts["rows without code or admission"] = counts.get("rows without code or admission", 0) + int(
-            (rows & (codes == b"")).sum())
+    counts["rows without code"] = int((chosen & (codes == b"")).sum())
     unknown = int((~np.isin(version, [s.encode() for s in ICD_SYSTEMS])).sum())
-    return out, keep, {**counts, **({"rows of another or no ICD version": unknown} if unknown else {})}
+    if unknown:
+        counts["rows of another or no ICD version"] = unknown
+    return out, chosen & (codes != b""), counts
 
 
 def system_option(systems: tuple[str, ...]) -> str:
@@ -525,7 +525,6 @@ def load_trinetx(raw: Path, systems: tuple[str, ...]) -> tuple[dict, dict]:
     _check_unique(patient_table["subject_id"], patient_table, "subject_id", patient_src)
     version = code_system_version(diagnosis_table["code_system"])
     codes, keep, counts = namespace_icd(diagnosis_table["code"], version, systems)
-    counts["rows without code"] = counts.pop("rows without code or admission")
     kept = {k: v[keep] for k, v in diagnosis_table.items()}
     patients = {"subject_id": np.char.strip(patient_table["subject_id"]), "gender": decode(patient_table["sex"]),
                 "year_of_birth": parse_float(patient_table["year_of_birth"])}

@@ -82,13 +82,19 @@ def fit_timeseries(events: dict, train: np.ndarray, names: dict, theta: float, n
     stays_with = np.zeros(len(columns), np.int64)
     for chunk in event_chunks(events):
         stay, _, column = _columns(chunk, spec, train)
-        stays_with += np.bincount(unique(column * (len(train) + 1) + stay) // (len(train) + 1), minlength=len(columns))
+        stays_with += _stays_per(stay, column, len(columns))
     keep = stays_with / max(n_train, 1) >= theta
     new_index = np.cumsum(keep) - 1
     for v in variables:
         v["columns"] = [int(new_index[c]) if keep[c] else -1 for c in v["columns"]]
     spec["columns"] = [c for c, k in zip(columns, keep) if k]
     return spec
+
+
+def _stays_per(stay: np.ndarray, label: np.ndarray, n: int) -> np.ndarray:
+    """(n,) int64: for each label 0..n-1, the number of distinct stays among the (stay, label) pairs given."""
+    pairs = unique(stay.astype(np.int64) * n + label)
+    return np.bincount(pairs % n, minlength=n)
 
 
 def _variable_stats(events: dict, train: np.ndarray) -> dict:
@@ -100,7 +106,7 @@ def _variable_stats(events: dict, train: np.ndarray) -> dict:
     for chunk in event_chunks(events):
         mine = train[chunk["stay"]]
         stay, var, num, cat = (chunk[k][mine] for k in ("stay", "var", "num", "cat"))
-        stats["stays"] += np.bincount(unique(stay.astype(np.int64) * n_vars + var) % n_vars, minlength=n_vars)
+        stats["stays"] += _stays_per(stay, var, n_vars)
         stats["events"] += np.bincount(var, minlength=n_vars)
         stats["finite"] += np.bincount(var[np.isfinite(num)], minlength=n_vars)
         pairs.append(unique(var[cat >= 0].astype(np.int64) << 32 | cat[cat >= 0]))
