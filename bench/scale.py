@@ -26,13 +26,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from preprocess import bare_csv_rate, folder_mib   # bench/preprocess.py: the same reference pass and sizes
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_PATIENTS, FULL_REPLICAS = 100, 465      # 465 x 100 demo patients ~ MIMIC-III's 46,520
 ID_WIDTH = {"subject_id": 6, "hadm_id": 6, "icustay_id": 6, "row_id": 10}   # digits after the replica number
 TABLES = ("PATIENTS", "ADMISSIONS", "ICUSTAYS", "DIAGNOSES_ICD", "PRESCRIPTIONS", "CHARTEVENTS", "LABEVENTS",
           "OUTPUTEVENTS", "INPUTEVENTS_MV", "PROCEDUREEVENTS_MV", "DATETIMEEVENTS")
 COPIED = ("D_ITEMS", "D_LABITEMS")           # dictionaries: one copy
-EVENT_TABLES = ("CHARTEVENTS", "LABEVENTS", "OUTPUTEVENTS", "INPUTEVENTS_MV", "PROCEDUREEVENTS_MV", "DATETIMEEVENTS")
 MARK = "\x00"                                # stands for the replica number in a template
 
 
@@ -106,16 +107,6 @@ def _header_line(path: Path) -> str:
         return f.readline()
 
 
-def bare_csv_rate(raw: Path) -> tuple[int, float]:
-    """Rows and seconds of `for row in csv.reader(gzip text)` over the event tables: the reference rate."""
-    rows, start = 0, time.perf_counter()
-    for name in EVENT_TABLES:
-        with gzip.open(raw / f"{name}.csv.gz", "rt", newline="") as f:
-            for _ in csv.reader(f):
-                rows += 1
-    return rows, time.perf_counter() - start
-
-
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
@@ -177,10 +168,6 @@ def preprocess_child(raw: Path, out: Path) -> dict:
     if proc.wait() != 0 or result is None:
         raise SystemExit("preprocessing failed:\n" + "\n".join(s[3] for s in steps[-20:]))
     return {**result, "peak_rss_mib": round(result.pop("ru_maxrss_mib")), "steps": steps}
-
-
-def folder_mib(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2 ** 20
 
 
 def run_size(args, fraction: float) -> dict:
