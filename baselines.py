@@ -24,7 +24,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from models import ModelConfig, densify
+from models import ModelConfig, densify, masked_softmax
 
 
 def hourly(batch: dict, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,14 +36,6 @@ def hourly(batch: dict, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 def with_static(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """s (n, S) repeated at every hour beside x (n, T, F) -> (n, T, F + S)."""
     return torch.cat([x, s[:, None].expand(-1, x.shape[1], -1)], dim=-1)  # (n, T, F + S)
-
-
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
-    """Softmax over `dim` restricted to mask (same shape, bool); a slice with no True is all zeros (not NaN)."""
-    if mask is None:
-        return torch.softmax(scores, dim=dim)
-    w = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=dim)
-    return w * mask
 
 
 def vector_norm(v: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,14 @@ class ModelConfig:
         return cls(**{**{k: int(meta[k]) for k in cls.SIZES}, **overrides})
 
 
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over dim 1 of scores (B, L) restricted to mask (B, L) bool (None: all); a row with no True is
+    all zeros, not NaN. The attention of the patient-level models and of the baselines."""
+    if mask is None:
+        return torch.softmax(scores, dim=1)
+    return torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=1) * mask  # (B, L)
+
+
 def densify(ts_idx: torch.Tensor, n: int, T: int, F: int) -> torch.Tensor:
     """Binary (n, T, F) float tensor with ones at the flat indices `ts_idx` = (i*T + t)*F + f."""
     return torch.zeros(n * T * F, device=ts_idx.device).index_fill_(0, ts_idx, 1.0).view(n, T, F)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import CodeEncoder, ModelConfig
+from models import CodeEncoder, ModelConfig, masked_softmax
 
 
 def last_visit(visit_mask: torch.Tensor) -> torch.Tensor:
@@ -26,12 +26,6 @@ def last_visit(visit_mask: torch.Tensor) -> torch.Tensor:
 def at_last_visit(h: torch.Tensor, visit_mask: torch.Tensor) -> torch.Tensor:
     """h (B, L, D) at each patient's last real visit -> (B, D)."""
     return h[torch.arange(len(h), device=h.device), last_visit(visit_mask)]
-
-
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over dim 1 of scores (B, L) restricted to mask (B, L); a row with no True is all zeros."""
-    w = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=1)
-    return w * mask  # (B, L)
 
 
 class LSTMSequence(nn.Module):
