@@ -29,10 +29,10 @@ from data import (SPLITS, AdmissionDataset, InputError, PatientDataset, Processe
                   load_processed, make_loader, select_rows)
 from folders import check_writable
 from baselines import ADMISSION_MODELS, STAY_MODELS
-from metrics import METRIC_FUNCTIONS, METRICS, binary_metrics, bootstrap_ci
+from metrics import INTERVAL_METHOD, METRIC_FUNCTIONS, METRICS, binary_metrics, replicate_interval
 from models import AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, StayEncoder, load_encoder
 from progress import Reporter
-from results import paired_deltas, print_table, results_table, skip_reason, skipped_lines, split_stats, write_task
+from results import delta_record, paired_deltas, print_table, results_table, skip_reason, skipped_lines, split_stats, write_task
 from sequence import SEQUENCE_MODELS, SequenceClassifier
 from tasks import TASKS
 from train import (NonFiniteLoss, autocast, data_mismatch, grad_scaler, load_checkpoint, optimizer_step, resolve_device,
@@ -103,16 +103,29 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------------------------------- datasets
-def task_examples(task: str, data: Processed, cfg: FinetuneConfig) -> dict:
-    """The task's raw examples per split (rows, subjects, labels, cutoffs), with cfg.label_fraction applied."""
+def all_examples(task: str, data: Processed) -> dict:
+    """The task's raw examples per split (rows, subjects, labels, cutoffs), every training example included."""
     examples = {s: data.examples(task, s) for s in SPLITS}
     if TASKS[task].level != "patient":  # a labelled stay or admission missing from the tensors cannot be scored
         examples = {s: select_rows(e, e["row"] >= 0) for s, e in examples.items()}
-    if cfg.label_fraction < 1.0:  # low-resource setting (paper Fig. 5): a fixed share of the training labels
-        keep = np.random.default_rng(cfg.seed).random(len(examples["train"]["label"])) < cfg.label_fraction
-        examples["train"] = select_rows(examples["train"], keep)
+    return examples
+
+
+def train_subset(e: dict, cfg: FinetuneConfig, seed: int) -> dict:
+    """The training examples replicate `seed` fine-tunes on: cfg.label_fraction of them, or cfg.labels of them
+    (stratified), drawn with the replicate's own seed, so that the replicates' spread holds the label subset's;
+    every example when neither is set."""
+    if cfg.label_fraction < 1.0:  # low-resource setting (paper Fig. 5): a share of the training labels
+        e = select_rows(e, np.random.default_rng(seed).random(len(e["label"])) < cfg.label_fraction)
     if cfg.labels:
-        examples["train"] = sample_labels(examples["train"], cfg.labels, cfg.seed)
+        e = sample_labels(e, cfg.labels, seed)
+    return e
+
+
+def task_examples(task: str, data: Processed, cfg: FinetuneConfig, seed: int | None = None) -> dict:
+    """The task's examples per split, the training split as replicate `seed` (default cfg.seed) sees it."""
+    examples = all_examples(task, data)
+    examples["train"] = train_subset(examples["train"], cfg, cfg.seed if seed is None else seed)
     return examples
 
 
@@ -135,10 +148,28 @@ def labelled_dataset(level: str, data: Processed, e: dict, cfg: FinetuneConfig):
     return PatientDataset(data, e["subject_id"], e["cutoff"], e["label"], max_visits=cfg.max_visits)
 
 
-def task_datasets(task: str, data: Processed, cfg: FinetuneConfig) -> tuple[dict, dict]:
-    """Labelled dataset per split and the raw examples per split (rows, subjects, labels, cutoffs)."""
-    examples = task_examples(task, data, cfg)
+def task_datasets(task: str, data: Processed, cfg: FinetuneConfig, seed: int | None = None) -> tuple[dict, dict]:
+    """Labelled dataset per split and the raw examples per split, the training split as replicate `seed`
+    (default cfg.seed) sees it."""
+    examples = task_examples(task, data, cfg, seed)
     return {s: labelled_dataset(TASKS[task].level, data, e, cfg) for s, e in examples.items()}, examples
+
+
+def replicate_sets(task: str, data: Processed, cfg: FinetuneConfig):
+    """sets_for(seed) -> {split: dataset} of one replicate: its own training subset (train_subset with its seed)
+    and the shared validation and test sets; each built once. Replicate `seed` of every init gets the same
+    training subset, so that pretrained and scratch runs are paired."""
+    examples, level, built = all_examples(task, data), TASKS[task].level, {}
+    fixed = {s: labelled_dataset(level, data, examples[s], cfg) for s in ("val", "test")}
+    varies = cfg.labels is not None or cfg.label_fraction < 1.0
+
+    def sets_for(seed: int) -> dict:
+        key = seed if varies else None
+        if key not in built:
+            built[key] = {"train": labelled_dataset(level, data, train_subset(examples["train"], cfg, seed), cfg),
+                          **fixed}
+        return built[key]
+    return sets_for
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -282,42 +313,48 @@ def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, devic
     return {"epochs": epoch, "best_epoch": best_epoch, f"val_{cfg.select_on}": best}
 
 
-def run_seeds(task: str, init: str, sets: dict, cfg: FinetuneConfig, ckpts: Checkpoints, device, amp,
+def run_seeds(task: str, init: str, sets_for, cfg: FinetuneConfig, ckpts: Checkpoints, device, amp,
               rep: Reporter, lr: float) -> tuple[list[dict], np.ndarray]:
-    """Fine-tune every seed of one (task, init) at `lr`: per-seed records and test probabilities (seeds, n)."""
-    y_test, records, probs = sets["test"].labels.numpy(), [], []
+    """Fine-tune every replicate of one (task, init) at `lr` (replicate i: seed cfg.seed + i for its training
+    subset, weights, dropout and batch order; `sets_for(seed)` gives its datasets): per-replicate records and
+    test probabilities (seeds, n)."""
+    records, probs = [], []
     for i in range(cfg.seeds):
         seed, start = cfg.seed + i, time.perf_counter()
+        sets = sets_for(seed)
         torch.manual_seed(seed)
         model, loaded = build_model(task, init, cfg, ckpts)
         model.to(device)
         with rep.task(f"{task} init={init} seed {seed} lr {lr:g}", cfg.epochs, "epochs") as advance:
             record = finetune(model, sets, cfg, seed, device, amp, advance, lr)
         probs.append(predict(model, sets["test"], 4 * cfg.batch_size, device, amp))
-        records.append({"seed": seed, "loaded_tensors": loaded, **record, "test": binary_metrics(y_test, probs[-1]),
+        records.append({"seed": seed, "loaded_tensors": loaded, "n_train": len(sets["train"]),
+                        "train_positives": int(sets["train"].labels.sum()), **record,
+                        "test": binary_metrics(sets["test"].labels.numpy(), probs[-1]),
                         "seconds": round(time.perf_counter() - start, 2)})
     return records, np.stack(probs)
 
 
-def run_init(task: str, init: str, sets: dict, cfg: FinetuneConfig, ckpts: Checkpoints, device, amp,
+def run_init(task: str, init: str, sets_for, cfg: FinetuneConfig, ckpts: Checkpoints, device, amp,
              rep: Reporter) -> tuple[dict, np.ndarray]:
-    """Every seed of one (task, init) at the learning rate of the grid with the best mean validation
-    `select_on` (one rate: no choice): per-seed records, mean ± sd, pooled bootstrap CIs; test probs (seeds, n)."""
-    y_test, runs = sets["test"].labels.numpy(), {}
+    """Every replicate of one (task, init) at the learning rate of the grid with the best mean validation
+    `select_on` (one rate: no choice): per-replicate records, mean ± sd, and per metric an interval that holds the
+    replicates' and the test set's spread (metrics.replicate_interval); test probs (seeds, n)."""
+    y_test, runs = sets_for(cfg.seed)["test"].labels.numpy(), {}
     for lr in level_lrs(cfg, TASKS[task].level):
-        runs[lr] = run_seeds(task, init, sets, cfg, ckpts, device, amp, rep, lr)
+        runs[lr] = run_seeds(task, init, sets_for, cfg, ckpts, device, amp, rep, lr)
     val = {lr: float(np.mean([r[f"val_{cfg.select_on}"] for r in recs])) for lr, (recs, _) in runs.items()}
     lr = max(val, key=val.get)  # ties keep the first rate of the grid
     records, probs = runs[lr]
     table = np.array([[r["test"][m] for m in METRICS] for r in records])  # (seeds, metrics)
+    intervals = {m: replicate_interval(y_test, probs, METRIC_FUNCTIONS[m], n=cfg.bootstrap, seed=cfg.seed)
+                 for m in METRICS}
     result = {"init": init, "lr": lr, "lr_val": {str(k): v for k, v in val.items()}, "probe": cfg.probe,
               "seeds": records,
               "mean": dict(zip(METRICS, table.mean(0).tolist())),
               "sd": dict(zip(METRICS, (table.std(0, ddof=1) if len(table) > 1 else np.zeros_like(table[0])).tolist())),
-              # pooled: the test examples are resampled and every seed's predictions scored on each resample
-              "ci": {m: bootstrap_ci(y_test, probs, METRIC_FUNCTIONS[m], cfg.bootstrap, cfg.seed) for m in METRICS},
-              "ci_method": f"percentile bootstrap, {cfg.bootstrap} resamples of the test split, "
-                           "mean over seeds per resample"}
+              "ci": {m: [iv["lo"], iv["hi"]] for m, iv in intervals.items()},
+              "ci_method": f"{INTERVAL_METHOD}; {cfg.bootstrap} test resamples (nan with one seed)"}
     return result, probs
 
 
@@ -338,8 +375,8 @@ def evaluate_task(task: str, cfg: FinetuneConfig, data: Processed, ckpts: Checkp
                   rep: Reporter) -> dict:
     """Fine-tune and score one task for each init; writes its files and returns its report."""
     level = TASKS[task].level
-    sets, examples = task_datasets(task, data, cfg)
-    stats = split_stats(examples)
+    sets_for, examples = replicate_sets(task, data, cfg), task_examples(task, data, cfg)
+    stats = split_stats(examples)  # the training split as replicate 0 sees it (each replicate: its "n_train")
     inits = [cfg.init] + (["none"] if cfg.compare_none and cfg.init != "none" else [])
     kind = level_model(cfg.model, level)
     model = kind + ("-probe" if cfg.probe else "")
@@ -356,9 +393,9 @@ def evaluate_task(task: str, cfg: FinetuneConfig, data: Processed, ckpts: Checkp
             report["results"][f"{init}/{model}"] = {"init": init, "skipped": reason}
             rep.log(f"{task} init={init}: skipped ({reason})")
             continue
-        report["results"][f"{init}/{model}"], probs[init] = run_init(task, init, sets, cfg, ckpts, device, amp, rep)
-    for init, delta in paired_deltas(examples["test"]["label"], probs, "none", cfg.bootstrap, cfg.seed).items():
-        report["results"][f"{init}/{model}"]["delta_vs_none"] = delta
+        report["results"][f"{init}/{model}"], probs[init] = run_init(task, init, sets_for, cfg, ckpts, device, amp, rep)
+    for init, intervals in paired_deltas(examples["test"]["label"], probs, "none", cfg.bootstrap, cfg.seed).items():
+        report["results"][f"{init}/{model}"].update(delta_record(intervals))
     write_task(task, report, probs, _ids(task, data, examples["test"]), examples["test"]["label"])
     return report
 

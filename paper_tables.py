@@ -31,7 +31,7 @@ from data import config_record
 from evaluate import BASELINES, INITS, PATIENT_MODELS, TRANSFERS, Checkpoints, FinetuneConfig, evaluate_task, open_run
 from folders import InputError, replace_file
 from metrics import METRICS
-from results import paired_deltas, print_table, read_predictions
+from results import interval_text, paired_deltas, print_table, read_predictions
 from tasks import TASKS
 
 # table file name -> (level, metrics shown; the first is the one its Δ column compares)
@@ -127,7 +127,8 @@ def delta(cell: dict | None, ref: dict | None, metric: str, cfg: FinetuneConfig)
     if not cell or not ref or not cell.get("probs") or not ref.get("probs") or cell["y"] != ref["y"]:
         return None
     probs = {"cell": np.asarray(cell["probs"]), "ref": np.asarray(ref["probs"])}
-    return paired_deltas(np.asarray(cell["y"]), probs, "ref", cfg.bootstrap, cfg.seed, (metric,))["cell"][metric]
+    iv = paired_deltas(np.asarray(cell["y"]), probs, "ref", cfg.bootstrap, cfg.seed, (metric,)).get("cell")
+    return [iv[metric]["estimate"], iv[metric]["lo"], iv[metric]["hi"]] if iv else None
 
 
 def entries(cell: dict | None, d: list | None, metrics: tuple) -> list[str]:
@@ -136,7 +137,7 @@ def entries(cell: dict | None, d: list | None, metrics: tuple) -> list[str]:
     if "mean" not in result:
         return ["skipped" if "skipped" in result else "not run"] + [""] * len(metrics)
     shown = [f"{result['mean'][m]:.3f} ±{result['sd'][m]:.3f}" for m in metrics]
-    return shown + [f"{d[0]:+.3f} [{d[1]:+.2f}, {d[2]:+.2f}]" if d else ""]
+    return shown + [f"{d[0]:+.3f} {interval_text(d[1], d[2], signed=True)}" if d else ""]
 
 
 def csv_row(table: str, task: str, model: str, init: str, cell: dict | None, d: list | None, ref: str) -> dict:

@@ -18,7 +18,8 @@ import numpy as np
 from rich.table import Table
 
 from folders import replace_file
-from metrics import METRIC_FUNCTIONS, METRICS, auprc, auroc, both_classes, paired_delta, pr_points, roc_points
+from metrics import (INTERVAL_METHOD, METRIC_FUNCTIONS, METRICS, auprc, auroc, both_classes, pr_points,
+                     replicate_interval, roc_points)
 from progress import Reporter
 
 
@@ -58,12 +59,32 @@ def skip_reason(stats: dict) -> str | None:
 def paired_deltas(y: np.ndarray, probs: dict, reference: str, n: int, seed: int,
                   metrics: tuple = ("auroc", "auprc")) -> dict:
     """Δ of each entry of `probs` ({key: test probabilities (seeds, n)}) against probs[reference] on the same
-    test examples y (n,), with a paired bootstrap CI of `n` resamples: {key: {metric: [Δ, lo, hi]}}; empty
-    without the reference (e.g. every pretrained init against "none")."""
+    test examples y (n,), row i of each paired with row i of the reference (the same replicate seed and training
+    subset), with an interval holding the replicates' and the test set's spread (metrics.replicate_interval, `n`
+    test resamples): {key: {metric: its replicate_interval dict}}; empty without the reference, and without an
+    entry whose rows do not pair with the reference's (another number of seeds)."""
     if reference not in probs:
         return {}
-    return {key: {m: list(paired_delta(y, p, probs[reference], METRIC_FUNCTIONS[m], n, seed)) for m in metrics}
-            for key, p in probs.items() if key != reference}
+    ref = np.asarray(probs[reference])
+    return {key: {m: replicate_interval(y, p, METRIC_FUNCTIONS[m], b=ref, n=n, seed=seed) for m in metrics}
+            for key, p in probs.items() if key != reference and np.shape(p) == ref.shape}
+
+
+def delta_record(intervals: dict) -> dict:
+    """What a report keeps of paired_deltas' entry: "delta_vs_none" {metric: [Δ, lo, hi]}, the per-replicate Δs
+    and the spread of each source, and the method."""
+    return {"delta_vs_none": {m: [iv["estimate"], iv["lo"], iv["hi"]] for m, iv in intervals.items()},
+            "delta_detail": {m: {k: iv[k] for k in ("replicates", "replicate_se", "test_se", "df", "clusters")}
+                             for m, iv in intervals.items()},
+            "delta_method": f"paired by replicate; {INTERVAL_METHOD}"}
+
+
+def interval_text(lo: float, hi: float, digits: int = 2, signed: bool = False) -> str:
+    """'[lo, hi]', or '[1 seed: no interval]' where the interval could not be measured (nan)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "[1 seed: no interval]"
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
+    return f"[{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
 RESULT_COLUMNS = ["task", "level", "init", "model", "seeds", "n_train", "n_val", "n_test", "prevalence",
@@ -166,11 +187,11 @@ def results_table(reports: dict) -> tuple[list, list[list[str]]]:
         by_init = {v["init"]: v for v in r["results"].values()}
         for i in inits:
             v = by_init.get(i, {"skipped": "not run"})
-            row += ([f"{v['mean'][m]:.3f} ±{v['sd'][m]:.3f} [{v['ci'][m][0]:.2f}, {v['ci'][m][1]:.2f}]"
+            row += ([f"{v['mean'][m]:.3f} ±{v['sd'][m]:.3f} {interval_text(*v['ci'][m])}"
                      for m in ("auroc", "auprc")] if "mean" in v else ["skipped", ""])
         if len(header) > len(row):
             d = by_init.get(inits[0], {}).get("delta_vs_none", {}).get("auroc")
-            row.append(f"{d[0]:+.3f} [{d[1]:+.2f}, {d[2]:+.2f}]" if d else "")
+            row.append(f"{d[0]:+.3f} {interval_text(d[1], d[2], signed=True)}" if d else "")
         rows.append(row)
     return header, rows
 

@@ -191,7 +191,7 @@ def test_finetuned_models_beat_chance_on_every_synthetic_task(learning_cohort, l
         saved = json.loads((out / "eval" / f"{task}.json").read_text())
         assert saved["splits"]["test"]["n"] == n_test and saved["results"]["none/" + report["model"]]["seeds"]
         lo, hi = saved["results"]["none/" + report["model"]]["ci"]["auroc"]
-        assert 0 <= lo <= hi <= 1
+        assert math.isnan(lo) and math.isnan(hi)  # one seed: the seed spread is unknown, so no interval
         rows = read_csv(out / "eval" / f"{task}_predictions.csv")
         assert len(rows) == n_test and {r["split"] for r in rows} == {"test"}
         probs = np.array([float(r["probability"]) for r in rows])
@@ -201,7 +201,8 @@ def test_finetuned_models_beat_chance_on_every_synthetic_task(learning_cohort, l
             assert all(r["stay_id"] and r["hadm_id"] for r in rows)
     table = read_csv(out / "results.csv")
     assert sorted((r["task"], r["init"]) for r in table) == sorted((t, "none") for t in evaluate.TASKS)
-    assert all(float(r["auroc_lo"]) <= float(r["auroc_hi"]) for r in table)
+    assert all(r["auroc_lo"] == r["auroc_hi"] == "nan" for r in table)
+    assert "[1 seed: no interval]" in results.results_table(reports)[1][0][3]
     # a second run of one task replaces its row instead of adding one
     evaluate.evaluate(cfg_for(cohort.root, out, task="hf", init="none", epochs=1))
     assert len(read_csv(out / "results.csv")) == len(table)
@@ -299,12 +300,12 @@ def test_paired_delta_matches_a_direct_computation():
 def test_lr_grid_probe_and_paired_delta_in_every_output(cohort, run, tmp_path):
     """--lr with two rates picks the one with the best mean validation AUPRC per init (recorded with both
     validation scores); --probe leaves the pretrained encoder's weights untouched; the paired Δ against none
-    is in the report, eval/<task>.json and results.csv, and equals metrics.paired_delta on the saved
-    test predictions."""
-    from metrics import paired_delta
+    is in the report, eval/<task>.json and results.csv, with its per-replicate Δs, and equals
+    metrics.replicate_interval on the saved test predictions (replicate i of each init paired)."""
+    from metrics import replicate_interval
     out = tmp_path / "run"
     shutil.copytree(run, out)
-    cfg = cfg_for(cohort.root, out, task="mortality", lr=(1e-4, 2e-2), probe=True, bootstrap=100)
+    cfg = cfg_for(cohort.root, out, task="mortality", lr=(1e-4, 2e-2), probe=True, bootstrap=100, seeds=2)
     report = evaluate.evaluate(cfg)["mortality"]
     assert report["model"] == "medhmp-probe"
     pre, none = (report["results"][f"{i}/medhmp-probe"] for i in ("admission", "none"))
@@ -312,14 +313,18 @@ def test_lr_grid_probe_and_paired_delta_in_every_output(cohort, run, tmp_path):
         assert set(res["lr_val"]) == {"0.0001", "0.02"} and res["probe"]
         assert res["lr_val"][str(res["lr"])] == max(res["lr_val"].values())
     rows = read_csv(out / "eval" / "mortality_predictions.csv")
-    y = np.array([int(r["label"]) for r in rows if r["init"] == "none"])
-    p = {i: np.array([[float(r["probability"]) for r in rows if r["init"] == i]]) for i in ("admission", "none")}
-    expected = paired_delta(y, p["admission"], p["none"], auroc, n=100, seed=cfg.seed)
-    assert pre["delta_vs_none"]["auroc"] == pytest.approx(list(expected), abs=1e-4)
+    y = np.array([int(r["label"]) for r in rows if r["init"] == "none" and r["seed"] == "0"])
+    p = {i: np.array([[float(r["probability"]) for r in rows if r["init"] == i and r["seed"] == s] for s in "01"])
+         for i in ("admission", "none")}
+    expected = replicate_interval(y, p["admission"], auroc, b=p["none"], n=100, seed=cfg.seed)
+    assert pre["delta_vs_none"]["auroc"] == pytest.approx([expected[k] for k in ("estimate", "lo", "hi")], abs=1e-4)
+    assert pre["delta_detail"]["auroc"]["replicates"] == pytest.approx(expected["replicates"], abs=1e-4)
+    assert len(expected["replicates"]) == 2 and expected["lo"] < expected["hi"]
     saved = json.loads((out / "eval" / "mortality.json").read_text())
     assert saved["results"]["admission/medhmp-probe"]["delta_vs_none"] == pre["delta_vs_none"]
     row = [r for r in read_csv(out / "results.csv") if r["init"] == "admission"][0]
-    assert float(row["delta_auroc"]) == pytest.approx(expected[0], abs=1e-4) and row["lr"]
+    assert float(row["delta_auroc"]) == pytest.approx(expected["estimate"], abs=1e-4) and row["lr"]
+    assert float(row["delta_auroc_lo"]) == pytest.approx(expected["lo"], abs=1e-4)
     # the probe froze the encoder: a fresh probe model trained one epoch keeps every encoder weight
     ckpts = Checkpoints(out, cohort.meta)
     model, _ = build_model("mortality", "admission", cfg, ckpts)

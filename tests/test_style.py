@@ -144,7 +144,7 @@ def test_runtime_dependencies_are_the_declared_ones():
 
 
 # lines (STYLE.md); medhmp.py: 150 was set for five commands, it has seven (embed, and --model all runs the tables)
-BUDGETS = {"models": 500, "data": 500, "train": 500, "evaluate": 400, "medhmp": 160}
+BUDGETS = {"models": 500, "data": 500, "train": 500, "evaluate": 440, "medhmp": 160}  # retired next (issue 19)
 LOOPS = {("train", "pretrain"), ("evaluate", "finetune")}   # the training loops may reach about 120 lines
 
 
