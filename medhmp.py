@@ -76,6 +76,10 @@ def cli():
 @_options(synthetic.SynthConfig, "--patients", "--seed")
 @_option("--layout", synthetic.SynthConfig, type=click.Choice(synthetic.LAYOUTS))
 @_option("--event-scale", synthetic.SynthConfig, "Chart rows per stay-hour multiplier.", type=FiniteRange(min=0.1))
+@_option("--strength", synthetic.SynthConfig, "How strongly the latents drive the data and labels.",
+         type=FiniteRange(min=0))
+@_option("--label-noise", synthetic.SynthConfig, "Share of each label drawn at its base rate.",
+         type=FiniteRange(0, 1))
 def synth(**options):
     """Write a synthetic cohort (MIMIC-III, MIMIC-IV or diagnosis-extract layout) of a latent model (OUT/latents/)."""
     done = _run(synthetic.synthesize, synthetic.SynthConfig, **options)

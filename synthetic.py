@@ -63,6 +63,11 @@ class SynthConfig:
     layout: str = "mimic3"     # one of LAYOUTS
     seed: int = 0
     event_scale: float = 1.0   # multiplies chart rows per stay-hour (extra measurements; < 1 drops rows), not stays
+    # the realism dial (World): how strongly the latents drive codes, drugs, note phrases, hourly values and labels
+    # (1: as designed; 0.5 or 0.25: weaker, rates kept), and the share of each label drawn at its base rate
+    strength: float = 1.0
+    label_noise: float = 0.0
+    loadings_seed: int = 0     # 0: the designed latent-to-item loadings; another: re-drawn (an unrelated world)
     quiet: bool = False
 
 
@@ -240,12 +245,6 @@ def _ramp(hours):
     return 0.35 + 0.65 * np.clip(hours / 48, 0, 1.5)
 
 
-def _logit(name: str, lat: dict) -> np.ndarray:
-    """The logit of outcome `name` (_OUTCOMES) for rows whose latents are the arrays of `lat`."""
-    intercept, weights = _OUTCOMES[name]
-    return intercept + sum(w * lat[k] for k, w in weights.items())
-
-
 def _spec(text: str) -> dict:
     """_HOURLY as {column: array}, plus its weights as "w" (rows, 3, latents and 'one'): 'latent+w' terms in row 0,
     '@latent+w' in row 1, '!latent+w' in row 2."""
@@ -280,6 +279,70 @@ def _items(pools: dict, seed: int, top: float, bottom: float, scale: float = 1.0
 _CODE_TABLE = _items(_CODES, 1, -2.0, -5.6)
 _DRUG_TABLE = _items(_DRUGS, 2, -0.6, -3.6)
 _PHRASE_TABLE = _items(_PHRASES, 3, -1.0, -2.6, 0.7)
+_LABELS = ("arf", "shock", "death", "death_ward", "readmission", "hf", "copd", "amnesia")  # label_noise applies
+_FIXED = ("admissions", "icu")   # cohort structure, not driven by the realism dial
+
+
+def _keep_rate(intercept, weights, strength: float):
+    """The intercept that keeps E[sigmoid(intercept + z @ weights)] about the same when the loadings are scaled by
+    `strength`, for z ~ N(0, I) (the probit approximation: sigmoid(a / sqrt(1 + pi |w|^2 / 8)))."""
+    w2 = np.sum(np.square(weights), axis=-1)
+    return intercept * np.sqrt(1 + np.pi * strength ** 2 * w2 / 8) / np.sqrt(1 + np.pi * w2 / 8)
+
+
+@dataclass(frozen=True)
+class World:
+    """The latent-to-data mapping one extract is drawn from: emission tables (names, base logits, loadings,
+    pools) of codes, drugs and note phrases, the hourly variables' weights, the outcomes, and the label noise.
+    `World.make()` is the designed one; `strength` scales every loading (rates kept), `label_noise` mixes each
+    label's probability with its mean, and `loadings_seed` re-draws which latent each item and hourly variable
+    loads on (a random permutation per item), so that the world has structure but not the designed world's."""
+    codes: tuple
+    drugs: tuple
+    phrases: tuple
+    hourly: dict
+    outcomes: dict
+    label_noise: float = 0.0
+
+    @classmethod
+    def make(cls, strength: float = 1.0, label_noise: float = 0.0, loadings_seed: int = 0) -> "World":
+        rng = np.random.default_rng([loadings_seed, 7]) if loadings_seed else None
+
+        def table(t: tuple) -> tuple:
+            names, base, w, pools = t
+            if rng is not None:
+                w = np.stack([row[rng.permutation(len(row))] for row in w])
+            return (names, _keep_rate(base, w, strength), w * strength, pools) if strength != 1 else \
+                (names, base, w, pools)
+        hourly = dict(_VARS, w=_VARS["w"].copy())
+        if rng is not None:   # one permutation of the latents per variable, for all three rows
+            for v in range(len(hourly["w"])):
+                hourly["w"][v, :, :len(_ALL)] = hourly["w"][v][:, rng.permutation(len(_ALL))]
+        if strength != 1:
+            one = hourly["w"][:, 2, -1]
+            hourly["w"][:, 2, -1] = _keep_rate(one, hourly["w"][:, 2, :-1], strength)
+            hourly["w"][:, :, :-1] *= strength
+        outcomes = {k: (a, w) if k in _FIXED or strength == 1 else
+                    (float(_keep_rate(a, np.array(list(w.values())), strength)), {j: strength * x for j, x in w.items()})
+                    for k, (a, w) in _OUTCOMES.items()}
+        return cls(table(_CODE_TABLE), table(_DRUG_TABLE), table(_PHRASE_TABLE), hourly, outcomes, label_noise)
+
+    def logit(self, name: str, lat: dict) -> np.ndarray:
+        """The logit of outcome `name` for rows whose latents are the arrays of `lat`."""
+        intercept, weights = self.outcomes[name]
+        return intercept + sum(w * lat[k] for k, w in weights.items())
+
+    def chance(self, name: str, lat: dict) -> np.ndarray:
+        """The probability of outcome `name`; for a label, (1 - label_noise) of it from the latents and the rest
+        at the rows' mean probability (so the prevalence stays)."""
+        p = _sigmoid(self.logit(name, lat))
+        if name in _LABELS and self.label_noise and len(p):
+            p = (1 - self.label_noise) * p + self.label_noise * p.mean()
+        return p
+
+
+def world_of(cfg: "SynthConfig") -> World:
+    return World.make(cfg.strength, cfg.label_noise, cfg.loadings_seed)
 
 
 def _emit(rng, table, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -290,7 +353,7 @@ def _emit(rng, table, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------- cohort
-def _stays(rng, adm: dict) -> dict:
+def _stays(rng, adm: dict, world: World) -> dict:
     """ICU stays of the admissions: latents, length of stay (hours), and the first ventilation (arf) and vasopressor
     (shock) episodes: starting before 48 h with _OUTCOMES[kind + "_early"], else after 48 h (before outtime) in
     stays of >= 48 h with _OUTCOMES[kind]; NaN for none."""
@@ -302,8 +365,8 @@ def _stays(rng, adm: dict) -> dict:
     st.update(adm=a, pat=adm["pat"][a], j=group_rank(adm["n_stays"]), mv=adm["mv"][a])
     los = st["los"] = np.clip(np.exp(np.log(58) + 0.8 * rng.standard_normal(n) + 0.15 * st["sev"]), 6, 960)
     for kind, median in (("arf", 40), ("shock", 20)):
-        early = rng.random(n) < _sigmoid(_logit(kind + "_early", st))
-        late = ~early & (los >= 48.2) & (rng.random(n) < _sigmoid(_logit(kind, st)))
+        early = rng.random(n) < world.chance(kind + "_early", st)
+        late = ~early & (los >= 48.2) & (rng.random(n) < world.chance(kind, st))
         on = np.full(n, np.nan)
         on[early] = rng.uniform(0.2, 0.95, early.sum()) * np.minimum(los[early], 47.5)
         on[late] = 48.05 + rng.uniform(0.02, 0.85, late.sum()) * (los[late] - 48.1)
@@ -314,7 +377,7 @@ def _stays(rng, adm: dict) -> dict:
     return st
 
 
-def _cohort(rng, n: int, ids: dict, layout: str) -> tuple[dict, dict, dict]:
+def _cohort(rng, n: int, ids: dict, layout: str, world: World) -> tuple[dict, dict, dict]:
     """Patients, admissions and ICU stays of one chunk: latents, outcomes, times and ids (continuing `ids`)."""
     u = rng.random(n)
     age = np.clip(rng.normal(64, 15, n), 20, 88.9)
@@ -325,22 +388,22 @@ def _cohort(rng, n: int, ids: dict, layout: str) -> tuple[dict, dict, dict]:
     pat = dict(zip(PATIENT_LATENTS, z.T), age=age, male=rng.random(n) < 0.56,
                **{c: rng.choice(len(p), n, p=np.array(p) / sum(p)) for c, (p, _) in _CATEGORIES.items()})
     more = 0.6 * (layout == "trinetx")              # a TriNetX-style network records more encounters per patient
-    pat["n_base"] = 1 + np.minimum(rng.poisson(np.exp(_logit("admissions", pat) + more)), 11)
+    pat["n_base"] = 1 + np.minimum(rng.poisson(np.exp(world.logit("admissions", pat) + more)), 11)
     for task in _TASKS:
-        pat[task] = rng.random(n) < _sigmoid(_logit(task, pat))
+        pat[task] = rng.random(n) < world.chance(task, pat)
     # a case is diagnosed at its last planned admission (so its history is as long as a control's) and comes back
     pat["n_plan"] = pat["n_base"] + rng.poisson(0.8, n) * np.any([pat[t] for t in _TASKS], axis=0)
     p = np.repeat(np.arange(n), pat["n_plan"])
     adm = {k: pat[k][p] + _DRIFT * rng.standard_normal(len(p)) for k in PATIENT_LATENTS}
     adm.update(pat=p, k=group_rank(pat["n_plan"]), acuity=0.3 * pat["frailty"][p] + 0.95 * rng.standard_normal(len(p)))
-    adm["icu"] = rng.random(len(p)) < _sigmoid(_logit("icu", adm))
+    adm["icu"] = rng.random(len(p)) < world.chance("icu", adm)
     adm["n_stays"] = adm["icu"] * (1 + (rng.random(len(p)) < 0.1))
     adm["mv"] = (rng.random(len(p)) < 0.85) | (layout == "mimic4")      # MIMIC-III: ~15% CareVue admissions
-    st = _stays(rng, adm)
+    st = _stays(rng, adm, world)
     last = st["j"] == adm["n_stays"][st["adm"]] - 1                       # death follows the last ICU stay
-    logit = _logit("death_ward", adm)
-    logit[st["adm"][last]] = _logit("death", {k: v[last] for k, v in st.items()})
-    adm["died"] = rng.random(len(p)) < _sigmoid(logit)
+    chance = world.chance("death_ward", adm)
+    chance[st["adm"][last]] = world.chance("death", {k: v[last] for k, v in st.items()})
+    adm["died"] = rng.random(len(p)) < chance
     first_death = np.full(n, 99)
     np.minimum.at(first_death, p, np.where(adm["died"], adm["k"], 99))
     keep = adm["k"] <= first_death[p]                                     # a death ends the admissions
@@ -350,7 +413,7 @@ def _cohort(rng, n: int, ids: dict, layout: str) -> tuple[dict, dict, dict]:
     for k, w in _STAY_FROM.items():                # an admission sees its stays' mean, else their expected value
         mean = np.bincount(st["adm"], st[k], len(adm["pat"])) / np.maximum(adm["n_stays"], 1)
         adm[k] = np.where(adm["n_stays"] > 0, mean, sum(v * adm[j] for j, v in w.items()))
-    _timeline(rng, pat, adm, st, layout)
+    _timeline(rng, pat, adm, st, layout, world)
     for key, table, count in (("subject", pat, n), ("hadm", adm, len(adm["pat"])), ("stay", st, len(st["adm"]))):
         table["id"] = ids[key] + np.arange(count)
         ids[key] += count
@@ -359,7 +422,7 @@ def _cohort(rng, n: int, ids: dict, layout: str) -> tuple[dict, dict, dict]:
     return pat, adm, st
 
 
-def _timeline(rng, pat: dict, adm: dict, st: dict, layout: str) -> None:
+def _timeline(rng, pat: dict, adm: dict, st: dict, layout: str, world: World) -> None:
     """Epoch seconds: stays inside their admission, admissions spread over years; the gap to the next admission is
     under 30 days with the probability of _OUTCOMES["readmission"]. Then adm[task]: admissions since a case's first
     diagnosis (negative before it, and for non-cases), its last planned admission >= 182 days after its first
@@ -378,7 +441,7 @@ def _timeline(rng, pat: dict, adm: dict, st: dict, layout: str) -> None:
     # deaths at least 72 h after the last intime, so even the death *date* is after intime + 48 h
     dying = np.maximum(end_icu + rng.uniform(0.05, 2, n) * _HOUR, last_in + rng.uniform(72.1, 84, n) * _HOUR)
     length = np.where(adm["died"] & adm["icu"], dying, length)
-    soon = rng.random(n) < _sigmoid(_logit("readmission", adm))
+    soon = rng.random(n) < world.chance("readmission", adm)
     gap = np.where(soon, rng.uniform(0.5, 29.5, n), 31 + np.minimum(rng.exponential(500, n), 1800)) * _DAY
     y0, y1 = (np.datetime64(f"{y}-01-01", "s").astype(np.int64) for y in _YEARS[layout])
     first = rng.uniform(y0, y1, len(pat["age"]))
@@ -400,12 +463,12 @@ def _timeline(rng, pat: dict, adm: dict, st: dict, layout: str) -> None:
     adm["icd10"] = (adm["admit"] >= switch[p]) & (layout != "mimic3")
 
 
-def _notes(rng, pat: dict, adm: dict, drug_rows, drugs, layout: str) -> list[str]:
+def _notes(rng, pat: dict, adm: dict, drug_rows, drugs, layout: str, world: World) -> list[str]:
     """One discharge summary per admission: phrases its latents emit among neutral ones, and its drugs."""
-    rows, idx = _emit(rng, _PHRASE_TABLE, np.column_stack([adm[k] for k in _ALL]))
+    rows, idx = _emit(rng, world.phrases, np.column_stack([adm[k] for k in _ALL]))
     course, home, meds = ([[] for _ in adm["pat"]] for _ in range(3))
     for r, i in zip(rows.tolist(), idx.tolist()):
-        (home if _PHRASE_TABLE[3][i] == "social" else course)[r].append(_PHRASE_TABLE[0][i])
+        (home if world.phrases[3][i] == "social" else course)[r].append(world.phrases[0][i])
     for r, d in zip(drug_rows.tolist(), drugs.tolist()):
         meds[r].append(f"{len(meds[r]) + 1}. {_DRUG_TABLE[0][d]}")
     age = (pat["age"][adm["pat"]] + (adm["admit"] - pat["first"][adm["pat"]]) / _YEAR).astype(int)
@@ -427,7 +490,7 @@ def _lat(table: dict) -> np.ndarray:
     return np.column_stack([table[k] for k in _ALL] + [np.ones(len(table[_ALL[0]]))])
 
 
-def _schedule(rng, st: dict, table: str):
+def _schedule(rng, st: dict, table: str, hourly: dict):
     """Which variables of `table` are measured when: rounds are on the clock hour, hourly for 72 h and then every
     4 h; a variable is charted at every n-th round, with a probability, in the stays that use it (CareVue stays:
     labs and variables with a CareVue itemid); PEEP ('vent') while on invasive ventilation. Returns (stay,
@@ -437,42 +500,42 @@ def _schedule(rng, st: dict, table: str):
     s, k = np.repeat(np.arange(len(first)), count), group_rank(count)
     t = first[s] + k * _HOUR
     h, lat, picks = (t - st["intime"][s]) / _HOUR, _lat(st), []
-    rounds, mine = (h < 72) | (k % 4 == 0), np.flatnonzero(_VARS["table"] == table)
+    rounds, mine = (h < 72) | (k % 4 == 0), np.flatnonzero(hourly["table"] == table)
     for v in mine:
-        w = _VARS["w"][v]
-        if _VARS["kind"][v] == "vent":
+        w = hourly["w"][v]
+        if hourly["kind"][v] == "vent":
             m = rounds & st["mv"][s] & ~st["niv"][s] & (h >= st["arf_on"][s]) & (h <= st["arf_off"][s])
         else:
-            use = (st["mv"] | (_VARS["cv"][v] > 0) | (table == "lab")) & \
+            use = (st["mv"] | (hourly["cv"][v] > 0) | (table == "lab")) & \
                 (rng.random(len(lat)) < (_sigmoid(lat @ w[2]) if w[2].any() else 1))
             p = _sigmoid(2 + w[1, -1] + _ramp(h) * (lat[:, :-1] @ w[1, :-1])[s])
-            m = rounds & (k % int(_VARS["every"][v]) == 0) & use[s] & (rng.random(len(s)) < p)
+            m = rounds & (k % int(hourly["every"][v]) == 0) & use[s] & (rng.random(len(s)) < p)
         picks.append(np.flatnonzero(m))
     g, var = np.concatenate(picks), np.repeat(mine, [len(m) for m in picks])
     order = np.argsort(s[g], kind="stable")
     return s[g][order], var[order], t[g][order], h[g][order]
 
 
-def _values(rng, v: int, lat, ramp, offset) -> tuple[np.ndarray, np.ndarray]:
+def _values(rng, v: int, lat, ramp, offset, hourly: dict) -> tuple[np.ndarray, np.ndarray]:
     """value and valuenum text of variable v for rows with latents `lat`: numbers around the variable's mean plus
     a per-stay offset, categories of text items by an ordered logit; the latent part scales with `ramp`."""
-    shift, kind, n = ramp * (lat @ _VARS["w"][v, 0]), _VARS["kind"][v], len(ramp)
+    shift, kind, n = ramp * (lat @ hourly["w"][v, 0]), hourly["kind"][v], len(ramp)
     if kind in ("num", "log", "vent"):
         z = _OFFSET * offset + shift + 0.6 * rng.standard_normal(n)
-        mean, sd = _VARS["mean"][v], _VARS["sd"][v]
-        text = _num(np.clip(mean * np.exp(sd * z) if kind == "log" else mean + sd * z, _VARS["lo"][v],
-                            _VARS["hi"][v]), int(_VARS["dec"][v]))
+        mean, sd = hourly["mean"][v], hourly["sd"][v]
+        text = _num(np.clip(mean * np.exp(sd * z) if kind == "log" else mean + sd * z, hourly["lo"][v],
+                            hourly["hi"][v]), int(hourly["dec"][v]))
         return text, text
     if kind == "none":
         return np.full(n, "", dtype=object), np.full(n, "", dtype=object)
-    first, cats = _TEXT[int(_VARS["item"][v])]
+    first, cats = _TEXT[int(hourly["item"][v])]
     names, shares = zip(*(c.rsplit(":", 1) for c in cats.split("|")))
     cum = np.cumsum(np.array(shares[:-1], dtype=float))
     c = np.searchsorted(np.log(cum / (1 - cum)), shift + 2 * _OFFSET * offset + rng.logistic(size=n))
     return _vocab(names)[c], (_num(c + first) if first is not None else np.full(n, "", dtype=object))
 
 
-def _measure(rng, st: dict, offsets, s, v, t, h, scale: float = 1.0):
+def _measure(rng, st: dict, offsets, s, v, t, h, hourly: dict, scale: float = 1.0):
     """(stay, variable, itemid, time, value, valuenum) of scheduled measurements, 70% on the hour; `scale` repeats
     rows (the extra ones at random minutes of the same hour) or drops them."""
     reps = np.ones(len(s), np.int64) if scale >= 1 else (rng.random(len(s)) < scale).astype(np.int64)
@@ -485,8 +548,8 @@ def _measure(rng, st: dict, offsets, s, v, t, h, scale: float = 1.0):
     value, num, lat = np.empty(len(s), object), np.empty(len(s), object), _lat(st)
     for i in np.unique(v):
         m = v == i
-        value[m], num[m] = _values(rng, i, lat[s[m]], _ramp(h[m]), offsets[s[m], i])
-    item = np.where(st["mv"][s] | (_VARS["cv"][v] == 0), _VARS["item"][v], _VARS["cv"][v]).astype(np.int64)
+        value[m], num[m] = _values(rng, i, lat[s[m]], _ramp(h[m]), offsets[s[m], i], hourly)
+    item = np.where(st["mv"][s] | (hourly["cv"][v] == 0), hourly["item"][v], hourly["cv"][v]).astype(np.int64)
     return s, v, item, t + minute.astype(np.int64), value, num
 
 
@@ -567,12 +630,12 @@ def _icd10(code: str) -> str:
     return _ICD10[h % len(_ICD10)] + str(h // len(_ICD10) % 10)
 
 
-def _diagnosis_table(rng, adm: dict) -> tuple[int, dict]:
+def _diagnosis_table(rng, adm: dict, codes_table: tuple) -> tuple[int, dict]:
     """DIAGNOSES_ICD / hosp/diagnoses_icd / diagnosis: the codes the latents emit and, from a case's first diagnosis
     on, its task group (the usual code in 60% of admissions, another one in the rest, now and then a second one).
     Admissions coded in ICD-10 get each code's ICD-10 code (_icd10; deduplicated)."""
-    rows, idx = _emit(rng, _CODE_TABLE, np.column_stack([adm[k] for k in _ALL]))
-    rows, codes = [rows], [_CODE_TABLE[0][idx]]
+    rows, idx = _emit(rng, codes_table, np.column_stack([adm[k] for k in _ALL]))
+    rows, codes = [rows], [codes_table[0][idx]]
     for task, group in _TASKS.items():
         main = np.where(rng.random(len(adm[task])) < 0.6, 0, rng.integers(1, len(group), len(adm[task])))
         for i, code in enumerate(group):
@@ -601,7 +664,7 @@ def _write_latents(sink, pat: dict, adm: dict, st: dict, a_ids: dict, s_ids: dic
     sink.write("latent_stays", len(st["id"]), dict(s_ids, **{k: _num(st[k], 4) for k in STAY_LATENTS}))
 
 
-def _write_chunk(sink, cfg: SynthConfig, chunk: int, pat: dict, adm: dict, st: dict) -> None:
+def _write_chunk(sink, cfg: SynthConfig, world: World, chunk: int, pat: dict, adm: dict, st: dict) -> None:
     """Generate every table of one chunk of patients and append it to the open files. Each table draws from its
     own random stream, so `event_scale` changes the chart rows and nothing else."""
     def rng(purpose: int):
@@ -611,17 +674,17 @@ def _write_chunk(sink, cfg: SynthConfig, chunk: int, pat: dict, adm: dict, st: d
         return dict(subject_id=_num(st["subject_id"][s]), hadm_id=_num(st["hadm_id"][s]), stay_id=_num(st["id"][s]))
     a_ids = dict(subject_id=_num(adm["subject_id"]), hadm_id=_num(adm["id"]))
     _write_latents(sink, pat, adm, st, a_ids, ids(slice(None)))
-    sink.write("diagnoses", *_diagnosis_table(rng(1), adm))
+    sink.write("diagnoses", *_diagnosis_table(rng(1), adm, world.codes))
     for table, rows_cols in _hospital_tables(rng(2), pat, adm, st).items():
         sink.write(table, *rows_cols)
     if cfg.layout == "trinetx":
         return
-    d_rows, drugs = _emit(rng(3), _DRUG_TABLE, _lat(adm)[:, :-1])
+    d_rows, drugs = _emit(rng(3), world.drugs, _lat(adm)[:, :-1])
     sink.write("prescriptions", len(d_rows), {**{k: v[d_rows] for k, v in a_ids.items()}, "drug": _DRUG_CSV[drugs],
                                               "gsn": np.char.zfill(_DRUG_CODE[drugs].astype(str), 6),
                                               "ndc": np.char.zfill((_DRUG_CODE[drugs] * 100003).astype(str), 11)})
     r = rng(4)
-    texts = _notes(r, pat, adm, d_rows, drugs, cfg.layout)
+    texts = _notes(r, pat, adm, d_rows, drugs, cfg.layout, world)
     k = np.flatnonzero(r.random(len(adm["id"])) < 0.9)                 # ~90% of admissions have a summary
     sink.write("notes", len(k), dict(
         {c: v[k] for c, v in a_ids.items()}, text=_vocab([texts[i] for i in k]), category="Discharge summary",
@@ -629,20 +692,21 @@ def _write_chunk(sink, cfg: SynthConfig, chunk: int, pat: dict, adm: dict, st: d
         note_id=a_ids["subject_id"][k] + "-DS-" + _num(adm["k"][k] + 1),    # MIMIC-III: a date, MIMIC-IV: midnight
         **{"chartdate" if cfg.layout == "mimic3" else "charttime": _ts(adm["disch"][k] // _DAY * _DAY, "date" if
                                                                        cfg.layout == "mimic3" else "datetime")}))
-    offsets = rng(5).standard_normal((len(st["id"]), len(_VARS["item"])))   # per stay and variable
+    hourly = world.hourly
+    offsets = rng(5).standard_normal((len(st["id"]), len(hourly["item"])))   # per stay and variable
     for table, purpose in (("lab", 6), ("output", 7), ("datetime", 8), ("input", 9), ("procedure", 10)):
         r = rng(purpose)
-        s, v, item, when, value, num = _measure(r, st, offsets, *_schedule(r, st, table))
-        end = np.maximum(np.minimum(when + _VARS["every"][v].astype(np.int64) * _HOUR, st["outtime"][s]), when + 60)
+        s, v, item, when, value, num = _measure(r, st, offsets, *_schedule(r, st, table, hourly), hourly)
+        end = np.maximum(np.minimum(when + hourly["every"][v].astype(np.int64) * _HOUR, st["outtime"][s]), when + 60)
         sink.write(table + "events", len(s), dict(ids(s), itemid=_num(item), charttime=_ts(when), value=value,
                                                   valuenum=num, starttime=_ts(when), endtime=_ts(end // 60 * 60),
                                                   amount=value))
     r = rng(11)
     k = np.flatnonzero(r.random(len(adm["id"])) < 0.35)      # outpatient labs weeks before admissions: no hadm_id
     when = _ts((adm["admit"][k] - r.uniform(5, 60, len(k)) * _DAY).astype(np.int64) // 60 * 60)
-    for v in np.flatnonzero((_VARS["table"] == "lab") & ~_VARS["w"][:, 2].any(1)):
-        value, _ = _values(r, v, _lat(adm)[k], np.full(len(k), 0.35), r.standard_normal(len(k)))
-        sink.write("labevents", len(k), dict(subject_id=a_ids["subject_id"][k], itemid=str(int(_VARS["item"][v])),
+    for v in np.flatnonzero((hourly["table"] == "lab") & ~hourly["w"][:, 2].any(1)):
+        value, _ = _values(r, v, _lat(adm)[k], np.full(len(k), 0.35), r.standard_normal(len(k)), hourly)
+        sink.write("labevents", len(k), dict(subject_id=a_ids["subject_id"][k], itemid=str(int(hourly["item"][v])),
                                              charttime=when, value=value, valuenum=value))
     v, p = np.flatnonzero(st["mv"] & ~np.isnan(st["arf_on"])), np.flatnonzero(st["mv"] & ~np.isnan(st["shock_on"]))
     dose = r.uniform(0.05, 0.3, len(p)) * 60 * (st["shock_off"][p] - st["shock_on"][p]) * st["weight"][p] / 1000
@@ -651,11 +715,11 @@ def _write_chunk(sink, cfg: SynthConfig, chunk: int, pat: dict, adm: dict, st: d
         start, end = ((st["intime"][s] + st[kind + x][s] * _HOUR).astype(np.int64) // 60 * 60 for x in ("_on", "_off"))
         sink.write(table + "events", len(s), dict(ids(s), itemid=_num(item), starttime=_ts(start), amount=amount,
                                                   endtime=_ts(np.maximum(end, start + 60))))   # the label episodes
-    s, v, t, h = _schedule(rng(12), st, "chart")
+    s, v, t, h = _schedule(rng(12), st, "chart", hourly)
     val, batch = rng(13), max(10, int(_STAY_BATCH / max(cfg.event_scale, 1.0)))   # chart rows: most of the extract
     bounds = np.searchsorted(s, np.arange(0, len(st["id"]) + batch, batch))
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        s2, _, item, when, value, num = _measure(val, st, offsets, s[lo:hi], v[lo:hi], t[lo:hi], h[lo:hi],
+        s2, _, item, when, value, num = _measure(val, st, offsets, s[lo:hi], v[lo:hi], t[lo:hi], h[lo:hi], hourly,
                                                  cfg.event_scale)
         sink.write("chartevents", len(s2), dict(ids(s2), itemid=_num(item), charttime=_ts(when), value=value,
                                                 valuenum=num))
@@ -774,13 +838,16 @@ def synthesize(cfg: SynthConfig) -> dict:
     rep, out = Reporter(quiet=cfg.quiet), Path(cfg.out)
     for bad, what in ((cfg.layout not in LAYOUTS, f"layout must be one of {', '.join(LAYOUTS)}, not {cfg.layout!r}"),
                       (cfg.patients < 1, f"patients must be at least 1, not {cfg.patients}"),
-                      (not cfg.event_scale > 0, f"event_scale must be positive, not {cfg.event_scale}")):
+                      (not cfg.event_scale > 0, f"event_scale must be positive, not {cfg.event_scale}"),
+                      (not 0 <= cfg.strength, f"strength must be at least 0, not {cfg.strength}"),
+                      (not 0 <= cfg.label_noise <= 1, f"label_noise must be in [0, 1], not {cfg.label_noise}")):
         if bad:
             raise ValueError(what)
     if out.exists() and not _replaceable(out):
         raise InputError(f"{out} exists and is not a CSV extract (only .csv[.gz] files, hosp/ icu/ note/ latents/); "
                          "remove it or choose another --out")
     ids, totals = dict(zip(("subject", "hadm", "stay"), _FIRST_IDS[cfg.layout])), dict(patients=0, admissions=0)
+    world = world_of(cfg)
     with Staged(cfg.out, "--out", log=rep.log) as stage:    # written whole under a staging name, then swapped in
         out = stage.out
         rep.log(f"synth: {cfg.patients:,} patients, {cfg.layout}, seed {cfg.seed}, event scale {cfg.event_scale:g}: "
@@ -790,8 +857,9 @@ def synthesize(cfg: SynthConfig) -> dict:
             with rep.task("synth patients", total=cfg.patients, unit="patients") as advance:
                 for chunk, start in enumerate(range(0, cfg.patients, _CHUNK)):
                     n = min(_CHUNK, cfg.patients - start)
-                    pat, adm, st = _cohort(np.random.default_rng([cfg.seed & (2 ** 63 - 1), chunk]), n, ids, cfg.layout)
-                    _write_chunk(sink, cfg, chunk, pat, adm, st)
+                    pat, adm, st = _cohort(np.random.default_rng([cfg.seed & (2 ** 63 - 1), chunk]), n, ids, cfg.layout,
+                                           world)
+                    _write_chunk(sink, cfg, world, chunk, pat, adm, st)
                     for key, rows in (("patients", n), ("admissions", len(adm["id"])), ("stays", len(st["id"]))):
                         totals[key] = totals.get(key, 0) + rows * (key != "stays" or cfg.layout != "trinetx")
                     advance(n, status=f"{sum(sink.rows.values()):,} rows")

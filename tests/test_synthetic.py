@@ -494,3 +494,61 @@ def test_every_latent_moves_many_codes_drugs_words_and_features(m3, processed):
     for k in synthetic.STAY_LATENTS:
         r = np.array([abs(np.corrcoef(col, lat["stays"][k][rows])[0, 1]) if col.std() else 0 for col in x.T])
         assert len({v for v, c in zip(variable, r) if c >= 0.15}) >= 10, k
+
+
+# ------------------------------------------------------------------------------------ the realism dial
+def _case_signal(tmp_path: Path, name: str, **dial) -> dict:
+    """Per patient task: prevalence and AUROC of the case flag from its driving latent, in a 2,000-patient
+    diagnosis extract drawn with `dial`."""
+    out = tmp_path / name
+    synthesize(SynthConfig(out=out, patients=2000, layout="trinetx", seed=2, quiet=True, **dial))
+    pat = read_latents(out)["patients"]
+    drivers = {"hf": "cardiac", "copd": "pulmonary", "amnesia": "cognitive"}
+    return {t: (float(np.mean(pat[t])), auroc(pat[t], pat[z])) for t, z in drivers.items()}
+
+
+def test_world_make_is_the_designed_world_and_defaults_keep_the_bytes():
+    """World.make() holds the designed tables unchanged (the byte-identical default is checked above by
+    test_same_seed_same_bytes_other_seed_other_bytes and bench/fingerprint.py)."""
+    world = synthetic.World.make()
+    for got, designed in ((world.codes, synthetic._CODE_TABLE), (world.drugs, synthetic._DRUG_TABLE)):
+        assert all(np.array_equal(g, d) for g, d in zip(got, designed))
+    assert np.array_equal(world.hourly["w"], synthetic._VARS["w"]) and world.outcomes == synthetic._OUTCOMES
+
+
+def test_strength_and_label_noise_weaken_the_labels_and_keep_the_prevalence(tmp_path):
+    base = _case_signal(tmp_path, "base")
+    weak = _case_signal(tmp_path, "weak", strength=0.25)
+    noisy = _case_signal(tmp_path, "noisy", label_noise=0.6)
+    for task, (prevalence, signal) in base.items():
+        assert signal > 0.85 and 0.2 < prevalence < 0.45, (task, base[task])
+        for other in (weak, noisy):
+            assert abs(other[task][0] - prevalence) < 0.06, (task, other[task], prevalence)   # the rate stays
+            assert other[task][1] < signal - 0.1, (task, other[task], signal)                # the signal does not
+
+
+def test_strength_scales_every_loading_and_keeps_item_rates():
+    half = synthetic.World.make(strength=0.5)
+    base = synthetic.World.make()
+    assert np.allclose(half.codes[2], base.codes[2] * 0.5)
+    assert np.allclose(half.hourly["w"][:, 0], base.hourly["w"][:, 0] / 2)
+    assert all(abs(w) < abs(base.outcomes[k][1][j]) for k, (_, ws) in half.outcomes.items()
+               if k not in ("admissions", "icu") for j, w in ws.items())
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((20000, base.codes[2].shape[1]))
+    rate = lambda t: synthetic._sigmoid(t[1] + z @ t[2].T).mean(0)  # noqa: E731
+    assert np.allclose(rate(half.codes), rate(base.codes), rtol=0.35, atol=0.01)
+
+
+def test_redrawn_loadings_give_structure_the_designed_world_does_not_share():
+    """loadings_seed re-draws which latent each item loads on (same strengths, same base rates): most items move
+    to another latent, and every item still loads on some latent."""
+    base, other = synthetic.World.make(), synthetic.World.make(loadings_seed=1)
+    top = lambda w: np.argmax(np.abs(w), axis=1)  # noqa: E731
+    loaded = base.codes[2].any(1)
+    assert np.array_equal(np.sort(np.abs(other.codes[2]), 1), np.sort(np.abs(base.codes[2]), 1))
+    assert np.mean(top(other.codes[2])[loaded] != top(base.codes[2])[loaded]) > 0.7
+    assert np.array_equal(other.codes[1], base.codes[1])
+    moved = [not np.array_equal(o, b) for o, b in zip(other.hourly["w"], base.hourly["w"]) if b[:, :-1].any()]
+    assert np.mean(moved) > 0.7
+    assert synthetic.World.make(loadings_seed=1).codes[2].tolist() == other.codes[2].tolist()   # deterministic
