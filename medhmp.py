@@ -91,7 +91,8 @@ def synth(**options):
 @click.option("--notes", type=PathOption, help="Note table or folder (NOTEEVENTS*, MIMIC-IV-Note discharge).")
 @_option("--text-model", pipeline.PreprocessConfig, "'hashing', a local Hugging Face folder, or a hub name.")
 @click.option("--limit-patients", type=Count, help="Keep a deterministic sample of N patients.")
-@click.option("--vocab-from", type=PathOption, help="Reuse the code vocabularies of another processed folder.")
+@click.option("--vocab-from", type=PathOption,
+              help="Reuse the code vocabularies and fitted features of another processed folder.")
 @_option("--icd", pipeline.PreprocessConfig, "ICD systems (9: the paper's).", type=click.Choice(pipeline.ICD_OPTIONS))
 @_options(pipeline.PreprocessConfig, "--out", "--text-device", "--seed")
 def preprocess(**options):

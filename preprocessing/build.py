@@ -23,7 +23,7 @@ from preprocessing.cohorts import (MINUTES_PER_DAY, assign_splits, patient_label
 from preprocessing.extract import (STATIC_CATEGORIES, StayIndex, age_at, find_notes, load_core, load_trinetx,
                                    read_diagnoses, read_drugs, read_notes, stream_events, variable_names)
 from preprocessing.features import (apply_static, apply_timeseries, build_vocab, codes_to_csr, embed_notes,
-                                    fit_static, fit_timeseries, load_text_model)
+                                    fit_static, fit_timeseries, load_text_model, reuse_timeseries)
 from preprocessing.tables import unique
 from tasks import ICD_SYSTEMS
 
@@ -195,7 +195,11 @@ def _where_lost(steps: list) -> str:
 def _time_series(cfg, events: dict, names: dict, train_stay: np.ndarray) -> tuple[dict, dict]:
     """FIDDLE-style time series fitted on the training stays: (the sparse arrays of stays.pt, see
     docs/data-format.md, and their spec); `names` maps variable keys to readable names."""
-    spec = fit_timeseries(events, train_stay, names, cfg.min_frequency, cfg.n_bins)
+    other = vocab_source(cfg)
+    if other is not None and other.get("n_features"):   # --vocab-from a folder with ICU stays: its features
+        spec = reuse_timeseries(other, events)
+    else:
+        spec = fit_timeseries(events, train_stay, names, cfg.min_frequency, cfg.n_bins)
     if len(spec["columns"]) >= 2 ** 15:
         raise InputError(f"{len(spec['columns'])} time-series features do not fit int16 storage; "
                          "raise --min-frequency")
@@ -211,7 +215,11 @@ def _static_vectors(cfg, stays: dict, admissions: dict, patients: dict, train_st
                **{c: [admissions[c][i] for i in admission] for c in STATIC_CATEGORIES
                   if c in admissions and admissions[c] is not None},
                "first_careunit": stays["first_careunit"] or [""] * len(admission)}
-    spec = fit_static(columns, train_stay, cfg.min_frequency, cfg.n_bins)
+    other = vocab_source(cfg)
+    if other is not None and other.get("n_features"):
+        spec = {"variables": other["features"]["static"], "columns": other["static_names"]}
+    else:
+        spec = fit_static(columns, train_stay, cfg.min_frequency, cfg.n_bins)
     return apply_static(columns, spec), spec
 
 
@@ -228,11 +236,11 @@ def _splits_json(subjects, split, cfg) -> dict:
             **{n: subjects[split == i].tolist() for i, n in enumerate(SPLITS)}}
 
 
-def _vocabularies(cfg, icd_codes, drug_codes, icd_train, drug_train) -> tuple[list, list]:
-    """The ICD and drug vocabularies: built from the codes of training admissions (`*_train`: a mask over the
-    code pairs), or those of the folder --vocab-from names."""
+def vocab_source(cfg) -> dict | None:
+    """The meta.json of the processed folder --vocab-from names (whose vocabularies and fitted features this
+    extract is read with), or None."""
     if cfg.vocab_from is None:
-        return build_vocab(icd_codes, icd_train), build_vocab(drug_codes, drug_train)
+        return None
     path = Path(cfg.vocab_from) / "meta.json"
     if not path.is_file():
         raise InputError(f"{path}: not found (--vocab-from needs a processed folder)")
@@ -240,6 +248,15 @@ def _vocabularies(cfg, icd_codes, drug_codes, icd_train, drug_train) -> tuple[li
     if other.get("format_version") != FORMAT_VERSION:   # e.g. codes spelled without their ICD system (version 2)
         raise InputError(f"{path}: format version {other.get('format_version')}, this medhmp writes "
                          f"{FORMAT_VERSION}; preprocess that extract again before reusing its vocabularies")
+    return other
+
+
+def _vocabularies(cfg, icd_codes, drug_codes, icd_train, drug_train) -> tuple[list, list]:
+    """The ICD and drug vocabularies: built from the codes of training admissions (`*_train`: a mask over the
+    code pairs), or those of the folder --vocab-from names."""
+    other = vocab_source(cfg)
+    if other is None:
+        return build_vocab(icd_codes, icd_train), build_vocab(drug_codes, drug_train)
     return other["icd_vocab"], other["drug_vocab"]
 
 

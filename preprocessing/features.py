@@ -91,6 +91,29 @@ def fit_timeseries(events: dict, train: np.ndarray, names: dict, theta: float, n
     return spec
 
 
+def reuse_timeseries(meta: dict, events: dict) -> dict:
+    """The time-series spec fitted for another processed folder (its meta.json), for this extract's events
+    (--vocab-from): variables are matched by key, categories by name (their ids are numbered per extract); a
+    category this extract lacks never matches. The columns and their order are the other folder's."""
+    ids = {name: i for i, name in enumerate(events["category_names"])}
+    unseen = len(ids)                                  # ids no event carries
+    variables = []
+    for v in meta["features"]["variables"]:
+        v = dict(v)
+        if v["kind"] == "categorical":
+            prefix, pairs = f"{v['name']} = ", []
+            for col in v["columns"][1:]:
+                name = meta["feature_names"][col][len(prefix):] if col >= 0 else None
+                cat = ids.get(name) if name is not None else None
+                if cat is None:
+                    cat, unseen = unseen, unseen + 1
+                pairs.append((cat, col))
+            pairs.sort()                                # _columns looks (variable, category) up in sorted order
+            v["categories"], v["columns"] = [c for c, _ in pairs], v["columns"][:1] + [col for _, col in pairs]
+        variables.append(v)
+    return {"variables": variables, "columns": list(meta["feature_names"])}
+
+
 def _stays_per(stay: np.ndarray, label: np.ndarray, n: int) -> np.ndarray:
     """(n,) int64: for each label 0..n-1, the number of distinct stays among the (stay, label) pairs given."""
     pairs = unique(stay.astype(np.int64) * n + label)
@@ -216,9 +239,13 @@ def fit_static(columns: dict, train: np.ndarray, theta: float, n_bins: int) -> d
 
 
 def apply_static(columns: dict, spec: dict) -> np.ndarray:
-    """(N, S) uint8 static vectors under `spec`."""
-    parts = []
+    """(N, S) uint8 static vectors under `spec`; a column the extract lacks (a spec reused from another layout)
+    gives all-zero columns."""
+    parts, n = [], len(next(iter(columns.values()))) if columns else 0
     for v in spec["variables"]:
+        if v["name"] not in columns:
+            parts.append(np.zeros((n, sum(v["keep"]) if "edges" in v else len(v["categories"])), bool))
+            continue
         values = columns[v["name"]]
         if "edges" in v:
             bins = np.searchsorted(np.array(v["edges"]), values, side="right")
@@ -228,7 +255,6 @@ def apply_static(columns: dict, spec: dict) -> np.ndarray:
             values = np.asarray(values, dtype=object)
             parts.append(np.stack([values == c for c in v["categories"]], axis=1) if v["categories"]
                          else np.zeros((len(values), 0), bool))
-    n = len(next(iter(columns.values()))) if columns else 0
     return np.concatenate(parts, axis=1).astype(np.uint8) if parts else np.zeros((n, 0), np.uint8)
 
 

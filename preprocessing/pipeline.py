@@ -45,7 +45,7 @@ class PreprocessConfig:
     # ICD systems kept: 9 | 10 | both. fidelity: the paper (MIMIC-III) has ICD-9 only, where both = 9; on MIMIC-IV
     # `9` drops every admission coded after October 2015, about half of them (README, Inputs)
     icd: str = "both"
-    vocab_from: Path | None = None            # reuse the code vocabularies of another processed folder
+    vocab_from: Path | None = None            # reuse another processed folder's vocabularies and features
     note_max_tokens: int = 512                # Clinical-T5 was trained on 512 tokens
     note_pooling: str = "mean"                # "mean" (attention-masked) or "mean_unmasked" (official)
     hashing_dim: int = 768                    # width of the built-in hashing text model (Clinical-T5-Base: 768)

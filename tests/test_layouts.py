@@ -3,7 +3,9 @@ import csv
 import gzip
 import json
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import data
@@ -167,3 +169,36 @@ def test_synth_command_writes_what_synthesize_writes(tmp_path):
     assert files(tmp_path / "cli") == files(tmp_path / "py") and files(tmp_path / "py")
     bad = CliRunner().invoke(cli, ["synth", "--out", str(tmp_path / "bad"), "--patients", "0"])
     assert bad.exit_code == 2 and "--patients" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_vocab_from_reuses_the_fitted_features(tmp_path):
+    """--vocab-from a folder with ICU stays reads this extract with that folder's features too: the same extract
+    gives the same tensors (a spec reused is the spec fitted), and another extract (another seed, and another
+    latent world: categories numbered differently) gets the same columns, so a model pretrained on the first reads
+    it; its evaluate/embed size checks pass."""
+    for name, seed, dial in (("a", 0, {}), ("b", 5, {"loadings_seed": 3})):
+        synthetic.synthesize(synthetic.SynthConfig(out=tmp_path / name, patients=120, seed=seed, quiet=True, **dial))
+    a = preprocess(PreprocessConfig(raw=tmp_path / "a", out=tmp_path / "a-out", quiet=True))
+    again = preprocess(PreprocessConfig(raw=tmp_path / "a", out=tmp_path / "a-again", vocab_from=tmp_path / "a-out",
+                                        quiet=True))
+    assert again["features"] == a["features"] and again["feature_names"] == a["feature_names"]
+    for f in ("stays.pt", "admissions.pt"):
+        x, y = (torch.load(tmp_path / d / f, weights_only=True) for d in ("a-out", "a-again"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    fitted = preprocess(PreprocessConfig(raw=tmp_path / "b", out=tmp_path / "b-own", quiet=True))
+    b = preprocess(PreprocessConfig(raw=tmp_path / "b", out=tmp_path / "b-out", vocab_from=tmp_path / "a-out",
+                                    quiet=True))
+    assert (b["feature_names"], b["static_names"], b["icd_vocab"]) == (a["feature_names"], a["static_names"],
+                                                                        a["icd_vocab"])
+    assert fitted["feature_names"] != a["feature_names"] or fitted["features"] != a["features"]
+    db, dbo = data.load_processed(tmp_path / "b-out"), data.load_processed(tmp_path / "b-own")
+    assert db.stays["static"].shape[1] == len(a["static_names"]) and db.meta["counts"]["stays"] == \
+        dbo.meta["counts"]["stays"]
+    # the same events under both specs: each stay has active cells under the reused one too
+    assert (np.diff(db.stays["ts_ptr"].numpy()) > 0).mean() > 0.95
+    # a categorical column reads the same category by name in both folders
+    names = a["feature_names"]
+    cat = next(i for i, n in enumerate(names) if " = " in n)
+    own = fitted["feature_names"].index(names[cat])
+    active = lambda d, c: int((d.stays["ts_feat"].numpy() == c).sum())  # noqa: E731
+    assert active(db, cat) == active(dbo, own) > 0
