@@ -76,6 +76,7 @@ def cli():
 @_options(synthetic.SynthConfig, "--patients", "--seed")
 @_option("--layout", synthetic.SynthConfig, type=click.Choice(synthetic.LAYOUTS))
 @_option("--event-scale", synthetic.SynthConfig, "Chart rows per stay-hour multiplier.", type=FiniteRange(min=0.1))
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an extract in OUT that synth did not write.")
 def synth(**options):
     """Write a synthetic cohort (MIMIC-III, MIMIC-IV or diagnosis-extract layout) of a latent model (OUT/latents/)."""
     done = _run(synthetic.synthesize, synthetic.SynthConfig, **options)
