@@ -445,7 +445,8 @@ def _admission_ids(src: Source, values: np.ndarray, rows: np.ndarray) -> tuple[n
     """A hadm_id column (S array; `rows` its line numbers) -> (ids, ok, blank); a value that is neither an id
     nor blank is counted on `src`."""
     hadm, ok = parse_int(values)
-    blank = np.char.str_len(strip(values)) == 0
+    blank = np.zeros(len(values), bool)
+    blank[~ok] = np.char.str_len(strip(values[~ok])) == 0           # (ok is the usual case: no pass over it)
     bad = np.flatnonzero(~ok & ~blank)
     if len(bad):
         src.skip(f"unparsable {src.names.get('hadm_id', 'hadm_id')}", rows[bad], "hadm_id", values[bad[0]])

@@ -557,20 +557,20 @@ def parse_int(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     values = strip(values)
     lens = np.char.str_len(values)
     width = min(values.itemsize, ID_DIGITS + 8)              # longer values are not ok: look at no more
-    chars = np.zeros((len(values), width), np.uint8)         # (n, width)
-    chars[:] = values.view(np.uint8).reshape(len(values), values.itemsize)[:, :width]
+    chars = values.view(np.uint8).reshape(len(values), values.itemsize)[:, :width]   # (n, width) view
     at = np.arange(width)[None, :]
     used = at < lens[:, None]
-    dot = used & (chars == 46)                               # '.'
-    n_digits = np.where(dot.any(axis=1), dot.argmax(axis=1), lens)   # digits before the '.', if any
-    whole = at < n_digits[:, None]
-    digit = (chars >= 48) & (chars <= 57)
-    ok = (n_digits > 0) & (n_digits <= ID_DIGITS) & (lens <= width)
-    ok &= (digit | ~whole).all(axis=1)                       # digits, then
-    ok &= ((chars == 48) | ~used | whole | (at == n_digits[:, None])).all(axis=1)   # '.' and zeros only
+    whole, n_digits = used, lens                             # the positions of the integer's digits, their number
+    ok = (lens > 0) & (lens <= width)
+    dot = used & (chars == 46)
+    if dot.any():                                            # '100001.0': digits, then '.' and zeros only
+        n_digits = np.where(dot.any(axis=1), dot.argmax(axis=1), lens)
+        whole = at < n_digits[:, None]
+        ok &= (n_digits > 0) & ((chars == 48) | ~used | whole | (at == n_digits[:, None])).all(axis=1)
+    ok &= (n_digits <= ID_DIGITS) & (((chars >= 48) & (chars <= 57)) | ~whole).all(axis=1)
     out = np.zeros(len(values), np.int64)
     for k in range(min(width, ID_DIGITS)):
-        out = np.where(whole[:, k], out * 10 + chars[:, k].astype(np.int64) - 48, out)
+        out = np.where(whole[:, k], out * 10 + chars[:, k] - 48, out)
     return np.where(ok, out, 0), ok
 
 
