@@ -417,6 +417,14 @@ def test_a_table_that_is_a_folder_is_named_in_one_line(tiny_raw, tmp_path):
                    r"CHARTEVENTS.csv.gz: a folder, not a table; expected a CSV file")
 
 
+def test_an_unreadable_table_is_named_in_one_line(tiny_raw, tmp_path, monkeypatch):
+    def denied(path, *args, **kwargs):      # root ignores chmod: the refusal is simulated
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(tables, "open", denied, raising=False)
+    one_line_error(_cli("preprocess", "--raw", tiny_raw, "--out", tmp_path / "out"),
+                   r"PATIENTS.csv.gz: cannot be read \(Permission denied\)")
+
+
 def test_a_repeated_column_name_stops_naming_it(tiny_raw, tmp_path):
     path = tiny_raw / "CHARTEVENTS.csv.gz"
     text = gzip.decompress(path.read_bytes())
