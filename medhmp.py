@@ -80,6 +80,7 @@ def cli():
          type=FiniteRange(min=0))
 @_option("--label-noise", synthetic.SynthConfig, "Share of each label drawn at its base rate.",
          type=FiniteRange(0, 1))
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an extract in OUT that synth did not write.")
 def synth(**options):
     """Write a synthetic cohort (MIMIC-III, MIMIC-IV or diagnosis-extract layout) of a latent model (OUT/latents/)."""
     done = _run(synthetic.synthesize, synthetic.SynthConfig, **options)

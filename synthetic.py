@@ -34,7 +34,8 @@ MIMIC-IV and TriNetX patients switch from ICD-9 to ICD-10 at a point of their hi
 between two admissions: about half the admissions are coded in ICD-10), each ICD-9 code becoming one ICD-10 code
 (a task code its ICD-10-CM equivalent in tasks.TASKS). Chunks of patients bound the
 memory; the same config gives the same bytes (a numpy `default_rng` per chunk and table, gzip `mtime=0`); output
-goes to a staging folder (folders.Staged), swapped in when complete: a folder that exists is always whole.
+goes to a staging folder (folders.Staged), swapped in when complete: a folder that exists is always whole. An
+existing OUT is replaced only when synth wrote it (its MARKER file) or with `--overwrite` (`overwrite=True`).
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class SynthConfig:
     strength: float = 1.0
     label_noise: float = 0.0
     loadings_seed: int = 0     # 0: the designed latent-to-item loadings; another: re-drawn (an unrelated world)
+    overwrite: bool = False    # replace an existing extract that synth did not write (MARKER)
     quiet: bool = False
 
 
@@ -824,12 +826,27 @@ class _Sink:
             raw.close()
 
 
-def _replaceable(folder: Path) -> bool:
-    """Whether an existing output folder holds nothing but an extract, so replacing it loses nothing else."""
-    if not folder.is_dir() or folder.resolve() == Path.cwd().resolve():
-        return False
-    return all(p.name.lower() in ("hosp", "icu", "note", "latents") and _replaceable(p) if p.is_dir()
-               else p.name.lower().endswith((".csv", ".csv.gz")) for p in folder.iterdir())
+# written into every extract synth writes: only such a folder is replaced without --overwrite
+MARKER = ".medhmp-synth"
+
+
+def _extract_only(folder: Path) -> bool:
+    """Whether `folder` holds nothing but an extract (and synth's marker), so replacing it loses nothing else."""
+    return all(p.name.lower() in ("hosp", "icu", "note", "latents") and _extract_only(p) if p.is_dir()
+               else p.name.lower().endswith((".csv", ".csv.gz")) or p.name == MARKER for p in folder.iterdir())
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """An existing --out is replaced only when it holds an extract only, written by synth (its MARKER) or
+    replaced on purpose (--overwrite): a user's own extract is never deleted without asking."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir() or out.resolve() == Path.cwd().resolve() or not _extract_only(out):
+        raise InputError(f"{out} exists and is not a CSV extract (only .csv[.gz] files, hosp/ icu/ note/ latents/); "
+                         "remove it or choose another --out")
+    if not (out / MARKER).is_file() and not overwrite:
+        raise InputError(f"{out} holds an extract that synth did not write; pass --overwrite to replace it, or "
+                         "choose another --out")
 
 
 def synthesize(cfg: SynthConfig) -> dict:
@@ -843,9 +860,7 @@ def synthesize(cfg: SynthConfig) -> dict:
                       (not 0 <= cfg.label_noise <= 1, f"label_noise must be in [0, 1], not {cfg.label_noise}")):
         if bad:
             raise ValueError(what)
-    if out.exists() and not _replaceable(out):
-        raise InputError(f"{out} exists and is not a CSV extract (only .csv[.gz] files, hosp/ icu/ note/ latents/); "
-                         "remove it or choose another --out")
+    _check_out(out, cfg.overwrite)
     ids, totals = dict(zip(("subject", "hadm", "stay"), _FIRST_IDS[cfg.layout])), dict(patients=0, admissions=0)
     world = world_of(cfg)
     with Staged(cfg.out, "--out", log=rep.log) as stage:    # written whole under a staging name, then swapped in
@@ -865,6 +880,8 @@ def synthesize(cfg: SynthConfig) -> dict:
                     advance(n, status=f"{sum(sink.rows.values()):,} rows")
         finally:
             sink.close()
+        (stage.tmp / MARKER).write_text("written by `python medhmp.py synth`; the next synth into this folder "
+                                        "replaces it\n")
         stage.commit()
     tables = {_SCHEMAS[cfg.layout][t][0]: rows for t, rows in sink.rows.items()}
     rep.log(f"synth: wrote {out} ({', '.join(f'{name} {rows:,}' for name, rows in tables.items())})")

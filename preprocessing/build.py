@@ -24,7 +24,7 @@ from preprocessing.extract import (STATIC_CATEGORIES, StayIndex, age_at, find_no
                                    read_diagnoses, read_drugs, read_notes, stream_events, variable_names)
 from preprocessing.features import (apply_static, apply_timeseries, build_vocab, codes_to_csr, embed_notes,
                                     fit_static, fit_timeseries, load_text_model, reuse_timeseries)
-from preprocessing.tables import unique
+from preprocessing.tables import NO_TIME, EmptyFile, Source, parse_int, unique
 from tasks import ICD_SYSTEMS
 
 
@@ -38,6 +38,8 @@ class Built:
     splits: dict                # splits.json
     sources: dict               # table -> tables.Source of every table read, in reading order
     note_embeddings: dict = field(default_factory=dict)   # {text key: vector} computed here, for note_cache.pt
+    warnings: list = field(default_factory=list)          # `warning:` lines for the end of the run, beside each
+                                                          # table's own (tables.Source.warnings)
 
 
 def _take(record: dict, rows) -> dict:
@@ -70,23 +72,28 @@ def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Built:
     admission_patient = lookup(subjects, admissions["subject_id"])       # row in `patients` per admission
     stays, attrition["stays"] = _icu_stays(core["stays"], admissions, patients, admission_patient)
 
-    codes = _admission_codes(cfg, raw, layout, admissions, split[admission_patient] == 0, rep)  # small: first
+    codes = _admission_codes(cfg, raw, layout, admissions, split[admission_patient] == 0, rep,
+                             known=core["admissions"]["hadm_id"])   # small: first
     sources.update(codes["sources"])
     attrition["admissions"].append([CODED, codes["with_codes"]])
+    warnings = codes["warnings"]
     _check_usable(raw, attrition, rep)
-    stays, events, onsets, skipped, event_sources = _stays_with_events(cfg, raw, layout, stays, rep)
+    stays, events, onsets, skipped, event_sources, overlaps = _stays_with_events(cfg, raw, layout, stays, rep)
     sources.update(event_sources)
     attrition["stays"].append([f"with events in the first {cfg.seq_len} h", len(stays["stay_id"])])
     _check_usable(raw, attrition, rep)
     train_stay = split[stays["patient_row"]] == 0
     rep.log(f"fitting features on {int(train_stay.sum())} training stays")
-    ts, ts_spec = _time_series(cfg, events, variable_names(raw, layout, events["var_keys"]), train_stay)
+    names, label_sources = variable_names(raw, layout, events["var_keys"])
+    warnings += [line for src in label_sources for line in src.warnings()]
+    ts, ts_spec = _time_series(cfg, events, names, train_stay)
     static, static_spec = _static_vectors(cfg, stays, admissions, patients, train_stay)
 
     skipped["diagnoses and prescriptions"] = codes["counts"]
     notes = _admission_notes(cfg, raw, layout, admissions, rep=rep, note_cache=note_cache, text_model=text_model)
     sources.update(notes["sources"])
     skipped["notes"] = notes["counts"]
+    warnings += notes["warnings"]
     admission_arrays = _admission_arrays(admissions, stays, codes["csr"], notes["arrays"])
     stay_arrays = {"stay_id": stays["stay_id"], "hadm_id": stays["hadm_id"], "subject_id": stays["subject_id"],
                    **ts, "static": static}
@@ -103,8 +110,12 @@ def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Built:
             "counts": {"patients": len(subjects), "admissions": len(admissions["hadm_id"]),
                        "stays": len(stays["stay_id"]), "active_cells": len(ts["ts_feat"]),
                        "density": round(len(ts["ts_feat"]) / max(1, n_cells), 5)}}
+    if overlaps:
+        meta["overlapping_stays"], line = _overlap_record(overlaps)
+        warnings.append(line)
+    meta["skipped"] = skipped_record(meta["skipped"], sources)
     return Built(meta, stay_arrays, admission_arrays, labels, _splits_json(subjects, split, cfg), sources,
-                 notes["embeddings"])
+                 notes["embeddings"], warnings)
 
 
 def _kept_admissions(admissions: dict, subjects: np.ndarray) -> tuple[dict, list]:
@@ -125,7 +136,7 @@ def _icu_stays(stays: dict, admissions: dict, patients: dict, admission_patient:
     stays = dict(stays, admission_row=lookup(admissions["hadm_id"], stays["hadm_id"]))
     for name, keep in (("of kept admissions", lambda: stays["admission_row"] >= 0),
                        ("MetaVision (the label items are MetaVision itemids)", lambda: stays["metavision"]),
-                       ("with an outtime", lambda: stays["outtime"] >= 0),
+                       ("with an outtime", lambda: stays["outtime"] != NO_TIME),
                        ("outtime after intime (others: invalid times)", lambda: stays["outtime"] > stays["intime"])):
         stays = _take(stays, keep())
         steps.append([name, len(stays["stay_id"])])
@@ -138,8 +149,10 @@ def _icu_stays(stays: dict, admissions: dict, patients: dict, admission_patient:
 
 def _stays_with_events(cfg, raw: Path, layout: str, stays: dict, rep):
     """Stream the event tables for `stays` and keep the stays with an event in the first seq_len hours:
-    (stays, events with "stay" renumbered over them, onsets, skipped counts, the Source of each event table)."""
+    (stays, events with "stay" renumbered over them, onsets, skipped counts, the Source of each event table,
+    the (stay_id, stay_id) pairs of stays of one admission that overlap in time)."""
     index = StayIndex(stays["hadm_id"], stays["intime"], stays["outtime"])
+    overlaps = [(int(stays["stay_id"][i]), int(stays["stay_id"][j])) for i, j in index.overlaps]
     events, onsets, skipped, sources = stream_events(raw, layout, index, len(stays["stay_id"]), hours=cfg.seq_len,
                                                      exclude_label_items=cfg.exclude_label_items,
                                                      progress=rep.bytes_task)
@@ -148,21 +161,52 @@ def _stays_with_events(cfg, raw: Path, layout: str, stays: dict, rep):
     new_row = (np.cumsum(has_events) - 1).astype(np.int32)
     events = dict(events, stay=new_row[events["stay"]])               # renumbered over the kept stays (in order)
     onsets = {task: hours[has_events] for task, hours in onsets.items()}
-    return _take(stays, has_events), events, onsets, skipped, sources
+    return _take(stays, has_events), events, onsets, skipped, sources, overlaps
+
+
+def _overlap_record(overlaps: list) -> tuple[dict, str]:
+    """meta.json "overlapping_stays" and the warning line for the pairs of ICU stays of one admission that overlap."""
+    (a, b), n = overlaps[0], len(overlaps)
+    record = {"pairs": n, "first": [a, b], "rule": "an event inside both stays is an event of each"}
+    return record, (f"warning: {n:,} pairs of ICU stays of one admission overlap in time (first: stays {a} and {b}); "
+                    "an event inside both is an event of each (meta.json: overlapping_stays)")
+
+
+def skipped_record(skipped: dict, sources: dict) -> dict:
+    """meta.json "skipped": `skipped` with the rows each table skipped for a bad value (Source.skipped) added under
+    the table's name (in a new entry where the table had none; only counts that are not zero)."""
+    out = dict(skipped)
+    for name, src in sources.items():
+        if src.skipped and not isinstance(out.get(name, {}), str):
+            out[name] = {**out.get(name, {}), **src.skipped}
+    return out
 
 
 def _check_usable(raw, attrition: dict, rep) -> None:
     """Stop, in one line, when no ICU stay and no admission with ICD codes is left (an empty folder would
-    only fail later, in pretraining, with a less helpful message); warn when no ICU stay is left."""
+    only fail later, in pretraining, with a less helpful message); warn when no ICU stay is left, saying what
+    the step that lost the last ones means for a MIMIC extract (STAYS_LOST)."""
     stays, admissions = attrition["stays"], attrition["admissions"]
     if stays[-1][1] == 0 and dict(admissions)[CODED] == 0:
         raise InputError(f"{raw}: nothing usable is left: {_where_lost(stays)}, and {_where_lost(admissions)}")
     if stays[-1][0].startswith("with events") and stays[-1][1] == 0:
-        rep.log(f"warning: no ICU stay is left ({_where_lost(stays)}): only admission codes, notes and "
-                "patient-level tasks are written; pretraining needs ICU stays")
+        step = next(name for name, n in stays if n == 0)
+        hint = next((text for start, text in STAYS_LOST.items() if step.startswith(start)), "")
+        rep.log(f"warning: no ICU stay is left ({_where_lost(stays)}{hint}): admission codes, notes and the "
+                "admission- and patient-level labels are written, but the stay tasks and pretraining need ICU stays")
 
 
 CODED = "with ICD diagnosis codes"   # the admissions' attrition step that _check_usable reads
+
+
+# why an extract may lose every ICU stay at an attrition step of `_icu_stays` / `_stays_with_events`
+STAYS_LOST = {"ICU stays in": ": the icustays table has no rows",
+              "of kept admissions": ": no stay's hadm_id is that of a kept admission",
+              "MetaVision": ": every stay is CareVue (MIMIC-III 2001-2008), whose items are not the label items",
+              "with an outtime": ": every outtime is blank",
+              "outtime after": ": every outtime is at or before its intime",
+              "age >= 18": ": no adult patient (the cohorts are adult)",
+              "with events": ": no event row has the hadm_id and a time inside the first hours of a stay"}
 
 
 ICD_OPTIONS = (*ICD_SYSTEMS, "both")  # --icd
@@ -260,13 +304,16 @@ def _vocabularies(cfg, icd_codes, drug_codes, icd_train, drug_train) -> tuple[li
     return other["icd_vocab"], other["drug_vocab"]
 
 
-def _admission_codes(cfg, raw: Path, layout: str, admissions: dict, train_admission: np.ndarray, rep) -> dict:
+def _admission_codes(cfg, raw: Path, layout: str, admissions: dict, train_admission: np.ndarray, rep, *,
+                     known: np.ndarray) -> dict:
     """ICD and drug code sets per admission: {"diagnoses": (admission row, code) pairs (for the cohorts),
     "icd_vocab", "drug_vocab", "csr": the code arrays of admissions.pt, "with_codes": admissions with an ICD
-    code, "icd": rows and admissions kept per ICD system (meta.json), "counts": rows dropped, "sources"}."""
-    systems = icd_systems(cfg.icd)
-    diagnosis_hadm, diagnosis_code, counts, diagnoses_src = read_diagnoses(raw, layout, systems)
-    drug_hadm, drug_code, drugs_src = read_drugs(raw, layout, cfg.drug_code, rep.bytes_task)
+    code, "icd": rows and admissions kept per ICD system (meta.json), "counts": rows dropped, "sources",
+    "warnings": a line when the admissions end with no ICD or no drug code}. `known`: every hadm_id of the
+    admissions table (a code of another admission is counted on its table)."""
+    systems, known = icd_systems(cfg.icd), np.sort(known)
+    diagnosis_hadm, diagnosis_code, counts, diagnoses_src = read_diagnoses(raw, layout, systems, known)
+    drug_hadm, drug_code, drugs_src = read_drugs(raw, layout, cfg.drug_code, known, rep.bytes_task)
     diagnosis_row = lookup(admissions["hadm_id"], diagnosis_hadm)     # admission row per pair, -1: not kept
     drug_row = lookup(admissions["hadm_id"], drug_hadm)
     diagnosis_row, diagnosis_code = diagnosis_row[diagnosis_row >= 0], diagnosis_code[diagnosis_row >= 0]
@@ -280,20 +327,44 @@ def _admission_codes(cfg, raw: Path, layout: str, admissions: dict, train_admiss
     rep.log(f"codes: {len(icd_vocab)} ICD ({icd['admissions']} admissions per system), {len(drug_vocab)} drugs "
             f"({cfg.drug_code}); {counts}")
     sources = {"diagnoses": diagnoses_src, **({"prescriptions": drugs_src} if drugs_src else {})}
+    warnings = [] if len(icd_idx) else [no_codes("ICD", diagnoses_src, {**counts, "outside the vocabulary": icd_oov})]
+    if drugs_src is not None and not drugs_src.empty and len(drug_idx) == 0:
+        warnings.append(no_codes("drug", drugs_src, {"outside the vocabulary": drug_oov}))
     return {"diagnoses": (diagnosis_row, diagnosis_code), "icd_vocab": icd_vocab, "drug_vocab": drug_vocab,
             "csr": {"icd_ptr": icd_ptr, "icd_idx": icd_idx, "drug_ptr": drug_ptr, "drug_idx": drug_idx},
-            "with_codes": len(unique(diagnosis_row)), "sources": sources, "icd": icd,
+            "with_codes": len(unique(diagnosis_row)), "sources": sources, "icd": icd, "warnings": warnings,
             "counts": {**counts, "ICD codes outside the vocabulary": icd_oov, "drug codes outside": drug_oov}}
+
+
+def no_codes(kind: str, src, counts: dict) -> str:
+    """The warning line for a run whose admissions (or visits) end with no `kind` code at all."""
+    dropped = "; ".join(f"{what} {n:,}" for what, n in {**counts, **src.skipped}.items() if n)
+    return (f"warning: no {kind} code is left for any admission ({src.path}: {src.rows:,} rows read"
+            f"{'; ' + dropped if dropped else ''}); the {kind} modality is empty")
+
+
+def check_notes(notes: Path | None, raw: Path, layout: str) -> None:
+    """--notes, checked before any work: a note table (or a folder holding one) that exists, for a layout with
+    admissions to attach notes to."""
+    if notes is None:
+        return
+    if layout == "trinetx":
+        raise InputError(f"--notes {notes}: a diagnosis extract has no admissions to attach notes to; "
+                         "leave --notes out")
+    find_notes(raw, Path(notes), layout)
 
 
 def _admission_notes(cfg, raw: Path, layout: str, admissions: dict, *, rep, note_cache: dict, text_model) -> dict:
     """One embedded note per admission (its latest discharge summary), zeros and mask 0 where none:
     {"arrays": note and note_mask of admissions.pt, "dim", "info" (meta.json), "counts" (rows skipped),
-    "sources", "embeddings" (those computed here)}."""
+    "sources", "embeddings" (those computed here), "warnings" (an empty note table)}."""
     path = find_notes(raw, cfg.notes, layout)
-    texts, counts, sources = {}, {"note table": "missing"}, {}
+    texts, counts, sources, warnings = {}, {"note table": "missing"}, {}, []
     if path is not None:
-        texts, counts, sources["notes"] = read_notes(path, set(admissions["hadm_id"].tolist()), rep.bytes_task)
+        try:
+            texts, counts, sources["notes"] = read_notes(path, set(admissions["hadm_id"].tolist()), rep.bytes_task)
+        except EmptyFile:
+            counts, warnings = {"note table": "empty file"}, Source(path, empty=True).warnings()
     hadms = [h for h in admissions["hadm_id"].tolist() if h in texts]
     if path is None or not hadms:
         rep.log(f"warning: no notes found{'' if path is None else f' for these admissions in {path}'}; "
@@ -311,7 +382,7 @@ def _admission_notes(cfg, raw: Path, layout: str, admissions: dict, *, rep, note
     info.update(source=str(path) if path else None, selection="latest discharge summary per admission",
                 with_note=int(mask.sum()))
     return {"arrays": {"note": note, "note_mask": mask}, "dim": int(dim), "info": info, "counts": counts,
-            "sources": sources, "embeddings": computed}
+            "sources": sources, "embeddings": computed, "warnings": warnings}
 
 
 def _admission_arrays(admissions: dict, stays: dict, code_arrays: dict, note_arrays: dict) -> dict:
@@ -330,9 +401,7 @@ def build_trinetx(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Buil
     drugs or notes; `rep` and `note_cache` are unused)."""
     tables, sources = load_trinetx(raw, icd_systems(cfg.icd))
     patient_table, diagnosis_table = tables["patients"], tables["diagnoses"]
-    numeric = all(s.isdigit() for s in patient_table["subject_id"].tolist())  # keep numeric ids, number others
-    patient_ids = (patient_table["subject_id"].astype(np.int64) if numeric
-                   else np.arange(len(patient_table["subject_id"]), dtype=np.int64))
+    patient_ids, numeric = _patient_numbers(patient_table["subject_id"])
     subjects = sample_patients(patient_ids, cfg)
     attrition = {"patients": _patient_steps("patient table", len(patient_ids), len(subjects), cfg)}
     patients = _take({"gender": patient_table["gender"], "year_of_birth": patient_table["year_of_birth"],
@@ -360,16 +429,28 @@ def build_trinetx(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Buil
             "n_drug": len(drug_vocab), "note_dim": 0, "feature_names": [], "static_names": [],
             "icd": icd_record(cfg.icd, diagnosis_visit, codes),
             "icd_vocab": icd_vocab, "drug_vocab": drug_vocab, "drug_code": None,
-            "ids": "source patient ids" if numeric else "patients numbered in sorted order of patient_id; "
+            "ids": "source patient ids" if numeric else "patients numbered in the order of the patient table; "
                    "encounters numbered per patient in date order",
             "attrition": {**attrition, **task_steps},
-            "skipped": {"diagnoses": {**tables["counts"], "ICD codes outside the vocabulary": oov}},
+            "skipped": skipped_record({"diagnoses": {**tables["counts"], "ICD codes outside the vocabulary": oov}},
+                                      sources),
             "counts": {"patients": len(subjects), "admissions": n, "stays": 0}}
     stay_arrays = {"stay_id": np.zeros(0, np.int64), "hadm_id": np.zeros(0, np.int64),
                    "subject_id": np.zeros(0, np.int64), "ts_ptr": np.zeros(1, np.int64),
                    "ts_count": np.zeros((0, cfg.seq_len), np.int16), "ts_feat": np.zeros(0, np.int16),
                    "static": np.zeros((0, 0), np.uint8)}
-    return Built(meta, stay_arrays, admission_arrays, labels, _splits_json(subjects, split, cfg), sources)
+    warnings = [no_codes("ICD", sources["diagnoses"], meta["skipped"]["diagnoses"])] if len(icd_idx) == 0 else []
+    return Built(meta, stay_arrays, admission_arrays, labels, _splits_json(subjects, split, cfg), sources,
+                 warnings=warnings)
+
+
+def _patient_numbers(ids: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(int64 number of each patient, whether those are the ids themselves): numeric ids are kept when each is a
+    distinct number ('7' and '007' are two patients but one number), other ids are numbered in table order."""
+    numbers, ok = parse_int(ids)
+    if ok.all() and len(unique(numbers)) == len(numbers):
+        return numbers, True
+    return np.arange(len(ids), dtype=np.int64), False
 
 
 def _visits(diagnosis_table: dict, patient_table: dict, patient_ids: np.ndarray, subjects: np.ndarray):

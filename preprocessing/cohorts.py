@@ -13,7 +13,7 @@ import numpy as np
 
 from data import SPLITS, admission_requirements, lookup
 from preprocessing.extract import age_at
-from preprocessing.tables import unique
+from preprocessing.tables import NO_TIME, unique
 from tasks import TASKS, names_at
 
 MINUTES_PER_DAY = 1440
@@ -56,10 +56,12 @@ def stay_labels(stays: dict, admissions: dict, onsets: dict, cfg) -> tuple[list[
     t_min = cfg.seq_len * 60
     admission = stays["admission_row"]
     died = admissions["died"][admission]
-    death = admissions["deathtime"][admission] if admissions["deathtime"] is not None else np.full(len(admission), -1)
-    death = np.where(death >= 0, death, np.where(died, admissions["dischtime"][admission], -1))  # none: discharge
+    death = admissions["deathtime"][admission] if admissions["deathtime"] is not None else \
+        np.full(len(admission), NO_TIME)
+    # no deathtime: the discharge of a death in hospital
+    death = np.where(death != NO_TIME, death, np.where(died, admissions["dischtime"][admission], NO_TIME))
     long_enough = stays["outtime"] - stays["intime"] >= t_min
-    base = long_enough & ((death < 0) | (death >= stays["intime"] + t_min))
+    base = long_enough & ((death == NO_TIME) | (death >= stays["intime"] + t_min))
     rows, attrition = [], {}
     for task in names_at("stay"):
         steps = [["featurised stays", len(admission)], [f"ICU stay >= {cfg.seq_len} h", int(long_enough.sum())],

@@ -9,7 +9,9 @@ returns what it read and the `tables.Source` of each table it opened (for meta.j
     Memory grows with that output, never with the size of CHARTEVENTS or LABEVENTS.
   * `read_diagnoses`, `read_drugs` and `read_notes` collect ICD diagnosis codes, drug codes and one note
     per admission; `load_trinetx` reads a diagnosis extract.
-Times are int64 minutes since 1970-01-01 throughout (-1 where missing).
+Times are int64 minutes since 1970-01-01 throughout (negative before 1970; `tables.NO_TIME` where missing).
+A value that cannot be read is counted on its table's `Source` (`Source.skip`) with its first row, never dropped
+without a count; an id written as an integral float ('100001.0') is that id (`tables.parse_int`).
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ import numpy as np
 
 from data import lookup
 from folders import InputError
-from preprocessing.tables import (ALIASES, LAYOUTS, CsvLines, EmptyFile, Source, count_bad, decode, find_file,
-                                  group_rank, open_table, parse_float, parse_int, parse_minutes, read_blocks,
-                                  read_error, read_table, strip, unique)
+from preprocessing.tables import (ALIASES, LAYOUTS, NO_TIME, CsvLines, EmptyFile, Source, count_bad, decode,
+                                  find_file, group_rank, header_names, integral_text, open_table, parse_float,
+                                  parse_id, parse_int, parse_minutes, read_blocks, read_error, read_table, strip,
+                                  unique)
 from tasks import ICD_SYSTEMS, TASKS
 
 # How each event table becomes (time, variable, value). `num` is read as a number, `value` as a category
@@ -51,7 +54,7 @@ def source_path(raw: Path, layout: str, table: str, required: bool) -> Path | No
 
 
 def _times(table: dict, column: str, src: Source, required: bool) -> np.ndarray:
-    """Minutes of a time column; empty is -1; an unparsable (or, if required, empty) value is an error."""
+    """Minutes of a time column; empty is NO_TIME; an unparsable (or, if required, empty) value is an error."""
     values = strip(table[column])
     minutes, ok = parse_minutes(values)
     empty = np.char.str_len(values) == 0
@@ -61,15 +64,29 @@ def _times(table: dict, column: str, src: Source, required: bool) -> np.ndarray:
         shown = values[i].decode(errors="replace") or "(empty)"
         raise InputError(f"{src.path}: row {table['__row__'][i]}, column '{src.names.get(column, column)}': "
                          f"cannot read '{shown}' as a timestamp")
-    return np.where(ok, minutes, -1)
+    return np.where(ok, minutes, NO_TIME)
+
+
+def _keep(table: dict, good: np.ndarray, src: Source, reason: str, column: str) -> dict:
+    """The rows of `table` (read whole) where `good`; the others are counted on `src` under `reason`, with the
+    first one's value of `column`."""
+    bad = np.flatnonzero(~good)
+    if not len(bad):
+        return table
+    src.skip(reason, table["__row__"][bad], column, table[column][bad[0]])
+    return {k: v[good] for k, v in table.items()}
+
+
+def _with_ids(table: dict, columns: tuple[str, ...], src: Source) -> dict:
+    """The rows of `table` whose id `columns` all parse; the others are skipped and counted per column."""
+    for column in columns:
+        table = _keep(table, parse_int(table[column])[1], src, f"unparsable {src.names.get(column, column)}", column)
+    return table
 
 
 def _ids(table: dict, column: str, src: Source, unique: bool = False) -> np.ndarray:
-    values, ok = parse_int(table[column])
-    if not ok.all():
-        i = int(np.flatnonzero(~ok)[0])
-        raise InputError(f"{src.path}: row {table['__row__'][i]}, column '{src.names.get(column, column)}': "
-                         f"'{table[column][i].decode(errors='replace')}' is not an integer id")
+    """An id column of rows kept by `_with_ids` as int64; `unique`: a repeated id is an InputError."""
+    values, _ = parse_int(table[column])
     if unique:
         _check_unique(values, table, column, src)
     return values
@@ -108,6 +125,11 @@ def load_core(raw: Path, layout: str) -> tuple[dict, dict]:
     stay_table, stay_src = _read_core(raw, layout, "icustays", {
         "subject_id": True, "hadm_id": True, "stay_id": True, "dbsource": False, "first_careunit": False,
         "intime": True, "outtime": False})
+    patient_table = _with_ids(patient_table, ("subject_id",), patient_src)
+    admission_table = _with_ids(admission_table, ("subject_id", "hadm_id"), admission_src)
+    stay_table = _with_ids(stay_table, ("subject_id", "hadm_id", "stay_id"), stay_src)
+    if not mimic3:
+        patient_table = _with_numbers(patient_table, ("anchor_age", "anchor_year"), patient_src)
     patients = {"subject_id": _ids(patient_table, "subject_id", patient_src, unique=True),
                 "gender": decode(patient_table["gender"])}
     if mimic3:
@@ -123,7 +145,7 @@ def load_core(raw: Path, layout: str) -> tuple[dict, dict]:
                   "admittime": admission_times("admittime", True), "dischtime": admission_times("dischtime", True),
                   "deathtime": admission_times("deathtime", False) if "deathtime" in admission_table else None}
     flag = admission_table.get("hospital_expire_flag")
-    admissions["died"] = (strip(flag) == b"1") if flag is not None else admissions["deathtime"] >= 0
+    admissions["died"] = is_one(flag) if flag is not None else admissions["deathtime"] != NO_TIME
     for c in STATIC_CATEGORIES:
         if c in admission_table:
             admissions[c] = decode(admission_table[c])
@@ -139,6 +161,21 @@ def load_core(raw: Path, layout: str) -> tuple[dict, dict]:
             {"patients": patient_src, "admissions": admission_src, "icustays": stay_src})
 
 
+def _with_numbers(table: dict, columns: tuple[str, ...], src: Source) -> dict:
+    """The rows of `table` whose number `columns` (an age, a year) all parse; the others are skipped and counted
+    per column, as a patient without an age has no place in an age-matched cohort."""
+    for column in columns:
+        table = _keep(table, np.isfinite(parse_float(table[column])), src,
+                      f"unreadable {src.names.get(column, column)}", column)
+    return table
+
+
+def is_one(flags: np.ndarray) -> np.ndarray:
+    """A 0/1 flag column (an S array) -> bool: '1', also written '1.0' (pandas, for a column with blanks)."""
+    values, ok = parse_int(flags)
+    return ok & (values == 1)
+
+
 def age_at(patients: dict, rows: np.ndarray, minutes: np.ndarray) -> np.ndarray:
     """Age in years of patients[rows] at `minutes`. MIMIC-III shifts ages over 89 to about 300 years: they
     become 91.4 (FIDDLE extract_data.py); MIMIC-IV gives anchor_age at anchor_year; a diagnosis extract
@@ -152,23 +189,30 @@ def age_at(patients: dict, rows: np.ndarray, minutes: np.ndarray) -> np.ndarray:
     return np.floor(year) - patients["year_of_birth"][rows]
 
 
-def variable_names(raw: Path, layout: str, keys: np.ndarray) -> dict:
+def variable_names(raw: Path, layout: str, keys: np.ndarray) -> tuple[dict, list]:
     """Readable names of event variables, 'chart 220045 Heart Rate' (labels from D_ITEMS / D_LABITEMS when
-    the extract has them, else 'chart 220045'): {variable key: name}."""
+    the extract has them, else 'chart 220045'): ({variable key: name}, the Source of each label table read; an
+    empty one is left out, `Source.empty`)."""
     tables = {spec["code"]: name[:-len("events")] for name, spec in EVENT_TABLES.items()}
     names = {int(k): f"{tables[int(k) // VAR_SPAN]} {int(k) % VAR_SPAN}" for k in unique(keys)}
+    sources = []
     for table in ("d_items", "d_labitems"):
         path = source_path(raw, layout, table, required=False) if table in LAYOUTS[layout] else None
         if path is None:
             continue
-        t, _ = read_table(path, {"itemid": True, "label": True})
+        try:
+            t, src = read_table(path, {"itemid": True, "label": True})
+        except EmptyFile:
+            sources.append(Source(path, empty=True))
+            continue
+        sources.append(src)
         ids, ok = parse_int(t["itemid"])
         labels = dict(zip(ids[ok].tolist(), decode(t["label"][ok])))
         for k in names:
             is_lab = k // VAR_SPAN == EVENT_TABLES["labevents"]["code"]
             if (table == "d_labitems") == is_lab and k % VAR_SPAN in labels:
                 names[k] += f" {labels[k % VAR_SPAN]}"
-    return names
+    return names, sources
 
 
 # ------------------------------------------------------------------------------------------- events
@@ -182,30 +226,62 @@ def _last_per_key(key, minutes, num, cat):
 
 
 class StayIndex:
-    """Finds, for an event (hadm_id, time), the ICU stay of that admission it falls in, vectorised."""
+    """Finds, for an event (hadm_id, time), the ICU stays of that admission it falls in, vectorised.
+
+    An event belongs to every stay whose [intime, outtime) holds it: two stays of one admission that overlap in
+    time (a short stay recorded inside a long one) each get the events of the overlap, so that neither loses
+    hours of its record. The stays are dealt into layers in which the stays of an admission do not overlap (one
+    layer where none do, the usual case), and each layer is searched by (admission, intime)."""
 
     def __init__(self, hadm_id: np.ndarray, intime: np.ndarray, outtime: np.ndarray):
         self.hadms = unique(hadm_id)
         h = np.searchsorted(self.hadms, hadm_id)
         self.t0 = int(intime.min()) if len(intime) else 0
-        key = h * 2 ** 34 + (intime - self.t0)       # stays sorted by (admission, intime)
-        self.order = np.argsort(key, kind="stable")
-        self.key, self.h = key[self.order], h[self.order]
         self.intime, self.outtime = intime, outtime
+        layer, self.overlaps = _overlap_layers(h, intime, outtime)
+        self.layers = []
+        for rows in (np.flatnonzero(layer == k) for k in range(int(layer.max(initial=0)) + 1)):
+            key = h[rows] * 2 ** 34 + (intime[rows] - self.t0)       # stays sorted by (admission, intime)
+            order = np.argsort(key, kind="stable")
+            self.layers.append((rows[order], key[order], h[rows][order]))
 
     def admissions(self, hadm: np.ndarray) -> np.ndarray:
         """Mask of events whose admission has a stay in the index."""
         return lookup(self.hadms, hadm) >= 0
 
     def match(self, hadm: np.ndarray, minutes: np.ndarray):
-        """(stay row or -1, minutes since that stay's intime) for events inside [intime, outtime)."""
+        """(event index, stay row, minutes since that stay's intime) for each (event, stay) pair with the event
+        inside [intime, outtime) of the stay: in event order, once per stay that holds the event."""
         h = np.searchsorted(self.hadms, hadm)
-        pos = np.searchsorted(self.key, h * 2 ** 34 + (minutes - self.t0), side="right") - 1
-        pos = np.maximum(pos, 0)
-        row = self.order[pos]
-        since = minutes - self.intime[row]
-        ok = (self.h[pos] == h) & (since >= 0) & (minutes < self.outtime[row]) & (minutes >= self.t0)
-        return np.where(ok, row, -1), since
+        found = []
+        for rows, key, stay_h in self.layers:
+            pos = np.maximum(np.searchsorted(key, h * 2 ** 34 + (minutes - self.t0), side="right") - 1, 0)
+            row = rows[pos]
+            since = minutes - self.intime[row]
+            ok = (stay_h[pos] == h) & (since >= 0) & (minutes < self.outtime[row]) & (minutes >= self.t0)
+            found.append((np.flatnonzero(ok), row[ok], since[ok]))
+        return tuple(np.concatenate(parts) for parts in zip(*found)) if len(found) > 1 else found[0]
+
+
+def _overlap_layers(h: np.ndarray, intime: np.ndarray, outtime: np.ndarray) -> tuple[np.ndarray, list]:
+    """(layer of each stay, the pairs of stay rows that overlap in time): in each layer no two stays of one
+    admission (`h`) overlap; a stay goes to the first layer whose last stay of its admission ended by its intime."""
+    layer = np.zeros(len(h), np.int64)
+    order = np.lexsort((intime, h))
+    t0 = int(intime.min()) if len(h) else 0
+    key = h[order] * 2 ** 34 + (np.maximum(outtime, intime)[order] - t0)   # h ascending: a running max per admission
+    latest_end = np.append(-1, np.maximum.accumulate(key)[:-1]) - h[order] * 2 ** 34 + t0   # of the earlier stays
+    same = np.append(False, h[order][1:] == h[order][:-1])
+    if not (same & (intime[order] < latest_end)).any():
+        return layer, []                                     # the usual case: no stay overlaps another
+    overlaps, last = [], {}                                  # admission -> [(outtime, row) of the last stay per layer]
+    for i in order.tolist():
+        ends = last.setdefault(int(h[i]), [])
+        overlaps += [(j, i) for end, j in ends if end > intime[i]]
+        k = next((k for k, (end, _) in enumerate(ends) if end <= intime[i]), len(ends))
+        ends[k:k + 1] = [(int(outtime[i]), i)]
+        layer[i] = k
+    return layer, overlaps
 
 
 BUCKET_STAYS = 2048   # stays per bucket of the EventStore: bounds the temporaries of a merge
@@ -288,56 +364,66 @@ def stream_events(raw: Path, layout: str, index: StayIndex, n_stays: int, *, hou
         cols.update({spec[k]: False for k in ("num", "value", "end") if k in spec})
         if "skip" in spec:
             cols[spec["skip"][0]] = False
-        counts = skipped[table] = {}
+        src.used = 0
         try:
             with progress(table, path.stat().st_size) as advance:
                 done = 0
                 for block in read_blocks(src, cols, ALIASES[layout]):
-                    for k, v in _event_block(block, spec, index=index, hours=hours, store=store, onsets=onsets,
-                                             onset_keys=onset_keys, exclude_label_items=exclude_label_items).items():
-                        counts[k] = counts.get(k, 0) + v
+                    src.used += _event_block(block, spec, src=src, index=index, hours=hours, store=store,
+                                             onsets=onsets, onset_keys=onset_keys,
+                                             exclude_label_items=exclude_label_items)
                     advance(src.bytes_read - done)
                     done = src.bytes_read
         except EmptyFile:
             skipped[table] = "empty file (optional table)"
             continue
+        skipped[table] = {**{reason: src.skipped.get(reason, 0) for reason in _reasons(spec)}, **src.skipped}
         if src.bad_rows:
-            skipped.setdefault(table, {})["malformed rows"] = src.bad_rows
+            skipped[table]["malformed rows"] = src.bad_rows
     return store.result(), onsets, skipped, sources
+
+
+def _reasons(spec: dict) -> tuple[str, ...]:
+    """The counts every event table records in meta.json `skipped`, zero or not (any other reason when it occurs)."""
+    return ("unparsable time", "unparsable itemid") + (("unparsable number",) if "num" in spec else ())
 
 
 def _keys(items) -> np.ndarray:
     return np.array([EVENT_TABLES[t]["code"] * VAR_SPAN + i for t, i in items], dtype=np.int64)
 
 
-def _event_block(block, spec, *, index, hours, store, onsets, onset_keys, exclude_label_items) -> dict:
+def _event_block(block, spec, *, src, index, hours, store, onsets, onset_keys, exclude_label_items) -> int:
     """One block of an event table into the accumulators of `stream_events` (the store of last values, the
-    onset hours); returns counts of skipped rows by reason."""
-    hadm, ok = parse_int(block["hadm_id"])
+    onset hours); rows with a bad value are counted on `src`. Returns the number of rows that gave a stay an
+    event or an onset. A blank hadm_id is a row outside any admission (MIMIC-III's outpatient labs)."""
+    hadm, ok, _ = _admission_ids(src, block["hadm_id"], block.rows)
     sel = np.flatnonzero(ok & index.admissions(hadm))                    # rows of cohort admissions
-    if "skip" in spec and spec["skip"][0] in block:
-        sel = sel[np.char.strip(block.get(spec["skip"][0], sel)) != spec["skip"][1]]
+    if "skip" in spec and spec["skip"][0] in block:                      # error rows, rewritten orders
+        sel = sel[~_skipped_by_design(spec["skip"], block.get(spec["skip"][0], sel))]
     start, ok = parse_minutes(block.get(spec["time"], sel))
-    counts = {"unparsable time": int((~ok).sum())}
+    _skip_bad(src, block, spec["time"], sel[~ok], reason="unparsable time")
     sel, start, hadm = sel[ok], start[ok], hadm[sel[ok]]
-    stay, since = index.match(hadm, start)
-    inside = stay >= 0
-    sel, start, stay, since = sel[inside], start[inside], stay[inside], since[inside]
+    event, stay, since = index.match(hadm, start)                       # an event in two stays: once for each
+    sel, start = sel[event], start[event]
     item, ok = parse_int(block.get("itemid", sel))
-    counts["unparsable itemid"] = int((~ok).sum())
+    _skip_bad(src, block, "itemid", sel[~ok])
     var = spec["code"] * VAR_SPAN + item
+    onset = np.zeros(len(sel), bool)
     for name, keys in onset_keys.items():                                # onsets over the whole stay
         hit = ok & np.isin(var, keys)
         np.minimum.at(onsets[name], stay[hit], since[hit] / 60.0)
+        onset |= hit
         if exclude_label_items:
             ok &= ~hit
     ok &= since < hours * 60                                              # features: first T hours only
+    used = int((ok | onset).sum())
     sel, start, stay, since, var = sel[ok], start[ok], stay[ok], since[ok], var[ok]
     num = np.full(len(sel), np.nan)
     if "num" in spec and spec["num"] in block:
         text = np.char.strip(block.get(spec["num"], sel))
         num = parse_float(text)
-        counts["unparsable number"] = int((np.isnan(num) & (text != b"") & (np.char.lower(text) != b"nan")).sum())
+        bad = np.isnan(num) & (text != b"") & (np.char.lower(text) != b"nan")   # kept: a category or a presence
+        _skip_bad(src, block, spec["num"], sel[bad], reason="unparsable number", kept=True)
     cat = np.full(len(sel), -1, np.int32)
     if "value" in spec and spec["value"] in block:                        # categorical where not numeric
         text = np.isnan(num)
@@ -352,22 +438,69 @@ def _event_block(block, spec, *, index, hours, store, onsets, onset_keys, exclud
         hour = hour[rep] + group_rank(span)                             # the hours the interval covers
         stay, var, start, num, cat = stay[rep], var[rep], start[rep], num[rep], cat[rep]
     store.add(stay, hour, var, start, num, cat)
-    return counts
+    return used
+
+
+def _admission_ids(src: Source, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A hadm_id column (S array; `rows` its line numbers) -> (ids, ok, blank); a value that is neither an id
+    nor blank is counted on `src`."""
+    hadm, ok = parse_int(values)
+    blank = np.zeros(len(values), bool)
+    blank[~ok] = np.char.str_len(strip(values[~ok])) == 0           # (ok is the usual case: no pass over it)
+    bad = np.flatnonzero(~ok & ~blank)
+    if len(bad):
+        src.skip(f"unparsable {src.names.get('hadm_id', 'hadm_id')}", rows[bad], "hadm_id", values[bad[0]])
+    return hadm, ok, blank
+
+
+def _skip_bad(src: Source, block, column: str, rows: np.ndarray, reason: str | None = None,
+              kept: bool = False) -> None:
+    """Count on `src` the rows `rows` (indices into `block`) with a bad value in `column` (Source.skip)."""
+    if len(rows):
+        src.skip(reason or f"unparsable {src.names.get(column, column)}", block.rows[rows], column,
+                 block.get(column, rows[:1])[0], kept)
+
+
+def _skipped_by_design(rule: tuple, values: np.ndarray) -> np.ndarray:
+    """Rows an event table marks as not to be used: a flag column of 1 (CHARTEVENTS error, '1' or '1.0'), or a
+    column of a given value (INPUTEVENTS_MV statusdescription 'Rewritten')."""
+    column, value = rule
+    return is_one(values) if value == b"1" else np.char.strip(values) == value
 
 
 # ------------------------------------------------------------------------------------------- codes
-def read_diagnoses(raw: Path, layout: str, systems: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, dict, Source]:
+def read_diagnoses(raw: Path, layout: str, systems: tuple[str, ...],
+                   known: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict, Source]:
     """(hadm_id, namespaced ICD code) pairs of a MIMIC layout for the ICD `systems` kept ("9", "10"), counts of
-    the rows dropped (another system, rows without code or admission) and the table's Source. MIMIC-III has no
-    icd_version column: every row is ICD-9."""
+    the rows dropped (another system, rows without code or admission) and the table's Source, which counts the
+    rows with a bad hadm_id or icd_version, or one not in `known` (sorted, the admissions table's). MIMIC-III has
+    no icd_version column: every row is ICD-9; MIMIC-IV needs it (a code's system is never guessed)."""
     path = source_path(raw, layout, "diagnoses", required=True)
-    table, src = read_table(path, {"hadm_id": True, "icd_code": True, "icd_version": False}, ALIASES[layout])
+    table, src = read_table(path, {"hadm_id": True, "icd_code": True, "icd_version": layout == "mimic4"},
+                            ALIASES[layout])
     n = len(table["__row__"])
-    version = strip(table["icd_version"]) if "icd_version" in table else np.full(n, b"9")
+    version = integral_text(table["icd_version"]) if "icd_version" in table else np.full(n, b"9")
     codes, kept, counts = namespace_icd(table["icd_code"], version, systems)
-    hadm, ok = parse_int(table["hadm_id"])
-    counts["rows without code or admission"] = counts.pop("rows without code") + int((kept & ~ok).sum())
+    unknown = np.flatnonzero(~np.isin(version, [s.encode() for s in ICD_SYSTEMS]))
+    if len(unknown):                        # a bad value here, where a diagnosis extract's other systems are not
+        counts.pop("rows of another or no ICD version")
+        src.skip("unknown icd_version", table["__row__"][unknown], "icd_version", table["icd_version"][unknown[0]])
+    hadm, ok, blank = _admission_ids(src, table["hadm_id"], table["__row__"])
+    counts["rows without code or admission"] = counts.pop("rows without code") + int((kept & blank).sum())
+    ok &= _known_admissions(src, table["hadm_id"], table["__row__"], hadm, ok, known)
+    src.used = int((kept & ok).sum())
     return hadm[kept & ok], codes[kept & ok], counts, src
+
+
+def _known_admissions(src: Source, values: np.ndarray, rows: np.ndarray, hadm: np.ndarray, ok: np.ndarray,
+                      known: np.ndarray) -> np.ndarray:
+    """Mask of the rows whose hadm_id (`values`, parsed: `hadm` where `ok`) is in `known`; the others (of a
+    parsed id) are counted on `src`."""
+    found = lookup(known, hadm) >= 0
+    unknown = np.flatnonzero(ok & ~found)
+    if len(unknown):
+        src.skip("unknown hadm_id", rows[unknown], "hadm_id", values[unknown[0]])
+    return found
 
 
 def namespace_icd(codes: np.ndarray, version: np.ndarray, systems: tuple[str, ...]):
@@ -401,24 +534,32 @@ def normalise_icd(codes: np.ndarray) -> np.ndarray:
     return np.char.upper(np.char.replace(np.char.strip(codes), b".", b""))
 
 
-def read_drugs(raw: Path, layout: str, code: str, progress) -> tuple[np.ndarray, np.ndarray, Source | None]:
-    """(hadm_id, drug code) pairs from PRESCRIPTIONS and its Source (None without the table); `code` names the
-    column (drug, ndc or gsn)."""
+def read_drugs(raw: Path, layout: str, code: str, known: np.ndarray,
+               progress) -> tuple[np.ndarray, np.ndarray, Source | None]:
+    """(hadm_id, drug code) pairs from PRESCRIPTIONS and its Source (None without the table; `empty` when it has
+    no header), which counts the rows without a readable hadm_id or with one not in `known` (sorted, the
+    admissions table's); `code` names the column (drug, ndc or gsn)."""
     path = source_path(raw, layout, "prescriptions", required=False)
     if path is None:
         return np.zeros(0, np.int64), np.zeros(0, "S1"), None
     src = Source(path)
-    hadms, codes = [], []
+    hadms, codes = [np.zeros(0, np.int64)], [np.zeros(0, "S1")]
     with progress("prescriptions", path.stat().st_size) as advance:
         done = 0
-        for block in read_blocks(src, {"hadm_id": True, code: True}, ALIASES[layout]):
-            hadm, ok = parse_int(block["hadm_id"])
-            value = np.char.lower(np.char.strip(block.get(code, ok)))
-            good = (value != b"") & (value != b"0")
-            hadms.append(hadm[ok][good])
-            codes.append(value[good])
-            advance(src.bytes_read - done)
-            done = src.bytes_read
+        try:
+            for block in read_blocks(src, {"hadm_id": True, code: True}, ALIASES[layout]):
+                hadm, ok, blank = _admission_ids(src, block["hadm_id"], block.rows)
+                _skip_bad(src, block, "hadm_id", np.flatnonzero(blank), reason="blank hadm_id")
+                ok &= _known_admissions(src, block["hadm_id"], block.rows, hadm, ok, known)
+                value = np.char.lower(np.char.strip(block.get(code, ok)))
+                good = (value != b"") & (value != b"0")
+                hadms.append(hadm[ok][good])
+                codes.append(value[good])
+                advance(src.bytes_read - done)
+                done = src.bytes_read
+        except EmptyFile:
+            pass                                          # src.empty: warned at the end of the run
+    src.used = sum(len(h) for h in hadms)
     return np.concatenate(hadms), np.concatenate(codes), src
 
 
@@ -462,13 +603,13 @@ def read_notes(path: Path, hadms: set, progress) -> tuple[dict, dict, Source]:
         try:
             watch = CsvLines(src, f)
             rows = watch.rows()
-            col, watch.n_fields = _note_columns(path, next(rows, (0, []))[1])
+            col, watch.n_fields = _note_columns(src, next(rows, (0, []))[1])
             for i, row in rows:
                 if len(row) != watch.n_fields:
                     count_bad(src, [i] if row else [])
                     continue
                 counts["rows"] += 1
-                hadm = _note_admission(row, col, hadms, counts)
+                hadm = _note_admission(src, i, row, col, hadms, counts)
                 if hadm is not None:
                     when = tuple(row[col[c]] for c in ("chartdate", "charttime", "note_seq") if c in col) + (i,)
                     if hadm not in chosen or when >= chosen[hadm][0]:   # the latest one wins
@@ -483,27 +624,36 @@ def read_notes(path: Path, hadms: set, progress) -> tuple[dict, dict, Source]:
     return {h: text for h, (_, text) in chosen.items()}, counts, src
 
 
-def _note_columns(path: Path, header: list[str]) -> tuple[dict, int]:
-    header = [c.strip().lower() for c in header]
+def _note_columns(src: Source, header: list[str]) -> tuple[dict, int]:
+    """{column: position} of the note table's columns read, and its number of columns; no header is EmptyFile."""
+    header = header_names(src.path, header)
+    if not any(header):
+        src.empty = True
+        raise EmptyFile(f"{src.path}: the file is empty (no header line)")
     if "hadm_id" not in header or "text" not in header:
-        raise InputError(f"{path}: a note table needs columns hadm_id and text (columns are: {', '.join(header)})")
+        raise InputError(f"{src.path}: a note table needs columns hadm_id and text (columns are: {', '.join(header)})")
     return {c: header.index(c) for c in ("hadm_id", "text", "category", "iserror", "chartdate", "charttime",
                                          "note_seq") if c in header}, len(header)
 
 
-def _note_admission(row: list[str], col: dict, hadms: set, counts: dict) -> int | None:
-    """The admission a note row belongs to, or None (counted) for error rows, other categories and unknowns."""
-    if "iserror" in col and row[col["iserror"]].strip() == "1":
+def _note_admission(src: Source, i: int, row: list[str], col: dict, hadms: set, counts: dict) -> int | None:
+    """The admission note row `i` belongs to, or None (counted) for error rows (iserror '1' or '1.0'), other
+    categories, admissions not in `hadms` (or none) and a hadm_id that does not parse (counted on `src`)."""
+    if "iserror" in col and parse_id(row[col["iserror"]]) == 1:
         counts["error rows"] += 1
         return None
     if "category" in col and row[col["category"]].strip().lower() != "discharge summary":
         counts["other categories"] += 1
         return None
-    hadm = row[col["hadm_id"]].strip()
-    if not hadm.isdigit() or int(hadm) not in hadms:
+    text = row[col["hadm_id"]]
+    hadm = parse_id(text)
+    if hadm is None and text.strip():
+        src.skip("unparsable hadm_id", [i], "hadm_id", text.encode())
+        return None
+    if hadm not in hadms:
         counts["unknown admission"] += 1
         return None
-    return int(hadm)
+    return hadm
 
 
 def code_system_version(names: np.ndarray) -> np.ndarray:
@@ -517,18 +667,34 @@ def code_system_version(names: np.ndarray) -> np.ndarray:
 def load_trinetx(raw: Path, systems: tuple[str, ...]) -> tuple[dict, dict]:
     """A diagnosis extract: patients (sex, year of birth) and dated ICD codes (namespace_icd) per encounter, and
     the Source of each table: ({"patients", "diagnoses", "counts"}, sources). Ids stay byte strings here (TriNetX
-    ids need not be numbers); build.build_trinetx numbers them."""
+    ids need not be numbers; '100001.0' is '100001'); build.build_trinetx numbers them. Rows without an id,
+    patients without a year of birth and diagnoses of a patient not in the patient table are skipped, counted."""
     patient_table, patient_src = _read_core(raw, "trinetx", "patients",
                                             {"subject_id": True, "sex": True, "year_of_birth": True})
     diagnosis_table, diagnosis_src = _read_core(raw, "trinetx", "diagnoses", {
         "subject_id": True, "hadm_id": True, "date": True, "code": True, "code_system": True})
+    patient_table = _with_numbers(_with_text_ids(patient_table, ("subject_id",), patient_src), ("year_of_birth",),
+                                  patient_src)
     _check_unique(patient_table["subject_id"], patient_table, "subject_id", patient_src)
+    diagnosis_table = _with_text_ids(diagnosis_table, ("subject_id", "hadm_id"), diagnosis_src)
+    diagnosis_table = _keep(diagnosis_table, np.isin(diagnosis_table["subject_id"], patient_table["subject_id"]),
+                            diagnosis_src, "unknown patient_id", "subject_id")
     version = code_system_version(diagnosis_table["code_system"])
     codes, keep, counts = namespace_icd(diagnosis_table["code"], version, systems)
     kept = {k: v[keep] for k, v in diagnosis_table.items()}
-    patients = {"subject_id": np.char.strip(patient_table["subject_id"]), "gender": decode(patient_table["sex"]),
+    patients = {"subject_id": patient_table["subject_id"], "gender": decode(patient_table["sex"]),
                 "year_of_birth": parse_float(patient_table["year_of_birth"])}
-    diagnoses = {"subject_id": np.char.strip(kept["subject_id"]), "hadm_id": np.char.strip(kept["hadm_id"]),
+    diagnoses = {"subject_id": kept["subject_id"], "hadm_id": kept["hadm_id"],
                  "date": _times(kept, "date", diagnosis_src, required=True), "code": codes[keep]}
+    diagnosis_src.used = len(diagnoses["code"])
     return ({"patients": patients, "diagnoses": diagnoses, "counts": counts},
             {"patients": patient_src, "diagnoses": diagnosis_src})
+
+
+def _with_text_ids(table: dict, columns: tuple[str, ...], src: Source) -> dict:
+    """`table` with its id `columns` as canonical text (stripped, '100001.0' -> '100001'; ids need not be
+    numbers), less the rows where one is blank (skipped and counted per column)."""
+    table = dict(table, **{c: integral_text(table[c]) for c in columns})
+    for column in columns:
+        table = _keep(table, table[column] != b"", src, f"blank {src.names.get(column, column)}", column)
+    return table

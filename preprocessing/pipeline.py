@@ -20,7 +20,7 @@ import torch
 
 from data import FORMAT_VERSION, LABEL_COLUMNS, SPLITS, InputError, config_record, read_file, torch_save
 from folders import Staged
-from preprocessing.build import ICD_OPTIONS, Built, build_mimic, build_trinetx, icd_systems
+from preprocessing.build import ICD_OPTIONS, Built, build_mimic, build_trinetx, check_notes, icd_systems
 from preprocessing.cohorts import task_counts
 from preprocessing.tables import find_layout
 from progress import Reporter
@@ -64,6 +64,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     raw = Path(cfg.raw)
     icd_systems(cfg.icd)                      # a bad --icd fails before anything is read (ICD_OPTIONS)
     layout = find_layout(raw)
+    check_notes(cfg.notes, raw, layout)       # so does a mistyped --notes
     with Staged(cfg.out, "--out", log=rep.log) as stage:
         out = stage.out
         _check_out(out)
@@ -82,7 +83,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         parts = [f"{s} {c[s][0]} ({c[s][1]} positive)" for s in SPLITS]
         rep.log(f"{task} ({c['level']}): " + ", ".join(parts))
     rep.log(f"wrote {out}: {meta['counts']}")
-    _print_skipped(meta, rep)
+    for line in [line for src in built.sources.values() for line in src.warnings()] + built.warnings:
+        rep.log(line)
     return meta
 
 
@@ -135,15 +137,3 @@ def _write_folder(folder: Path, built: Built, cache: dict) -> None:
 def _print_attrition(meta: dict, rep: Reporter) -> None:
     for name, steps in meta["attrition"].items():
         rep.log(f"{name}: " + " -> ".join(f"{step} {n:,}" for step, n in steps))
-
-
-def _print_skipped(meta: dict, rep: Reporter) -> None:
-    """One warning line per table with malformed rows or unreadable values (meta.json keeps them all)."""
-    for name, src in meta["sources"].items():
-        parts = [f"{src['bad_rows']:,} malformed rows skipped (first at row {src['first_bad_row']})"] \
-            if src["bad_rows"] else []
-        counts = meta["skipped"].get(name)
-        if isinstance(counts, dict):
-            parts += [f"{n:,} rows with an {what}" for what, n in counts.items() if what.startswith("unparsable") and n]
-        if parts:
-            rep.log(f"warning: {src['path']}: {'; '.join(parts)} (meta.json: sources, skipped)")

@@ -20,6 +20,7 @@ import csv
 import gzip
 import hashlib
 import io
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,21 @@ BLOCK_BYTES = 1 << 24  # 16 MiB of decompressed text per block: large enough to 
 # the longest row a table may have: far above any real one (a MIMIC discharge summary is under 100 kB), so a
 # row that grows past it holds a quote that never closes, and the reader stops rather than swallow the table
 MAX_RECORD_BYTES = 1 << 22
+# the longest field of a column that is read: MIMIC's longest (CHARTEVENTS value) is 255 characters. A column is
+# gathered as one fixed-width array, (rows, longest field) bytes, so one longer field would widen every row of
+# its block; its row is skipped and counted instead (a field this long is no id, time, number, code or category)
+MAX_FIELD_BYTES = 1 << 10
+MOST = 0.5   # a table that loses more than this share of its rows says so first, in its warning line
+# a time that is missing: no valid time (int64 minutes since 1970, negative before 1970) can take this value
+NO_TIME = np.iinfo(np.int64).min
+# what a table that is no CSV text starts with: (magic bytes, what it is, what to do)
+NOT_CSV = ((b"PK\x03\x04", "a zip archive (an Excel .xlsx file is one)", "unzip it, or export the sheet as CSV"),
+           (b"BZh", "a bzip2 file", "decompress it (bunzip2), or recompress it with gzip"),
+           (b"\x28\xb5\x2f\xfd", "a zstd file", "decompress it (zstd -d), or recompress it with gzip"),
+           (b"\xfd7zXZ\x00", "an xz file", "decompress it (xz -d), or recompress it with gzip"),
+           (b"7z\xbc\xaf\x27\x1c", "a 7z archive", "extract it"),
+           (b"\xff\xfe", "UTF-16 text", "convert it to UTF-8, e.g. iconv -f UTF-16 -t UTF-8"),
+           (b"\xfe\xff", "UTF-16 text", "convert it to UTF-8, e.g. iconv -f UTF-16 -t UTF-8"))
 
 
 class EmptyFile(InputError):
@@ -109,10 +125,48 @@ class Source:
     bad_rows: int = 0
     first_bad_row: int = 0
     sha256: str = ""
+    empty: bool = False                                # present, but without a header line (skipped if optional)
+    skipped: dict = field(default_factory=dict)        # reason -> rows with a bad value: skipped (or read, `kept`)
+    first_skipped: dict = field(default_factory=dict)  # reason -> "row R, column 'c': 'value'" of the first one
+    kept: set = field(default_factory=set)             # reasons whose rows are read anyway (a number as a category)
+    used: int | None = None                            # rows that gave the output something (None: not counted)
 
     def describe(self) -> dict:
         return {"path": str(self.path), "bytes": self.path.stat().st_size, "rows": self.rows,
                 "sha256": self.sha256, "bad_rows": self.bad_rows, "first_bad_row": self.first_bad_row}
+
+    def skip(self, reason: str, rows, column: str, first_value: bytes = b"", kept: bool = False) -> None:
+        """Count the rows `rows` (line numbers) with a bad value in `column` under `reason`; the first one's row and
+        value are kept for the warning line. `kept`: the rows are read anyway, so they count as no loss."""
+        if len(rows) == 0:
+            return
+        self.skipped[reason] = self.skipped.get(reason, 0) + len(rows)
+        if reason not in self.first_skipped:
+            shown = first_value[:40].decode("utf-8", "replace") + ("..." if len(first_value) > 40 else "")
+            self.first_skipped[reason] = f"row {int(rows[0])}, column '{self.names.get(column, column)}': '{shown}'"
+        if kept:
+            self.kept.add(reason)
+
+    def lost(self) -> int:
+        """Rows of the table not read: malformed, or skipped for a bad value."""
+        return self.bad_rows + sum(n for reason, n in self.skipped.items() if reason not in self.kept)
+
+    def warnings(self) -> list[str]:
+        """The `warning:` lines of this table for the end of a run: empty (left out); rows skipped, with the first
+        of each kind (and, first, how many when most were lost); rows read but none used."""
+        if self.empty:
+            return [f"warning: {self.path}: the file is empty (no header line); the table was left out "
+                    "(re-download it if it should hold rows)"]
+        parts = [f"{self.bad_rows:,} malformed rows skipped (first at row {self.first_bad_row})"] * bool(self.bad_rows)
+        parts += [f"{n:,} rows with {'an' if reason[0] in 'aeiou' else 'a'} {reason} (first at "
+                  f"{self.first_skipped[reason]})" for reason, n in self.skipped.items()]
+        total, lost = self.rows + self.bad_rows, self.lost()
+        most = f"{lost:,} of {total:,} rows lost ({lost / max(total, 1):.0%}): " if lost > MOST * total else ""
+        lines = [f"warning: {self.path}: {most}{'; '.join(parts)} (meta.json: sources, skipped)"] if parts else []
+        if self.used == 0 and (total == 0 or lost < total):        # (all lost: the line above says so)
+            what = "it has a header but no rows" if total == 0 else f"none of its {total - lost:,} rows read was used"
+            lines.append(f"warning: {self.path}: {what}; nothing of this table is in the output")
+        return lines
 
 
 class _HashingReader(io.RawIOBase):
@@ -137,14 +191,42 @@ class _HashingReader(io.RawIOBase):
 
 def open_table(src: Source):
     """(hashing raw reader, binary stream of the table's text) over `src.path`: the one way every reader
-    opens a table. gzip is told by its magic number, whatever the name, and read member after member
-    (`cat a.gz b.gz > t.gz` is one valid gzip file, which zcat reads whole); `raw.bytes_read` gives progress
-    and `raw.digest` the sha256 of the file's bytes. Read errors of the stream go through `read_error`."""
-    with open(src.path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    raw = _HashingReader(open(src.path, "rb"))
+    opens a table. The file is opened once (it may be a named pipe, which can be read only once): gzip is told
+    by its magic number, peeked, whatever the name, and read member after member (`cat a.gz b.gz > t.gz` is one
+    valid gzip file, which zcat reads whole); `raw.bytes_read` gives progress and `raw.digest` the sha256 of
+    the file's bytes. A folder, an unreadable file or one that is no CSV text (a zip, bzip2, zstd, UTF-16) is an
+    InputError saying what it is; read errors of the stream go through `read_error`."""
+    try:
+        f = open(src.path, "rb")
+    except IsADirectoryError:
+        raise InputError(f"{src.path}: a folder, not a table; expected a CSV file (.csv, or .csv.gz)") from None
+    except OSError as err:
+        raise InputError(f"{src.path}: cannot be read ({err.strerror or err})") from None
+    raw = _HashingReader(f)
     buffered = io.BufferedReader(raw, buffer_size=1 << 20)
-    return raw, (gzip.GzipFile(fileobj=buffered) if gz else buffered)
+    try:
+        gz = buffered.peek(2)[:2] == b"\x1f\x8b"
+        stream = gzip.GzipFile(fileobj=buffered) if gz else buffered
+        _check_text(src, stream.peek(64)[:64], gz)
+    except (OSError, EOFError, zlib.error) as err:
+        raw.close()
+        raise read_error(src, err) from None
+    except InputError:
+        raw.close()
+        raise
+    return raw, stream
+
+
+def _check_text(src: Source, head: bytes, gz: bool) -> None:
+    """An InputError naming what the table is when its first bytes (after gzip) are not CSV text."""
+    inside = "a gzip file of " if gz else ""
+    for magic, what, fix in NOT_CSV:
+        if head.startswith(magic):
+            raise InputError(f"{src.path}: {inside}{what}, not a CSV table; expected UTF-8 CSV text, plain or "
+                             f"gzip-compressed (.csv or .csv.gz): {fix}")
+    if b"\x00" in head:
+        raise InputError(f"{src.path}: {inside}binary data or UTF-16 text (NUL bytes), not a CSV table; expected "
+                         "UTF-8 CSV text, plain or gzip-compressed (.csv or .csv.gz)")
 
 
 def read_error(src: Source, err: Exception) -> InputError:
@@ -184,12 +266,16 @@ def read_blocks(src: Source, columns: dict[str, bool], aliases: dict[str, str] |
         data = pending + data
         if want is None:
             if b"\n" not in data:
+                if len(data) > MAX_RECORD_BYTES:
+                    raise too_long(src, 0)
                 pending = data
                 continue
             data, want = _read_header(src, data, columns, aliases)
         cut = _row_end(data)
         if len(data) - cut > MAX_RECORD_BYTES:             # by quote parity one row runs on: csv's rules decide
             cut = _csv_cut(src, data, row0, at_end=False)
+        if len(data) - cut > MAX_RECORD_BYTES and data.find(b"\n", cut) < 0:   # one line, quoted or not
+            raise too_long(src, row0 + data.count(b"\n", 0, cut))
         pending, data = data[cut:], data[:cut]
         if data:
             block = _parse_block(src, data, want, row0)
@@ -208,6 +294,13 @@ def runaway_quote(src: Source, row: int, what: str) -> InputError:
     drop every later row without a word, so the run stops here, naming the row where the quote opened."""
     return InputError(f'{src.path}: row {row}: a quoted field opened in this row {what} (an unbalanced or '
                       'unescaped \'"\'; escape it as \'""\' or remove the row)')
+
+
+def too_long(src: Source, row: int) -> InputError:
+    """A line longer than any row may be (MAX_RECORD_BYTES) without a line break: reading on would hold it whole."""
+    what = "the header line" if row == 0 else f"row {row}"
+    return InputError(f"{src.path}: {what} runs over {MAX_RECORD_BYTES >> 20} MiB without a line break; a CSV table "
+                      "has one row per line (is this a CSV table, whole and undamaged?)")
 
 
 class CsvLines:
@@ -278,8 +371,9 @@ def _row_end(data: bytes) -> int:
 def _read_header(src: Source, data: bytes, columns: dict[str, bool], aliases: dict[str, str]):
     end = data.find(b"\n") + 1 if b"\n" in data else len(data)
     line = data[:end].decode("utf-8-sig", errors="replace").strip("\r\n")
-    src.header = [c.strip().lower() for c in next(csv.reader([line]), [])]
+    src.header = header_names(src.path, next(csv.reader([line]), []))
     if not any(src.header):
+        src.empty = True
         raise EmptyFile(f"{src.path}: the file is empty (no header line)")
     want = {}
     for name, required in columns.items():
@@ -287,12 +381,27 @@ def _read_header(src: Source, data: bytes, columns: dict[str, bool], aliases: di
         if source_name in src.header:
             want[name] = src.header.index(source_name)
         elif required:
+            other = next((f" (separated by {name}? expected commas)" for sep, name in ((";", "semicolons"),
+                          ("\t", "tabs"), ("|", "bars")) if len(src.header) == 1 and sep in src.header[0]), "")
             raise InputError(f"{src.path}: missing column '{source_name}' "
-                             f"(columns are: {', '.join(src.header)})")
+                             f"(columns are: {', '.join(src.header)}){other}")
     src.columns = [name for name in want]
     src.names = {name: aliases.get(name, name) for name in want}
     want["__ncol__"] = len(src.header)
     return data[end:], want
+
+
+def header_names(path: Path, fields: list[str]) -> list[str]:
+    """The column names of a header row, stripped and lower-cased (names match case-insensitively); a name that
+    appears twice is an InputError, since either column could be the one meant."""
+    names = [c.strip().lower() for c in fields]
+    seen = {}
+    for k, name in enumerate(names):
+        if name and name in seen:
+            raise InputError(f"{path}: column '{name}' appears twice in the header (columns {seen[name] + 1} and "
+                             f"{k + 1}); rename or remove one")
+        seen[name] = k
+    return names
 
 
 class Block:
@@ -331,6 +440,8 @@ def _parse_block(src: Source, data: bytes, want: dict[str, int], row0: int) -> B
     buf = np.frombuffer(data, dtype=np.uint8)
     nl = np.flatnonzero(buf == 10)                             # (lines,) end of each line
     line_start = np.concatenate(([0], nl[:-1] + 1))            # (lines,) start of each line
+    if len(nl) and (nl - line_start).max() > MAX_RECORD_BYTES:   # one row over the record limit, quoted or not
+        raise too_long(src, row0 + int(np.argmax(nl - line_start > MAX_RECORD_BYTES)))
     bounds = np.concatenate(([0], nl))
     commas = np.flatnonzero(buf == 44)
     n_commas = np.diff(np.searchsorted(commas, bounds))        # commas per line
@@ -358,8 +469,7 @@ def _parse_block(src: Source, data: bytes, want: dict[str, int], row0: int) -> B
         order = np.argsort(np.concatenate([np.flatnonzero(clean), dirty[fits]]), kind="stable")
         starts = np.concatenate([starts, extra_start.reshape(-1, len(cols))])[order]
         ends = np.concatenate([ends, (extra_start + lens).reshape(-1, len(cols))])[order]
-    src.rows += int(good.sum())
-    return Block(buf, starts, ends, names, row0 + np.flatnonzero(good), len(nl))
+    return _fields_in_bounds(src, Block(buf, starts, ends, names, row0 + np.flatnonzero(good), len(nl)))
 
 
 def _parse_with_csv(src: Source, data: bytes, names, cols, ncol: int, row0: int) -> Block:
@@ -372,10 +482,25 @@ def _parse_with_csv(src: Source, data: bytes, names, cols, ncol: int, row0: int)
     lens = np.array([len(f) for f in fields], dtype=np.int64)
     starts = np.concatenate(([0], np.cumsum(lens)[:-1])) if len(lens) else lens
     buf = np.frombuffer(b"".join(fields), dtype=np.uint8)
-    src.rows += int(fits.sum())
     shape = (-1, len(cols))
-    return Block(buf, starts.reshape(shape), (starts + lens).reshape(shape), names,
-                 row0 + np.flatnonzero(fits), len(rows))
+    return _fields_in_bounds(src, Block(buf, starts.reshape(shape), (starts + lens).reshape(shape), names,
+                                        row0 + np.flatnonzero(fits), len(rows)))
+
+
+def _fields_in_bounds(src: Source, block: Block) -> Block:
+    """`block` without its rows that have a field over MAX_FIELD_BYTES in a column read (skipped and counted),
+    so that gathering a column never widens every row to one huge field; adds the rows read to `src.rows`."""
+    src.rows += len(block)
+    long = (block.ends - block.starts > MAX_FIELD_BYTES) if len(block) else np.zeros((0, 1), bool)
+    if not long.any():
+        return block
+    i, k = np.argwhere(long)[0]
+    name = next(n for n, j in block.names.items() if j == k)
+    bad = long.any(axis=1)
+    src.skip(f"field over {MAX_FIELD_BYTES} bytes", block.rows[bad], name,
+             bytes(block.buf[block.starts[i, k]:block.starts[i, k] + 41]))
+    block.starts, block.ends, block.rows = block.starts[~bad], block.ends[~bad], block.rows[~bad]
+    return block
 
 
 def count_bad(src: Source, row_numbers) -> None:
@@ -422,20 +547,49 @@ def strip(values: np.ndarray) -> np.ndarray:
     return np.char.strip(values) if np.isin(ends, SPACES).any() else values
 
 
+ID_DIGITS = 18   # the most digits an id may have: every 18-digit number fits int64 (19 may overflow)
+
+
 def parse_int(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decimal integers (ids) from an S array -> (int64 values, ok mask); surrounding whitespace is ignored,
-    empty or non-digit is not ok."""
+    """Decimal integers (ids, flags, versions) from an S array -> (int64 values, ok mask); surrounding whitespace
+    is ignored. An integral float, '100001.0' (what pandas writes for an integer column with blanks), is that
+    integer; empty, a sign, other characters, a fraction ('1.5') or over ID_DIGITS digits is not ok."""
     values = strip(values)
-    digits = values.view(np.uint8).reshape(len(values), values.itemsize).astype(np.int64) - 48  # (n, w)
     lens = np.char.str_len(values)
-    ok = lens > 0
+    width = min(values.itemsize, ID_DIGITS + 8)              # longer values are not ok: look at no more
+    chars = values.view(np.uint8).reshape(len(values), values.itemsize)[:, :width]   # (n, width) view
+    at = np.arange(width)[None, :]
+    used = at < lens[:, None]
+    whole, n_digits = used, lens                             # the positions of the integer's digits, their number
+    ok = (lens > 0) & (lens <= width)
+    dot = used & (chars == 46)
+    if dot.any():                                            # '100001.0': digits, then '.' and zeros only
+        n_digits = np.where(dot.any(axis=1), dot.argmax(axis=1), lens)
+        whole = at < n_digits[:, None]
+        ok &= (n_digits > 0) & ((chars == 48) | ~used | whole | (at == n_digits[:, None])).all(axis=1)
+    ok &= (n_digits <= ID_DIGITS) & (((chars >= 48) & (chars <= 57)) | ~whole).all(axis=1)
     out = np.zeros(len(values), np.int64)
-    for k in range(digits.shape[1]):
-        used = k < lens
-        d = digits[:, k]
-        ok &= ~used | ((d >= 0) & (d <= 9))
-        out = np.where(used, out * 10 + d, out)
+    for k in range(min(width, ID_DIGITS)):
+        out = np.where(whole[:, k], out * 10 + chars[:, k] - 48, out)
     return np.where(ok, out, 0), ok
+
+
+INTEGRAL = re.compile(r"\s*(\d{1,%d})(?:\.0*)?\s*" % ID_DIGITS)
+
+
+def parse_id(text: str) -> int | None:
+    """`parse_int` for one str (rows read by csv.reader, as notes are): the integer, or None when not ok."""
+    m = INTEGRAL.fullmatch(text)
+    return int(m[1]) if m else None
+
+
+def integral_text(values: np.ndarray) -> np.ndarray:
+    """`values` (an S array) stripped, with the integral floats written as integers ('10.0' -> '10'): ids that need
+    not be numbers (a diagnosis extract's) and ICD versions compare as text, where '10.0' must be '10'."""
+    values = strip(values)
+    numbers, ok = parse_int(values)
+    dotted = ok & (np.char.find(values, b".") >= 0) if len(values) else ok
+    return np.where(dotted, numbers.astype(values.dtype), values) if dotted.any() else values
 
 
 def parse_float(values: np.ndarray) -> np.ndarray:

@@ -121,8 +121,6 @@ BAD_INPUTS = {
                              r"ADMISSIONS.csv.gz: row 1, column 'admittime': cannot read '01/01/2150 8am'"),
     "duplicated id": (lambda raw: _rewrite(raw, "PATIENTS", lambda t: t.replace(",2,F,", ",1,F,")),
                       r"PATIENTS.csv.gz: row 2, column 'subject_id': duplicated id 1 \(first at row 1\)"),
-    "non-integer id": (lambda raw: _rewrite(raw, "ICUSTAYS", lambda t: t.replace(",111,", ",11x,")),
-                       r"ICUSTAYS.csv.gz: row 1, column 'icustay_id': '11x' is not an integer id"),
     "empty file": (lambda raw: (raw / "ADMISSIONS.csv.gz").write_bytes(b""), r"ADMISSIONS.csv.gz: the file is empty"),
     "header only": (lambda raw: _rewrite(raw, "PATIENTS", lambda t: t.splitlines()[0] + "\n"),
                     r"PATIENTS.csv.gz: the table has a header but no rows"),

@@ -241,9 +241,11 @@ def test_rerun_replaces_the_folder_cleanly(tmp_path):
     (out / "hosp").mkdir(parents=True)
     (out / "hosp" / "stale.csv.gz").write_bytes(b"old")
     (out / "STALE.csv").write_text("old")
-    run(out, patients=10, layout="trinetx")
-    assert sorted(p.name for p in out.iterdir()) == ["diagnosis.csv.gz", "latents", "patient.csv.gz"]
-    run(out, patients=10)                                          # an extract with latents/ is replaceable
+    with pytest.raises(InputError, match="holds an extract that synth did not write; pass --overwrite"):
+        run(out, patients=10, layout="trinetx")                    # not synth's: replaced only when asked
+    run(out, patients=10, layout="trinetx", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [synthetic.MARKER, "diagnosis.csv.gz", "latents", "patient.csv.gz"]
+    run(out, patients=10)                                          # synth's own extract is replaceable
     (out / "notes.txt").write_text("not an extract")              # never delete what is not an extract
     with pytest.raises(InputError, match="not a CSV extract"):
         run(out, patients=10)
@@ -261,7 +263,7 @@ def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
     old.mkdir()
     (old / "keep.csv").write_text("previous extract")     # a failed run leaves the previous extract alone
     with pytest.raises(RuntimeError):
-        run(old, patients=10)
+        run(old, patients=10, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["old"]
     assert (old / "keep.csv").read_text() == "previous extract"
 
