@@ -58,7 +58,7 @@ import train  # noqa: E402
 from folders import sigterm_as_interrupt  # noqa: E402
 from metrics import (auprc, auroc, combine_replicates, replicate_scores, resample_weights,  # noqa: E402
                      t_cdf, t_quantile)
-from models import AdmissionEncoder, CodeEncoder, StayEncoder, densify, load_encoder  # noqa: E402
+from models import AdmissionEncoder, CodeEncoder, ModelConfig, StayEncoder, densify, load_encoder  # noqa: E402
 from preprocessing.pipeline import PreprocessConfig, preprocess  # noqa: E402
 
 ROWS = {"arf": "mimic", "shock": "mimic", "mortality": "mimic", "readmission": "mimic", "hf": "mimic",
@@ -312,8 +312,11 @@ def finetune_one(cfg: TransferConfig, row: str, n: int, arm: str, r: int) -> flo
                                    quiet=True)
     sets = {s: evaluate.labelled_dataset(level, d, e, fcfg) for s, e in ex.items()}
     torch.manual_seed(seed)
-    model, _ = evaluate.build_model(task, "admission" if arm in POOLS else "none", fcfg,
-                                    _checkpoints(cfg, arm, r, d.meta))
+    ckpts = _checkpoints(cfg, arm, r, d.meta)
+    # the architecture of the arm's checkpoint; from scratch the same one stated here, so that a scratch run
+    # never depends on whether a pretraining folder exists
+    mcfg = ckpts.model_config("admission") if arm in POOLS else ModelConfig.from_meta(d.meta, d_model=cfg.d_model)
+    model, _ = evaluate.build_model(task, "admission" if arm in POOLS else "none", fcfg, ckpts, mcfg)
     cpu_dev = torch.device("cpu")
     rec = evaluate.finetune(model, sets, fcfg, seed, cpu_dev, torch.float32, lambda *a, **k: None, cfg.lrs[level])
     test = evaluate.predict(model, sets["test"], 256, cpu_dev, torch.float32)
