@@ -297,8 +297,10 @@ def _checkpoints(cfg: TransferConfig, arm: str, r: int, meta: dict) -> evaluate.
 
 
 def run_path(cfg: TransferConfig, row: str, n: int, arm: str, r: int) -> Path:
+    """The cached result of one run: replicate r, and for an arm that starts from a pool its pretraining seed."""
     key = stamps(cfg)["finetune"]
-    return cfg.out / "runs" / re.sub(r"\W+", "_", row).strip("_") / str(n or "all") / arm / f"r{r}-{key}.npz"
+    pre = f"-p{r % cfg.pretrain_seeds}" if arm in (*POOLS, "medhmp-probe") else ""
+    return cfg.out / "runs" / re.sub(r"\W+", "_", row).strip("_") / str(n or "all") / arm / f"r{r}{pre}-{key}.npz"
 
 
 def finetune_one(cfg: TransferConfig, row: str, n: int, arm: str, r: int) -> float:
@@ -382,31 +384,37 @@ def _variables(meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def vectors(cfg: TransferConfig, row: str, arm: str, r: int, d: data.Processed, ex: dict) -> dict:
-    """{split: (n, D)} inputs of a linear arm: raw inputs, or the frozen MedHMP encoder's vectors (pretraining
-    seed r mod pretrain_seeds)."""
-    level = evaluate.TASKS[_task(row)].level
-    enc = None if arm == "raw-linear" else encoder(cfg, level, "medhmp", r % cfg.pretrain_seeds, d)
-    out = {}
-    for split, e in ex.items():
-        ds = evaluate.labelled_dataset(level, d, e, evaluate.FinetuneConfig())
-        parts = [raw_inputs(level, b, d.meta) if enc is None else represent(enc, level, b)
-                 for b in data.make_loader(ds, 256)]
-        out[split] = torch.cat(parts).numpy() if parts else np.zeros((0, 1))
-    return out
+def vectors(cfg: TransferConfig, row: str, arm: str, seed: int) -> dict:
+    """{split: (n, D)} inputs of a linear arm for every example of a task (the whole training split): raw inputs,
+    or the frozen MedHMP encoder's vectors (pretraining seed `seed`); computed once per process."""
+    key = (cfg.out, row, arm, seed if arm != "raw-linear" else None)
+    if key not in _LOADED:
+        d, level = _data(cfg, ROWS[row]), evaluate.TASKS[_task(row)].level
+        enc = None if arm == "raw-linear" else encoder(cfg, level, "medhmp", seed, d)
+        out = {}
+        for split, e in evaluate.all_examples(_task(row), d).items():
+            ds = evaluate.labelled_dataset(level, d, e, evaluate.FinetuneConfig())
+            parts = [raw_inputs(level, b, d.meta) if enc is None else represent(enc, level, b)
+                     for b in data.make_loader(ds, 256)]
+            out[split] = torch.cat(parts).numpy() if parts else np.zeros((0, 1))
+        _LOADED[key] = out
+    return _LOADED[key]
 
 
 def linear_one(cfg: TransferConfig, row: str, n: int, arm: str, r: int) -> float:
-    """One replicate of a linear arm: the penalty of cfg.l2s with the best validation AUPRC; CPU seconds."""
+    """One replicate of a linear arm on replicate r's label subset: the penalty of cfg.l2s with the best
+    validation AUPRC; CPU seconds."""
     cpu = time.process_time()
     torch.set_num_threads(1)
-    d, ex = examples(cfg, row, n, r)
-    x = vectors(cfg, row, arm, r, d, ex)
-    fits = {l2: fit_logistic(x["train"], ex["train"]["label"], l2) for l2 in cfg.l2s}
+    ex = evaluate.all_examples(_task(row), _data(cfg, ROWS[row]))
+    train = evaluate.train_subset({**ex["train"], "i": np.arange(len(ex["train"]["label"]))},
+                                  evaluate.FinetuneConfig(labels=n or None), r)
+    x = vectors(cfg, row, arm, r % cfg.pretrain_seeds)
+    fits = {l2: fit_logistic(x["train"][train["i"]], train["label"], l2) for l2 in cfg.l2s}
     val = {l2: auprc(ex["val"]["label"], predict_logistic(m, x["val"])) for l2, m in fits.items()}
     best = max(val, key=val.get)
     save_npz(run_path(cfg, row, n, arm, r), val=val[best], test=predict_logistic(fits[best], x["test"]).astype(
-        np.float32), n_train=len(ex["train"]["label"]), l2=best)
+        np.float32), n_train=len(train["label"]), l2=best)
     return time.process_time() - cpu
 
 
@@ -652,6 +660,18 @@ def run_dial(cfg: TransferConfig, pool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def settings(pairs: list[str]) -> dict:
+    """--set FIELD=JSON pairs as TransferConfig fields (lists become tuples); an unknown field stops."""
+    known, out = {f for f in TransferConfig.__dataclass_fields__}, {}
+    for pair in pairs:
+        name, _, text = pair.partition("=")
+        if name not in known:
+            raise SystemExit(f"--set {name}: not a TransferConfig field ({', '.join(sorted(known))})")
+        value = json.loads(text)
+        out[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(value, list) else value
+    return out
+
+
 STEPS = ("data", "pretrain", "finetune", "report", "latents", "dial")
 
 
@@ -664,9 +684,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite (minutes)")
     parser.add_argument("--jobs", type=int, default=TransferConfig.jobs)
     parser.add_argument("--only", default=",".join(STEPS), help="comma-separated steps: " + ", ".join(STEPS))
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="another TransferConfig value, e.g. --set replicates=6 --set 'labels=[25, 100]'")
     args = parser.parse_args()
     cfg = TransferConfig(out=args.out, seed=args.seed, strength=args.strength, label_noise=args.label_noise,
-                         jobs=args.jobs, **(QUICK if args.quick else {}))
+                         jobs=args.jobs, **(QUICK if args.quick else {}), **settings(args.set))
     steps = args.only.split(",")
     cfg.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
