@@ -1,16 +1,16 @@
 """Data: the processed hierarchical dataset on disk, and back out of it as batches.
 
 Usage: `load_processed(dir)` -> `Processed`, then the `StayDataset` / `AdmissionDataset` / `PatientDataset`
-classes, `make_loader` and `prefetch` (batches moved to the device one step ahead). Reads the folder that
-`python medhmp.py preprocess` writes (meta.json, stays.pt, admissions.pt, labels.csv, splits.json;
-docs/data-format.md) and writes nothing. It holds what the format is
-(`FORMAT_VERSION`, `LABEL_COLUMNS`, `SPLITS`, the usable-admission rule `admission_requirements`), how a batch
-is laid out (`collate_stay` writes the `ts_idx` cells that models.py reads, `collate_admission`), the counts and
-no-learning baselines pretraining is judged against, and the small helpers the preprocessing package shares
-(`lookup`, `row_of`, `read_file`, `torch_save`, `config_record`), and the identity of a set of weights
-(`weights_digest`: which stay.pt an admission.pt grew from). The package builds on this module, never
-the other way round: data.py imports numpy, torch and `folders` (InputError, and `repair` of a folder whose
-swap a killed run left half done), so it can be copied with `folders.py` alone.
+classes and `make_loader` (runtime.prefetch moves its batches to the device one step ahead). Reads the
+folder that `python medhmp.py preprocess` writes (meta.json, stays.pt, admissions.pt, labels.csv,
+splits.json; docs/data-format.md). It holds what the format is (`FORMAT_VERSION`, `LABEL_COLUMNS`, `SPLITS`,
+the usable-admission rule `admission_requirements`), how a batch is laid out (`collate_stay` writes the
+`ts_idx` cells that models.py reads, `collate_admission`), the identity of a processed folder
+(`data_digest`), the small helpers the preprocessing package shares (`lookup`, `row_of`, `read_file`,
+`torch_save`, `config_record`), and the views of a folder with other splits or shuffled columns (the
+negative control of pretraining). The package builds on this module, never the other way round: data.py
+imports numpy, torch and `folders` (InputError, and `repair` of a folder whose swap a killed run left half
+done), so it can be copied with `folders.py` alone.
 """
 from __future__ import annotations
 
@@ -54,15 +54,6 @@ def read_file(path: Path, read, fix: str):
 def data_digest(root: Path) -> str:
     """Identity of a processed folder (a hash of its meta.json), so that a moved folder still resumes."""
     return hashlib.sha256((Path(root) / "meta.json").read_bytes()).hexdigest()[:16]
-
-
-def weights_digest(state_dict: dict) -> str:
-    """A short content hash of a state dict (names, shapes, values): which stay.pt an admission.pt grew from."""
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        v = state_dict[k].detach().cpu().contiguous()
-        h.update(k.encode() + str(tuple(v.shape)).encode() + v.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def torch_save(obj, path: Path) -> None:
@@ -194,63 +185,10 @@ def _read_labels(path: Path, stays: dict, admissions: dict) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------- counts
-def cell_counts(data: Processed, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """(T, F) int64: in how many of the stays `rows` each (hour, feature) cell is active. Read from the
-    sparse layout in chunks of `chunk` stays, so memory follows the chunk, not the data."""
-    s, T, F = data.stays, data.meta["seq_len"], data.meta["n_features"]
-    out = np.zeros(T * F, dtype=np.int64)
-    rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
-    for i in range(0, len(rows), chunk):
-        batch = collate_stay(data, rows[i:i + chunk])        # ts_idx = (b * T + t) * F + f
-        out += np.bincount((batch["ts_idx"] % (T * F)).numpy(), minlength=T * F)
-    return out.reshape(T, F)
-
-
-def code_counts(data: Processed, rows: np.ndarray, modality: str) -> tuple[np.ndarray, int]:
-    """(V,) how many of the admissions `rows` carry each code of `modality` ("icd" or "drug"), and how many
-    of them have any code of it (the admissions a code-set objective is scored on)."""
-    a = data.admissions
-    ptr, idx = a[f"{modality}_ptr"].numpy(), a[f"{modality}_idx"].numpy()
-    rows = np.asarray(rows, dtype=np.int64)
-    counts = ptr[rows + 1] - ptr[rows]
-    take = _ranges(torch.as_tensor(ptr[rows]), torch.as_tensor(counts)).numpy()
-    return np.bincount(idx[take], minlength=data.meta[f"n_{modality}"]), int((counts > 0).sum())
-
-
-# ------------------------------------------------------------------------------------------- baselines
-# What a model that learns nothing scores, from the counts above: every pretraining run is judged against them.
-def stay_baselines(data: Processed, train_rows, val_rows) -> tuple[dict, torch.Tensor]:
-    """Validation MSE of three no-learning predictors fitted on the training stays: all zeros, each feature's
-    rate, each (hour, feature) cell's mean. Exact, from cell counts: for binary y and a constant c per cell,
-    Σ (c − y)² over n stays = n c² − 2 c Σy + Σy. Also returns the training cell means (T, F)."""
-    T, F = data.meta["seq_len"], data.meta["n_features"]
-    fit, val = cell_counts(data, train_rows).astype(float), cell_counts(data, val_rows).astype(float)  # (T, F)
-    n_fit, n_val = max(len(train_rows), 1), len(val_rows)
-
-    def mse(c):  # c: constant prediction, broadcastable to (T, F)
-        return float((n_val * c ** 2 - 2 * c * val + val).sum() / max(n_val * T * F, 1))
-    baselines = {"zeros": mse(0.0), "feature_rate": mse(fit.sum(0) / (n_fit * T)), "cell_mean": mse(fit / n_fit)}
-    return baselines, torch.as_tensor(fit / n_fit, dtype=torch.float32)
-
-
-def code_priors(data: Processed, rows, mask_rate: float) -> dict:
-    """Per-code probabilities of the two no-learning masked-code predictors, fitted on the admissions `rows`
-    (the training split): "none" (0 everywhere) and "frequency": P(code is a masked target | not visible) =
-    r f / (1 − (1 − r) f) for a code of frequency f and mask rate r (the best constant per code);
-    {"none" | "frequency": {"icd": (V_icd,), "drug": (V_drug,)}} float32 on the CPU."""
-    priors = {"none": {}, "frequency": {}}
-    for m in ("icd", "drug"):
-        counts, n = code_counts(data, rows, m)
-        f = torch.as_tensor(counts / max(n, 1), dtype=torch.float32)  # (V,)
-        priors["none"][m] = torch.zeros_like(f)
-        priors["frequency"][m] = mask_rate * f / (1 - (1 - mask_rate) * f)
-    return priors
-
-
 # ------------------------------------------------------------------------------------------- batches
-def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Concatenated aranges [s, s + c) for each (s, c): the gather index of CSR slices, vectorised."""
+def csr_ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Concatenated aranges [s, s + c) for each (s, c): the gather index of CSR slices, vectorised
+    (the batches here, and the code counts of health.py)."""
     total = int(counts.sum())
     offsets = torch.repeat_interleave(starts - (torch.cumsum(counts, 0) - counts), counts)
     return offsets + torch.arange(total)
@@ -261,7 +199,7 @@ def _multi_hot(ptr: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, width: 
     counts = ptr[rows + 1] - ptr[rows]
     out = torch.zeros(len(rows), width)
     owner = torch.repeat_interleave(torch.arange(len(rows)), counts)
-    out[owner, idx[_ranges(ptr[rows], counts)].long()] = 1.0
+    out[owner, idx[csr_ranges(ptr[rows], counts)].long()] = 1.0
     return out
 
 
@@ -269,7 +207,7 @@ def collate_stay(data: Processed, rows: torch.Tensor) -> dict:
     """Stay batch (docs/data-format.md): ts_idx flat into (B, T, F), static (B, S)."""
     s, n_features = data.stays, data.meta["n_features"]
     ptr = s["ts_ptr"]
-    feat = s["ts_feat"][_ranges(ptr[rows], ptr[rows + 1] - ptr[rows])].long()    # (nnz,) f, in (t, f) order
+    feat = s["ts_feat"][csr_ranges(ptr[rows], ptr[rows + 1] - ptr[rows])].long()    # (nnz,) f, in (t, f) order
     per_hour = s["ts_count"][rows].long().flatten()                              # (B*T,) active cells per hour
     bag = torch.repeat_interleave(torch.arange(len(per_hour)), per_hour, output_size=len(feat))  # b * T + t
     return {"ts_idx": bag * n_features + feat, "static": s["static"][rows].float()}
@@ -282,7 +220,7 @@ def collate_admission(data: Processed, rows: torch.Tensor, max_stays: int) -> di
     first = a["stay_ptr"][rows]
     n_stays = torch.clamp(a["stay_ptr"][rows + 1] - first, max=max_stays)        # (B,)
     k = max(int(n_stays.max()) if len(rows) else 1, 1)
-    batch = collate_stay(data, a["stay_rows"][_ranges(first, n_stays)])
+    batch = collate_stay(data, a["stay_rows"][csr_ranges(first, n_stays)])
     icd_count = a["icd_ptr"][rows + 1] - a["icd_ptr"][rows]
     drug_count = a["drug_ptr"][rows + 1] - a["drug_ptr"][rows]
     batch.update(stay_mask=torch.arange(k)[None, :] < n_stays[:, None],          # (B, K)
@@ -384,36 +322,6 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
         return DataLoader(dataset, batch_sampler=batches, **common)
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last, **common)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Move a batch dict once, asynchronously (non_blocking) from pinned memory when on CUDA."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def prefetch(batches, device: torch.device):
-    """The batches of an iterable, moved to `device`, each one fetched and moved before the previous one is
-    yielded: the host builds batch i + 1 while the accelerator runs step i. On CUDA the copies run on a side
-    stream (from the pinned memory of make_loader(pin_memory=True)) that the compute stream waits for; on the
-    CPU moving is a no-op and only the one-batch lookahead remains (the code path the tests run)."""
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def move(batch):
-        if stream is None:
-            return to_device(batch, device)
-        with torch.cuda.stream(stream):
-            return to_device(batch, device)
-    it = iter(batches)
-    ahead = next(it, None)
-    ahead = None if ahead is None else move(ahead)
-    while ahead is not None:
-        current, ahead = ahead, next(it, None)
-        if stream is not None:  # the compute stream waits for the copy; the allocator keeps the memory for it
-            torch.cuda.current_stream(device).wait_stream(stream)
-            for v in current.values():
-                v.record_stream(torch.cuda.current_stream(device))
-        ahead = None if ahead is None else move(ahead)
-        yield current
 
 
 # ------------------------------------------------------------------------------- views and controls

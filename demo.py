@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoints
 import data
 import evaluate
 import results
+import runtime
 import synthetic
 import train
 from preprocessing import pipeline
@@ -146,12 +148,12 @@ def low_label(cfg: DemoConfig, task: str, d: data.Processed, run: Path, control:
     stats = {s: (len(e["label"]), int(e["label"].sum())) for s, e in examples.items()}
     if any(pos in (0, n) for n, pos in stats.values()):
         return {"skipped": "a split without both classes"}
-    rep, cpu = Reporter(quiet=True), train.resolve_device(cfg.device)
-    ckpts = {"run": evaluate.Checkpoints(run, d.meta), "control": evaluate.Checkpoints(control, d.meta)}
+    rep, device = Reporter(quiet=True), runtime.resolve_device(cfg.device)
+    runs = {name: evaluate.Run(fcfg, d, checkpoints.Checkpoints(folder, d.meta), device, torch.float32, rep)
+            for name, folder in (("run", run), ("control", control))}
     out, probs = {"n_train": stats["train"][0], "n_test": stats["test"][0]}, {}
     for arm, (where, init) in ARMS.items():
-        out[arm], probs[arm] = evaluate.run_init(task, init, sets_for, fcfg, ckpts[where], cpu, torch.float32,
-                                                 rep)
+        out[arm], probs[arm] = evaluate.run_init(task, init, sets_for, runs[where])
     deltas = results.paired_deltas(examples["test"]["label"], probs, "scratch", cfg.bootstrap, cfg.seed, ("auroc",))
     out["delta"] = {arm: [iv["auroc"][k] for k in ("estimate", "lo", "hi")] for arm, iv in deltas.items()}
     return out

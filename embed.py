@@ -2,14 +2,15 @@
 
 Usage:
     python medhmp.py embed --level stay|admission|patient --run RUN --data DATA --out FILE.npz [--init stay]
-    encoder = load_pretrained("runs/mimic", "stay", load_processed("data/processed").meta)   # in your code
+    encoder = load_pretrained("runs/mimic", "stay")   # in your code: the checkpoint alone, no data folder
 Reads DATA/ and RUN/admission.pt (or RUN/stay.pt with `--init stay`, stay level only), never writes them. Writes
 one `.npz` file (numpy only, no pickle; replaced whole, so a failed or interrupted run leaves the old file or
 none): `embeddings` float32 (N, D); per row `subject_id`, `hadm_id`, `stay_id` int64 (-1 where the level has
 none) and `split` ("train", "val", "test"; fit on train rows only); `info`, a JSON string saying what the rows
 are (`LEVELS` below), the checkpoint, its digest and the data's. Rows are in the order of the processed tensors
 (stays.pt, admissions.pt) or of subject_id (patients). The encoders run in eval mode (no dropout), in fp32.
-The checkpoint is checked against the data as evaluate checks it (`evaluate.Checkpoints`).
+The checkpoint is checked against the data as evaluate checks it (`checkpoints.Checkpoints`), and the encoder
+is rebuilt from the checkpoint alone (`checkpoints.build_encoder`).
 """
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import (AdmissionDataset, InputError, PatientDataset, Processed, StayDataset, data_digest, load_processed,
-                  make_loader, usable_admissions)
-from evaluate import TRANSFERS, Checkpoints
+from checkpoints import (TRANSFERS, Checkpoints, build_encoder, check_fits, load_checkpoint, model_config,
+                         stage_of)
+from data import (AdmissionDataset, InputError, PatientDataset, Processed, StayDataset, data_digest,
+                  load_processed, make_loader, usable_admissions)
 from folders import check_writable, replace_file
-from models import AdmissionEncoder, CodeEncoder, StayEncoder, load_encoder
 from progress import Reporter
-from train import resolve_device, to_device
+from runtime import resolve_device, to_device
 
 # level -> what one row of the file is; written into the file's `info` and the README
 LEVELS = {
@@ -55,27 +56,32 @@ class EmbedConfig:
     quiet: bool = False
 
 
-def load_pretrained(run: Path, level: str, meta: dict, init: str = "admission", device="cpu") -> torch.nn.Module:
-    """The pretrained encoder of `level` from RUN, checked against the processed data's `meta` (meta.json), in
-    eval mode on `device`: a `models.StayEncoder` (batch of data.StayDataset -> b (B, D)), `AdmissionEncoder`
-    (data.AdmissionDataset -> a (B, D)) or, for "patient", the ICD `CodeEncoder` (multi-hot (..., V_icd) ->
-    (..., D); `patient_vectors` pools it). Call `.train()` to fine-tune it. One InputError line when RUN has no
-    such checkpoint or it was pretrained on other data."""
-    return pretrained(Checkpoints(run, meta), level, init)[0].to(device).eval()
+def load_pretrained(run: Path, level: str, meta: dict | None = None, init: str = "admission",
+                    device="cpu") -> torch.nn.Module:
+    """The pretrained encoder of `level` in eval mode on `device`, rebuilt from the checkpoint alone: a
+    `models.StayEncoder` (batch of data.StayDataset -> b (B, D)), `AdmissionEncoder` (data.AdmissionDataset
+    -> a (B, D)) or, for "patient", the ICD `CodeEncoder` (multi-hot (..., V_icd) -> (..., D);
+    `patient_vectors` pools it). `run` is a RUN folder (its admission.pt, or stay.pt with init="stay") or a
+    checkpoint file; with a processed folder's `meta` (meta.json) the checkpoint is also checked against
+    those data. Call `.train()` to fine-tune it. One InputError line when there is no such checkpoint, it
+    holds no such encoder, or it was pretrained on other data."""
+    check_choice(level, init)
+    path = Path(run)
+    path = path / f"{TRANSFERS[level, init].checkpoint}.pt" if path.is_dir() else path
+    state = load_checkpoint(path)
+    encoder = build_encoder(state, level)  # refuses a checkpoint without a whole encoder of `level`
+    if meta is not None:
+        check_fits(state, path, meta, TRANSFERS[level, stage_of(state)].sizes)
+    return encoder.to(device).eval()
 
 
-def pretrained(ckpts: Checkpoints, level: str, init: str) -> tuple[torch.nn.Module, int]:
-    """The encoder of `level` with the weights of the checkpoint `init` names (checked), and its width D."""
+def check_choice(level: str, init: str) -> None:
+    """One InputError line for a level or init embed does not know, or a level stay.pt has no encoder of."""
     if level not in LEVELS or init not in INITS:
-        raise InputError(f"level {level!r} / init {init!r}: levels are {', '.join(LEVELS)}, inits {', '.join(INITS)}")
+        raise InputError(f"level {level!r} / init {init!r}: levels are {', '.join(LEVELS)}, inits "
+                         f"{', '.join(INITS)}")
     if init == "stay" and level != "stay":
         raise InputError(f"RUN/stay.pt holds only the stay encoder; use --init admission for {level} vectors")
-    name, prefix, _, sizes = TRANSFERS[level, init]
-    state, mcfg = ckpts.check(name, sizes), ckpts.model_config(init)
-    encoder = {"stay": StayEncoder, "admission": AdmissionEncoder}.get(level)
-    encoder = encoder(mcfg) if encoder else CodeEncoder(mcfg.n_icd, mcfg.d_model)
-    load_encoder(encoder, state["model"], prefix)
-    return encoder, mcfg.d_model
 
 
 def patient_vectors(code_encoder: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -132,16 +138,18 @@ def embed(cfg: EmbedConfig) -> dict:
     rep, device = Reporter(cfg.quiet), resolve_device(cfg.device)
     check_writable(out.parent, "--out")   # before any work, not after it
     data = load_processed(cfg.data)
+    check_choice(cfg.level, cfg.init)
     ckpts = Checkpoints(cfg.run, data.meta)
-    encoder, dim = pretrained(ckpts, cfg.level, cfg.init)
+    state = ckpts.for_transfer(cfg.level, cfg.init)
+    encoder, dim = build_encoder(state, cfg.level), model_config(state).d_model
     if cfg.init == "admission" and (warning := ckpts.lineage()):
         rep.log(warning)
     ids, dataset = rows_of(cfg.level, data, cfg.max_stays)
     with rep.task(f"embedding {len(dataset):,} {cfg.level} rows", len(dataset)) as advance:
         vectors = encode(encoder.to(device), cfg.level, dataset, dim, cfg.batch_size, device, advance)
-    name = TRANSFERS[cfg.level, cfg.init][0]
+    name = TRANSFERS[cfg.level, cfg.init].checkpoint
     info = {"format": "medhmp-embeddings 1", "level": cfg.level, "rows": LEVELS[cfg.level], "init": cfg.init,
-            "checkpoint": str(Path(cfg.run) / f"{name}.pt"), "checkpoint_digest": ckpts.get(name).get("digest"),
+            "checkpoint": str(Path(cfg.run) / f"{name}.pt"), "checkpoint_digest": state.get("digest"),
             "data": str(cfg.data), "data_digest": data_digest(cfg.data), "dim": dim}
     arrays = {"embeddings": vectors, **ids, "split": data.split_of(ids["subject_id"]).astype(str),
               "info": np.array(json.dumps(info))}

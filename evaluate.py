@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,35 +25,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baselines import ADMISSION_MODELS, STAY_MODELS
+from checkpoints import TRANSFERS, Checkpoints, new_encoder, transfer
 from data import (SPLITS, AdmissionDataset, InputError, PatientDataset, Processed, StayDataset, config_record,
                   load_processed, make_loader, select_rows)
 from folders import check_writable
-from baselines import ADMISSION_MODELS, STAY_MODELS
 from metrics import INTERVAL_METHOD, METRIC_FUNCTIONS, METRICS, binary_metrics, replicate_interval
-from models import AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, StayEncoder, load_encoder
+from models import Classifier, ModelConfig
 from progress import Reporter
-from results import delta_record, paired_deltas, print_table, results_table, skip_reason, skipped_lines, split_stats, write_task
+from results import (delta_record, paired_deltas, print_table, results_table, skip_reason, skipped_lines,
+                     split_stats, write_task)
+from runtime import (autocast, check_finite, grad_scaler, optimizer_step, resolve_device, resolve_dtype,
+                     to_device)
 from sequence import SEQUENCE_MODELS, SequenceClassifier
 from tasks import TASKS
-from train import (NonFiniteLoss, autocast, data_mismatch, grad_scaler, load_checkpoint, optimizer_step, resolve_device,
-                   resolve_dtype, to_device)
 
 
 INITS = ("admission", "stay", "none")    # MedHMP a+s, MedHMP s, random weights
 PATIENT_MODELS = tuple(SEQUENCE_MODELS)
 BASELINES = {"stay": STAY_MODELS, "admission": ADMISSION_MODELS, "patient": {}}  # no pretrained init: none only
 MODELS = ("medhmp", *PATIENT_MODELS, *STAY_MODELS, *ADMISSION_MODELS)  # what --model may name
-STAY_SIZES = ("seq_len", "n_features", "n_static")
-# (level, init) -> (checkpoint, key prefix in it, submodule of the fine-tuned model, sizes that must match)
-TRANSFERS = {
-    ("stay", "admission"): ("admission", "encoder.stay_encoder.", "encoder", STAY_SIZES),
-    ("stay", "stay"): ("stay", "encoder.", "encoder", STAY_SIZES),
-    ("admission", "admission"): ("admission", "encoder.", "encoder", ModelConfig.SIZES),
-    ("admission", "stay"): ("stay", "encoder.", "encoder.stay_encoder", STAY_SIZES),
-    ("patient", "admission"): ("admission", "encoder.icd_encoder.", "code_encoder", ("n_icd",)),
-}
-
-PROBED = {"stay": "encoder", "admission": "encoder", "patient": "code_encoder"}  # frozen by --probe
 
 
 @dataclass(frozen=True)
@@ -100,6 +91,35 @@ class FinetuneConfig:
     precision: str = "auto"           # auto | fp32 | bf16 | fp16 (fp32 on the CPU unless asked)
     table: bool = True                # print the results table at the end
     quiet: bool = False
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluation run: its config, the processed data, RUN's checkpoints, the device and autocast dtype it
+    computes in, and where it reports. `Run.open(cfg, folder)` sets one up from a config."""
+    cfg: FinetuneConfig
+    data: Processed
+    checkpoints: Checkpoints
+    device: torch.device
+    amp: torch.dtype                  # autocast dtype (runtime.resolve_dtype)
+    rep: Reporter
+
+    @classmethod
+    def open(cls, cfg: FinetuneConfig, folder: str) -> Run:
+        """The run of `cfg`, RUN/<folder> checked writable before any fine-tuning, and a warning when RUN's
+        two checkpoints do not belong together (Checkpoints.lineage)."""
+        rep, device = Reporter(cfg.quiet), resolve_device(cfg.device)
+        amp = resolve_dtype(cfg.precision, device)
+        check_writable(Path(cfg.run) / folder, "--run")
+        data = load_processed(cfg.data)
+        ckpts = Checkpoints(cfg.run, data.meta)
+        if cfg.init != "none" and (warning := ckpts.lineage()):
+            rep.log(warning)
+        return cls(cfg, data, ckpts, device, amp, rep)
+
+    def configured(self, **changes) -> Run:
+        """This run with other config values (e.g. a table cell's model and init)."""
+        return replace(self, cfg=replace(self.cfg, **changes))
 
 
 # ---------------------------------------------------------------------------------------- datasets
@@ -183,49 +203,6 @@ def level_model(model: str, level: str) -> str | None:
     return model if model in BASELINES[level] else "medhmp" if model in ("medhmp", *SEQUENCE_MODELS) else None
 
 
-class Checkpoints:
-    """RUN/stay.pt and RUN/admission.pt, loaded once on first use and checked against the data."""
-
-    def __init__(self, run: Path, meta: dict):
-        self.run, self.meta, self.cache = Path(run), meta, {}
-
-    def get(self, name: str) -> dict:
-        if name not in self.cache:
-            self.cache[name] = load_checkpoint(self.run / f"{name}.pt")
-        return self.cache[name]
-
-    def check(self, name: str, sizes: tuple) -> dict:
-        """The checkpoint, after checking that the `sizes` it was trained with (and, for codes, its ICD
-        vocabulary) match the data; a mismatch is an InputError saying what to do."""
-        ckpt, path, codes = self.get(name), self.run / f"{name}.pt", "n_icd" in sizes
-        bad = data_mismatch(ckpt, self.meta, sizes, vocabulary=codes)
-        if bad:
-            hint = ("preprocess this extract with `--vocab-from <the processed folder it was pretrained on>`"
-                    if codes else "use the processed folder it was pretrained on as --data")
-            raise InputError(f"{path} was pretrained on other data ({', '.join(bad)}); {hint}")
-        return ckpt
-
-    def lineage(self) -> str | None:
-        """A warning when RUN/admission.pt was not pretrained from the RUN/stay.pt beside it (stage 1 was run
-        again after stage 2), else None."""
-        paths = [self.run / f"{n}.pt" for n in ("stay", "admission")]
-        if not all(p.is_file() for p in paths):
-            return None
-        parent, stay = self.get("admission").get("stay_digest"), self.get("stay").get("digest")
-        if parent and stay and parent != stay:
-            return (f"warning: {paths[1]} was pretrained from another stay.pt than {paths[0]} (stage 1 was run "
-                    "again after stage 2); re-run `pretrain --level admission` so that the two agree")
-        return None
-
-    def model_config(self, init: str) -> ModelConfig:
-        """Sizes from the data; architecture (d_model, heads, dropout) from the checkpoint that `init` uses,
-        else from any checkpoint in RUN (so init=none is like-for-like), else ModelConfig defaults."""
-        names = [init] if init != "none" else [n for n in ("admission", "stay")
-                                                if (self.run / f"{n}.pt").is_file()]
-        arch = self.get(names[0])["model_config"] if names else {}
-        return ModelConfig.from_meta(self.meta, **{k: v for k, v in arch.items() if k not in ModelConfig.SIZES})
-
-
 def build_model(task: str, init: str, cfg: FinetuneConfig, ckpts: Checkpoints,
                 mcfg: ModelConfig | None = None) -> tuple[nn.Module, int]:
     """The fine-tuning model of `task` and the number of pretrained tensors loaded into it (0 for none);
@@ -234,18 +211,16 @@ def build_model(task: str, init: str, cfg: FinetuneConfig, ckpts: Checkpoints,
     kind = level_model(cfg.model, level)
     if kind in BASELINES[level]:  # random weights only (evaluate_task skips a pretrained init)
         return BASELINES[level][kind](mcfg, dropout=cfg.dropout), 0
-    if level == "stay":
-        model = Classifier(StayEncoder(mcfg), dropout=cfg.dropout)
-    elif level == "admission":
-        model = Classifier(AdmissionEncoder(mcfg), dropout=cfg.dropout)
+    encoder = new_encoder(level, mcfg)  # StayEncoder, AdmissionEncoder, or the ICD MLP over visits
+    if level == "patient":
+        model = SequenceClassifier(encoder, kind, mcfg, dropout=cfg.dropout)
     else:
-        model = SequenceClassifier(CodeEncoder(mcfg.n_icd, mcfg.d_model), kind, mcfg, dropout=cfg.dropout)
+        model = Classifier(encoder, dropout=cfg.dropout)
     if cfg.probe:  # the pretrained (or, for init=none, random) encoder stays as it is
-        model.get_submodule(PROBED[level]).requires_grad_(False)
+        encoder.requires_grad_(False)
     if init == "none":
         return model, 0
-    name, prefix, target, sizes = TRANSFERS[level, init]
-    return model, load_encoder(model.get_submodule(target), ckpts.check(name, sizes)["model"], prefix)
+    return model, transfer(encoder, ckpts.for_transfer(level, init), level, init)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -277,9 +252,23 @@ def train_mode(model: nn.Module) -> None:
             m.eval()
 
 
-def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, device, amp, advance,
-             lr: float) -> dict:
-    """Train on sets["train"] at `lr`, early-stop on validation `select_on`, reload the best weights (in place)."""
+@dataclass
+class BestEpoch:
+    """The best validation score of one fine-tuning run so far, its epoch and its weights (copied)."""
+    score: float = -math.inf
+    epoch: int = 0
+    weights: dict | None = None
+
+    def update(self, model: nn.Module, score: float, epoch: int) -> None:
+        if self.weights is None or score > self.score:  # ties keep the earlier epoch
+            self.score, self.epoch = score, epoch
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def finetune(model: nn.Module, sets: dict, run: Run, seed: int, lr: float, advance=None) -> dict:
+    """Train on sets["train"] at `lr`, early-stop on validation `select_on`, reload the best weights (in
+    place); `advance(1, status=...)` after each epoch (a progress bar), when given."""
+    cfg, device, amp = run.cfg, run.device, run.amp
     # fidelity: no learning-rate schedule (official train.py adds StepLR(5, 0.1), the paper none); the official
     # patient-level code trains with Adam and a 2-way softmax, here every level shares SGD and BCE (paper App. B)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=cfg.momentum,
@@ -287,8 +276,7 @@ def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, devic
     scaler = grad_scaler(amp)
     if isinstance(model, SequenceClassifier) and cfg.standardize_codes:
         model.standardize_codes(to_device(b, device) for b in make_loader(sets["train"], 4 * cfg.batch_size))
-    y_val, select = sets["val"].labels.numpy(), METRIC_FUNCTIONS[cfg.select_on]
-    best, best_epoch, best_state, epoch = -math.inf, 0, None, 0
+    y_val, select, best, epoch = sets["val"].labels.numpy(), METRIC_FUNCTIONS[cfg.select_on], BestEpoch(), 0
     for epoch in range(1, cfg.epochs + 1):
         train_mode(model)
         for batch in make_loader(sets["train"], cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch,
@@ -298,36 +286,32 @@ def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, devic
                 logits = model(batch)  # (B,)
             # BCE on logits = the official BCELoss(sigmoid(·)), without its log clamp at −100
             loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"fine-tuning loss became {float(loss)} in epoch {epoch} (seed {seed}); "
-                                    "lower --lr")
+            check_finite(loss, "fine-tuning loss", f"epoch {epoch} (seed {seed})")
             optimizer_step(loss, model, opt, scaler, cfg.grad_clip)
         score = select(y_val, predict(model, sets["val"], 4 * cfg.batch_size, device, amp))
-        if best_state is None or score > best:  # ties keep the earlier epoch
-            best, best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        advance(1, status=f"val {cfg.select_on} {score:.3f} best {best:.3f} (epoch {best_epoch})")
-        if epoch - best_epoch >= cfg.patience:
+        best.update(model, score, epoch)
+        if advance:
+            advance(1, status=f"val {cfg.select_on} {score:.3f} best {best.score:.3f} (epoch {best.epoch})")
+        if epoch - best.epoch >= cfg.patience:
             break
-    model.load_state_dict(best_state)
-    return {"epochs": epoch, "best_epoch": best_epoch, f"val_{cfg.select_on}": best}
+    model.load_state_dict(best.weights)
+    return {"epochs": epoch, "best_epoch": best.epoch, f"val_{cfg.select_on}": best.score}
 
 
-def run_seeds(task: str, init: str, sets_for, cfg: FinetuneConfig, ckpts: Checkpoints, device, amp,
-              rep: Reporter, lr: float) -> tuple[list[dict], np.ndarray]:
+def run_seeds(task: str, init: str, sets_for, run: Run, lr: float) -> tuple[list[dict], np.ndarray]:
     """Fine-tune every replicate of one (task, init) at `lr` (replicate i: seed cfg.seed + i for its training
     subset, weights, dropout and batch order; `sets_for(seed)` gives its datasets): per-replicate records and
     test probabilities (seeds, n)."""
-    records, probs = [], []
+    cfg, records, probs = run.cfg, [], []
     for i in range(cfg.seeds):
         seed, start = cfg.seed + i, time.perf_counter()
         sets = sets_for(seed)
         torch.manual_seed(seed)
-        model, loaded = build_model(task, init, cfg, ckpts)
-        model.to(device)
-        with rep.task(f"{task} init={init} seed {seed} lr {lr:g}", cfg.epochs, "epochs") as advance:
-            record = finetune(model, sets, cfg, seed, device, amp, advance, lr)
-        probs.append(predict(model, sets["test"], 4 * cfg.batch_size, device, amp))
+        model, loaded = build_model(task, init, cfg, run.checkpoints)
+        model.to(run.device)
+        with run.rep.task(f"{task} init={init} seed {seed} lr {lr:g}", cfg.epochs, "epochs") as advance:
+            record = finetune(model, sets, run, seed, lr, advance)
+        probs.append(predict(model, sets["test"], 4 * cfg.batch_size, run.device, run.amp))
         records.append({"seed": seed, "loaded_tensors": loaded, "n_train": len(sets["train"]),
                         "train_positives": int(sets["train"].labels.sum()), **record,
                         "test": binary_metrics(sets["test"].labels.numpy(), probs[-1]),
@@ -335,24 +319,24 @@ def run_seeds(task: str, init: str, sets_for, cfg: FinetuneConfig, ckpts: Checkp
     return records, np.stack(probs)
 
 
-def run_init(task: str, init: str, sets_for, cfg: FinetuneConfig, ckpts: Checkpoints, device, amp,
-             rep: Reporter) -> tuple[dict, np.ndarray]:
+def run_init(task: str, init: str, sets_for, run: Run) -> tuple[dict, np.ndarray]:
     """Every replicate of one (task, init) at the learning rate of the grid with the best mean validation
-    `select_on` (one rate: no choice): per-replicate records, mean ± sd, and per metric an interval that holds the
-    replicates' and the test set's spread (metrics.replicate_interval); test probs (seeds, n)."""
-    y_test, runs = sets_for(cfg.seed)["test"].labels.numpy(), {}
+    `select_on` (one rate: no choice): per-replicate records, mean ± sd, and per metric an interval that holds
+    the replicates' and the test set's spread (metrics.replicate_interval); test probs (seeds, n)."""
+    cfg, runs = run.cfg, {}
+    y_test = sets_for(cfg.seed)["test"].labels.numpy()
     for lr in level_lrs(cfg, TASKS[task].level):
-        runs[lr] = run_seeds(task, init, sets_for, cfg, ckpts, device, amp, rep, lr)
+        runs[lr] = run_seeds(task, init, sets_for, run, lr)
     val = {lr: float(np.mean([r[f"val_{cfg.select_on}"] for r in recs])) for lr, (recs, _) in runs.items()}
     lr = max(val, key=val.get)  # ties keep the first rate of the grid
     records, probs = runs[lr]
     table = np.array([[r["test"][m] for m in METRICS] for r in records])  # (seeds, metrics)
     intervals = {m: replicate_interval(y_test, probs, METRIC_FUNCTIONS[m], n=cfg.bootstrap, seed=cfg.seed)
                  for m in METRICS}
+    sd = table.std(0, ddof=1) if len(table) > 1 else np.zeros_like(table[0])
     result = {"init": init, "lr": lr, "lr_val": {str(k): v for k, v in val.items()}, "probe": cfg.probe,
-              "seeds": records,
-              "mean": dict(zip(METRICS, table.mean(0).tolist())),
-              "sd": dict(zip(METRICS, (table.std(0, ddof=1) if len(table) > 1 else np.zeros_like(table[0])).tolist())),
+              "seeds": records, "mean": dict(zip(METRICS, table.mean(0).tolist())),
+              "sd": dict(zip(METRICS, sd.tolist())),
               "ci": {m: [iv["lo"], iv["hi"]] for m, iv in intervals.items()},
               "ci_method": f"{INTERVAL_METHOD}; {cfg.bootstrap} test resamples (nan with one seed)"}
     return result, probs
@@ -371,10 +355,9 @@ def _ids(task: str, data: Processed, examples: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- entry
-def evaluate_task(task: str, cfg: FinetuneConfig, data: Processed, ckpts: Checkpoints, device, amp,
-                  rep: Reporter) -> dict:
+def evaluate_task(task: str, run: Run) -> dict:
     """Fine-tune and score one task for each init; writes its files and returns its report."""
-    level = TASKS[task].level
+    cfg, data, level = run.cfg, run.data, TASKS[task].level
     sets_for, examples = replicate_sets(task, data, cfg), task_examples(task, data, cfg)
     stats = split_stats(examples)  # the training split as replicate 0 sees it (each replicate: its "n_train")
     inits = [cfg.init] + (["none"] if cfg.compare_none and cfg.init != "none" else [])
@@ -391,26 +374,13 @@ def evaluate_task(task: str, cfg: FinetuneConfig, data: Processed, ckpts: Checkp
             reason = f"RUN/{init}.pt has no encoder for {level}-level tasks; use --init admission or none"
         if reason is not None:
             report["results"][f"{init}/{model}"] = {"init": init, "skipped": reason}
-            rep.log(f"{task} init={init}: skipped ({reason})")
+            run.rep.log(f"{task} init={init}: skipped ({reason})")
             continue
-        report["results"][f"{init}/{model}"], probs[init] = run_init(task, init, sets_for, cfg, ckpts, device, amp, rep)
+        report["results"][f"{init}/{model}"], probs[init] = run_init(task, init, sets_for, run)
     for init, intervals in paired_deltas(examples["test"]["label"], probs, "none", cfg.bootstrap, cfg.seed).items():
         report["results"][f"{init}/{model}"].update(delta_record(intervals))
     write_task(task, report, probs, _ids(task, data, examples["test"]), examples["test"]["label"])
     return report
-
-
-def open_run(cfg: FinetuneConfig, folder: str) -> tuple:
-    """(reporter, device, autocast dtype, data, checkpoints), RUN/<folder> checked writable before any fine-tuning."""
-    rep = Reporter(cfg.quiet)
-    device = resolve_device(cfg.device)
-    amp = resolve_dtype(cfg.precision, device)
-    check_writable(Path(cfg.run) / folder, "--run")
-    data = load_processed(cfg.data)
-    ckpts = Checkpoints(cfg.run, data.meta)
-    if cfg.init != "none" and (warning := ckpts.lineage()):
-        rep.log(warning)
-    return rep, device, amp, data, ckpts
 
 
 def evaluate(cfg: FinetuneConfig) -> dict:
@@ -425,13 +395,13 @@ def evaluate(cfg: FinetuneConfig) -> dict:
     if not tasks or (baseline_level and cfg.probe):
         raise InputError(f"--model {cfg.model} is a {baseline_level}-level baseline: " + (
             "it has no pretrained encoder to probe" if tasks else f"it cannot run --task {cfg.task}"))
-    rep, device, amp, data, ckpts = open_run(cfg, "eval")
-    rep.log(f"evaluating {', '.join(tasks)} on {cfg.data} (init={cfg.init}, seeds={cfg.seeds}, device {device}, "
-            f"{str(amp).replace('torch.', '')})")
-    reports = {t: evaluate_task(t, cfg, data, ckpts, device, amp, rep) for t in tasks}
+    run = Run.open(cfg, "eval")
+    run.rep.log(f"evaluating {', '.join(tasks)} on {cfg.data} (init={cfg.init}, seeds={cfg.seeds}, device "
+                f"{run.device}, {str(run.amp).replace('torch.', '')})")
+    reports = {t: evaluate_task(t, run) for t in tasks}
     if cfg.table:
-        print_table(*results_table(reports), rep, f"MedHMP downstream results ({cfg.data})")
+        print_table(*results_table(reports), run.rep, f"MedHMP downstream results ({cfg.data})")
         for line in skipped_lines(reports):
-            rep.log(line)
-    rep.log(f"wrote {Path(cfg.run) / 'eval'} and {Path(cfg.run) / 'results.csv'}")
+            run.rep.log(line)
+    run.rep.log(f"wrote {Path(cfg.run) / 'eval'} and {Path(cfg.run) / 'results.csv'}")
     return reports

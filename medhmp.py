@@ -15,6 +15,7 @@ import demo
 import embed
 import evaluate
 import paper_tables
+import runtime
 import synthetic
 import train
 from folders import InputError, sigterm_as_interrupt
@@ -27,7 +28,7 @@ def _run(function, config_class, **options):
     try:
         with sigterm_as_interrupt():   # SIGTERM cleans up as Ctrl-C does (no .tmp left behind)
             return function(cfg)
-    except (InputError, train.NonFiniteLoss) as err:
+    except (InputError, runtime.NonFiniteLoss) as err:
         raise click.ClickException(str(err)) from None
 
 
@@ -52,7 +53,7 @@ class FiniteRange(click.FloatRange):
 
 
 PathOption, PositiveFloat, Count = click.Path(path_type=Path), FiniteRange(min=0, min_open=True), click.IntRange(min=1)
-TYPES = {"--seed": int, "--device": click.Choice(train.DEVICES), "--precision": click.Choice(train.PRECISIONS),
+TYPES = {"--seed": int, "--device": click.Choice(runtime.DEVICES), "--precision": click.Choice(runtime.PRECISIONS),
          **dict.fromkeys("--batch-size --epochs --seeds --d-model --patients".split(), Count), "--out": PathOption,
          "--data": PathOption, "--run": PathOption, **dict.fromkeys(("--num-workers", "--patience"), click.IntRange(0))}
 

@@ -403,11 +403,10 @@ class AdmissionPretrainer(nn.Module):
             head.bias.copy_(torch.logit(prior[m].clamp(1e-6, 1 - 1e-6)))
             head.weight.zero_()
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None, priors: dict | None = None) -> dict:
-        """Loss parts of one batch. `priors` ({name: {"icd": (V_icd,), "drug": (V_drug,)} probabilities}) adds
-        "mcp_<name>": the masked-code loss of predicting those constant probabilities on the same masks (the
-        no-learning baselines a run is judged against). "cl_chance" is the contrastive loss of uniform
-        similarities on the same rows: the mean over terms of log(n − 1) (log n with the positive included)."""
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        """Loss parts of one batch: "loss" (Eq. 11), "mcp", "cl", and "masked_codes" {"icd" | "drug":
+        (targets, scored)} (B, V) each, the masks the code loss was scored on, so that the trainer can
+        score the no-learning predictors on the same masks (health.prior_losses)."""
         enc, cfg = self.encoder, self.cfg
         x, mask = enc.tokens(batch)  # (B, 4, D), (B, 4): full inputs, stays encoded once per step
         icd, drug = batch["icd"], batch["drug"]  # (B, V_icd), (B, V_drug)
@@ -425,28 +424,19 @@ class AdmissionPretrainer(nn.Module):
         logits = {"icd": self.icd_head(a_masked), "drug": self.drug_head(a_masked)}  # (B, V) each
         # official ½(·+·) over the two code sets
         mcp = 0.5 * sum(masked_code_loss(logits[m], *targets[m], kind=cfg.code_loss) for m in targets)
-        out = {}
-        for name, prior in (priors or {}).items():
-            out[f"mcp_{name}"] = 0.5 * sum(masked_code_loss(torch.logit(prior[m], eps=1e-6).expand_as(t), t, h,
-                                                            kind=cfg.code_loss)
-                                           for m, (t, h) in targets.items()).detach()
 
         # (b) CL: r ∈ {c, g, l} (s is never the anchor, paper §2.3.3) against the fusion of the other three
         # a term needs an in-batch negative (n ≥ 2 rows with the modality); counted on the device, no host sync
-        terms, chance, used = [], [], []
+        terms, used = [], []
         for i, name in enumerate(enc.TOKENS[1:], start=1):
-            n = mask[:, i].sum()  # rows with modality r
-            used.append(n >= 2)
+            used.append(mask[:, i].sum() >= 2)  # rows with modality r
             key = enc.fuse(x, mask, keep=tuple(t for t in enc.TOKENS if t != name))  # (B, D) = a\r
             terms.append(info_nce(x[:, i], key, cfg.temperature, cfg.cl_include_positive, rows=mask[:, i] & used[-1]))
-            chance.append(torch.log((n if cfg.cl_include_positive else n - 1).clamp(min=1).float()))
-        used = torch.stack(used).float()  # (3,) the terms kept; cl and its chance level are their means (0: none)
+        used = torch.stack(used).float()  # (3,) the terms kept; cl is their mean (0: none)
         cl = (torch.stack(terms) * used).sum() / used.sum().clamp(min=1)
 
         loss = mcp + cfg.cl_weight * cl  # paper Eq. 11
-        out.update(loss=loss, mcp=mcp.detach(), cl=cl.detach(),
-                   cl_chance=(torch.stack(chance) * used).sum() / used.sum().clamp(min=1))
-        return out
+        return {"loss": loss, "mcp": mcp.detach(), "cl": cl.detach(), "masked_codes": targets}
 
 
 # ---------------------------------------------------------------------------------------- downstream

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from checkpoints import TRANSFERS, Checkpoints
 from data import config_record
-from evaluate import BASELINES, INITS, PATIENT_MODELS, TRANSFERS, Checkpoints, FinetuneConfig, evaluate_task, open_run
+from evaluate import BASELINES, INITS, PATIENT_MODELS, FinetuneConfig, Run, evaluate_task
 from folders import InputError, replace_file
 from metrics import METRICS
 from results import interval_text, paired_deltas, print_table, read_predictions
@@ -78,7 +78,7 @@ def cell_path(run: Path, task: str, model: str, init: str) -> Path:
 
 def checkpoint_file(run: Path, task: str, init: str) -> Path | None:
     """RUN/<name>.pt that a cell's init loads (None for init=none)."""
-    return None if init == "none" else Path(run) / f"{TRANSFERS[TASKS[task].level, init][0]}.pt"
+    return None if init == "none" else Path(run) / f"{TRANSFERS[TASKS[task].level, init].checkpoint}.pt"
 
 
 def stamp(task: str, init: str, cfg: FinetuneConfig, ckpts: Checkpoints) -> dict:
@@ -98,20 +98,19 @@ def stored_cell(path: Path, want: dict) -> dict | None:
     return cell if {k: cell.get(k) for k in want} == want else None
 
 
-def run_cell(task: str, model: str, init: str, cfg: FinetuneConfig, env: tuple) -> tuple[dict, str]:
+def run_cell(task: str, model: str, init: str, run: Run) -> tuple[dict, str]:
     """One cell and how it was got: "read" back from its file, "run" (fine-tuned and written), or "missing" (a
     pretrained init without its checkpoint; nothing written)."""
-    data, ckpts, device, amp, rep = env
-    path, want = cell_path(cfg.run, task, model, init), stamp(task, init, cfg, ckpts)
+    cfg = run.cfg
+    path, want = cell_path(cfg.run, task, model, init), stamp(task, init, cfg, run.checkpoints)
     if (cell := stored_cell(path, want)) is not None:
         return cell, "read"
     if path.is_file():
-        rep.log(f"{task} {model} init={init}: stored with another protocol or checkpoint; running it again")
+        run.rep.log(f"{task} {model} init={init}: stored with another protocol or checkpoint; running it again")
     ckpt = checkpoint_file(cfg.run, task, init)
     if ckpt is not None and not ckpt.is_file():
         return {"result": {"skipped": f"{ckpt} not found (pretrain first)"}}, "missing"
-    report = evaluate_task(task, replace(cfg, model=model, init=init, compare_none=False), data, ckpts, device,
-                           amp, rep)
+    report = evaluate_task(task, run.configured(model=model, init=init, compare_none=False))
     result = report["results"][f"{init}/{report['model']}"]
     y, probs = read_predictions(cfg.run, task, init, report["model"]) if "mean" in result else ([], [])
     cell = {"task": task, "model": model, "init": init, **want, "splits": report["splits"], "result": result,
@@ -223,19 +222,19 @@ def tables(cfg: FinetuneConfig) -> dict:
             raise InputError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
     if cfg.probe:
         raise InputError("--model all compares fine-tuned models; --probe is for one model at a time")
-    rep, device, amp, data, ckpts = open_run(cfg, "tables")
-    out, env = Path(cfg.run) / "tables", (data, ckpts, device, amp, rep)
+    run = Run.open(cfg, "tables")
+    out, rep = Path(cfg.run) / "tables", run.rep
     tasks = list(TASKS) if cfg.task == "all" else [cfg.task]
-    how = [run_cell(t, m, i, cfg, env)[1] for t in tasks for m, i in cell_plan(TASKS[t].level, cfg)]
+    how = [run_cell(t, m, i, run)[1] for t in tasks for m, i in cell_plan(TASKS[t].level, cfg)]
     rep.log(f"{len(how)} cells: {how.count('run')} fine-tuned, {how.count('read')} read back from {out / 'cells'}"
             + (f", {how.count('missing')} not run (no checkpoint: pretrain first)" if "missing" in how else ""))
     cells = {(t, m, i): c for t in TASKS for m, i in cell_plan(TASKS[t].level, cfg)
-             if (c := stored_cell(cell_path(cfg.run, t, m, i), stamp(t, i, cfg, ckpts))) is not None}
+             if (c := stored_cell(cell_path(cfg.run, t, m, i), stamp(t, i, cfg, run.checkpoints))) is not None}
     shown = {}
     for table in TABLES:
         header, rows, csv_rows = build_table(table, cells, cfg)
         if len(header) > 1:  # some task of this level has a cell
-            write_table(out, table, title(table, cfg), header, rows, csv_rows, notes(table, csv_rows, data.meta))
+            write_table(out, table, title(table, cfg), header, rows, csv_rows, notes(table, csv_rows, run.data.meta))
             print_table(header, rows, rep, title(table, cfg))
             shown[table] = (header, rows)
     rep.log(f"wrote {', '.join(f'{out / t}.md/.csv' for t in shown)}")

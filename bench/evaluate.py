@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +25,11 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import synthetic  # noqa: E402
+from checkpoints import Checkpoints  # noqa: E402
 from models import ModelConfig, count_parameters  # noqa: E402
 from preprocessing.pipeline import PreprocessConfig, preprocess  # noqa: E402
-from train import resolve_device, resolve_dtype  # noqa: E402
+from progress import Reporter  # noqa: E402
+from runtime import resolve_device, resolve_dtype  # noqa: E402
 
 LEVEL_TASKS = {"stay": "mortality", "admission": "readmission", "patient": "hf"}
 
@@ -52,12 +53,14 @@ def bench_level(level: str, processed: Path, d: data.Processed, args, device, am
     sets, _ = evaluate.task_datasets(task, d, cfg)
     mcfg = ModelConfig.from_meta(d.meta, d_model=args.d_model)
     torch.manual_seed(0)
-    model, _ = evaluate.build_model(task, "none", cfg, evaluate.Checkpoints(args.out / "no-run", d.meta), mcfg)
+    ckpts = Checkpoints(args.out / "no-run", d.meta)
+    model, _ = evaluate.build_model(task, "none", cfg, ckpts, mcfg)
     model.to(device)
-    n_train, lr, quiet = len(sets["train"]), evaluate.level_lrs(cfg, level)[0], lambda *a, **k: None
-    evaluate.finetune(model, sets, replace(cfg, epochs=1), 0, device, amp, quiet, lr)  # warm-up, untimed
+    n_train, lr = len(sets["train"]), evaluate.level_lrs(cfg, level)[0]
+    run = evaluate.Run(cfg, d, ckpts, device, amp, Reporter(quiet=True))
+    evaluate.finetune(model, sets, run.configured(epochs=1), 0, lr)  # warm-up, untimed
     start = time.perf_counter()
-    evaluate.finetune(model, sets, cfg, 0, device, amp, quiet, lr)
+    evaluate.finetune(model, sets, run, 0, lr)
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
     evaluate.predict(model, sets["test"], 4 * args.batch_size, device, amp)

@@ -33,7 +33,9 @@ import torch  # noqa: E402
 
 import evaluate  # noqa: E402
 import transfer  # noqa: E402
+from checkpoints import Checkpoints  # noqa: E402
 from metrics import auroc, paired_delta  # noqa: E402
+from progress import Reporter  # noqa: E402
 
 VARIANTS = {"as is": dict(standardize_codes=False), "frozen as is": dict(standardize_codes=False, probe=True),
             "standardised": dict(standardize_codes=True)}
@@ -48,10 +50,11 @@ def finetune(cfg: transfer.TransferConfig, row: str, n: int, variant: str, pt: i
     ex["train"] = transfer.subset(ex["train"], n, ft)
     sets = {s: evaluate.labelled_dataset("patient", d, e, fcfg) for s, e in ex.items()}
     torch.manual_seed(ft)
-    model, _ = evaluate.build_model(fcfg.task, "admission", fcfg,
-                                    evaluate.Checkpoints(transfer._ckpt_dir(cfg, "medhmp", pt), d.meta))
+    ckpts = Checkpoints(transfer._ckpt_dir(cfg, "medhmp", pt), d.meta)
+    model, _ = evaluate.build_model(fcfg.task, "admission", fcfg, ckpts)
     cpu = torch.device("cpu")
-    rec = evaluate.finetune(model, sets, fcfg, ft, cpu, torch.float32, lambda *a, **k: None, lr)
+    run = evaluate.Run(fcfg, d, ckpts, cpu, torch.float32, Reporter(quiet=True))
+    rec = evaluate.finetune(model, sets, run, ft, lr)
     return {"val": rec["val_auprc"], "test": evaluate.predict(model, sets["test"], 256, cpu, torch.float32)}
 
 

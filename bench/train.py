@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 from models import (AdmissionEncoder, AdmissionPretrainer, Classifier, ModelConfig, StayEncoder,  # noqa: E402
                     StayPretrainer, count_parameters, densify)
@@ -165,12 +166,12 @@ def step_harness(level: str, data_dir: str, batch_size: int, warmup: int, steps:
 
     def one_step():
         t0 = time.perf_counter()
-        batch = train.to_device(next(it), device)
+        batch = runtime.to_device(next(it), device)
         t1 = time.perf_counter()
         out = model(batch)
         loss = out["loss"]
         if not torch.isfinite(loss):
-            raise train.NonFiniteLoss(f"{level} loss {float(loss.detach())}")
+            raise runtime.NonFiniteLoss(f"{level} loss {float(loss.detach())}")
         t2 = time.perf_counter()
         scaler.scale(loss).backward()
         t3 = time.perf_counter()
@@ -201,7 +202,7 @@ def step_harness(level: str, data_dir: str, batch_size: int, warmup: int, steps:
     if count_flops:
         print(json.dumps(result), flush=True)  # the timing survives should the counting step run out of memory
         from torch.utils.flop_counter import FlopCounterMode
-        batch = train.to_device(next(it), device)
+        batch = runtime.to_device(next(it), device)
         forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)
         with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):  # see the docstring
             warnings.simplefilter("ignore")

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import synthetic  # noqa: E402
@@ -52,6 +53,7 @@ import train  # noqa: E402
 from metrics import auprc, auroc, paired_delta  # noqa: E402
 from models import AdmissionEncoder, CodeEncoder, StayEncoder, load_encoder  # noqa: E402
 from preprocessing.pipeline import PreprocessConfig, preprocess  # noqa: E402
+from progress import Reporter  # noqa: E402
 
 ROWS = {"arf": "mimic", "shock": "mimic", "mortality": "mimic", "readmission": "mimic", "hf": "mimic",
         "hf (trinetx)": "trinetx", "copd (trinetx)": "trinetx", "amnesia (trinetx)": "trinetx"}
@@ -185,7 +187,7 @@ def _ckpt_dir(cfg: TransferConfig, arm: str, seed: int) -> Path:
 
 def encoder(cfg: TransferConfig, level: str, arm: str, seed: int, d: data.Processed):
     """The frozen encoder of a level for an arm: pretrained (admission.pt) or random weights (seeded)."""
-    ckpts = evaluate.Checkpoints(_ckpt_dir(cfg, arm, seed), d.meta)
+    ckpts = checkpoints.Checkpoints(_ckpt_dir(cfg, arm, seed), d.meta)
     mcfg = ckpts.model_config("admission")
     torch.manual_seed(seed)
     enc = {"stay": lambda: StayEncoder(mcfg), "admission": lambda: AdmissionEncoder(mcfg),
@@ -310,10 +312,11 @@ def finetune_one(cfg: TransferConfig, row: str, n: int, arm: str, pt: int, ft: i
         level = evaluate.TASKS[task].level
         sets = {s: evaluate.labelled_dataset(level, d, e, fcfg) for s, e in ex.items()}
         torch.manual_seed(ft)
-        model, _ = evaluate.build_model(task, "none" if arm == "scratch" else "admission", fcfg,
-                                        evaluate.Checkpoints(_ckpt_dir(cfg, arm, pt), d.meta))
+        ckpts = checkpoints.Checkpoints(_ckpt_dir(cfg, arm, pt), d.meta)
+        model, _ = evaluate.build_model(task, "none" if arm == "scratch" else "admission", fcfg, ckpts)
         cpu = torch.device("cpu")
-        rec = evaluate.finetune(model, sets, fcfg, ft, cpu, torch.float32, lambda *a, **k: None, lr)
+        run = evaluate.Run(fcfg, d, ckpts, cpu, torch.float32, Reporter(quiet=True))
+        rec = evaluate.finetune(model, sets, run, ft, lr)
         test = evaluate.predict(model, sets["test"], 256, cpu, torch.float32)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, val=rec[f"val_{fcfg.select_on}"], test=test, n_train=len(ex["train"]["label"]))
