@@ -3,14 +3,15 @@
 Usage:
     python medhmp.py pretrain --level stay       --data data/processed --run runs/default
     python medhmp.py pretrain --level admission  --data data/processed --run runs/default
-Reads DATA/ (meta.json, stays.pt, admissions.pt, splits.json). Writes RUN/stay.pt or RUN/admission.pt
-(plain-dict checkpoints, loadable with torch.load(weights_only=True)), RUN/config_<level>.json and one
-JSON line per log interval in RUN/log.jsonl. The admission stage starts from RUN/stay.pt, and every
-stay-encoder weight must transfer. `--resume` continues exactly where the last checkpoint stopped.
-Pretraining sees the training split only; the validation split gives a held-out loss per epoch.
-The loop is `pretrain`: `start` sets a stage up once (model, data, optimiser, resume, no-learning
-baselines, run header), then a plain `while` over epochs and steps whose body is the step, a log line
-(`log_step`) and a checkpoint (`save`); its state is one `LoopState`.
+Reads DATA/ (meta.json, stays.pt, admissions.pt, splits.json). Writes RUN/stay.pt or
+RUN/admission.pt (plain-dict checkpoints, loadable with torch.load(weights_only=True)),
+RUN/config_<level>.json and one JSON line per log interval in RUN/log.jsonl. The admission stage
+starts from RUN/stay.pt, and every stay-encoder weight must transfer. `--resume` continues exactly
+where the last checkpoint stopped. Pretraining sees the training split only; the validation split
+gives a held-out loss per epoch. The loop is `pretrain`: `start` sets a stage up once (model, data,
+optimiser, resume, no-learning baselines, run header), then a plain `while` over epochs and steps
+whose body is the step, a log line (`log_step`) and a checkpoint (`save`); its state is one
+`LoopState`.
 """
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import (check_resumable, load_checkpoint, save_checkpoint, start_from_stay, versions,
-                         weights_digest)
+from checkpoints import (check_resumable, load_checkpoint, save_checkpoint, start_from_stay,
+                         versions, weights_digest)
 from data import (AdmissionDataset, InputError, Processed, StayDataset, config_record, data_digest,
                   load_processed, make_loader)
-from health import (code_priors, contrastive_chance, health, health_status, prior_losses, stay_baselines,
-                    verdict)
+from health import (code_priors, contrastive_chance, health, health_status, prior_losses,
+                    stay_baselines, verdict)
 from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,
                     count_parameters)
 from progress import Reporter
@@ -47,19 +48,20 @@ class StayPretrainConfig:
     grad_clip: float = 1.0            # not in the paper; keeps early LSTM steps stable
     d_model: int = 256                # paper App. B
     dropout: float = 0.1              # as ModelConfig (the official pretraining's value is unknown)
-    # stage-1 decoder input (models.ModelConfig): "stay" (b at every hour) or "zeros" (the paper's wording)
+    # stage-1 decoder input (models.ModelConfig): "stay" (b at every hour) or "zeros" (the paper)
     decoder_input: str = ModelConfig.decoder_input
     hour_bias: bool = ModelConfig.hour_bias
     recon_loss: str = ModelConfig.recon_loss    # stage-1 objective: mse (paper) | bce
     code_loss: str = ModelConfig.code_loss      # stage-2 masked-code objective: mse (paper) | bce
     device: str = "auto"              # auto | cpu | cuda
-    precision: str = "auto"           # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA if supported, else fp32)
+    precision: str = "auto"           # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA if supported)
     num_workers: int = 0              # loader processes (0: batches built in the training process)
     log_every: int = 10               # steps between log lines
     checkpoint_every: int = 500       # steps between checkpoints (one is always written at the end)
     eval_every: int = 1               # epochs between validation losses (0: never)
-    # fidelity: the paper trains a fixed number of epochs; here a stage stops after `patience` validation
-    # passes without a lower validation loss and keeps the weights of its best pass (0: never stop early)
+    # fidelity: the paper trains a fixed number of epochs; here a stage stops after `patience`
+    # validation passes without a lower validation loss and keeps the weights of its best pass
+    # (0: never stop early)
     patience: int = 10
     resume: bool = False
     overwrite: bool = False           # replace an existing RUN/<level>.pt instead of refusing
@@ -75,45 +77,49 @@ class AdmissionPretrainConfig(StayPretrainConfig):
     batch_size: int = 4096            # paper App. B (large batch for in-batch negatives)
     lr: float = 2e-5                  # paper App. B; official admission_pretraining.py
     max_stays: int = 3                # paper: at most M = 3 stays per admission
-    init_from_stay: bool = True       # start from RUN/stay.pt (MedHMP a+s); False gives the "a" ablation
+    init_from_stay: bool = True       # start from RUN/stay.pt (MedHMP a+s); False: the "a" ablation
 
     level = "admission"
 
 
 LEVELS = {"stay": StayPretrainConfig, "admission": AdmissionPretrainConfig}
-PARTS = ("loss", "mse", "mcp", "cl")   # the loss parts a log line shows (mse: stay level; mcp, cl: admission)
+# the loss parts a log line shows (mse: stay level; mcp, cl: admission)
+PARTS = ("loss", "mse", "mcp", "cl")
 
 
-# ------------------------------------------------------------------------------------------- building
+# ----------------------------------------------------------------------------------------- building
 def build(cfg, data: Processed, rep: Reporter):
-    """The pretrainer of cfg.level, its train/val datasets and the digest of the stay checkpoint it starts
-    from (None when it starts from random weights); the admission stage loads the stay stage."""
+    """The pretrainer of cfg.level, its train/val datasets and the digest of the stay checkpoint it
+    starts from (None when it starts from random weights); the admission stage loads the stay
+    stage."""
     mcfg = ModelConfig.from_meta(data.meta, d_model=cfg.d_model, dropout=cfg.dropout,
                                  decoder_input=cfg.decoder_input, recon_loss=cfg.recon_loss,
                                  code_loss=cfg.code_loss, hour_bias=cfg.hour_bias)
-    if data.meta["n_features"] == 0:  # both stages need ICU stays (admission pretraining reads their features)
-        raise InputError(f"{cfg.data}: no ICU stays to pretrain on (a diagnosis extract has none; pretrain "
-                         "on a MIMIC extract and preprocess this one with --vocab-from)")
+    # both stages need ICU stays (admission pretraining reads their features)
+    if data.meta["n_features"] == 0:
+        raise InputError(f"{cfg.data}: no ICU stays to pretrain on (a diagnosis extract has none; "
+                         "pretrain on a MIMIC extract and preprocess this one with --vocab-from)")
     if cfg.level == "stay":
         model = StayPretrainer(StayEncoder(mcfg), mcfg)
         sets = [StayDataset(data, data.pretrain_rows("stay", s)) for s in ("train", "val")]
         return model, mcfg, sets, None
     model = AdmissionPretrainer(AdmissionEncoder(mcfg), mcfg)
     parent = None
-    # --resume only skips the stay initialisation when there is an admission checkpoint to resume from
+    # --resume only skips the stay initialisation when an admission checkpoint is there to resume
     if cfg.init_from_stay and not (cfg.resume and (Path(cfg.run) / "admission.pt").is_file()):
         n, parent = start_from_stay(model.encoder, cfg.run, mcfg, data.meta)
-        rep.log(f"initialised the stay encoder from {cfg.run}/stay.pt ({n} tensors, all keys matched)")
+        rep.log(f"initialised the stay encoder from {cfg.run}/stay.pt ({n} tensors, all keys "
+                "matched)")
     sets = [AdmissionDataset(data, data.pretrain_rows("admission", s), max_stays=cfg.max_stays)
             for s in ("train", "val")]
     return model, mcfg, sets, parent
 
 
 def no_learning(cfg, data: Processed, model, sets, mask_rate: float, device, fresh: bool) -> tuple:
-    """The stage's no-learning baselines (health.py), fitted once on the training split so that every run
-    says whether it learned: (stay level: validation MSE per baseline, admission level: code priors on
-    `device`); a `fresh` model starts at the best of them (the (T, F) cell means, or each code's
-    frequency)."""
+    """The stage's no-learning baselines (health.py), fitted once on the training split so that
+    every run says whether it learned: (stay level: validation MSE per baseline, admission level:
+    code priors on `device`); a `fresh` model starts at the best of them (the (T, F) cell means, or
+    each code's frequency)."""
     train_rows = sets[0].rows.numpy()
     if cfg.level == "stay":
         baselines, cell_mean = stay_baselines(data, train_rows, sets[1].rows.numpy())
@@ -122,7 +128,8 @@ def no_learning(cfg, data: Processed, model, sets, mask_rate: float, device, fre
         return baselines, None
     priors = {name: {m: p.to(device) for m, p in prior.items()}
               for name, prior in code_priors(data, train_rows, mask_rate).items()}
-    if fresh:  # fidelity: the paper does not say how the code heads start; from ½ everywhere they stalled
+    # fidelity: the paper does not say how the code heads start; from ½ everywhere they stalled
+    if fresh:
         model.init_priors(priors["frequency"])
     return {}, priors
 
@@ -130,11 +137,11 @@ def no_learning(cfg, data: Processed, model, sets, mask_rate: float, device, fre
 def check_start(cfg, path: Path) -> None:
     """Refuse, before any work, what would lose a checkpoint or train on a meaningless objective."""
     if cfg.level == "admission" and cfg.batch_size < 2:
-        raise InputError("admission pretraining needs --batch-size >= 2: its contrastive loss takes the "
-                         "other admissions of a batch as negatives")
+        raise InputError("admission pretraining needs --batch-size >= 2: its contrastive loss "
+                         "takes the other admissions of a batch as negatives")
     if path.is_file() and not cfg.resume and not cfg.overwrite:
-        raise InputError(f"{path} exists; pass --resume to continue it, --overwrite to replace it, or "
-                         "choose another --run")
+        raise InputError(f"{path} exists; pass --resume to continue it, --overwrite to replace it, "
+                         "or choose another --run")
 
 
 class Best:
@@ -142,8 +149,9 @@ class Best:
 
     def __init__(self, state: dict | None = None):
         state = state or {}
-        self.loss, self.epoch, self.step = state.get("val_loss", math.inf), state.get("epoch"), state.get("step")
-        self.health, self.bad, self.weights = state.get("health"), state.get("bad", 0), None
+        self.loss, self.epoch = state.get("val_loss", math.inf), state.get("epoch")
+        self.step, self.health = state.get("step"), state.get("health")
+        self.bad, self.weights = state.get("bad", 0), None
 
     def update(self, model, record: dict, h: dict | None) -> bool:
         """Keep the weights when the validation loss improved; returns whether it did."""
@@ -156,12 +164,13 @@ class Best:
         return False
 
     def record(self) -> dict:
-        return {"val_loss": self.loss, "epoch": self.epoch, "step": self.step, "health": self.health,
-                "bad": self.bad}
+        return {"val_loss": self.loss, "epoch": self.epoch, "step": self.step,
+                "health": self.health, "bad": self.bad}
 
 
 def restore(state: dict, model, opt, scaler, device) -> Best:
-    """Load a checkpoint's training state into the model and optimiser; returns its best-so-far record."""
+    """Load a checkpoint's training state into the model and optimiser; returns its best-so-far
+    record."""
     model.load_state_dict(state["last_model"])
     opt.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -191,8 +200,8 @@ class Stage:
     total: int                        # the step this run ends at
     baselines: dict                   # stay level: validation MSE of each no-learning predictor
     priors: dict | None               # admission level: the no-learning code priors, on `device`
-    header: dict                      # RUN/config_<level>.json: config, model config, sizes, versions
-    extra: dict                       # what every checkpoint records besides weights and training state
+    header: dict                      # RUN/config_<level>.json: config, model config, versions
+    extra: dict                       # what every checkpoint records besides weights and state
 
 
 @dataclass
@@ -201,7 +210,7 @@ class LoopState:
     best: Best
     step: int = 0
     saved_step: int | None = None     # the step of the checkpoint at Stage.path, once known
-    stopped: bool = False             # early stopping: `patience` passes without a better validation loss
+    stopped: bool = False             # `patience` passes without a better validation loss
     record: dict = field(default_factory=dict)   # the last log line
     status: str = ""                  # the health, beside the progress bar
     shown: str = ""                   # the progress bar's status: the last log line in short
@@ -222,10 +231,12 @@ def start(cfg, rep: Reporter) -> tuple[Stage, LoopState]:
     if len(train_set) == 0:
         raise InputError(f"{cfg.data}: no {cfg.level}s in the training split to pretrain on")
     model.to(device)
-    # AdamW "throughout pretraining" (paper App. B); fidelity: the official code uses Adam (coupled L2)
+    # AdamW "throughout pretraining" (paper App. B); fidelity: the official code uses Adam
+    # (coupled L2)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler, steps_per_epoch = grad_scaler(amp), math.ceil(len(train_set) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+    total = total if cfg.max_steps is None else min(cfg.max_steps, total)
     best, step, saved_step = Best(), 0, None
     if cfg.resume and path.is_file():
         state = load_checkpoint(path)
@@ -245,26 +256,31 @@ def start(cfg, rep: Reporter) -> tuple[Stage, LoopState]:
               "steps": total, **about}
     (run / f"config_{cfg.level}.json").write_text(json.dumps(header, indent=1))
     rep.log(json.dumps(header))
-    extra = {"data_digest": data_digest(cfg.data), "stay_digest": parent, "icd_vocab": data.meta["icd_vocab"],
+    extra = {"data_digest": data_digest(cfg.data), "stay_digest": parent,
+             "icd_vocab": data.meta["icd_vocab"],
              "sizes": {k: data.meta[k] for k in ModelConfig.SIZES}, **about}
-    stage = Stage(cfg, model, train_set, val_set, opt, scaler, device, amp, path, steps_per_epoch, total,
-                  baselines, priors, header, extra)
-    return stage, LoopState(best, step, saved_step, stopped=bool(cfg.patience) and best.bad >= cfg.patience)
+    stage = Stage(cfg, model, train_set, val_set, opt, scaler, device, amp, path, steps_per_epoch,
+                  total, baselines, priors, header, extra)
+    stopped = bool(cfg.patience) and best.bad >= cfg.patience  # a resumed run that had stopped
+    return stage, LoopState(best, step, saved_step, stopped)
 
 
 # ----------------------------------------------------------------------------------------- the loop
 def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int, skip: int = 0):
-    """Index batches of one epoch: a permutation seeded by (seed, epoch), so resume can skip exactly."""
+    """Index batches of one epoch: a permutation seeded by (seed, epoch), so resume can skip
+    exactly."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)][skip:]
 
 
 def epoch_batches(stage: Stage, step: int):
-    """The training batches from `step` to the end of its epoch, each built and moved one step ahead."""
+    """The training batches from `step` to the end of its epoch, each built and moved one step
+    ahead."""
     cfg = stage.cfg
     epoch, skip = divmod(step, stage.steps_per_epoch)
-    loader = make_loader(stage.train_set, 0, num_workers=cfg.num_workers, pin_memory=stage.device.type == "cuda",
-                         batches=shuffled_batches(len(stage.train_set), cfg.batch_size, cfg.seed, epoch, skip))
+    batches = shuffled_batches(len(stage.train_set), cfg.batch_size, cfg.seed, epoch, skip)
+    loader = make_loader(stage.train_set, 0, num_workers=cfg.num_workers,
+                         pin_memory=stage.device.type == "cuda", batches=batches)
     # a DataLoader iterator draws its base seed from the global RNG; fork it so that the dropout and
     # masking streams do not depend on where a loader started (a mid-epoch --resume starts one more)
     with torch.random.fork_rng(devices=[]):
@@ -272,13 +288,14 @@ def epoch_batches(stage: Stage, step: int):
 
 
 def n_examples(batch: dict, level: str) -> int:
-    """Stays (stay level) or admissions (admission level, whose "static" rows are its stays) in a batch."""
+    """Stays (stay level) or admissions (admission level, whose "static" rows are its stays) in a
+    batch."""
     return len(batch["static"]) if level == "stay" else len(batch["icd"])
 
 
 def admission_losses(model: AdmissionPretrainer, batch: dict, generator, priors: dict) -> dict:
-    """The admission objective's loss parts on one batch, beside what learning nothing scores on the same
-    masks and rows (health.prior_losses, health.contrastive_chance)."""
+    """The admission objective's loss parts on one batch, beside what learning nothing scores on the
+    same masks and rows (health.prior_losses, health.contrastive_chance)."""
     out = model(batch, generator=generator)
     return {**prior_losses(out["masked_codes"], priors, model.cfg.code_loss), **out,
             "cl_chance": contrastive_chance(batch, model.cfg.cl_include_positive)}
@@ -286,18 +303,23 @@ def admission_losses(model: AdmissionPretrainer, batch: dict, generator, priors:
 
 @torch.no_grad()
 def validate(model, dataset, cfg, device, amp, priors: dict | None) -> dict:
-    """Mean validation loss parts (eval mode, no shuffling); at the admission level also the masked-code
-    loss of each no-learning prior on the same masks (`val_mcp_<name>`) and the contrastive chance level."""
+    """Mean validation loss parts (eval mode, no shuffling); at the admission level also the
+    masked-code loss of each no-learning prior on the same masks (`val_mcp_<name>`) and the
+    contrastive chance level."""
     if len(dataset) == 0:
         return {}
     model.eval()
     totals, n = {}, 0
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)   # fixed masks: comparable across epochs
-    for batch in prefetch(make_loader(dataset, cfg.batch_size, pin_memory=device.type == "cuda"), device):
+    # fixed masks: comparable across epochs
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    loader = make_loader(dataset, cfg.batch_size, pin_memory=device.type == "cuda")
+    for batch in prefetch(loader, device):
         with autocast(device, amp):
-            out = admission_losses(model, batch, gen, priors) if cfg.level == "admission" else model(batch)
+            out = (model(batch) if cfg.level == "stay" else
+                   admission_losses(model, batch, gen, priors))
         k = n_examples(batch, cfg.level)
-        for key, value in out.items():  # summed on the device: one read-back at the end, not one per batch
+        # summed on the device: one read-back at the end, not one per batch
+        for key, value in out.items():
             if key in ("loss", "mse") or key.startswith(("mcp", "cl")):
                 totals[key] = totals.get(key, 0.0) + value.detach().double() * k
         n += k
@@ -306,16 +328,17 @@ def validate(model, dataset, cfg, device, amp, priors: dict | None) -> dict:
 
 
 def log_step(stage: Stage, st: LoopState, parts: dict, end_of_epoch: bool, log) -> None:
-    """One line of RUN/log.jsonl: the step's loss parts (read back now, not per step), throughput and data
-    wait; at an epoch end (every `eval_every`) also the validation losses, the health beside the
-    no-learning baselines, the best pass and early stopping."""
-    cfg, now = stage.cfg, time.perf_counter()
+    """One line of RUN/log.jsonl: the step's loss parts (read back now, not per step), throughput
+    and data wait; at an epoch end (every `eval_every`) also the validation losses, the health
+    beside the no-learning baselines, the best pass and early stopping."""
+    cfg, elapsed = stage.cfg, time.perf_counter() - st.last_log
     parts = {k: round(float(v.detach()), 5) for k, v in parts.items()}
-    st.record = {"level": cfg.level, "step": st.step, "epoch": st.step / stage.steps_per_epoch, **parts,
-                 "lr": cfg.lr, "samples_per_s": round(st.samples / (now - st.last_log), 1),
-                 "data_wait": round(st.waited / (now - st.last_log), 3), "time": time.time()}
+    st.record = {"level": cfg.level, "step": st.step, "epoch": st.step / stage.steps_per_epoch,
+                 **parts, "lr": cfg.lr, "samples_per_s": round(st.samples / elapsed, 1),
+                 "data_wait": round(st.waited / elapsed, 3), "time": time.time()}
     if end_of_epoch and cfg.eval_every and (st.step // stage.steps_per_epoch) % cfg.eval_every == 0:
-        st.record.update(validate(stage.model, stage.val_set, cfg, stage.device, stage.amp, stage.priors))
+        st.record.update(validate(stage.model, stage.val_set, cfg, stage.device, stage.amp,
+                                  stage.priors))
     if "val_loss" in st.record:
         h = health(cfg.level, st.record, stage.baselines)
         st.best.update(stage.model, st.record, h)
@@ -329,45 +352,49 @@ def log_step(stage: Stage, st: LoopState, parts: dict, end_of_epoch: bool, log) 
 
 
 def save(stage: Stage, st: LoopState) -> None:
-    """RUN/<level>.pt: the weights of the best validation pass (else the last) and all that resuming needs."""
+    """RUN/<level>.pt: the weights of the best validation pass (else the last) and all that resuming
+    needs."""
     rng = {"torch": torch.get_rng_state(),
            **({"cuda": torch.cuda.get_rng_state()} if stage.device.type == "cuda" else {})}
     last = stage.model.state_dict()
     weights = st.best.weights if st.best.weights is not None else last
-    save_checkpoint({"model": weights, "last_model": last, "optimizer": stage.opt.state_dict(),
-                     "scaler": stage.scaler.state_dict(), "step": st.step,
-                     "epoch": st.step // stage.steps_per_epoch, "best": st.best.record(), "rng": rng,
-                     "level": stage.cfg.level, "config": stage.header["config"],
-                     "model_config": stage.header["model_config"], "digest": weights_digest(weights),
-                     **stage.extra}, stage.path)
+    state = {"model": weights, "last_model": last, "optimizer": stage.opt.state_dict(),
+             "scaler": stage.scaler.state_dict(), "step": st.step,
+             "epoch": st.step // stage.steps_per_epoch, "best": st.best.record(), "rng": rng,
+             "level": stage.cfg.level, "config": stage.header["config"],
+             "model_config": stage.header["model_config"], "digest": weights_digest(weights),
+             **stage.extra}
+    save_checkpoint(state, stage.path)
     st.saved_step = st.step
 
 
 def pretrain(cfg) -> dict:
-    """Run one pretraining stage (cfg.level); returns the final log record, with the stage's verdict."""
+    """Run one pretraining stage (cfg.level); returns the final log record, with the stage's
+    verdict."""
     rep = Reporter(cfg.quiet)
     stage, st = start(cfg, rep)
     model, watch = stage.model, FiniteWatch(stage.device)
     model.train()
     bar = rep.task(f"pretrain {cfg.level}", stage.total, "steps")
     with open(stage.path.parent / "log.jsonl", "a") as log, bar as advance:
-        log.write(json.dumps({"event": "start", "level": cfg.level, "step": st.step, "resume": cfg.resume,
-                              "time": time.time(), "baselines": stage.baselines}) + "\n")
+        log.write(json.dumps({"event": "start", "level": cfg.level, "step": st.step,
+                              "resume": cfg.resume, "time": time.time(),
+                              "baselines": stage.baselines}) + "\n")
         while st.step < stage.total and not st.stopped:
             t_wait = time.perf_counter()
             for batch in epoch_batches(stage, st.step):
                 st.waited += time.perf_counter() - t_wait
                 with autocast(stage.device, stage.amp):
                     out = model(batch)
-                watch.see(out["loss"], st.step + 1)   # no read-back here: the host never waits for a step
+                watch.see(out["loss"], st.step + 1)        # no read-back: the host never waits
                 optimizer_step(out["loss"], model, stage.opt, stage.scaler, cfg.grad_clip)
-                out = {k: v for k, v in out.items() if k in PARTS}   # the admission masks are freed now
+                out = {k: v for k, v in out.items() if k in PARTS}  # frees the admission masks
                 st.step += 1
                 st.samples += n_examples(batch, cfg.level)
                 end_of_epoch = st.step % stage.steps_per_epoch == 0
                 logged = st.step % cfg.log_every == 0 or st.step == stage.total or end_of_epoch
                 if logged or st.step % cfg.checkpoint_every == 0:
-                    watch.check(cfg.level, st.saved_step, stage.path)  # before any line, validation or save
+                    watch.check(cfg.level, st.saved_step, stage.path)  # before a line or a save
                 if logged:
                     log_step(stage, st, out, end_of_epoch, log)
                 advance(1, status=st.shown)
@@ -377,13 +404,14 @@ def pretrain(cfg) -> dict:
                     break
                 t_wait = time.perf_counter()
         sentence, learned = verdict(cfg.level, st.best.health, st.best.epoch)
-        log.write(json.dumps({"event": "end", "level": cfg.level, "step": st.step, "stopped_early": st.stopped,
-                              "best": st.best.record(), "verdict": sentence, "learned": learned}) + "\n")
-    if st.saved_step != st.step:              # the loop did not run (nothing to do, or resumed at the end)
+        log.write(json.dumps({"event": "end", "level": cfg.level, "step": st.step,
+                              "stopped_early": st.stopped, "best": st.best.record(),
+                              "verdict": sentence, "learned": learned}) + "\n")
+    if st.saved_step != st.step:              # the loop did not run (nothing to do, or resumed)
         save(stage, st)
     if st.stopped:
-        rep.log(f"stopped early at step {st.step}: no better validation loss for {cfg.patience} passes; "
-                f"kept the weights of epoch {st.best.epoch:g}")
+        rep.log(f"stopped early at step {st.step}: no better validation loss for {cfg.patience} "
+                f"passes; kept the weights of epoch {st.best.epoch:g}")
     rep.log(sentence if learned else f"warning: {sentence}")
     rep.log(f"wrote {stage.path} (step {st.step}); log in {stage.path.parent / 'log.jsonl'}")
     return {**st.record, "verdict": sentence, "learned": learned, "best": st.best.record()}

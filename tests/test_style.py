@@ -1,6 +1,7 @@
 """House rules that can be checked mechanically (docs/design.md, Modules): the one-way import graph, exactly
 as docs/design.md draws it; no private names across modules; the core modules copy with only what they
-import; a docstring on every module; no hard-coded CUDA device; every function on one screen."""
+import; a docstring on every module; no hard-coded CUDA device; every function on one screen; lines of at
+most 100 characters."""
 import ast
 import os
 import re
@@ -179,6 +180,21 @@ def test_every_function_fits_on_one_screen(module):
         if isinstance(node, ast.FunctionDef):
             lines = node.end_lineno - node.lineno + 1
             assert lines <= 60, f"{module}.{node.name} is {lines} lines (at most 60)"
+
+
+# Lines of at most 100 characters in the root modules and bench/ (not tests/). Left for later, as
+# their owners are rewriting them now: the preprocessing package, synthetic.py, bench/transfer.py.
+LINE_LIMIT = 100
+LONG_LINES_LATER = {"synthetic.py", "bench/transfer.py"}
+LINE_CHECKED = sorted(p.relative_to(REPO).as_posix()
+                      for p in [*REPO.glob("*.py"), *REPO.glob("bench/*.py")])
+
+
+@pytest.mark.parametrize("path", [p for p in LINE_CHECKED if p not in LONG_LINES_LATER])
+def test_lines_are_at_most_100_characters(path):
+    lines = (REPO / path).read_text().splitlines()
+    long = [i for i, line in enumerate(lines, 1) if len(line) > LINE_LIMIT]
+    assert not long, f"{path}: lines {long[:10]} are over {LINE_LIMIT} characters"
 
 
 @pytest.mark.parametrize("module", sorted(ALLOWED))
