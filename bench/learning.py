@@ -112,7 +112,7 @@ def latent_oracle(processed: Path, raw: Path, seed: int = 0) -> dict:
             keep = models.random_code_mask(y, 0.15, torch.Generator().manual_seed(seed))
             hidden = ~(y.bool() & keep) & batch["val"][f"{m}_mask"][:, None]
             for name, prob in (("frequency", f.expand_as(y)), ("latent oracle", p)):
-                # P(a masked target | not visible), as data.code_priors
+                # P(a masked target | not visible), as health.code_priors
                 q = 0.15 * prob / (1 - 0.85 * prob)
                 loss[name] += 0.5 * models.masked_code_loss(torch.logit(q, eps=1e-6), y * ~keep,
                                                             hidden, kind).item()
