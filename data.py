@@ -1,16 +1,17 @@
 """Data: the processed hierarchical dataset on disk, and back out of it as batches.
 
-Usage: `load_processed(dir)` -> `Processed`, then the `StayDataset` / `AdmissionDataset` / `PatientDataset`
-classes, `make_loader` and `prefetch` (batches moved to the device one step ahead). Reads the folder that
-`python medhmp.py preprocess` writes (meta.json, stays.pt, admissions.pt, labels.csv, splits.json;
-docs/data-format.md) and writes nothing. It holds what the format is
-(`FORMAT_VERSION`, `LABEL_COLUMNS`, `SPLITS`, the usable-admission rule `admission_requirements`), how a batch
-is laid out (`collate_stay` writes the `ts_idx` cells that models.py reads, `collate_admission`), the counts and
-no-learning baselines pretraining is judged against, and the small helpers the preprocessing package shares
-(`lookup`, `row_of`, `read_file`, `torch_save`, `config_record`), and the identity of a set of weights
-(`weights_digest`: which stay.pt an admission.pt grew from). The package builds on this module, never
-the other way round: data.py imports numpy, torch and `folders` (InputError, and `repair` of a folder whose
-swap a killed run left half done), so it can be copied with `folders.py` alone.
+Usage: `load_processed(dir)` -> `Processed`, then the `StayDataset` / `AdmissionDataset` /
+`PatientDataset` classes and `make_loader` (runtime.prefetch moves its batches to the device one
+step ahead). Reads the folder that `python medhmp.py preprocess` writes (meta.json, stays.pt,
+admissions.pt, labels.csv, splits.json; docs/data-format.md). It holds what the format is
+(`FORMAT_VERSION`, `LABEL_COLUMNS`, `SPLITS`, the usable-admission rule `admission_requirements`),
+how a batch is laid out (`collate_stay` writes the `ts_idx` cells that models.py reads,
+`collate_admission`), the identity of a processed folder (`data_digest`), the small helpers the
+preprocessing package shares (`lookup`, `row_of`, `read_file`, `torch_save`, `config_record`), and
+the views of a folder with other splits or shuffled columns (the negative control of pretraining).
+The package builds on this module, never the other way round: data.py imports numpy, torch and
+`folders` (InputError, and `repair` of a folder whose swap a killed run left half done), so it can
+be copied with `folders.py` alone.
 """
 from __future__ import annotations
 
@@ -28,45 +29,40 @@ from torch.utils.data import DataLoader, Dataset
 from folders import InputError, repair
 
 FORMAT_VERSION = 3                            # 3: ICD codes namespaced by system ('ICD9:4280')
-LABEL_COLUMNS = ("task", "level", "subject_id", "hadm_id", "stay_id", "label", "cutoff")   # labels.csv
-SPLITS = ("train", "val", "test")             # splits.json: patient-level, shared by every stage and task
+LABEL_COLUMNS = ("task", "level", "subject_id", "hadm_id", "stay_id", "label", "cutoff")  # labels
+SPLITS = ("train", "val", "test")             # splits.json: patient-level, for every stage and task
 
 
 def config_record(cfg) -> dict:
-    """A config dataclass as a JSON-ready dict (paths as strings): what meta.json, checkpoints, run headers
-    and eval reports store as the resolved config."""
+    """A config dataclass as a JSON-ready dict (paths as strings): what meta.json, checkpoints, run
+    headers and eval reports store as the resolved config."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
 
 
 def read_file(path: Path, read, fix: str):
-    """read(path), with a missing or damaged file as one InputError line naming it and `fix` (what to re-run).
-    The raw error is not shown: for a file that fails to load with weights_only=True, torch advises loading it
-    with weights_only=False, which a user must never be told about a file that may come from anyone."""
+    """read(path), with a missing or damaged file as one InputError line naming it and `fix` (what
+    to re-run). The raw error is not shown: for a file that fails to load with weights_only=True,
+    torch advises loading it with weights_only=False, which a user must never be told about a file
+    that may come from anyone."""
     try:
         return read(path)
     except FileNotFoundError:
         raise InputError(f"{path}: missing{'; ' + fix if fix else ''}") from None
-    except Exception as err:  # torch: RuntimeError, UnpicklingError, EOFError; json: ValueError; csv: KeyError
-        raise InputError(f"{path}: cannot be read, it is truncated or corrupt ({type(err).__name__})"
-                         f"{'; ' + fix if fix else ''}") from None
+    # torch: RuntimeError, UnpicklingError, EOFError; json: ValueError; csv: KeyError
+    except Exception as err:
+        raise InputError(f"{path}: cannot be read, it is truncated or corrupt "
+                         f"({type(err).__name__}){'; ' + fix if fix else ''}") from None
 
 
 def data_digest(root: Path) -> str:
-    """Identity of a processed folder (a hash of its meta.json), so that a moved folder still resumes."""
+    """Identity of a processed folder (a hash of its meta.json), so that a moved folder still
+    resumes."""
     return hashlib.sha256((Path(root) / "meta.json").read_bytes()).hexdigest()[:16]
 
 
-def weights_digest(state_dict: dict) -> str:
-    """A short content hash of a state dict (names, shapes, values): which stay.pt an admission.pt grew from."""
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        v = state_dict[k].detach().cpu().contiguous()
-        h.update(k.encode() + str(tuple(v.shape)).encode() + v.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def torch_save(obj, path: Path) -> None:
-    """torch.save through a Python file, so that a full disk is an OSError (ENOSPC), not a RuntimeError."""
+    """torch.save through a Python file, so that a full disk is an OSError (ENOSPC), not a
+    RuntimeError."""
     with open(path, "wb") as f:
         torch.save(obj, f)
 
@@ -87,9 +83,10 @@ def row_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 
 def admission_requirements(admissions: dict) -> list[tuple[str, np.ndarray]]:
-    """The rule for a usable admission, as (attrition step, mask (A,)) per condition: a featurised ICU stay, and
-    ICD codes in the vocabulary. Admission pretraining uses these admissions (as the paper's 99k admissions)
-    and the readmission cohort starts from them. `admissions` holds the CSR pointers of admissions.pt."""
+    """The rule for a usable admission, as (attrition step, mask (A,)) per condition: a featurised
+    ICU stay, and ICD codes in the vocabulary. Admission pretraining uses these admissions (as the
+    paper's 99k admissions) and the readmission cohort starts from them. `admissions` holds the CSR
+    pointers of admissions.pt."""
     return [("with a featurised ICU stay", np.diff(np.asarray(admissions["stay_ptr"])) > 0),
             ("with ICD codes in the vocabulary", np.diff(np.asarray(admissions["icd_ptr"])) > 0)]
 
@@ -99,7 +96,7 @@ def usable_admissions(admissions: dict) -> np.ndarray:
     return np.logical_and.reduce([keep for _, keep in admission_requirements(admissions)])
 
 
-# ------------------------------------------------------------------------------------------- loading
+# ------------------------------------------------------------------------------------------ loading
 @dataclass
 class Processed:
     """A processed folder in memory: meta, stay and admission tensors, labels per task, splits."""
@@ -118,43 +115,49 @@ class Processed:
         return out
 
     def pretrain_rows(self, level: str, split: str) -> np.ndarray:
-        """Rows for pretraining: every featurised stay of the split (stay level), or the split's usable
-        admissions (admission level, see `admission_requirements`)."""
+        """Rows for pretraining: every featurised stay of the split (stay level), or the split's
+        usable admissions (admission level, see `admission_requirements`)."""
         if level == "stay":
             return np.flatnonzero(self.split_of(self.stays["subject_id"].numpy()) == split)
         a = self.admissions
-        return np.flatnonzero(usable_admissions(a) & (self.split_of(a["subject_id"].numpy()) == split))
+        return np.flatnonzero(
+            usable_admissions(a) & (self.split_of(a["subject_id"].numpy()) == split))
 
     def examples(self, task: str, split: str) -> dict:
         """The task's examples in a split: {"row", "subject_id", "label", "cutoff"} numpy arrays."""
         t = self.labels.get(task)
-        if t is None:  # rows and ids are integers even when empty: they index the stay and admission tensors
+        # rows and ids are integers even when empty: they index the stay and admission tensors
+        if t is None:
             return {"row": np.zeros(0, np.int64), "subject_id": np.zeros(0, np.int64),
                     "label": np.zeros(0, np.float32), "cutoff": np.zeros(0)}
         return select_rows(t, self.split_of(t["subject_id"]) == split)
 
 
 def select_rows(examples: dict, keep: np.ndarray) -> dict:
-    """The rows `keep` (a boolean mask or indices) of every array of an examples dict; other entries (the
-    task's "level") pass through."""
+    """The rows `keep` (a boolean mask or indices) of every array of an examples dict; other entries
+    (the task's "level") pass through."""
     return {k: (v[keep] if isinstance(v, np.ndarray) else v) for k, v in examples.items()}
 
 
 def load_processed(root: Path) -> Processed:
-    """Load a folder written by `preprocess`; a missing, damaged or other-version folder is one InputError line
-    naming the file and what to re-run. A folder whose swap a killed run left half done is recovered first."""
+    """Load a folder written by `preprocess`; a missing, damaged or other-version folder is one
+    InputError line naming the file and what to re-run. A folder whose swap a killed run left half
+    done is recovered first."""
     root = Path(root)
     if not (root / "meta.json").is_file():
         repair(root)
     if not (root / "meta.json").is_file():
-        raise InputError(f"{root}: no processed data here (run `python medhmp.py preprocess --out {root}`)")
+        raise InputError(f"{root}: no processed data here (run `python medhmp.py preprocess --out "
+                         f"{root}`)")
     fix = f"re-run `python medhmp.py preprocess --out {root}`"
     meta = read_file(root / "meta.json", lambda p: json.loads(p.read_text()), fix)
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise InputError(f"{root}: format version {version}, this medhmp reads {FORMAT_VERSION}; {fix}")
+        raise InputError(f"{root}: format version {version}, this medhmp reads {FORMAT_VERSION}; "
+                         f"{fix}")
     stays, admissions = (read_file(root / f"{name}.pt", lambda p: _tensors(p, keys), fix)
-                         for name, keys in (("stays", ("stay_id", "ts_ptr")), ("admissions", ("hadm_id", "icd_ptr"))))
+                         for name, keys in (("stays", ("stay_id", "ts_ptr")),
+                                            ("admissions", ("hadm_id", "icd_ptr"))))
     splits = read_file(root / "splits.json", _read_splits, fix)
     labels = read_file(root / "labels.csv", lambda p: _read_labels(p, stays, admissions), fix)
     return Processed(root, meta, stays, admissions, labels, splits)
@@ -194,74 +197,22 @@ def _read_labels(path: Path, stays: dict, admissions: dict) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------- counts
-def cell_counts(data: Processed, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """(T, F) int64: in how many of the stays `rows` each (hour, feature) cell is active. Read from the
-    sparse layout in chunks of `chunk` stays, so memory follows the chunk, not the data."""
-    s, T, F = data.stays, data.meta["seq_len"], data.meta["n_features"]
-    out = np.zeros(T * F, dtype=np.int64)
-    rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
-    for i in range(0, len(rows), chunk):
-        batch = collate_stay(data, rows[i:i + chunk])        # ts_idx = (b * T + t) * F + f
-        out += np.bincount((batch["ts_idx"] % (T * F)).numpy(), minlength=T * F)
-    return out.reshape(T, F)
-
-
-def code_counts(data: Processed, rows: np.ndarray, modality: str) -> tuple[np.ndarray, int]:
-    """(V,) how many of the admissions `rows` carry each code of `modality` ("icd" or "drug"), and how many
-    of them have any code of it (the admissions a code-set objective is scored on)."""
-    a = data.admissions
-    ptr, idx = a[f"{modality}_ptr"].numpy(), a[f"{modality}_idx"].numpy()
-    rows = np.asarray(rows, dtype=np.int64)
-    counts = ptr[rows + 1] - ptr[rows]
-    take = _ranges(torch.as_tensor(ptr[rows]), torch.as_tensor(counts)).numpy()
-    return np.bincount(idx[take], minlength=data.meta[f"n_{modality}"]), int((counts > 0).sum())
-
-
-# ------------------------------------------------------------------------------------------- baselines
-# What a model that learns nothing scores, from the counts above: every pretraining run is judged against them.
-def stay_baselines(data: Processed, train_rows, val_rows) -> tuple[dict, torch.Tensor]:
-    """Validation MSE of three no-learning predictors fitted on the training stays: all zeros, each feature's
-    rate, each (hour, feature) cell's mean. Exact, from cell counts: for binary y and a constant c per cell,
-    Σ (c − y)² over n stays = n c² − 2 c Σy + Σy. Also returns the training cell means (T, F)."""
-    T, F = data.meta["seq_len"], data.meta["n_features"]
-    fit, val = cell_counts(data, train_rows).astype(float), cell_counts(data, val_rows).astype(float)  # (T, F)
-    n_fit, n_val = max(len(train_rows), 1), len(val_rows)
-
-    def mse(c):  # c: constant prediction, broadcastable to (T, F)
-        return float((n_val * c ** 2 - 2 * c * val + val).sum() / max(n_val * T * F, 1))
-    baselines = {"zeros": mse(0.0), "feature_rate": mse(fit.sum(0) / (n_fit * T)), "cell_mean": mse(fit / n_fit)}
-    return baselines, torch.as_tensor(fit / n_fit, dtype=torch.float32)
-
-
-def code_priors(data: Processed, rows, mask_rate: float) -> dict:
-    """Per-code probabilities of the two no-learning masked-code predictors, fitted on the admissions `rows`
-    (the training split): "none" (0 everywhere) and "frequency": P(code is a masked target | not visible) =
-    r f / (1 − (1 − r) f) for a code of frequency f and mask rate r (the best constant per code);
-    {"none" | "frequency": {"icd": (V_icd,), "drug": (V_drug,)}} float32 on the CPU."""
-    priors = {"none": {}, "frequency": {}}
-    for m in ("icd", "drug"):
-        counts, n = code_counts(data, rows, m)
-        f = torch.as_tensor(counts / max(n, 1), dtype=torch.float32)  # (V,)
-        priors["none"][m] = torch.zeros_like(f)
-        priors["frequency"][m] = mask_rate * f / (1 - (1 - mask_rate) * f)
-    return priors
-
-
-# ------------------------------------------------------------------------------------------- batches
-def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Concatenated aranges [s, s + c) for each (s, c): the gather index of CSR slices, vectorised."""
+# ------------------------------------------------------------------------------------------ batches
+def csr_ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Concatenated aranges [s, s + c) for each (s, c): the gather index of CSR slices, vectorised
+    (the batches here, and the code counts of health.py)."""
     total = int(counts.sum())
     offsets = torch.repeat_interleave(starts - (torch.cumsum(counts, 0) - counts), counts)
     return offsets + torch.arange(total)
 
 
-def _multi_hot(ptr: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+def _multi_hot(ptr: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor,
+               width: int) -> torch.Tensor:
     """(len(rows), width) float32 multi-hot of the CSR sets `rows`."""
     counts = ptr[rows + 1] - ptr[rows]
     out = torch.zeros(len(rows), width)
     owner = torch.repeat_interleave(torch.arange(len(rows)), counts)
-    out[owner, idx[_ranges(ptr[rows], counts)].long()] = 1.0
+    out[owner, idx[csr_ranges(ptr[rows], counts)].long()] = 1.0
     return out
 
 
@@ -269,20 +220,22 @@ def collate_stay(data: Processed, rows: torch.Tensor) -> dict:
     """Stay batch (docs/data-format.md): ts_idx flat into (B, T, F), static (B, S)."""
     s, n_features = data.stays, data.meta["n_features"]
     ptr = s["ts_ptr"]
-    feat = s["ts_feat"][_ranges(ptr[rows], ptr[rows + 1] - ptr[rows])].long()    # (nnz,) f, in (t, f) order
-    per_hour = s["ts_count"][rows].long().flatten()                              # (B*T,) active cells per hour
-    bag = torch.repeat_interleave(torch.arange(len(per_hour)), per_hour, output_size=len(feat))  # b * T + t
+    cells = csr_ranges(ptr[rows], ptr[rows + 1] - ptr[rows])            # (nnz,)
+    feat = s["ts_feat"][cells].long()                                    # (nnz,) f, in (t, f) order
+    per_hour = s["ts_count"][rows].long().flatten()                      # (B*T,) cells per hour
+    bag = torch.repeat_interleave(torch.arange(len(per_hour)), per_hour,
+                                  output_size=len(feat))                 # (nnz,) b * T + t
     return {"ts_idx": bag * n_features + feat, "static": s["static"][rows].float()}
 
 
 def collate_admission(data: Processed, rows: torch.Tensor, max_stays: int) -> dict:
-    """Admission batch: the real stays packed (ts_idx into (Ns, T, F), static (Ns, S)) with stay_mask
-    (B, K), multi-hot icd/drug (B, V), note (B, E) and modality masks (B,)."""
+    """Admission batch: the real stays packed (ts_idx into (Ns, T, F), static (Ns, S)) with
+    stay_mask (B, K), multi-hot icd/drug (B, V), note (B, E) and modality masks (B,)."""
     a, m = data.admissions, data.meta
     first = a["stay_ptr"][rows]
     n_stays = torch.clamp(a["stay_ptr"][rows + 1] - first, max=max_stays)        # (B,)
     k = max(int(n_stays.max()) if len(rows) else 1, 1)
-    batch = collate_stay(data, a["stay_rows"][_ranges(first, n_stays)])
+    batch = collate_stay(data, a["stay_rows"][csr_ranges(first, n_stays)])
     icd_count = a["icd_ptr"][rows + 1] - a["icd_ptr"][rows]
     drug_count = a["drug_ptr"][rows + 1] - a["drug_ptr"][rows]
     batch.update(stay_mask=torch.arange(k)[None, :] < n_stays[:, None],          # (B, K)
@@ -298,7 +251,8 @@ class StayDataset(Dataset):
 
     def __init__(self, data: Processed, rows: np.ndarray, labels: np.ndarray | None = None):
         self.data, self.rows = data, torch.as_tensor(np.asarray(rows), dtype=torch.long)
-        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+        self.labels = (None if labels is None else
+                       torch.as_tensor(np.asarray(labels), dtype=torch.float32))
 
     def __len__(self):
         return len(self.rows)
@@ -320,7 +274,7 @@ class StayDataset(Dataset):
 class AdmissionDataset(StayDataset):
     """Admissions (rows of admissions.pt) with up to `max_stays` stays each."""
 
-    def __init__(self, data, rows, labels=None, max_stays: int = 3):  # paper: M = 3 stay slots at most
+    def __init__(self, data, rows, labels=None, max_stays: int = 3):  # paper: M = 3 slots at most
         super().__init__(data, rows, labels)
         self.max_stays = max_stays
 
@@ -329,16 +283,18 @@ class AdmissionDataset(StayDataset):
 
 
 class PatientDataset(Dataset):
-    """Patients as visit sequences: the coded admissions discharged by each example's cutoff, the last
-    `max_visits`, oldest first."""
+    """Patients as visit sequences: the coded admissions discharged by each example's cutoff, the
+    last `max_visits`, oldest first."""
 
-    def __init__(self, data: Processed, subject_ids, cutoffs, labels, max_visits: int = 50):  # paper: 50
+    def __init__(self, data: Processed, subject_ids, cutoffs, labels, max_visits: int = 50):
+        # paper App. A: the last 50 visits
         a = data.admissions
         coded = (np.diff(a["icd_ptr"].numpy()) > 0)
         order = np.lexsort((a["admittime"].numpy(), a["subject_id"].numpy()))
         order = order[coded[order]]
         subj, disch = a["subject_id"].numpy()[order], a["dischtime"].numpy()[order]
-        lo, hi = np.searchsorted(subj, subject_ids, "left"), np.searchsorted(subj, subject_ids, "right")
+        lo = np.searchsorted(subj, subject_ids, "left")
+        hi = np.searchsorted(subj, subject_ids, "right")
         self.visits = []
         for s, e, cut in zip(lo, hi, np.asarray(cutoffs)):
             mine = order[s:e][disch[s:e] <= cut]
@@ -373,54 +329,28 @@ def _passthrough(batch):
     return batch
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
-                pin_memory: bool = False, drop_last: bool = False, batches=None) -> DataLoader:
-    """A DataLoader whose batches are built by the dataset's vectorised `__getitems__` (no per-sample
-    Python work). Shuffling is seeded; `batches` (lists of indices) replaces batch_size/shuffle when given,
-    so a training loop can resume mid-epoch. Evaluation loaders never shuffle."""
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+                num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False,
+                batches=None) -> DataLoader:
+    """A DataLoader whose batches are built by the dataset's vectorised `__getitems__` (no
+    per-sample Python work). Shuffling is seeded; `batches` (lists of indices) replaces
+    batch_size/shuffle when given, so a training loop can resume mid-epoch. Evaluation loaders never
+    shuffle."""
     common = dict(collate_fn=_passthrough, num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=num_workers > 0)
     if batches is not None:
         return DataLoader(dataset, batch_sampler=batches, **common)
     gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last, **common)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Move a batch dict once, asynchronously (non_blocking) from pinned memory when on CUDA."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def prefetch(batches, device: torch.device):
-    """The batches of an iterable, moved to `device`, each one fetched and moved before the previous one is
-    yielded: the host builds batch i + 1 while the accelerator runs step i. On CUDA the copies run on a side
-    stream (from the pinned memory of make_loader(pin_memory=True)) that the compute stream waits for; on the
-    CPU moving is a no-op and only the one-batch lookahead remains (the code path the tests run)."""
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def move(batch):
-        if stream is None:
-            return to_device(batch, device)
-        with torch.cuda.stream(stream):
-            return to_device(batch, device)
-    it = iter(batches)
-    ahead = next(it, None)
-    ahead = None if ahead is None else move(ahead)
-    while ahead is not None:
-        current, ahead = ahead, next(it, None)
-        if stream is not None:  # the compute stream waits for the copy; the allocator keeps the memory for it
-            torch.cuda.current_stream(device).wait_stream(stream)
-            for v in current.values():
-                v.record_stream(torch.cuda.current_stream(device))
-        ahead = None if ahead is None else move(ahead)
-        yield current
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      drop_last=drop_last, **common)
 
 
 # ------------------------------------------------------------------------------- views and controls
 def write_view(source: Path, view: Path, splits: dict, tensors: dict | None = None) -> Path:
-    """A processed folder `view` that is `source` with other splits ({"train", "val", "test"}: subject ids):
-    its files are links to the source's, except splits.json and the `tensors` files given ({file name:
-    dict of tensors}, e.g. a shuffled control's stays.pt). Replaces an existing `view`."""
+    """A processed folder `view` that is `source` with other splits ({"train", "val", "test"}:
+    subject ids): its files are links to the source's, except splits.json and the `tensors` files
+    given ({file name: dict of tensors}, e.g. a shuffled control's stays.pt). Replaces an existing
+    `view`."""
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
     for f in Path(source).iterdir():
@@ -428,30 +358,36 @@ def write_view(source: Path, view: Path, splits: dict, tensors: dict | None = No
             (view / f.name).symlink_to(f.resolve())
     for name, value in (tensors or {}).items():
         torch_save(value, view / name)
-    (view / "splits.json").write_text(json.dumps({k: [int(i) for i in v] for k, v in splits.items()}))
+    ids = {k: [int(i) for i in v] for k, v in splits.items()}
+    (view / "splits.json").write_text(json.dumps(ids))
     return view
 
 
 def shuffle_columns(data: Processed, subjects: np.ndarray, seed: int) -> dict:
-    """The negative control of pretraining: stays.pt and admissions.pt with every column permuted on its own
-    across the stays / admissions of `subjects` (the others untouched): each feature's (T,) hourly series,
-    each static column, each ICD and drug code, each note dimension. Every column keeps its frequencies;
-    co-occurrence between columns (within and across modalities) is destroyed. {file name: tensors}."""
+    """The negative control of pretraining: stays.pt and admissions.pt with every column permuted on
+    its own across the stays / admissions of `subjects` (the others untouched): each feature's (T,)
+    hourly series, each static column, each ICD and drug code, each note dimension. Every column
+    keeps its frequencies; co-occurrence between columns (within and across modalities) is
+    destroyed. {file name: tensors}."""
     rng = np.random.default_rng(seed + 7919)
     stays = {k: v.clone() for k, v in data.stays.items()}
     adms = {k: v.clone() for k, v in data.admissions.items()}
     s_rows = np.flatnonzero(np.isin(data.stays["subject_id"].numpy(), subjects))
     a_rows = np.flatnonzero(np.isin(data.admissions["subject_id"].numpy(), subjects))
     T, F = data.meta["seq_len"], data.meta["n_features"]
-    hours = np.repeat(np.tile(np.arange(T), len(stays["ts_count"])), stays["ts_count"].numpy().ravel())
-    owner, feat, hours = _permute_owners(stays["ts_ptr"].numpy(), stays["ts_feat"].numpy(), s_rows, F, rng, hours)
+    hours = np.repeat(np.tile(np.arange(T), len(stays["ts_count"])),
+                      stays["ts_count"].numpy().ravel())
+    owner, feat, hours = _permute_owners(stays["ts_ptr"].numpy(), stays["ts_feat"].numpy(),
+                                         s_rows, F, rng, hours)
     counts = np.bincount(owner * T + hours, minlength=len(stays["ts_count"]) * T).reshape(-1, T)
-    stays.update(ts_count=torch.from_numpy(counts.astype(np.int16)), ts_feat=torch.from_numpy(feat.astype(np.int16)),
+    stays.update(ts_count=torch.from_numpy(counts.astype(np.int16)),
+                 ts_feat=torch.from_numpy(feat.astype(np.int16)),
                  ts_ptr=torch.from_numpy(np.r_[0, np.cumsum(counts.sum(1))].astype(np.int64)))
     for m in ("icd", "drug"):
         owner, idx, _ = _permute_owners(adms[f"{m}_ptr"].numpy(), adms[f"{m}_idx"].numpy(), a_rows,
                                         data.meta[f"n_{m}"], rng)
-        adms[f"{m}_ptr"] = torch.from_numpy(np.r_[0, np.cumsum(np.bincount(owner, minlength=len(adms["hadm_id"])))])
+        per_admission = np.bincount(owner, minlength=len(adms["hadm_id"]))
+        adms[f"{m}_ptr"] = torch.from_numpy(np.r_[0, np.cumsum(per_admission)])
         adms[f"{m}_idx"] = torch.from_numpy(idx.astype(np.int32))
     with_note = a_rows[adms["note_mask"].numpy()[a_rows]]
     for table, rows in ((stays["static"].numpy(), s_rows), (adms["note"].numpy(), with_note)):
@@ -460,12 +396,14 @@ def shuffle_columns(data: Processed, subjects: np.ndarray, seed: int) -> dict:
     return {"stays.pt": stays, "admissions.pt": adms}
 
 
-def _permute_owners(ptr: np.ndarray, column: np.ndarray, rows: np.ndarray, width: int, rng, hours=None):
-    """CSR entries (owner row, column) with each column's owners permuted among `rows` by a permutation of
-    its own; returns owners, columns and `hours` (if given) sorted by owner, hour, column."""
+def _permute_owners(ptr: np.ndarray, column: np.ndarray, rows: np.ndarray, width: int, rng,
+                    hours=None):
+    """CSR entries (owner row, column) with each column's owners permuted among `rows` by a
+    permutation of its own; returns owners, columns and `hours` (if given) sorted by owner, hour,
+    column."""
     column = column.astype(np.int64)
     owner = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
-    target = np.tile(np.arange(len(ptr) - 1, dtype=np.int32), (width, 1))  # (width, rows): new owner per column
+    target = np.tile(np.arange(len(ptr) - 1, dtype=np.int32), (width, 1))  # (width, rows) owners
     for j in range(width):
         target[j, rows] = rng.permutation(rows)
     owner = target[column, owner]

@@ -1,15 +1,17 @@
-"""Embed: the pretrained representations of every stay, admission or patient, for other people's models.
+"""Embed: the pretrained representation of every stay, admission or patient, for others' models.
 
 Usage:
-    python medhmp.py embed --level stay|admission|patient --run RUN --data DATA --out FILE.npz [--init stay]
-    encoder = load_pretrained("runs/mimic", "stay", load_processed("data/processed").meta)   # in your code
-Reads DATA/ and RUN/admission.pt (or RUN/stay.pt with `--init stay`, stay level only), never writes them. Writes
-one `.npz` file (numpy only, no pickle; replaced whole, so a failed or interrupted run leaves the old file or
-none): `embeddings` float32 (N, D); per row `subject_id`, `hadm_id`, `stay_id` int64 (-1 where the level has
-none) and `split` ("train", "val", "test"; fit on train rows only); `info`, a JSON string saying what the rows
-are (`LEVELS` below), the checkpoint, its digest and the data's. Rows are in the order of the processed tensors
-(stays.pt, admissions.pt) or of subject_id (patients). The encoders run in eval mode (no dropout), in fp32.
-The checkpoint is checked against the data as evaluate checks it (`evaluate.Checkpoints`).
+    python medhmp.py embed --level stay|admission|patient --run RUN --data DATA --out FILE.npz
+    encoder = load_pretrained("runs/mimic", "stay")  # in your code: the checkpoint alone, no data
+Reads DATA/ and RUN/admission.pt (or RUN/stay.pt with `--init stay`, stay level only), never writes
+them. Writes one `.npz` file (numpy only, no pickle; replaced whole, so a failed or interrupted run
+leaves the old file or none): `embeddings` float32 (N, D); per row `subject_id`, `hadm_id`,
+`stay_id` int64 (-1 where the level has none) and `split` ("train", "val", "test"; fit on train rows
+only); `info`, a JSON string saying what the rows are (`LEVELS` below), the checkpoint, its digest
+and the data's. Rows are in the order of the processed tensors (stays.pt, admissions.pt) or of
+subject_id (patients). The encoders run in eval mode (no dropout), in fp32. The checkpoint is
+checked against the data as evaluate checks it (`checkpoints.Checkpoints`), and the encoder is
+rebuilt from the checkpoint alone (`checkpoints.build_encoder`).
 """
 from __future__ import annotations
 
@@ -20,26 +22,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import (AdmissionDataset, InputError, PatientDataset, Processed, StayDataset, data_digest, load_processed,
-                  make_loader, usable_admissions)
-from evaluate import TRANSFERS, Checkpoints
+from checkpoints import (TRANSFERS, Checkpoints, build_encoder, check_fits, load_checkpoint,
+                         model_config, stage_of)
+from data import (AdmissionDataset, InputError, PatientDataset, Processed, StayDataset, data_digest,
+                  load_processed, make_loader, usable_admissions)
 from folders import check_writable, replace_file
-from models import AdmissionEncoder, CodeEncoder, StayEncoder, load_encoder
 from progress import Reporter
-from train import resolve_device, to_device
+from runtime import resolve_device, to_device
 
 # level -> what one row of the file is; written into the file's `info` and the README
 LEVELS = {
-    "stay": "every ICU stay of stays.pt: the stay vector b (StayEncoder: time series and demographics fused) of "
-            "its first 48 h",
-    "admission": "every usable admission (a featurised ICU stay and ICD codes, data.usable_admissions, as "
-                 "pretraining and readmission use): the admission vector a (AdmissionEncoder) of up to max_stays "
-                 "stays, ICD and drug codes and the note",
-    "patient": "every patient with an ICD-coded admission: the mean over ALL their coded admissions (no cutoff: "
-               "the observation window is the whole record, later visits included) of the pretrained ICD MLP's "
-               "output (the admission encoder's icd_encoder) for each visit's ICD set, as it is (not standardised)",
+    "stay": "every ICU stay of stays.pt: the stay vector b (StayEncoder: time series and "
+            "demographics fused) of its first 48 h",
+    "admission": "every usable admission (a featurised ICU stay and ICD codes, "
+                 "data.usable_admissions, as pretraining and readmission use): the admission "
+                 "vector a (AdmissionEncoder) of up to max_stays stays, ICD and drug codes and "
+                 "the note",
+    "patient": "every patient with an ICD-coded admission: the mean over ALL their coded "
+               "admissions (no cutoff: the observation window is the whole record, later visits "
+               "included) of the pretrained ICD MLP's output (the admission encoder's "
+               "icd_encoder) for each visit's ICD set, as it is (not standardised)",
 }
-INITS = ("admission", "stay")   # the checkpoint the encoder comes from; stay: stage 1 only (stay level only)
+INITS = ("admission", "stay")   # the checkpoint the encoder comes from; stay: stage 1 (stay level)
 
 
 @dataclass(frozen=True)
@@ -48,47 +52,55 @@ class EmbedConfig:
     data: Path = Path("data/processed")
     run: Path = Path("runs/default")  # reads RUN/admission.pt (or RUN/stay.pt)
     out: Path = Path("embeddings.npz")
-    init: str = "admission"           # admission: the final encoder (stage 2 trains the stay encoder too) | stay
-    batch_size: int = 256             # rows per forward pass (memory only; the vectors do not depend on it)
-    max_stays: int = 3                # admission level: stays per admission, as in pretraining (paper: M = 3)
+    init: str = "admission"           # admission: the final encoder (stage 2 trains it too) | stay
+    batch_size: int = 256             # rows per forward pass (memory only, not the vectors)
+    max_stays: int = 3                # admission level: stays per admission (paper: M = 3)
     device: str = "auto"              # auto | cpu | cuda
     quiet: bool = False
 
 
-def load_pretrained(run: Path, level: str, meta: dict, init: str = "admission", device="cpu") -> torch.nn.Module:
-    """The pretrained encoder of `level` from RUN, checked against the processed data's `meta` (meta.json), in
-    eval mode on `device`: a `models.StayEncoder` (batch of data.StayDataset -> b (B, D)), `AdmissionEncoder`
-    (data.AdmissionDataset -> a (B, D)) or, for "patient", the ICD `CodeEncoder` (multi-hot (..., V_icd) ->
-    (..., D); `patient_vectors` pools it). Call `.train()` to fine-tune it. One InputError line when RUN has no
-    such checkpoint or it was pretrained on other data."""
-    return pretrained(Checkpoints(run, meta), level, init)[0].to(device).eval()
+def load_pretrained(run: Path, level: str, meta: dict | None = None, init: str = "admission",
+                    device="cpu") -> torch.nn.Module:
+    """The pretrained encoder of `level` in eval mode on `device`, rebuilt from the checkpoint
+    alone: a `models.StayEncoder` (batch of data.StayDataset -> b (B, D)), `AdmissionEncoder`
+    (data.AdmissionDataset -> a (B, D)) or, for "patient", the ICD `CodeEncoder` (multi-hot (...,
+    V_icd) -> (..., D); `patient_vectors` pools it). `run` is a RUN folder (its admission.pt, or
+    stay.pt with init="stay") or a checkpoint file; with a processed folder's `meta` (meta.json) the
+    checkpoint is also checked against those data. Call `.train()` to fine-tune it. One InputError
+    line when there is no such checkpoint, it holds no such encoder, or it was pretrained on other
+    data."""
+    check_choice(level, init)
+    path = Path(run)
+    path = path / f"{TRANSFERS[level, init].checkpoint}.pt" if path.is_dir() else path
+    state = load_checkpoint(path)
+    encoder = build_encoder(state, level)  # refuses a checkpoint without a whole encoder of `level`
+    if meta is not None:
+        check_fits(state, path, meta, TRANSFERS[level, stage_of(state)].sizes)
+    return encoder.to(device).eval()
 
 
-def pretrained(ckpts: Checkpoints, level: str, init: str) -> tuple[torch.nn.Module, int]:
-    """The encoder of `level` with the weights of the checkpoint `init` names (checked), and its width D."""
+def check_choice(level: str, init: str) -> None:
+    """One InputError line for a level or init embed does not know, or a level stay.pt has no
+    encoder of."""
     if level not in LEVELS or init not in INITS:
-        raise InputError(f"level {level!r} / init {init!r}: levels are {', '.join(LEVELS)}, inits {', '.join(INITS)}")
+        raise InputError(f"level {level!r} / init {init!r}: levels are {', '.join(LEVELS)}, inits "
+                         f"{', '.join(INITS)}")
     if init == "stay" and level != "stay":
-        raise InputError(f"RUN/stay.pt holds only the stay encoder; use --init admission for {level} vectors")
-    name, prefix, _, sizes = TRANSFERS[level, init]
-    state, mcfg = ckpts.check(name, sizes), ckpts.model_config(init)
-    encoder = {"stay": StayEncoder, "admission": AdmissionEncoder}.get(level)
-    encoder = encoder(mcfg) if encoder else CodeEncoder(mcfg.n_icd, mcfg.d_model)
-    load_encoder(encoder, state["model"], prefix)
-    return encoder, mcfg.d_model
+        raise InputError("RUN/stay.pt holds only the stay encoder; use --init admission for "
+                         f"{level} vectors")
 
 
 def patient_vectors(code_encoder: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """The patient vector of a data.PatientDataset batch: the mean of the code encoder's output over the real
-    visits; icd (B, L, V), visit_mask (B, L) -> (B, D)."""
+    """The patient vector of a data.PatientDataset batch: the mean of the code encoder's output over
+    the real visits; icd (B, L, V), visit_mask (B, L) -> (B, D)."""
     x = code_encoder(batch["icd"])                                   # (B, L, D)
     mask = batch["visit_mask"].to(x.dtype)[..., None]                # (B, L, 1)
     return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def rows_of(level: str, data: Processed, max_stays: int = 3) -> tuple[dict, object]:
-    """The ids of every row of `level` ({"subject_id", "hadm_id", "stay_id"} int64 arrays, -1 where the level has
-    none) and the dataset that yields their batches in the same order."""
+    """The ids of every row of `level` ({"subject_id", "hadm_id", "stay_id"} int64 arrays, -1 where
+    the level has none) and the dataset that yields their batches in the same order."""
     s, a = data.stays, data.admissions
     if level == "stay":
         ids = {k: s[k].numpy().astype(np.int64) for k in ("subject_id", "hadm_id", "stay_id")}
@@ -96,11 +108,13 @@ def rows_of(level: str, data: Processed, max_stays: int = 3) -> tuple[dict, obje
     if level == "admission":
         rows = np.flatnonzero(usable_admissions(a))
         ids = {"subject_id": a["subject_id"].numpy()[rows], "hadm_id": a["hadm_id"].numpy()[rows]}
-        return {**ids, "stay_id": np.full(len(rows), -1)}, AdmissionDataset(data, rows, max_stays=max_stays)
+        ids["stay_id"] = np.full(len(rows), -1)
+        return ids, AdmissionDataset(data, rows, max_stays=max_stays)
     coded = np.diff(a["icd_ptr"].numpy()) > 0
     subjects = np.unique(a["subject_id"].numpy()[coded]).astype(np.int64)
     n = len(subjects)   # every visit: no cutoff (inf), and as many visits as there are admissions
-    dataset = PatientDataset(data, subjects, np.full(n, np.inf), np.zeros(n), max_visits=max(len(coded), 1))
+    dataset = PatientDataset(data, subjects, np.full(n, np.inf), np.zeros(n),
+                             max_visits=max(len(coded), 1))
     return {"subject_id": subjects, "hadm_id": np.full(n, -1), "stay_id": np.full(n, -1)}, dataset
 
 
@@ -112,7 +126,8 @@ def encode(encoder: torch.nn.Module, level: str, dataset, dim: int, batch_size: 
     out = [np.zeros((0, dim), np.float32)]
     for batch in make_loader(dataset, batch_size, pin_memory=device.type == "cuda"):
         batch = to_device(batch, device)
-        out.append((patient_vectors(encoder, batch) if level == "patient" else encoder(batch)).float().cpu().numpy())
+        vectors = patient_vectors(encoder, batch) if level == "patient" else encoder(batch)
+        out.append(vectors.float().cpu().numpy())
         if advance:
             advance(len(out[-1]))
     return np.concatenate(out)
@@ -132,22 +147,27 @@ def embed(cfg: EmbedConfig) -> dict:
     rep, device = Reporter(cfg.quiet), resolve_device(cfg.device)
     check_writable(out.parent, "--out")   # before any work, not after it
     data = load_processed(cfg.data)
+    check_choice(cfg.level, cfg.init)
     ckpts = Checkpoints(cfg.run, data.meta)
-    encoder, dim = pretrained(ckpts, cfg.level, cfg.init)
+    state = ckpts.for_transfer(cfg.level, cfg.init)
+    encoder, dim = build_encoder(state, cfg.level), model_config(state).d_model
     if cfg.init == "admission" and (warning := ckpts.lineage()):
         rep.log(warning)
     ids, dataset = rows_of(cfg.level, data, cfg.max_stays)
     with rep.task(f"embedding {len(dataset):,} {cfg.level} rows", len(dataset)) as advance:
-        vectors = encode(encoder.to(device), cfg.level, dataset, dim, cfg.batch_size, device, advance)
-    name = TRANSFERS[cfg.level, cfg.init][0]
-    info = {"format": "medhmp-embeddings 1", "level": cfg.level, "rows": LEVELS[cfg.level], "init": cfg.init,
-            "checkpoint": str(Path(cfg.run) / f"{name}.pt"), "checkpoint_digest": ckpts.get(name).get("digest"),
-            "data": str(cfg.data), "data_digest": data_digest(cfg.data), "dim": dim}
+        vectors = encode(encoder.to(device), cfg.level, dataset, dim, cfg.batch_size, device,
+                         advance)
+    name = TRANSFERS[cfg.level, cfg.init].checkpoint
+    info = {"format": "medhmp-embeddings 1", "level": cfg.level, "rows": LEVELS[cfg.level],
+            "init": cfg.init, "checkpoint": str(Path(cfg.run) / f"{name}.pt"),
+            "checkpoint_digest": state.get("digest"), "data": str(cfg.data),
+            "data_digest": data_digest(cfg.data), "dim": dim}
     arrays = {"embeddings": vectors, **ids, "split": data.split_of(ids["subject_id"]).astype(str),
               "info": np.array(json.dumps(info))}
     try:
         replace_file(out, lambda tmp: _save(tmp, arrays))
     except OSError as err:   # a full disk, say: one line, and no file left behind
         raise InputError(f"cannot write {out}: {err.strerror or err}") from None
-    rep.log(f"wrote {out}: {len(vectors):,} {cfg.level} vectors of width {dim}, each with its ids and split")
+    rep.log(f"wrote {out}: {len(vectors):,} {cfg.level} vectors of width {dim}, each with its ids "
+            "and split")
     return {"out": out, "rows": len(vectors), "dim": int(vectors.shape[1])}

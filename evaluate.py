@@ -1,23 +1,24 @@
 """Evaluate: fine-tune the pretrained encoders on the downstream tasks and score them with CIs.
 
 Usage:
-    python medhmp.py evaluate --task mortality --data data/processed --run runs/default [--init admission]
-    python medhmp.py evaluate --task all --seeds 5 --model retain      # or --model f-lstm, bert-lstm, ... (baselines)
-Reads DATA/ (labels, splits, tensors) and RUN/admission.pt or RUN/stay.pt (never writes them). Writes
-RUN/eval/<task>.json (config, n and prevalence per split, per-seed metrics, mean ± sd, bootstrap CIs),
-RUN/eval/<task>_predictions.csv (test probabilities per seed) and one row per (task, init, model) in
-RUN/results.csv; rows and entries of an earlier run with the same key are replaced.
+    python medhmp.py evaluate --task mortality --data data/processed --run runs/default
+    python medhmp.py evaluate --task all --seeds 5 --model retain  # or baselines: f-lstm, bert-lstm
+Reads DATA/ (labels, splits, tensors) and RUN/admission.pt or RUN/stay.pt (never writes them).
+Writes RUN/eval/<task>.json (config, n and prevalence per split, per-seed metrics, mean ± sd,
+bootstrap CIs), RUN/eval/<task>_predictions.csv (test probabilities per seed) and one row per (task,
+init, model) in RUN/results.csv; rows and entries of an earlier run with the same key are replaced.
 
-Protocol (paper App. B; docs/design.md, Evaluation protocol): per seed, fine-tune every weight with SGD
-(weight decay 1e-2) on binary cross-entropy for up to `epochs`, stop after `patience` epochs without a better
-validation `select_on`, reload the best weights and score the test split once; report mean ± sd over seeds.
-Every task also runs from scratch (init=none, same architecture), so the value of pretraining is always visible.
+Protocol (paper App. B; docs/design.md, Evaluation protocol): per seed, fine-tune every weight with
+SGD (weight decay 1e-2) on binary cross-entropy for up to `epochs`, stop after `patience` epochs
+without a better validation `select_on`, reload the best weights and score the test split once;
+report mean ± sd over seeds. Every task also runs from scratch (init=none, same architecture), so
+the value of pretraining is always visible.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,97 +26,125 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import (SPLITS, AdmissionDataset, InputError, PatientDataset, Processed, StayDataset, config_record,
-                  load_processed, make_loader, select_rows)
-from folders import check_writable
 from baselines import ADMISSION_MODELS, STAY_MODELS
+from checkpoints import TRANSFERS, Checkpoints, new_encoder, transfer
+from data import (SPLITS, AdmissionDataset, InputError, PatientDataset, Processed, StayDataset,
+                  config_record, load_processed, make_loader, select_rows)
+from folders import check_writable
 from metrics import INTERVAL_METHOD, METRIC_FUNCTIONS, METRICS, binary_metrics, replicate_interval
-from models import AdmissionEncoder, Classifier, CodeEncoder, ModelConfig, StayEncoder, load_encoder
+from models import Classifier, ModelConfig
 from progress import Reporter
-from results import delta_record, paired_deltas, print_table, results_table, skip_reason, skipped_lines, split_stats, write_task
+from results import (delta_record, paired_deltas, print_table, results_table, skip_reason,
+                     skipped_lines, split_stats, write_task)
+from runtime import (autocast, check_finite, grad_scaler, optimizer_step, resolve_device,
+                     resolve_dtype, to_device)
 from sequence import SEQUENCE_MODELS, SequenceClassifier
 from tasks import TASKS
-from train import (NonFiniteLoss, autocast, data_mismatch, grad_scaler, load_checkpoint, optimizer_step, resolve_device,
-                   resolve_dtype, to_device)
 
 
 INITS = ("admission", "stay", "none")    # MedHMP a+s, MedHMP s, random weights
 PATIENT_MODELS = tuple(SEQUENCE_MODELS)
-BASELINES = {"stay": STAY_MODELS, "admission": ADMISSION_MODELS, "patient": {}}  # no pretrained init: none only
+BASELINES = {"stay": STAY_MODELS, "admission": ADMISSION_MODELS, "patient": {}}  # init=none only
 MODELS = ("medhmp", *PATIENT_MODELS, *STAY_MODELS, *ADMISSION_MODELS)  # what --model may name
-STAY_SIZES = ("seq_len", "n_features", "n_static")
-# (level, init) -> (checkpoint, key prefix in it, submodule of the fine-tuned model, sizes that must match)
-TRANSFERS = {
-    ("stay", "admission"): ("admission", "encoder.stay_encoder.", "encoder", STAY_SIZES),
-    ("stay", "stay"): ("stay", "encoder.", "encoder", STAY_SIZES),
-    ("admission", "admission"): ("admission", "encoder.", "encoder", ModelConfig.SIZES),
-    ("admission", "stay"): ("stay", "encoder.", "encoder.stay_encoder", STAY_SIZES),
-    ("patient", "admission"): ("admission", "encoder.icd_encoder.", "code_encoder", ("n_icd",)),
-}
-
-PROBED = {"stay": "encoder", "admission": "encoder", "patient": "code_encoder"}  # frozen by --probe
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     task: str = "all"                 # a TASKS name, or "all"
     data: Path = Path("data/processed")
-    run: Path = Path("runs/default")  # reads the checkpoints here, writes eval/ and results.csv here
-    init: str = "admission"           # admission (MedHMP a+s) | stay (MedHMP s) | none (random weights)
-    compare_none: bool = True         # also run init=none (same architecture) beside a pretrained init
+    run: Path = Path("runs/default")  # reads the checkpoints here, writes eval/ and results.csv
+    init: str = "admission"           # admission (MedHMP a+s) | stay (MedHMP s) | none (random)
+    compare_none: bool = True         # also run init=none (same architecture) beside a pretrained
     model: str = "medhmp"             # a MODELS name; what it runs at each level: level_model
     seeds: int = 5                    # paper App. B: mean of 5 runs
     seed: int = 0                     # run i uses seed + i (weights, dropout, batch order)
     epochs: int = 30                  # paper App. B: at most 30 epochs
     patience: int = 5                 # paper App. B: early-stopping patience 5
-    label_fraction: float = 1.0       # share of the training examples fine-tuned on (paper Fig. 5: 1% to 100%)
+    label_fraction: float = 1.0       # share of the training examples (paper Fig. 5: 1% to 100%)
     labels: int | None = None         # or this many training examples, stratified (low-label runs)
-    # learning rate: `lr` applies to every level when given, else the level's own. Paper App. B grid: batch
-    # {16, 32, 64} x lr [2e-5, 5e-3]. Stay/admission: the grid's top, 5e-3 with batch 16, was the best of
-    # {5e-3, 2e-2, 5e-2} on the synthetic demo cohort. Patient: 5e-2, beyond the grid: ~100 training patients
-    # give SGD ~200 steps in 30 epochs, too few at 5e-3 (README, What does not work yet; the paper's cohorts are
-    # 10-100x larger, and the official patient code uses Adam).
-    lr: tuple[float, ...] | None = None  # one rate, or a grid chosen per init on validation (mean over seeds)
+    # learning rate: `lr` (one rate, or a grid chosen per init on validation, mean over seeds)
+    # applies to every level when given, else the level's own. Paper App. B grid: batch {16, 32,
+    # 64} x lr [2e-5, 5e-3]. Stay/admission: the grid's top, 5e-3 with batch 16, was the best of
+    # {5e-3, 2e-2, 5e-2} on the synthetic demo cohort. Patient: 5e-2, beyond the grid: ~100
+    # training patients give SGD ~200 steps in 30 epochs, too few at 5e-3 (README, What does not
+    # work yet; the paper's cohorts are 10-100x larger, and the official patient code uses Adam).
+    lr: tuple[float, ...] | None = None
     lr_stay: float = 5e-3
     lr_admission: float = 5e-3
     lr_patient: float = 5e-2
     batch_size: int = 16
     weight_decay: float = 1e-2        # paper App. B
-    momentum: float = 0.9             # fidelity: the paper says plain SGD; official train.py uses momentum 0.9
-    grad_clip: float = 1.0            # official health_risk_prediction.py clips at 1.0; harmless elsewhere
-    # fidelity: the official code early-stops on a swapped-argument BCE (= 100·MAE), and on dev F1 at patient level
-    select_on: str = "auprc"          # validation metric for early stopping and best-epoch selection
-    # dropout before the output layer. fidelity: official HMP uses 0.2 (stay), HADM_CLS and the patient models
-    # 0.8; on the synthetic demo cohort 0.8 hurt readmission and did not help the patient tasks (README, What
-    # does not work yet), so 0.2 everywhere.
+    momentum: float = 0.9             # fidelity: the paper says plain SGD; official train.py: 0.9
+    grad_clip: float = 1.0            # official health_risk_prediction.py clips at 1.0
+    # validation metric for early stopping and best-epoch selection. fidelity: the official code
+    # early-stops on a swapped-argument BCE (= 100·MAE), and on dev F1 at patient level
+    select_on: str = "auprc"
+    # dropout before the output layer. fidelity: official HMP uses 0.2 (stay), HADM_CLS and the
+    # patient models 0.8; on the synthetic demo cohort 0.8 hurt readmission and did not help the
+    # patient tasks (README, What does not work yet), so 0.2 everywhere.
     dropout: float = 0.2
-    probe: bool = False               # train only the head on the frozen encoder (a linear probe at stay and
-    #                                   admission level; the sequence model on frozen code embeddings at patient level)
-    standardize_codes: bool = True    # patient level: standardise the visit embeddings on the training visits
-    #                                   (sequence.SequenceClassifier.standardize_codes; False: the paper's as-is)
+    # train only the head on the frozen encoder (a linear probe at stay and admission level; the
+    # sequence model on frozen code embeddings at patient level)
+    probe: bool = False
+    # patient level: standardise the visit embeddings on the training visits
+    # (sequence.SequenceClassifier.standardize_codes; False: the paper's as-is)
+    standardize_codes: bool = True
     max_stays: int = 3                # paper: at most M = 3 stays per admission
     max_visits: int = 50              # paper App. A: the last 50 visits
-    bootstrap: int = 1000             # 1000-resample percentile CIs (docs/design.md, Evaluation protocol)
+    bootstrap: int = 1000             # test-set resamples of the intervals (metrics.py)
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto | fp32 | bf16 | fp16 (fp32 on the CPU unless asked)
     table: bool = True                # print the results table at the end
     quiet: bool = False
 
 
+@dataclass(frozen=True)
+class Run:
+    """One evaluation run: its config, the processed data, RUN's checkpoints, the device and
+    autocast dtype it computes in, and where it reports. `Run.open(cfg, folder)` sets one up from a
+    config."""
+    cfg: FinetuneConfig
+    data: Processed
+    checkpoints: Checkpoints
+    device: torch.device
+    amp: torch.dtype                  # autocast dtype (runtime.resolve_dtype)
+    rep: Reporter
+
+    @classmethod
+    def open(cls, cfg: FinetuneConfig, folder: str) -> Run:
+        """The run of `cfg`, RUN/<folder> checked writable before any fine-tuning, and a warning
+        when RUN's two checkpoints do not belong together (Checkpoints.lineage)."""
+        rep, device = Reporter(cfg.quiet), resolve_device(cfg.device)
+        amp = resolve_dtype(cfg.precision, device)
+        check_writable(Path(cfg.run) / folder, "--run")
+        data = load_processed(cfg.data)
+        ckpts = Checkpoints(cfg.run, data.meta)
+        if cfg.init != "none" and (warning := ckpts.lineage()):
+            rep.log(warning)
+        return cls(cfg, data, ckpts, device, amp, rep)
+
+    def configured(self, **changes) -> Run:
+        """This run with other config values (e.g. a table cell's model and init)."""
+        return replace(self, cfg=replace(self.cfg, **changes))
+
+
 # ---------------------------------------------------------------------------------------- datasets
 def all_examples(task: str, data: Processed) -> dict:
-    """The task's raw examples per split (rows, subjects, labels, cutoffs), every training example included."""
+    """The task's raw examples per split (rows, subjects, labels, cutoffs), every training example
+    included."""
     examples = {s: data.examples(task, s) for s in SPLITS}
-    if TASKS[task].level != "patient":  # a labelled stay or admission missing from the tensors cannot be scored
+    # a labelled stay or admission missing from the tensors cannot be scored
+    if TASKS[task].level != "patient":
         examples = {s: select_rows(e, e["row"] >= 0) for s, e in examples.items()}
     return examples
 
 
 def train_subset(e: dict, cfg: FinetuneConfig, seed: int) -> dict:
-    """The training examples replicate `seed` fine-tunes on: cfg.label_fraction of them, or cfg.labels of them
-    (stratified), drawn with the replicate's own seed, so that the replicates' spread holds the label subset's;
-    every example when neither is set."""
-    if cfg.label_fraction < 1.0:  # low-resource setting (paper Fig. 5): a share of the training labels
+    """The training examples replicate `seed` fine-tunes on: cfg.label_fraction of them, or
+    cfg.labels of them (stratified), drawn with the replicate's own seed, so that the replicates'
+    spread holds the label subset's; every example when neither is set."""
+    # low-resource setting (paper Fig. 5): a share of the training labels
+    if cfg.label_fraction < 1.0:
         e = select_rows(e, np.random.default_rng(seed).random(len(e["label"])) < cfg.label_fraction)
     if cfg.labels:
         e = sample_labels(e, cfg.labels, seed)
@@ -123,20 +152,23 @@ def train_subset(e: dict, cfg: FinetuneConfig, seed: int) -> dict:
 
 
 def task_examples(task: str, data: Processed, cfg: FinetuneConfig, seed: int | None = None) -> dict:
-    """The task's examples per split, the training split as replicate `seed` (default cfg.seed) sees it."""
+    """The task's examples per split, the training split as replicate `seed` (default cfg.seed) sees
+    it."""
     examples = all_examples(task, data)
     examples["train"] = train_subset(examples["train"], cfg, cfg.seed if seed is None else seed)
     return examples
 
 
 def sample_labels(e: dict, n: int, seed: int) -> dict:
-    """n of the examples `e`, stratified: the prevalence of `e`, at least 2 of each class; all when n >= len."""
+    """n of the examples `e`, stratified: the prevalence of `e`, at least 2 of each class; all when
+    n >= len."""
     if n >= len(e["label"]):
         return e
     rng = np.random.default_rng(10007 * seed + n)
     pos, neg = np.flatnonzero(e["label"] == 1), np.flatnonzero(e["label"] == 0)
     k = min(max(2, round(n * len(pos) / len(e["label"]))), len(pos), n - 2)
-    return select_rows(e, np.sort(np.r_[rng.choice(pos, k, replace=False), rng.choice(neg, n - k, replace=False)]))
+    picked = np.r_[rng.choice(pos, k, replace=False), rng.choice(neg, n - k, replace=False)]
+    return select_rows(e, np.sort(picked))
 
 
 def labelled_dataset(level: str, data: Processed, e: dict, cfg: FinetuneConfig):
@@ -148,17 +180,19 @@ def labelled_dataset(level: str, data: Processed, e: dict, cfg: FinetuneConfig):
     return PatientDataset(data, e["subject_id"], e["cutoff"], e["label"], max_visits=cfg.max_visits)
 
 
-def task_datasets(task: str, data: Processed, cfg: FinetuneConfig, seed: int | None = None) -> tuple[dict, dict]:
-    """Labelled dataset per split and the raw examples per split, the training split as replicate `seed`
-    (default cfg.seed) sees it."""
+def task_datasets(task: str, data: Processed, cfg: FinetuneConfig,
+                  seed: int | None = None) -> tuple[dict, dict]:
+    """Labelled dataset per split and the raw examples per split, the training split as replicate
+    `seed` (default cfg.seed) sees it."""
     examples = task_examples(task, data, cfg, seed)
-    return {s: labelled_dataset(TASKS[task].level, data, e, cfg) for s, e in examples.items()}, examples
+    return {s: labelled_dataset(TASKS[task].level, data, e, cfg)
+            for s, e in examples.items()}, examples
 
 
 def replicate_sets(task: str, data: Processed, cfg: FinetuneConfig):
-    """sets_for(seed) -> {split: dataset} of one replicate: its own training subset (train_subset with its seed)
-    and the shared validation and test sets; each built once. Replicate `seed` of every init gets the same
-    training subset, so that pretrained and scratch runs are paired."""
+    """sets_for(seed) -> {split: dataset} of one replicate: its own training subset (train_subset
+    with its seed) and the shared validation and test sets; each built once. Replicate `seed` of
+    every init gets the same training subset, so that pretrained and scratch runs are paired."""
     examples, level, built = all_examples(task, data), TASKS[task].level, {}
     fixed = {s: labelled_dataset(level, data, examples[s], cfg) for s in ("val", "test")}
     varies = cfg.labels is not None or cfg.label_fraction < 1.0
@@ -166,91 +200,49 @@ def replicate_sets(task: str, data: Processed, cfg: FinetuneConfig):
     def sets_for(seed: int) -> dict:
         key = seed if varies else None
         if key not in built:
-            built[key] = {"train": labelled_dataset(level, data, train_subset(examples["train"], cfg, seed), cfg),
-                          **fixed}
+            train = train_subset(examples["train"], cfg, seed)
+            built[key] = {"train": labelled_dataset(level, data, train, cfg), **fixed}
         return built[key]
     return sets_for
 
 
 # ------------------------------------------------------------------------------------------ models
 def level_model(model: str, level: str) -> str | None:
-    """The model that `--model model` runs at `level`: "medhmp" (MedHMP's encoder; at patient level the LSTM
-    over visits, whose ICD MLP is MedHMP's), a baseline of that level, or None where it has none (a stay
-    baseline at admission level). A sequence-model name picks the patient-level model and keeps MedHMP's
-    encoders at the stay and admission levels."""
+    """The model that `--model model` runs at `level`: "medhmp" (MedHMP's encoder; at patient level
+    the LSTM over visits, whose ICD MLP is MedHMP's), a baseline of that level, or None where it has
+    none (a stay baseline at admission level). A sequence-model name picks the patient-level model
+    and keeps MedHMP's encoders at the stay and admission levels."""
     if level == "patient":
         return "lstm" if model == "medhmp" else model if model in SEQUENCE_MODELS else None
-    return model if model in BASELINES[level] else "medhmp" if model in ("medhmp", *SEQUENCE_MODELS) else None
-
-
-class Checkpoints:
-    """RUN/stay.pt and RUN/admission.pt, loaded once on first use and checked against the data."""
-
-    def __init__(self, run: Path, meta: dict):
-        self.run, self.meta, self.cache = Path(run), meta, {}
-
-    def get(self, name: str) -> dict:
-        if name not in self.cache:
-            self.cache[name] = load_checkpoint(self.run / f"{name}.pt")
-        return self.cache[name]
-
-    def check(self, name: str, sizes: tuple) -> dict:
-        """The checkpoint, after checking that the `sizes` it was trained with (and, for codes, its ICD
-        vocabulary) match the data; a mismatch is an InputError saying what to do."""
-        ckpt, path, codes = self.get(name), self.run / f"{name}.pt", "n_icd" in sizes
-        bad = data_mismatch(ckpt, self.meta, sizes, vocabulary=codes)
-        if bad:
-            hint = ("preprocess this extract with `--vocab-from <the processed folder it was pretrained on>`"
-                    if codes else "use the processed folder it was pretrained on as --data")
-            raise InputError(f"{path} was pretrained on other data ({', '.join(bad)}); {hint}")
-        return ckpt
-
-    def lineage(self) -> str | None:
-        """A warning when RUN/admission.pt was not pretrained from the RUN/stay.pt beside it (stage 1 was run
-        again after stage 2), else None."""
-        paths = [self.run / f"{n}.pt" for n in ("stay", "admission")]
-        if not all(p.is_file() for p in paths):
-            return None
-        parent, stay = self.get("admission").get("stay_digest"), self.get("stay").get("digest")
-        if parent and stay and parent != stay:
-            return (f"warning: {paths[1]} was pretrained from another stay.pt than {paths[0]} (stage 1 was run "
-                    "again after stage 2); re-run `pretrain --level admission` so that the two agree")
-        return None
-
-    def model_config(self, init: str) -> ModelConfig:
-        """Sizes from the data; architecture (d_model, heads, dropout) from the checkpoint that `init` uses,
-        else from any checkpoint in RUN (so init=none is like-for-like), else ModelConfig defaults."""
-        names = [init] if init != "none" else [n for n in ("admission", "stay")
-                                                if (self.run / f"{n}.pt").is_file()]
-        arch = self.get(names[0])["model_config"] if names else {}
-        return ModelConfig.from_meta(self.meta, **{k: v for k, v in arch.items() if k not in ModelConfig.SIZES})
+    if model in BASELINES[level]:
+        return model
+    return "medhmp" if model in ("medhmp", *SEQUENCE_MODELS) else None
 
 
 def build_model(task: str, init: str, cfg: FinetuneConfig, ckpts: Checkpoints,
                 mcfg: ModelConfig | None = None) -> tuple[nn.Module, int]:
-    """The fine-tuning model of `task` and the number of pretrained tensors loaded into it (0 for none);
-    `mcfg` overrides the architecture that `ckpts` would give (benchmarks)."""
+    """The fine-tuning model of `task` and the number of pretrained tensors loaded into it (0 for
+    none); `mcfg` overrides the architecture that `ckpts` would give (benchmarks)."""
     level, mcfg = TASKS[task].level, mcfg or ckpts.model_config(init)
     kind = level_model(cfg.model, level)
     if kind in BASELINES[level]:  # random weights only (evaluate_task skips a pretrained init)
         return BASELINES[level][kind](mcfg, dropout=cfg.dropout), 0
-    if level == "stay":
-        model = Classifier(StayEncoder(mcfg), dropout=cfg.dropout)
-    elif level == "admission":
-        model = Classifier(AdmissionEncoder(mcfg), dropout=cfg.dropout)
+    encoder = new_encoder(level, mcfg)  # StayEncoder, AdmissionEncoder, or the ICD MLP over visits
+    if level == "patient":
+        model = SequenceClassifier(encoder, kind, mcfg, dropout=cfg.dropout)
     else:
-        model = SequenceClassifier(CodeEncoder(mcfg.n_icd, mcfg.d_model), kind, mcfg, dropout=cfg.dropout)
+        model = Classifier(encoder, dropout=cfg.dropout)
     if cfg.probe:  # the pretrained (or, for init=none, random) encoder stays as it is
-        model.get_submodule(PROBED[level]).requires_grad_(False)
+        encoder.requires_grad_(False)
     if init == "none":
         return model, 0
-    name, prefix, target, sizes = TRANSFERS[level, init]
-    return model, load_encoder(model.get_submodule(target), ckpts.check(name, sizes)["model"], prefix)
+    return model, transfer(encoder, ckpts.for_transfer(level, init), level, init)
 
 
 # ---------------------------------------------------------------------------------------- training
 @torch.no_grad()
-def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, amp: torch.dtype) -> np.ndarray:
+def predict(model: nn.Module, dataset, batch_size: int, device: torch.device,
+            amp: torch.dtype) -> np.ndarray:
     """Probabilities (n,) in dataset order (eval mode, no shuffling)."""
     model.eval()
     out = []
@@ -261,15 +253,16 @@ def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, am
 
 
 def level_lrs(cfg: FinetuneConfig, level: str) -> tuple[float, ...]:
-    """The fine-tuning learning rates to try at a level: `cfg.lr` when given, else (`cfg.lr_<level>`,)."""
+    """The fine-tuning learning rates to try at a level: `cfg.lr` when given, else
+    (`cfg.lr_<level>`,)."""
     if cfg.lr is None:
         return (getattr(cfg, f"lr_{level}"),)
     return tuple(cfg.lr) if isinstance(cfg.lr, (tuple, list)) else (float(cfg.lr),)
 
 
 def train_mode(model: nn.Module) -> None:
-    """model.train(), except that submodules whose parameters are all frozen (a probe's encoder) stay in
-    eval mode, so their dropout stays off."""
+    """model.train(), except that submodules whose parameters are all frozen (a probe's encoder)
+    stay in eval mode, so their dropout stays off."""
     model.train()
     for m in model.modules():
         params = list(m.parameters())
@@ -277,57 +270,72 @@ def train_mode(model: nn.Module) -> None:
             m.eval()
 
 
-def finetune(model: nn.Module, sets: dict, cfg: FinetuneConfig, seed: int, device, amp, advance,
-             lr: float) -> dict:
-    """Train on sets["train"] at `lr`, early-stop on validation `select_on`, reload the best weights (in place)."""
-    # fidelity: no learning-rate schedule (official train.py adds StepLR(5, 0.1), the paper none); the official
-    # patient-level code trains with Adam and a 2-way softmax, here every level shares SGD and BCE (paper App. B)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+@dataclass
+class BestEpoch:
+    """The best validation score of one fine-tuning run so far, its epoch and its weights
+    (copied)."""
+    score: float = -math.inf
+    epoch: int = 0
+    weights: dict | None = None
+
+    def update(self, model: nn.Module, score: float, epoch: int) -> None:
+        if self.weights is None or score > self.score:  # ties keep the earlier epoch
+            self.score, self.epoch = score, epoch
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def finetune(model: nn.Module, sets: dict, run: Run, seed: int, lr: float, advance=None) -> dict:
+    """Train on sets["train"] at `lr`, early-stop on validation `select_on`, reload the best weights
+    (in place); `advance(1, status=...)` after each epoch (a progress bar), when given."""
+    cfg, device, amp = run.cfg, run.device, run.amp
+    # fidelity: no learning-rate schedule (official train.py adds StepLR(5, 0.1), the paper none);
+    # the official patient-level code trains with Adam and a 2-way softmax, here every level shares
+    # SGD and BCE (paper App. B)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
+                          momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = grad_scaler(amp)
     if isinstance(model, SequenceClassifier) and cfg.standardize_codes:
-        model.standardize_codes(to_device(b, device) for b in make_loader(sets["train"], 4 * cfg.batch_size))
+        model.standardize_codes(
+            to_device(b, device) for b in make_loader(sets["train"], 4 * cfg.batch_size))
     y_val, select = sets["val"].labels.numpy(), METRIC_FUNCTIONS[cfg.select_on]
-    best, best_epoch, best_state, epoch = -math.inf, 0, None, 0
+    best, epoch = BestEpoch(), 0
     for epoch in range(1, cfg.epochs + 1):
         train_mode(model)
-        for batch in make_loader(sets["train"], cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch,
-                                 pin_memory=device.type == "cuda"):
+        for batch in make_loader(sets["train"], cfg.batch_size, shuffle=True,
+                                 seed=seed * 1000 + epoch, pin_memory=device.type == "cuda"):
             batch = to_device(batch, device)
             with autocast(device, amp):
                 logits = model(batch)  # (B,)
             # BCE on logits = the official BCELoss(sigmoid(·)), without its log clamp at −100
             loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"fine-tuning loss became {float(loss)} in epoch {epoch} (seed {seed}); "
-                                    "lower --lr")
+            check_finite(loss, "fine-tuning loss", f"epoch {epoch} (seed {seed})")
             optimizer_step(loss, model, opt, scaler, cfg.grad_clip)
         score = select(y_val, predict(model, sets["val"], 4 * cfg.batch_size, device, amp))
-        if best_state is None or score > best:  # ties keep the earlier epoch
-            best, best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        advance(1, status=f"val {cfg.select_on} {score:.3f} best {best:.3f} (epoch {best_epoch})")
-        if epoch - best_epoch >= cfg.patience:
+        best.update(model, score, epoch)
+        if advance:
+            advance(1, status=f"val {cfg.select_on} {score:.3f} best {best.score:.3f} (epoch "
+                              f"{best.epoch})")
+        if epoch - best.epoch >= cfg.patience:
             break
-    model.load_state_dict(best_state)
-    return {"epochs": epoch, "best_epoch": best_epoch, f"val_{cfg.select_on}": best}
+    model.load_state_dict(best.weights)
+    return {"epochs": epoch, "best_epoch": best.epoch, f"val_{cfg.select_on}": best.score}
 
 
-def run_seeds(task: str, init: str, sets_for, cfg: FinetuneConfig, ckpts: Checkpoints, device, amp,
-              rep: Reporter, lr: float) -> tuple[list[dict], np.ndarray]:
-    """Fine-tune every replicate of one (task, init) at `lr` (replicate i: seed cfg.seed + i for its training
-    subset, weights, dropout and batch order; `sets_for(seed)` gives its datasets): per-replicate records and
-    test probabilities (seeds, n)."""
-    records, probs = [], []
+def run_seeds(task: str, init: str, sets_for, run: Run, lr: float) -> tuple[list[dict], np.ndarray]:
+    """Fine-tune every replicate of one (task, init) at `lr` (replicate i: seed cfg.seed + i for its
+    training subset, weights, dropout and batch order; `sets_for(seed)` gives its datasets):
+    per-replicate records and test probabilities (seeds, n)."""
+    cfg, records, probs = run.cfg, [], []
     for i in range(cfg.seeds):
         seed, start = cfg.seed + i, time.perf_counter()
         sets = sets_for(seed)
         torch.manual_seed(seed)
-        model, loaded = build_model(task, init, cfg, ckpts)
-        model.to(device)
-        with rep.task(f"{task} init={init} seed {seed} lr {lr:g}", cfg.epochs, "epochs") as advance:
-            record = finetune(model, sets, cfg, seed, device, amp, advance, lr)
-        probs.append(predict(model, sets["test"], 4 * cfg.batch_size, device, amp))
+        model, loaded = build_model(task, init, cfg, run.checkpoints)
+        model.to(run.device)
+        bar = run.rep.task(f"{task} init={init} seed {seed} lr {lr:g}", cfg.epochs, "epochs")
+        with bar as advance:
+            record = finetune(model, sets, run, seed, lr, advance)
+        probs.append(predict(model, sets["test"], 4 * cfg.batch_size, run.device, run.amp))
         records.append({"seed": seed, "loaded_tensors": loaded, "n_train": len(sets["train"]),
                         "train_positives": int(sets["train"].labels.sum()), **record,
                         "test": binary_metrics(sets["test"].labels.numpy(), probs[-1]),
@@ -335,24 +343,27 @@ def run_seeds(task: str, init: str, sets_for, cfg: FinetuneConfig, ckpts: Checkp
     return records, np.stack(probs)
 
 
-def run_init(task: str, init: str, sets_for, cfg: FinetuneConfig, ckpts: Checkpoints, device, amp,
-             rep: Reporter) -> tuple[dict, np.ndarray]:
-    """Every replicate of one (task, init) at the learning rate of the grid with the best mean validation
-    `select_on` (one rate: no choice): per-replicate records, mean ± sd, and per metric an interval that holds the
-    replicates' and the test set's spread (metrics.replicate_interval); test probs (seeds, n)."""
-    y_test, runs = sets_for(cfg.seed)["test"].labels.numpy(), {}
+def run_init(task: str, init: str, sets_for, run: Run) -> tuple[dict, np.ndarray]:
+    """Every replicate of one (task, init) at the learning rate of the grid with the best mean
+    validation `select_on` (one rate: no choice): per-replicate records, mean ± sd, and per metric
+    an interval that holds the replicates' and the test set's spread (metrics.replicate_interval);
+    test probs (seeds, n)."""
+    cfg, runs = run.cfg, {}
+    y_test = sets_for(cfg.seed)["test"].labels.numpy()
     for lr in level_lrs(cfg, TASKS[task].level):
-        runs[lr] = run_seeds(task, init, sets_for, cfg, ckpts, device, amp, rep, lr)
-    val = {lr: float(np.mean([r[f"val_{cfg.select_on}"] for r in recs])) for lr, (recs, _) in runs.items()}
+        runs[lr] = run_seeds(task, init, sets_for, run, lr)
+    val = {lr: float(np.mean([r[f"val_{cfg.select_on}"] for r in recs]))
+           for lr, (recs, _) in runs.items()}
     lr = max(val, key=val.get)  # ties keep the first rate of the grid
     records, probs = runs[lr]
     table = np.array([[r["test"][m] for m in METRICS] for r in records])  # (seeds, metrics)
-    intervals = {m: replicate_interval(y_test, probs, METRIC_FUNCTIONS[m], n=cfg.bootstrap, seed=cfg.seed)
-                 for m in METRICS}
-    result = {"init": init, "lr": lr, "lr_val": {str(k): v for k, v in val.items()}, "probe": cfg.probe,
-              "seeds": records,
+    intervals = {m: replicate_interval(y_test, probs, METRIC_FUNCTIONS[m], n=cfg.bootstrap,
+                                       seed=cfg.seed) for m in METRICS}
+    sd = table.std(0, ddof=1) if len(table) > 1 else np.zeros_like(table[0])
+    result = {"init": init, "lr": lr, "lr_val": {str(k): v for k, v in val.items()},
+              "probe": cfg.probe, "seeds": records,
               "mean": dict(zip(METRICS, table.mean(0).tolist())),
-              "sd": dict(zip(METRICS, (table.std(0, ddof=1) if len(table) > 1 else np.zeros_like(table[0])).tolist())),
+              "sd": dict(zip(METRICS, sd.tolist())),
               "ci": {m: [iv["lo"], iv["hi"]] for m, iv in intervals.items()},
               "ci_method": f"{INTERVAL_METHOD}; {cfg.bootstrap} test resamples (nan with one seed)"}
     return result, probs
@@ -364,74 +375,68 @@ def _ids(task: str, data: Processed, examples: dict) -> dict:
     level, rows, n = TASKS[task].level, examples["row"], len(examples["label"])
     ids = {"subject_id": examples["subject_id"], "hadm_id": [""] * n, "stay_id": [""] * n}
     if level == "stay":
-        ids.update(hadm_id=data.stays["hadm_id"].numpy()[rows], stay_id=data.stays["stay_id"].numpy()[rows])
+        ids.update(hadm_id=data.stays["hadm_id"].numpy()[rows],
+                   stay_id=data.stays["stay_id"].numpy()[rows])
     elif level == "admission":
         ids["hadm_id"] = data.admissions["hadm_id"].numpy()[rows]
     return ids
 
 
 # ------------------------------------------------------------------------------------------- entry
-def evaluate_task(task: str, cfg: FinetuneConfig, data: Processed, ckpts: Checkpoints, device, amp,
-                  rep: Reporter) -> dict:
+def evaluate_task(task: str, run: Run) -> dict:
     """Fine-tune and score one task for each init; writes its files and returns its report."""
-    level = TASKS[task].level
+    cfg, data, level = run.cfg, run.data, TASKS[task].level
     sets_for, examples = replicate_sets(task, data, cfg), task_examples(task, data, cfg)
-    stats = split_stats(examples)  # the training split as replicate 0 sees it (each replicate: its "n_train")
+    # the training split as replicate 0 sees it (each replicate: its "n_train")
+    stats = split_stats(examples)
     inits = [cfg.init] + (["none"] if cfg.compare_none and cfg.init != "none" else [])
     kind = level_model(cfg.model, level)
     model = kind + ("-probe" if cfg.probe else "")
-    report = {"task": task, "level": level, "model": model, "config": config_record(cfg), "splits": stats,
-              "results": {}}
+    report = {"task": task, "level": level, "model": model, "config": config_record(cfg),
+              "splits": stats, "results": {}}
     probs, cohort_reason = {}, skip_reason(stats)
     for init in inits:
         reason = cohort_reason
         if reason is None and init != "none" and kind in BASELINES[level]:
             reason = f"{kind} is a baseline without pretrained weights; it runs init=none only"
         elif reason is None and init != "none" and (level, init) not in TRANSFERS:
-            reason = f"RUN/{init}.pt has no encoder for {level}-level tasks; use --init admission or none"
+            reason = (f"RUN/{init}.pt has no encoder for {level}-level tasks; use --init admission "
+                      "or none")
         if reason is not None:
             report["results"][f"{init}/{model}"] = {"init": init, "skipped": reason}
-            rep.log(f"{task} init={init}: skipped ({reason})")
+            run.rep.log(f"{task} init={init}: skipped ({reason})")
             continue
-        report["results"][f"{init}/{model}"], probs[init] = run_init(task, init, sets_for, cfg, ckpts, device, amp, rep)
-    for init, intervals in paired_deltas(examples["test"]["label"], probs, "none", cfg.bootstrap, cfg.seed).items():
+        report["results"][f"{init}/{model}"], probs[init] = run_init(task, init, sets_for, run)
+    deltas = paired_deltas(examples["test"]["label"], probs, "none", cfg.bootstrap, cfg.seed)
+    for init, intervals in deltas.items():
         report["results"][f"{init}/{model}"].update(delta_record(intervals))
     write_task(task, report, probs, _ids(task, data, examples["test"]), examples["test"]["label"])
     return report
 
 
-def open_run(cfg: FinetuneConfig, folder: str) -> tuple:
-    """(reporter, device, autocast dtype, data, checkpoints), RUN/<folder> checked writable before any fine-tuning."""
-    rep = Reporter(cfg.quiet)
-    device = resolve_device(cfg.device)
-    amp = resolve_dtype(cfg.precision, device)
-    check_writable(Path(cfg.run) / folder, "--run")
-    data = load_processed(cfg.data)
-    ckpts = Checkpoints(cfg.run, data.meta)
-    if cfg.init != "none" and (warning := ckpts.lineage()):
-        rep.log(warning)
-    return rep, device, amp, data, ckpts
-
-
 def evaluate(cfg: FinetuneConfig) -> dict:
     """Evaluate `cfg.task` (or every task); returns {task: report} and prints the results table."""
     for name, value, allowed in (("task", cfg.task, [*TASKS, "all"]), ("init", cfg.init, INITS),
-                                 ("model", cfg.model, MODELS), ("select_on", cfg.select_on, METRICS)):
+                                 ("model", cfg.model, MODELS),
+                                 ("select_on", cfg.select_on, METRICS)):
         if value not in allowed:
-            raise InputError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(allowed)}")
+            raise InputError(f"--{name.replace('_', '-')} {value!r} is not one of "
+                             f"{', '.join(allowed)}")
     # a baseline runs at its own level only: --task all keeps that level's tasks
-    tasks = [t for t in (TASKS if cfg.task == "all" else [cfg.task]) if level_model(cfg.model, TASKS[t].level)]
+    tasks = [t for t in (TASKS if cfg.task == "all" else [cfg.task])
+             if level_model(cfg.model, TASKS[t].level)]
     baseline_level = next((lv for lv, models in BASELINES.items() if cfg.model in models), None)
     if not tasks or (baseline_level and cfg.probe):
-        raise InputError(f"--model {cfg.model} is a {baseline_level}-level baseline: " + (
-            "it has no pretrained encoder to probe" if tasks else f"it cannot run --task {cfg.task}"))
-    rep, device, amp, data, ckpts = open_run(cfg, "eval")
-    rep.log(f"evaluating {', '.join(tasks)} on {cfg.data} (init={cfg.init}, seeds={cfg.seeds}, device {device}, "
-            f"{str(amp).replace('torch.', '')})")
-    reports = {t: evaluate_task(t, cfg, data, ckpts, device, amp, rep) for t in tasks}
+        why = ("it has no pretrained encoder to probe" if tasks else
+               f"it cannot run --task {cfg.task}")
+        raise InputError(f"--model {cfg.model} is a {baseline_level}-level baseline: {why}")
+    run = Run.open(cfg, "eval")
+    run.rep.log(f"evaluating {', '.join(tasks)} on {cfg.data} (init={cfg.init}, seeds={cfg.seeds}, "
+                f"device {run.device}, {str(run.amp).replace('torch.', '')})")
+    reports = {t: evaluate_task(t, run) for t in tasks}
     if cfg.table:
-        print_table(*results_table(reports), rep, f"MedHMP downstream results ({cfg.data})")
+        print_table(*results_table(reports), run.rep, f"MedHMP downstream results ({cfg.data})")
         for line in skipped_lines(reports):
-            rep.log(line)
-    rep.log(f"wrote {Path(cfg.run) / 'eval'} and {Path(cfg.run) / 'results.csv'}")
+            run.rep.log(line)
+    run.rep.log(f"wrote {Path(cfg.run) / 'eval'} and {Path(cfg.run) / 'results.csv'}")
     return reports

@@ -1,17 +1,18 @@
-"""Folders: write an output folder whole or not at all, one run at a time, and recover from runs that died.
+"""Folders: write an output folder whole or not at all, one run at a time; recover from dead runs.
 
 Usage:
-    with Staged(out, "--out", log=rep.log) as stage:   # OUT writable? lock it, tidy up after dead runs
-        ...                                           # the work; files go to stage.tmp
-        stage.commit(write)                           # write(stage.tmp), then swap it in as OUT
-Used by `preprocessing.pipeline.preprocess` (the processed folder) and `synthetic.synthesize` (an extract);
-`check_writable` serves outputs written file by file (evaluate's RUN/eval), and `replace_file` writes one file
-whole (checkpoints, result files). Beside OUT live, for the length of a run, a lock `.OUT.lock` (the writer's
-PID) and the staging folder `.OUT.tmp-PID`; a swap briefly renames the old OUT to `.OUT.old-PID`. A run
-killed outright (kill -9, power loss) leaves those behind: the next run removes the ones whose PID is no longer
-alive, and completes (or undoes) a swap cut between its two renames.
-A `--out` that is a symlink is written through: the link stays and its target is replaced.
-It also defines `InputError`, the one-line error for bad user input that every stage raises (here, in the
+    with Staged(out, "--out", log=rep.log) as stage:  # OUT writable? lock, tidy up dead runs
+        ...                                          # the work; files go to stage.tmp
+        stage.commit(write)                          # write(stage.tmp), then swap it in as OUT
+Used by `preprocessing.pipeline.preprocess` (the processed folder) and `synthetic.synthesize` (an
+extract); `check_writable` serves outputs written file by file (evaluate's RUN/eval), and
+`replace_file` writes one file whole (checkpoints, result files). Beside OUT live, for the length of
+a run, a lock `.OUT.lock` (the writer's PID) and the staging folder `.OUT.tmp-PID`; a swap briefly
+renames the old OUT to `.OUT.old-PID`. A run killed outright (kill -9, power loss) leaves those
+behind: the next run removes the ones whose PID is no longer alive, and completes (or undoes) a swap
+cut between its two renames.
+A `--out` that is a symlink is written through: the link stays and its target is replaced. It also
+defines `InputError`, the one-line error for bad user input that every stage raises (here, in the
 lowest module, so that every other module can import it). Imports the stdlib only.
 """
 from __future__ import annotations
@@ -27,8 +28,10 @@ import threading
 import time
 from pathlib import Path
 
-LEFTOVER = re.compile(r"\.?(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")   # also synth's old `OUT.tmp-PID`
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}        # a write failed whatever the file
+# also synth's old `OUT.tmp-PID`
+LEFTOVER = re.compile(r"\.?(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
+# a write failed whatever the file
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 class InputError(Exception):
@@ -45,8 +48,8 @@ def _terminate(signum, frame):
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """Inside, SIGTERM raises `Terminated` where the program is (main thread only), so a terminated command
-    cleans up (temporary files, staging folders) exactly as after Ctrl-C."""
+    """Inside, SIGTERM raises `Terminated` where the program is (main thread only), so a terminated
+    command cleans up (temporary files, staging folders) exactly as after Ctrl-C."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main else None
     try:
@@ -63,7 +66,8 @@ def resolve(out: Path) -> Path:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists (on systems other than POSIX: assumed alive, so nothing is removed)."""
+    """Whether process `pid` exists (on systems other than POSIX: assumed alive, so nothing is
+    removed)."""
     if os.name != "posix":
         return True
     try:
@@ -76,15 +80,17 @@ def pid_alive(pid: int) -> bool:
 
 
 def cannot_write(path: Path, err: OSError, option: str) -> InputError:
-    """The one-line InputError for an output that cannot be written (read-only, not a folder, disk full)."""
+    """The one-line InputError for an output that cannot be written (read-only, not a folder, disk
+    full)."""
     reason = err.strerror or str(err) or type(err).__name__
     where = f": {err.filename}" if err.filename and str(err.filename) != str(path) else ""
-    return InputError(f"{path}: cannot write there ({reason}{where}); free some space, fix the permissions "
-                      f"or choose another {option}")
+    return InputError(f"{path}: cannot write there ({reason}{where}); free some space, fix the "
+                      f"permissions or choose another {option}")
 
 
 def check_writable(folder: Path, option: str) -> Path:
-    """Create `folder` if needed and write a probe file in it, before any work: an InputError otherwise."""
+    """Create `folder` if needed and write a probe file in it, before any work: an InputError
+    otherwise."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -96,7 +102,8 @@ def check_writable(folder: Path, option: str) -> Path:
 
 
 class Lock:
-    """`.OUT.lock` holding the writer's PID, created exclusively; a lock whose process is gone is taken over."""
+    """`.OUT.lock` holding the writer's PID, created exclusively; a lock whose process is gone is
+    taken over."""
 
     def __init__(self, out: Path, option: str):
         self.path, self.out, self.option = out.with_name(f".{out.name}.lock"), out, option
@@ -111,7 +118,8 @@ class Lock:
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
             return self
-        raise InputError(f"{self.out}: cannot take the lock {self.path}; remove it if no run is writing there")
+        raise InputError(f"{self.out}: cannot take the lock {self.path}; remove it if no run is "
+                         "writing there")
 
     def _take_over(self) -> None:
         """Remove a stale lock, or stop when a live process holds it."""
@@ -121,10 +129,12 @@ class Lock:
         except FileNotFoundError:
             return
         pid = int(text) if text.isdigit() else None
-        if (pid is None and age < 10) or (pid is not None and pid != os.getpid() and pid_alive(pid)):
+        alive = pid is not None and pid != os.getpid() and pid_alive(pid)
+        if (pid is None and age < 10) or alive:
             who = f"process {pid}" if pid else "another run"
-            raise InputError(f"{self.out}: {who} is writing there (lock {self.path.name}); wait for it to "
-                             f"finish or choose another {self.option} (if no run is writing, remove the lock)")
+            raise InputError(f"{self.out}: {who} is writing there (lock {self.path.name}); wait "
+                             f"for it to finish or choose another {self.option} (if no run is "
+                             "writing, remove the lock)")
         self.path.unlink(missing_ok=True)
 
     def __exit__(self, *exc):
@@ -137,13 +147,15 @@ class Lock:
 
 
 def recover(out: Path, log=None) -> None:
-    """Tidy up after runs that died beside `out`: a swap cut between its renames (OUT missing, `.OUT.old-PID`
-    present) is completed from `.OUT.tmp-PID` when that is there (it is whole by then), else undone; then the
-    staging and old folders of dead processes are removed. Call with the lock held."""
+    """Tidy up after runs that died beside `out`: a swap cut between its renames (OUT missing,
+    `.OUT.old-PID` present) is completed from `.OUT.tmp-PID` when that is there (it is whole by
+    then), else undone; then the staging and old folders of dead processes are removed. Call with
+    the lock held."""
     found = {}
     for p in out.parent.iterdir() if out.parent.is_dir() else ():
         m = LEFTOVER.fullmatch(p.name)
-        if m and m["name"] == out.name and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
+        if m and m["name"] == out.name and int(m["pid"]) != os.getpid() \
+                and not pid_alive(int(m["pid"])):
             found[m["kind"], int(m["pid"])] = p
     for (kind, pid), p in sorted(found.items()):
         if kind == "old" and not os.path.lexists(out):
@@ -151,7 +163,8 @@ def recover(out: Path, log=None) -> None:
             done = whole is not None and whole.is_dir()
             (whole if done else p).rename(out)
             if log:
-                log(f"{out}: {'finished' if done else 'undid'} the folder swap of process {pid}, which was killed")
+                log(f"{out}: {'finished' if done else 'undid'} the folder swap of process {pid}, "
+                    "which was killed")
     for p in (p for p in found.values() if p.exists()):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -173,8 +186,9 @@ def repair(out: Path) -> None:
 
 
 def swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished folder `tmp` to `out`, replacing an existing `out` as a whole; if the rename fails
-    the old `out` is put back (and `recover` finishes the job after a kill between the two renames)."""
+    """Rename the finished folder `tmp` to `out`, replacing an existing `out` as a whole; if the
+    rename fails the old `out` is put back (and `recover` finishes the job after a kill between the
+    two renames)."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         out.rename(old)
@@ -188,9 +202,9 @@ def swap_in(tmp: Path, out: Path) -> None:
 
 
 def replace_file(path: Path, write) -> None:
-    """`write(tmp)` to a temporary name beside `path`, then rename it over `path`: a file on disk is always
-    whole. On any failure (a full disk, Ctrl-C) the temporary file is removed before the error goes on, and
-    the previous `path` is untouched. The file-sized counterpart of `Staged`."""
+    """`write(tmp)` to a temporary name beside `path`, then rename it over `path`: a file on disk is
+    always whole. On any failure (a full disk, Ctrl-C) the temporary file is removed before the
+    error goes on, and the previous `path` is untouched. The file-sized counterpart of `Staged`."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     try:
         write(tmp)
@@ -203,12 +217,14 @@ def replace_file(path: Path, write) -> None:
 def _is_write_error(err: BaseException, tmp: Path) -> bool:
     if not isinstance(err, OSError):
         return False
-    return err.errno in WRITE_ERRNOS or (err.filename is not None and str(err.filename).startswith(str(tmp)))
+    return err.errno in WRITE_ERRNOS or (err.filename is not None
+                                         and str(err.filename).startswith(str(tmp)))
 
 
 class Staged:
-    """One run writing the folder `out` (see the module docstring). Inside the `with`, SIGTERM is raised as
-    `Terminated`, so a terminated run removes its staging folder as an interrupted one does."""
+    """One run writing the folder `out` (see the module docstring). Inside the `with`, SIGTERM is
+    raised as `Terminated`, so a terminated run removes its staging folder as an interrupted one
+    does."""
 
     def __init__(self, out: Path, option: str = "--out", log=None):
         self.out, self.option, self.log = resolve(out), option, log
@@ -217,10 +233,12 @@ class Staged:
 
     def __enter__(self):
         if Path.cwd().resolve().is_relative_to(self.out.resolve()):
-            raise InputError(f"{self.out}: is the current folder (or holds it); choose another {self.option}")
+            raise InputError(f"{self.out}: is the current folder (or holds it); choose another "
+                             f"{self.option}")
         blocker = next((p for p in self.out.parents if p.exists()), None)
         if blocker is not None and not blocker.is_dir():
-            raise InputError(f"{self.out}: {blocker} is a file, not a folder; choose another {self.option}")
+            raise InputError(f"{self.out}: {blocker} is a file, not a folder; choose another "
+                             f"{self.option}")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.lock.__enter__()

@@ -1,8 +1,9 @@
 """Progress: rich bars on a terminal, plain throttled log lines elsewhere (CI, pipes, files).
 
-Usage: `rep = Reporter(quiet=False)`, `rep.log("...")`, `with rep.task("CHARTEVENTS", total, "bytes") as
-advance: advance(n)`. Every stage of medhmp reports through this one class; it imports rich only, so the
-lightest modules (synthetic.py) can use it too. Messages go to stderr; stdout is left for results.
+Usage: `rep = Reporter(quiet=False)`, `rep.log("...")`, `with rep.task("CHARTEVENTS", total,
+"bytes") as advance: advance(n)`. Every stage of medhmp reports through this one class; it imports
+rich only, so the lightest modules (synthetic.py) can use it too. Messages go to stderr; stdout is
+left for results.
 """
 from __future__ import annotations
 
@@ -49,10 +50,12 @@ class _Task:
         if self.rep.quiet:
             return self.advance
         if self.rep.live:
-            sizes = [DownloadColumn(), TransferSpeedColumn()] if self.unit == "bytes" else [MofNCompleteColumn()]
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), *sizes, TimeElapsedColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                                     console=self.rep.console, transient=False)
+            sizes = ([DownloadColumn(), TransferSpeedColumn()] if self.unit == "bytes"
+                     else [MofNCompleteColumn()])
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), *sizes,
+                                     TimeElapsedColumn(), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[status]}"), console=self.rep.console,
+                                     transient=False)
             self.progress.start()
             self.id = self.progress.add_task(self.description, total=self.total, status="")
         return self.advance

@@ -1,10 +1,10 @@
 """Results: the files and tables of an evaluation run, from the reports that evaluate.py builds.
 
-Usage: `write_task(task, report, probs, ids, y)` writes RUN/eval/<task>.json, RUN/eval/<task>_predictions.csv,
-the task's rows of RUN/results.csv and (with matplotlib) RUN/eval/<task>_curves.png; `results_table(reports)`
-and `print_table(...)` show them. Rows and entries of an earlier run with the same key are replaced.
-A module of its own (docs/design.md, Modules) so that evaluate.py stays the fine-tuning protocol; it needs
-no torch.
+Usage: `write_task(task, report, probs, ids, y)` writes RUN/eval/<task>.json,
+RUN/eval/<task>_predictions.csv, the task's rows of RUN/results.csv and (with matplotlib)
+RUN/eval/<task>_curves.png; `results_table(reports)` and `print_table(...)` show them. Rows and
+entries of an earlier run with the same key are replaced. A module of its own (docs/design.md,
+Modules) so that evaluate.py stays the fine-tuning protocol; it needs no torch.
 """
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ import numpy as np
 from rich.table import Table
 
 from folders import replace_file
-from metrics import (INTERVAL_METHOD, METRIC_FUNCTIONS, METRICS, auprc, auroc, both_classes, pr_points,
-                     replicate_interval, roc_points)
+from metrics import (INTERVAL_METHOD, METRIC_FUNCTIONS, METRICS, auprc, auroc, both_classes,
+                     pr_points, replicate_interval, roc_points)
 from progress import Reporter
 
 
 def _replace_rows(path: Path, columns: list, rows: list[dict], key: tuple) -> None:
-    """Rewrite the CSV at `path` with `rows`, dropping earlier rows with the same `key` values; atomic."""
+    """Rewrite the CSV at `path` with `rows`, dropping earlier rows with the same `key` values;
+    atomic."""
     old = []
     if path.is_file():
         with open(path, newline="") as f:
@@ -58,25 +59,29 @@ def skip_reason(stats: dict) -> str | None:
 
 def paired_deltas(y: np.ndarray, probs: dict, reference: str, n: int, seed: int,
                   metrics: tuple = ("auroc", "auprc")) -> dict:
-    """Δ of each entry of `probs` ({key: test probabilities (seeds, n)}) against probs[reference] on the same
-    test examples y (n,), row i of each paired with row i of the reference (the same replicate seed and training
-    subset), with an interval holding the replicates' and the test set's spread (metrics.replicate_interval, `n`
-    test resamples): {key: {metric: its replicate_interval dict}}; empty without the reference, and without an
-    entry whose rows do not pair with the reference's (another number of seeds)."""
+    """Δ of each entry of `probs` ({key: test probabilities (seeds, n)}) against probs[reference] on
+    the same test examples y (n,), row i of each paired with row i of the reference (the same
+    replicate seed and training subset), with an interval holding the replicates' and the test set's
+    spread (metrics.replicate_interval, `n` test resamples): {key: {metric: its replicate_interval
+    dict}}; empty without the reference, and without an entry whose rows do not pair with the
+    reference's (another number of seeds)."""
     if reference not in probs:
         return {}
     ref = np.asarray(probs[reference])
-    return {key: {m: replicate_interval(y, p, METRIC_FUNCTIONS[m], b=ref, n=n, seed=seed) for m in metrics}
+    return {key: {m: replicate_interval(y, p, METRIC_FUNCTIONS[m], b=ref, n=n, seed=seed)
+                  for m in metrics}
             for key, p in probs.items() if key != reference and np.shape(p) == ref.shape}
 
 
 def delta_record(intervals: dict) -> dict:
-    """What a report keeps of paired_deltas' entry: "delta_vs_none" {metric: [Δ, lo, hi]}, the per-replicate Δs
-    and the spread of each source, and the method."""
-    return {"delta_vs_none": {m: [iv["estimate"], iv["lo"], iv["hi"]] for m, iv in intervals.items()},
-            "delta_detail": {m: {k: iv[k] for k in ("replicates", "replicate_se", "test_se", "df", "clusters")}
-                             for m, iv in intervals.items()},
-            "delta_method": f"paired by replicate; {INTERVAL_METHOD}"}
+    """What a report keeps of paired_deltas' entry: "delta_vs_none" {metric: [Δ, lo, hi]}, the
+    per-replicate Δs and the spread of each source, and the method."""
+    return {
+        "delta_vs_none": {m: [iv["estimate"], iv["lo"], iv["hi"]] for m, iv in intervals.items()},
+        "delta_detail": {
+            m: {k: iv[k] for k in ("replicates", "replicate_se", "test_se", "df", "clusters")}
+            for m, iv in intervals.items()},
+        "delta_method": f"paired by replicate; {INTERVAL_METHOD}"}
 
 
 def interval_text(lo: float, hi: float, digits: int = 2, signed: bool = False) -> str:
@@ -87,17 +92,20 @@ def interval_text(lo: float, hi: float, digits: int = 2, signed: bool = False) -
     return f"[{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
-RESULT_COLUMNS = ["task", "level", "init", "model", "seeds", "n_train", "n_val", "n_test", "prevalence",
-                  *[f"{m}{s}" for m in METRICS for s in ("", "_sd", "_lo", "_hi")],
-                  *[f"delta_{m}{s}" for m in ("auroc", "auprc") for s in ("", "_lo", "_hi")], "lr", "skipped", "data",
-                  "updated"]
-PREDICTION_COLUMNS = ["subject_id", "hadm_id", "stay_id", "split", "seed", "init", "model", "label", "probability"]
+RESULT_COLUMNS = [
+    "task", "level", "init", "model", "seeds", "n_train", "n_val", "n_test", "prevalence",
+    *[f"{m}{s}" for m in METRICS for s in ("", "_sd", "_lo", "_hi")],
+    *[f"delta_{m}{s}" for m in ("auroc", "auprc")
+      for s in ("", "_lo", "_hi")], "lr", "skipped", "data", "updated"]
+PREDICTION_COLUMNS = [
+    "subject_id", "hadm_id", "stay_id", "split", "seed", "init", "model", "label", "probability"]
 
 
 def write_task(task: str, report: dict, probs: dict, ids: dict, y: np.ndarray) -> None:
-    """RUN/eval/<task>.json (merged by init/model), <task>_predictions.csv and the task's results.csv rows.
-    `report` is evaluate.evaluate_task's (its "config" gives RUN, the data folder and the seeds), `probs` maps
-    init -> test probabilities (seeds, n), `ids` the subject/hadm/stay id columns (n,) and `y` the labels (n,)."""
+    """RUN/eval/<task>.json (merged by init/model), <task>_predictions.csv and the task's
+    results.csv rows. `report` is evaluate.evaluate_task's (its "config" gives RUN, the data folder
+    and the seeds), `probs` maps init -> test probabilities (seeds, n), `ids` the subject/hadm/stay
+    id columns (n,) and `y` the labels (n,)."""
     cfg = report["config"]
     out = Path(cfg["run"]) / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -108,17 +116,19 @@ def write_task(task: str, report: dict, probs: dict, ids: dict, y: np.ndarray) -
     report = {**report, "results": {**merged.get("results", {}), **report["results"]}}
     replace_file(path, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
     model = report["model"]
-    rows = [{"subject_id": int(ids["subject_id"][j]), "hadm_id": ids["hadm_id"][j], "stay_id": ids["stay_id"][j],
-             "split": "test", "seed": cfg["seed"] + i, "init": init, "model": model, "label": int(y[j]),
-             "probability": f"{p[i, j]:.6g}"}
+    rows = [{"subject_id": int(ids["subject_id"][j]), "hadm_id": ids["hadm_id"][j],
+             "stay_id": ids["stay_id"][j], "split": "test", "seed": cfg["seed"] + i, "init": init,
+             "model": model, "label": int(y[j]), "probability": f"{p[i, j]:.6g}"}
             for init, p in probs.items() for i in range(len(p)) for j in range(len(y))]
     _replace_rows(out / f"{task}_predictions.csv", PREDICTION_COLUMNS, rows, ("init", "model"))
     plot_curves(task, probs, np.asarray(y), out / f"{task}_curves.png")
 
 
-def read_predictions(run: Path, task: str, init: str, model: str) -> tuple[list[int], list[list[float]]]:
-    """The test labels (n,) and probabilities (seeds, n) of one (init, model) in RUN/eval/<task>_predictions.csv,
-    seeds in increasing order, examples in the order write_task wrote them."""
+def read_predictions(run: Path, task: str, init: str,
+                     model: str) -> tuple[list[int], list[list[float]]]:
+    """The test labels (n,) and probabilities (seeds, n) of one (init, model) in
+    RUN/eval/<task>_predictions.csv, seeds in increasing order, examples in the order write_task
+    wrote them."""
     with open(Path(run) / "eval" / f"{task}_predictions.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["init"] == init and r["model"] == model]
     seeds = sorted({int(r["seed"]) for r in rows})
@@ -127,8 +137,9 @@ def read_predictions(run: Path, task: str, init: str, model: str) -> tuple[list[
 
 
 def plot_curves(task: str, probs: dict, y: np.ndarray, path: Path) -> bool:
-    """ROC and PR curves of the test split, one line per init (probabilities averaged over seeds), as a PNG;
-    only when matplotlib is installed (it is optional, never required). Returns whether a file was written."""
+    """ROC and PR curves of the test split, one line per init (probabilities averaged over seeds),
+    as a PNG; only when matplotlib is installed (it is optional, never required). Returns whether a
+    file was written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -156,29 +167,34 @@ def plot_curves(task: str, probs: dict, y: np.ndarray, path: Path) -> bool:
 
 
 def _result_rows(task: str, report: dict) -> list[dict]:
-    """results.csv rows of this run's inits: means, sds and CI bounds, or the reason a run was skipped."""
+    """results.csv rows of this run's inits: means, sds and CI bounds, or the reason a run was
+    skipped."""
     stats, cfg, rows = report["splits"], report["config"], []
     for res in report["results"].values():
-        row = {"task": task, "level": report["level"], "init": res["init"], "model": report["model"],
-               "seeds": cfg["seeds"], **{f"n_{s}": split["n"] for s, split in stats.items()},
-               "prevalence": round(stats["test"]["prevalence"], 4), "skipped": res.get("skipped", ""),
-               "data": cfg["data"], "updated": time.strftime("%Y-%m-%d %H:%M")}
+        row = {"task": task, "level": report["level"], "init": res["init"],
+               "model": report["model"], "seeds": cfg["seeds"],
+               **{f"n_{s}": split["n"] for s, split in stats.items()},
+               "prevalence": round(stats["test"]["prevalence"], 4),
+               "skipped": res.get("skipped", ""), "data": cfg["data"],
+               "updated": time.strftime("%Y-%m-%d %H:%M")}
         for m in METRICS if "mean" in res else ():
             lo, hi = res["ci"][m]
             row.update({m: f"{res['mean'][m]:.4f}", f"{m}_sd": f"{res['sd'][m]:.4f}",
                         f"{m}_lo": f"{lo:.4f}", f"{m}_hi": f"{hi:.4f}", "lr": res["lr"]})
         for m, (d, lo, hi) in res.get("delta_vs_none", {}).items():  # paired: pretrained − none
-            row.update({f"delta_{m}": f"{d:.4f}", f"delta_{m}_lo": f"{lo:.4f}", f"delta_{m}_hi": f"{hi:.4f}"})
+            row.update({f"delta_{m}": f"{d:.4f}", f"delta_{m}_lo": f"{lo:.4f}",
+                        f"delta_{m}_hi": f"{hi:.4f}"})
         rows.append(row)
     return rows
 
 
 def results_table(reports: dict) -> tuple[list, list[list[str]]]:
     """Header and rows (strings): task, level, n test (prevalence), then AUROC and AUPRC per init as
-    'mean ±sd [lo, hi]', and Δ AUROC = pretrained − none on the same test examples, with its paired bootstrap
-    CI, where both ran."""
-    inits = list(dict.fromkeys(i for r in reports.values() for i in (v["init"] for v in r["results"].values())))
-    header = ["task", "level", "n test (prev)"] + [f"{m} {i}" for i in inits for m in ("AUROC", "AUPRC")]
+    'mean ±sd [lo, hi]', and Δ AUROC = pretrained − none on the same test examples, with its paired
+    bootstrap CI, where both ran."""
+    inits = list(dict.fromkeys(v["init"] for r in reports.values() for v in r["results"].values()))
+    header = ["task", "level", "n test (prev)"] + [f"{m} {i}" for i in inits
+                                                   for m in ("AUROC", "AUPRC")]
     header += ["Δ AUROC"] if "none" in inits and len(inits) > 1 else []
     rows = []
     for name, r in reports.items():
@@ -214,6 +230,6 @@ def print_table(header: list, rows: list, rep: Reporter, title: str) -> None:
 
 def skipped_lines(reports: dict) -> list[str]:
     """One line per skipped (task, reason), for under the table."""
-    reasons = dict.fromkeys((t, v["skipped"]) for t, r in reports.items() for v in r["results"].values()
-                            if "skipped" in v)
+    reasons = dict.fromkeys((t, v["skipped"]) for t, r in reports.items()
+                            for v in r["results"].values() if "skipped" in v)
     return [f"{t}: skipped, {why}" for t, why in reasons]

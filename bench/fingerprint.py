@@ -1,15 +1,18 @@
-"""Fingerprint: one hash per output file of a short run of every stage, to show a refactoring changed nothing.
+"""Fingerprint: a hash per output file of a short run of every stage: did a refactoring change any?
 
-Usage: OMP_NUM_THREADS=1 python bench/fingerprint.py [--out bench/out/fingerprint] [--mimic3 DIR] [--notes DIR]
-Drives the command line only (`python medhmp.py ...`, one process per command), so it runs unchanged on
-either side of a change that moves code between modules. It preprocesses the MIMIC-III demo (with the open
-notes, when both folders exist) and small synthetic MIMIC-III, MIMIC-IV and diagnosis extracts, pretrains a
-few steps of each stage, fine-tunes every task for two epochs and prints `<sha256[:16]>  <file>` for every
-raw, tensor and result file, then one hash over them all. Two runs of the same code print the same lines.
+Usage: OMP_NUM_THREADS=1 python bench/fingerprint.py [--out bench/out/fingerprint] [--mimic3 DIR]
+    [--notes DIR]
+Drives the command line only (`python medhmp.py ...`, one process per command), so it runs unchanged
+on either side of a change that moves code between modules. It preprocesses the MIMIC-III demo (with
+the open notes, when both folders exist) and small synthetic MIMIC-III, MIMIC-IV and diagnosis
+extracts, pretrains a few steps of each stage, fine-tunes every task for two epochs and prints
+`<sha256[:16]> <file>` for every raw, tensor and result file, then one hash over them all. Two runs
+of the same code print the same lines.
 
-Tensor files are hashed by content (keys, dtypes, shapes, bytes), not by their zip bytes. Values that differ
-between runs of the same code are left out: times and rates (`created`, `time`, `updated`, `seconds`,
-`samples_per_s`, `data_wait`), the git commit, and `data_digest` (a hash of meta.json, which holds `created`).
+Tensor files are hashed by content (keys, dtypes, shapes, bytes), not by their zip bytes. Values
+that differ between runs of the same code are left out: times and rates (`created`, `time`,
+`updated`, `seconds`, `samples_per_s`, `data_wait`), the git commit, and `data_digest` (a hash of
+meta.json, which holds `created`).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-VOLATILE = {"created", "time", "updated", "seconds", "samples_per_s", "data_wait", "git", "data_digest"}
+VOLATILE = {"created", "time", "updated", "seconds", "samples_per_s", "data_wait", "git",
+            "data_digest"}
 
 
 def medhmp(*args) -> None:
@@ -38,7 +42,8 @@ def medhmp(*args) -> None:
 
 
 def canonical(value, h) -> None:
-    """Feed `value` (nested dicts, lists, tensors, numbers, strings) into the hash `h`, volatile keys left out."""
+    """Feed `value` (nested dicts, lists, tensors, numbers, strings) into the hash `h`, volatile
+    keys left out."""
     if isinstance(value, dict):
         for k in sorted(value, key=str):
             if k not in VOLATILE:
@@ -81,20 +86,21 @@ def run(out: Path, mimic3: Path, notes: Path) -> dict:
     medhmp("synth", "--out", tx / "raw", "--patients", 100, "--seed", 2, "--layout", "trinetx")
     medhmp("preprocess", "--raw", synth / "raw", "--out", synth / "processed")
     medhmp("preprocess", "--raw", m4 / "raw", "--out", m4 / "processed", "--limit-patients", 40)
-    medhmp("preprocess", "--raw", tx / "raw", "--out", tx / "processed", "--vocab-from", synth / "processed")
+    medhmp("preprocess", "--raw", tx / "raw", "--out", tx / "processed", "--vocab-from",
+           synth / "processed")
     common = ("--data", synth / "processed", "--run", synth / "run", "--d-model", 32, "--max-steps")
     medhmp("pretrain", "--level", "stay", *common, 6, "--batch-size", 32)
     medhmp("pretrain", "--level", "admission", *common, 4, "--batch-size", 32)
-    medhmp("evaluate", "--task", "all", "--data", synth / "processed", "--run", synth / "run", "--seeds", 1,
-           "--epochs", 2)
+    medhmp("evaluate", "--task", "all", "--data", synth / "processed", "--run", synth / "run",
+           "--seeds", 1, "--epochs", 2)
     if mimic3.is_dir():
         demo = out / "mimic3-demo"
         medhmp("preprocess", "--raw", mimic3, "--out", demo / "processed",
                *(("--notes", notes) if notes.is_dir() else ()))
-        medhmp("pretrain", "--level", "stay", "--data", demo / "processed", "--run", demo / "run", "--d-model", 16,
-               "--max-steps", 3, "--batch-size", 16)
-        medhmp("evaluate", "--task", "mortality", "--data", demo / "processed", "--run", demo / "run", "--init",
-               "stay", "--seeds", 1, "--epochs", 2)
+        medhmp("pretrain", "--level", "stay", "--data", demo / "processed", "--run", demo / "run",
+               "--d-model", 16, "--max-steps", 3, "--batch-size", 16)
+        medhmp("evaluate", "--task", "mortality", "--data", demo / "processed", "--run",
+               demo / "run", "--init", "stay", "--seeds", 1, "--epochs", 2)
     kept = (".pt", ".json", ".jsonl", ".csv", ".gz")
     return {str(p.relative_to(out)): file_hash(p) for p in sorted(out.rglob("*"))
             if p.is_file() and p.name.endswith(kept) and not p.name.endswith(".tmp")}
@@ -109,7 +115,8 @@ def main() -> None:
     hashes = run(args.out.resolve(), args.mimic3, args.notes)
     for name, digest in hashes.items():
         print(f"{digest}  {name}")
-    total = hashlib.sha256("".join(f"{d} {n}\n" for n, d in hashes.items()).encode()).hexdigest()[:16]
+    listing = "".join(f"{d} {n}\n" for n, d in hashes.items())
+    total = hashlib.sha256(listing.encode()).hexdigest()[:16]
     print(f"{total}  all {len(hashes)} files")
 
 

@@ -1,13 +1,15 @@
-"""Profile: where a pretraining step (or a stay-classifier prediction batch) spends its time, at paper sizes.
+"""Profile: where a pretraining step (or a stay-classifier prediction batch) spends its time.
 
-Usage: python bench/profile_train.py --level stay|admission|infer [--batch-size N] [--steps 2] [--official]
+Usage: python bench/profile_train.py --level stay|admission|infer [--batch-size N] [--steps 2]
+    [--official]
                                      [--threads 2] [--data bench/out/paper-data-8192] [--top 15]
 Builds the model, dataset and optimiser as bench/train.py's step harness (or, with --official, its
-official-shaped model on dense batches), runs one warm-up step, then `--steps` steps under torch.profiler
-(CPU) and prints the phases (data = building and moving the batch; forward; backward; clip + AdamW) and
-the top operators by self CPU time, as one JSON line and a readable table. `infer` is the stay classifier
-(Classifier(StayEncoder), eval mode, torch.no_grad) over stay batches, as evaluate.predict runs it.
-The data folder is bench/train.py's paper-sized synthetic one (written when missing).
+official-shaped model on dense batches), runs one warm-up step, then `--steps` steps under
+torch.profiler (CPU) and prints the phases (data = building and moving the batch; forward; backward;
+clip + AdamW) and the top operators by self CPU time, as one JSON line and a readable table. `infer`
+is the stay classifier (Classifier(StayEncoder), eval mode, torch.no_grad) over stay batches, as
+evaluate.predict runs it. The data folder is bench/train.py's paper-sized synthetic one (written
+when missing).
 """
 import argparse
 import importlib.util
@@ -26,8 +28,8 @@ _spec.loader.exec_module(bench)
 
 import data  # noqa: E402
 import train  # noqa: E402
-from models import (AdmissionEncoder, AdmissionPretrainer, Classifier, ModelConfig, StayEncoder,  # noqa: E402
-                    StayPretrainer)
+from models import (AdmissionEncoder, AdmissionPretrainer, Classifier, ModelConfig,  # noqa: E402
+                    StayEncoder, StayPretrainer)
 
 
 def build(level: str, d: data.Processed, batch_size: int, official: bool):
@@ -37,13 +39,18 @@ def build(level: str, d: data.Processed, batch_size: int, official: bool):
           data.AdmissionDataset(d, d.pretrain_rows("admission", "train"), max_stays=3))
     m = d.meta
     if official:
-        model = (bench.OfficialShapedStay(m["n_features"], m["n_static"], decoder=level == "stay") if stay_level else
-                 bench.OfficialShapedAdmission(m["n_features"], m["n_static"], m["n_icd"], m["n_drug"], m["note_dim"]))
+        if stay_level:
+            model = bench.OfficialShapedStay(m["n_features"], m["n_static"],
+                                             decoder=level == "stay")
+        else:
+            model = bench.OfficialShapedAdmission(m["n_features"], m["n_static"], m["n_icd"],
+                                                  m["n_drug"], m["note_dim"])
         if level == "infer":
             model = bench.OfficialShapedClassifier(model)
     else:
         mcfg = ModelConfig.from_meta(m)
-        model = {"stay": lambda: StayPretrainer(StayEncoder(mcfg), mcfg), "infer": lambda: Classifier(StayEncoder(mcfg)),
+        model = {"stay": lambda: StayPretrainer(StayEncoder(mcfg), mcfg),
+                 "infer": lambda: Classifier(StayEncoder(mcfg)),
                  "admission": lambda: AdmissionPretrainer(AdmissionEncoder(mcfg), mcfg)}[level]()
     opt = None if level == "infer" else torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, ds, opt

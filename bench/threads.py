@@ -1,10 +1,11 @@
-"""Is pretraining reproducible across torch thread counts? Stage 1 on the demo cohort, run three times.
+"""Is pretraining reproducible across torch thread counts? Stage 1 on the demo cohort, three runs.
 
 Usage: python bench/threads.py [--out runs/threads] [--patients 400] [--steps 66]
 Writes a synthetic MIMIC-III extract (seed 0) and its processed folder under OUT, then runs
-`pretrain --level stay` (demo sizes: d = 64, batch 32, lr 1e-3) for `steps` steps in fresh processes with 1
-thread, 1 thread again, and 2 threads, and prints the largest absolute difference between the checkpoints'
-weights: 0 when the run is bit-identical, otherwise how far the thread count moves them. About 1 minute.
+`pretrain --level stay` (demo sizes: d = 64, batch 32, lr 1e-3) for `steps` steps in fresh processes
+with 1 thread, 1 thread again, and 2 threads, and prints the largest absolute difference between the
+checkpoints' weights: 0 when the run is bit-identical, otherwise how far the thread count moves
+them. About 1 minute.
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ from preprocessing.pipeline import PreprocessConfig, preprocess  # noqa: E402
 def pretrain(processed: Path, run: Path, threads: int, steps: int) -> dict:
     """Stage 1 in a fresh process with `threads` threads; the checkpoint's weights."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, str(ROOT / "medhmp.py"), "pretrain", "--level", "stay", "--data", str(processed),
-           "--run", str(run), "--d-model", "64", "--batch-size", "32", "--lr", "1e-3", "--max-steps", str(steps),
-           "--overwrite"]
+    cmd = [sys.executable, str(ROOT / "medhmp.py"), "pretrain", "--level", "stay", "--data",
+           str(processed), "--run", str(run), "--d-model", "64", "--batch-size", "32", "--lr",
+           "1e-3", "--max-steps", str(steps), "--overwrite"]
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     return torch.load(run / "stay.pt", weights_only=True)["model"]
 

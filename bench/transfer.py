@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import synthetic  # noqa: E402
@@ -58,8 +59,9 @@ import train  # noqa: E402
 from folders import sigterm_as_interrupt  # noqa: E402
 from metrics import (auprc, auroc, combine_replicates, replicate_scores, resample_weights,  # noqa: E402
                      t_cdf, t_quantile)
-from models import AdmissionEncoder, CodeEncoder, ModelConfig, StayEncoder, densify, load_encoder  # noqa: E402
+from models import ModelConfig, densify  # noqa: E402
 from preprocessing.pipeline import PreprocessConfig, preprocess  # noqa: E402
+from progress import Reporter  # noqa: E402
 
 ROWS = {"arf": "mimic", "shock": "mimic", "mortality": "mimic", "readmission": "mimic", "hf": "mimic",
         "hf (trinetx)": "trinetx", "copd (trinetx)": "trinetx", "amnesia (trinetx)": "trinetx"}
@@ -294,9 +296,9 @@ def examples(cfg: TransferConfig, row: str, n: int, r: int) -> tuple[data.Proces
     return d, ex
 
 
-def _checkpoints(cfg: TransferConfig, arm: str, r: int, meta: dict) -> evaluate.Checkpoints:
+def _checkpoints(cfg: TransferConfig, arm: str, r: int, meta: dict) -> checkpoints.Checkpoints:
     pool = arm if arm in POOLS else "medhmp"     # scratch and raw arms never load it
-    return evaluate.Checkpoints(cfg.out / "pretrain" / f"{pool}-{r % cfg.pretrain_seeds}", meta)
+    return checkpoints.Checkpoints(cfg.out / "pretrain" / f"{pool}-{r % cfg.pretrain_seeds}", meta)
 
 
 def run_path(cfg: TransferConfig, row: str, n: int, arm: str, r: int) -> Path:
@@ -322,9 +324,9 @@ def finetune_one(cfg: TransferConfig, row: str, n: int, arm: str, r: int) -> flo
     # never depends on whether a pretraining folder exists
     mcfg = ckpts.model_config("admission") if arm in POOLS else ModelConfig.from_meta(d.meta, d_model=cfg.d_model)
     model, _ = evaluate.build_model(task, "admission" if arm in POOLS else "none", fcfg, ckpts, mcfg)
-    cpu_dev = torch.device("cpu")
-    rec = evaluate.finetune(model, sets, fcfg, seed, cpu_dev, torch.float32, lambda *a, **k: None, cfg.lrs[level])
-    test = evaluate.predict(model, sets["test"], 256, cpu_dev, torch.float32)
+    run = evaluate.Run(fcfg, d, ckpts, torch.device("cpu"), torch.float32, Reporter(quiet=True))
+    rec = evaluate.finetune(model, sets, run, seed, cfg.lrs[level])
+    test = evaluate.predict(model, sets["test"], 256, run.device, run.amp)
     save_npz(run_path(cfg, row, n, arm, r), val=rec[f"val_{fcfg.select_on}"], test=test.astype(np.float32),
              n_train=len(ex["train"]["label"]))
     return time.process_time() - cpu
@@ -422,15 +424,13 @@ def linear_one(cfg: TransferConfig, row: str, n: int, arm: str, r: int) -> float
 
 
 def encoder(cfg: TransferConfig, level: str, arm: str, seed: int, d: data.Processed):
-    """The frozen encoder of a level: pretrained on an arm's pool (admission.pt), or random weights (seeded)."""
-    ckpts = evaluate.Checkpoints(cfg.out / "pretrain" / f"{arm if arm in POOLS else 'medhmp'}-{seed}", d.meta)
-    mcfg = ckpts.model_config("admission")
+    """The frozen encoder of a level: pretrained on an arm's pool (its admission.pt), or random weights of the
+    same architecture (seeded)."""
+    ckpts = checkpoints.Checkpoints(cfg.out / "pretrain" / f"{arm if arm in POOLS else 'medhmp'}-{seed}", d.meta)
     torch.manual_seed(seed)
-    enc = {"stay": lambda: StayEncoder(mcfg), "admission": lambda: AdmissionEncoder(mcfg),
-           "patient": lambda: CodeEncoder(mcfg.n_icd, mcfg.d_model)}[level]()
+    enc = checkpoints.new_encoder(level, ckpts.model_config("admission"))
     if arm in POOLS:
-        prefix = {"stay": "encoder.stay_encoder.", "admission": "encoder.", "patient": "encoder.icd_encoder."}[level]
-        load_encoder(enc, ckpts.get("admission")["model"], prefix)
+        checkpoints.transfer(enc, ckpts.for_transfer(level, "admission"), level, "admission")
     return enc.eval()
 
 

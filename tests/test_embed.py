@@ -16,6 +16,7 @@ from click.testing import CliRunner
 import embed
 from conftest import REPO, one_line_error
 from data import SPLITS, AdmissionDataset, PatientDataset, StayDataset, load_processed, usable_admissions
+from folders import InputError
 from medhmp import cli
 from models import AdmissionEncoder, CodeEncoder, StayEncoder
 
@@ -109,6 +110,20 @@ def test_load_pretrained_gives_the_encoder_behind_the_file(level, files, cohort,
     prefix = {"stay": "encoder.stay_encoder.", "admission": "encoder.", "patient": "encoder.icd_encoder."}[level]
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, saved[prefix + key]), key
+
+
+def test_load_pretrained_needs_only_the_checkpoint(cohort, pretrained_run, tmp_path):
+    """CLIP-style: the encoder is rebuilt from the checkpoint alone (its model_config and weights), from a RUN
+    folder or a checkpoint file anywhere, with no processed data; the same weights as when checked against the
+    data. A checkpoint without a whole encoder of the level is one InputError."""
+    lone = shutil.copyfile(pretrained_run / "admission.pt", tmp_path / "mine.pt")
+    for level in embed.LEVELS:
+        checked = embed.load_pretrained(pretrained_run, level, cohort.meta).state_dict()
+        for encoder in (embed.load_pretrained(pretrained_run, level), embed.load_pretrained(lone, level)):
+            assert not encoder.training and encoder.state_dict().keys() == checked.keys()
+            assert all(torch.equal(v, checked[k]) for k, v in encoder.state_dict().items())
+    with pytest.raises(InputError, match="holds no whole admission encoder"):
+        embed.load_pretrained(pretrained_run / "stay.pt", "admission")
 
 
 def test_init_stay_reads_stage_one_and_only_at_stay_level(files, processed_cohort, pretrained_run, cohort, tmp_path):

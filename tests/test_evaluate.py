@@ -22,10 +22,12 @@ from sklearn.metrics import (auc, average_precision_score, cohen_kappa_score, f1
 import data
 import evaluate
 import results
+from checkpoints import TRANSFERS, Checkpoints
 from conftest import pretrain_both, read_csv, synthesize_and_preprocess
-from evaluate import Checkpoints, FinetuneConfig, build_model
+from evaluate import FinetuneConfig, Run, build_model
 from metrics import auprc, auprc_trapezoid, auroc, binary_metrics, bootstrap_ci, f1, kappa
 from medhmp import cli
+from progress import Reporter
 
 D = 32               # model width of the fine-tuning tests
 AUROC_FLOOR = 0.65   # every synthetic task from scratch, one seed; chance is 0.5. Cohort seeds 1-3 gave 0.67-0.86
@@ -133,7 +135,10 @@ def cfg_for(processed: Path, run: Path, **kw) -> FinetuneConfig:
 def test_init_admission_loads_the_checkpoint_and_none_is_random(task, cohort, run):
     ckpts = Checkpoints(run, cohort.meta)
     cfg = cfg_for(cohort.root, run, task=task)
-    name, prefix, target, _ = evaluate.TRANSFERS[evaluate.TASKS[task].level, "admission"]
+    level = evaluate.TASKS[task].level
+    name, prefix, part, _ = TRANSFERS[level, "admission"]
+    assert part == ""   # the whole encoder of the level: the fine-tuned model's encoder (patient: the ICD MLP)
+    target = "code_encoder" if level == "patient" else "encoder"
     saved = {k[len(prefix):]: v for k, v in ckpts.get(name)["model"].items() if k.startswith(prefix)}
     torch.manual_seed(0)
     pretrained, n = build_model(task, "admission", cfg, ckpts)
@@ -330,8 +335,8 @@ def test_lr_grid_probe_and_paired_delta_in_every_output(cohort, run, tmp_path):
     model, _ = build_model("mortality", "admission", cfg, ckpts)
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     sets, _ = evaluate.task_datasets("mortality", cohort, cfg)
-    evaluate.finetune(model, sets, replace(cfg, epochs=1), 0, torch.device("cpu"), torch.float32,
-                      lambda *a, **k: None, 1e-1)
+    cpu = Run(replace(cfg, epochs=1), cohort, ckpts, torch.device("cpu"), torch.float32, Reporter(quiet=True))
+    evaluate.finetune(model, sets, cpu, 0, 1e-1)
     assert all(torch.equal(v, before[k]) for k, v in model.encoder.state_dict().items())
     evaluate.train_mode(model)  # training mode for the head, eval mode (no dropout) for the frozen encoder
     assert model.training and model.head.training and not any(m.training for m in model.encoder.modules())
@@ -364,7 +369,8 @@ def test_finetune_stops_after_patience_and_restores_the_best_epoch(cohort, run, 
     cfg = cfg_for(cohort.root, run, task="mortality", epochs=10, patience=2)
     sets, _ = evaluate.task_datasets("mortality", cohort, cfg)
     torch.manual_seed(0)
-    model, _ = build_model("mortality", "none", cfg, Checkpoints(run, cohort.meta))
+    ckpts = Checkpoints(run, cohort.meta)
+    model, _ = build_model("mortality", "none", cfg, ckpts)
     scores, weights, real_predict = iter([0.3, 0.8, 0.5, 0.7, 0.9]), [], evaluate.predict
 
     def predict(model, dataset, *args):  # each validation pass: the weights the epoch ended with
@@ -372,7 +378,8 @@ def test_finetune_stops_after_patience_and_restores_the_best_epoch(cohort, run, 
         return real_predict(model, dataset, *args)
     monkeypatch.setattr(evaluate, "predict", predict)
     monkeypatch.setitem(evaluate.METRIC_FUNCTIONS, "auprc", lambda y, p: next(scores))
-    record = evaluate.finetune(model, sets, cfg, 0, torch.device("cpu"), torch.float32, lambda *a, **k: None, 5e-2)
+    cpu = Run(cfg, cohort, ckpts, torch.device("cpu"), torch.float32, Reporter(quiet=True))
+    record = evaluate.finetune(model, sets, cpu, 0, 5e-2)
     assert record == {"epochs": 4, "best_epoch": 2, "val_auprc": 0.8} and len(weights) == 4
     final = model.state_dict()
     assert all(torch.equal(v, weights[1][k]) for k, v in final.items())

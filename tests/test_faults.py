@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import checkpoints
 import data
 import evaluate
 import synthetic
@@ -301,7 +302,7 @@ def test_an_empty_admission_checkpoint_is_one_line_not_aborted(processed_cohort,
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "not a dict"])
 def test_damaged_checkpoint_is_one_line_without_unsafe_advice(tmp_path, damage):
     path = tmp_path / "stay.pt"
-    train.save_checkpoint({"model": {"w": torch.ones(1000)}, "step": 1}, path)
+    checkpoints.save_checkpoint({"model": {"w": torch.ones(1000)}, "step": 1}, path)
     if damage == "truncated":
         _truncate(path)
     elif damage == "random bytes":
@@ -309,7 +310,7 @@ def test_damaged_checkpoint_is_one_line_without_unsafe_advice(tmp_path, damage):
     else:
         torch.save([1, 2, 3], path)
     with pytest.raises(InputError) as err:
-        train.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     message = str(err.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
     assert "re-run `python medhmp.py pretrain --level stay`" in message
@@ -387,7 +388,7 @@ def test_full_disk_while_writing_keeps_the_old_output_and_no_leftovers(raw, tiny
 def test_full_disk_while_checkpointing_leaves_no_temporary_file(tmp_path, monkeypatch):
     _full_disk(monkeypatch)
     with pytest.raises(InputError, match="cannot write .*stay.pt: No space left"):
-        train.save_checkpoint({"w": torch.ones(1000)}, tmp_path / "stay.pt")
+        checkpoints.save_checkpoint({"w": torch.ones(1000)}, tmp_path / "stay.pt")
     assert list(tmp_path.iterdir()) == []
 
 

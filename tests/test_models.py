@@ -1,10 +1,12 @@
-"""Tests for models.py: shapes, masking invariances, losses against hand-computed values, weight transfer,
-and that a few optimiser steps reduce each pretraining loss. Tiny sizes, CPU, a few seconds."""
+"""Tests for models.py (and the no-learning scores of health.py on its objective): shapes, masking
+invariances, losses against hand-computed values, weight transfer, and that a few optimiser steps reduce
+each pretraining loss. Tiny sizes, CPU, a few seconds."""
 import math
 
 import pytest
 import torch
 
+import health
 import sequence
 from models import (AdmissionEncoder, AdmissionPretrainer, Classifier, CodeEncoder, Fusion, ModelConfig,
                     NoteEncoder, StaticEncoder, StayEncoder, StayPretrainer,
@@ -294,9 +296,11 @@ def test_admission_pretrainer_outputs(cfg):
     model = AdmissionPretrainer(AdmissionEncoder(cfg), cfg).eval()
     batch = admission_batch()
     out = model(batch, generator=gen(8))
-    assert set(out) == {"loss", "mcp", "cl", "cl_chance"} and all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
+    masked = out.pop("masked_codes")
+    assert set(out) == {"loss", "mcp", "cl"} and all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
+    assert set(masked) == {"icd", "drug"} and masked["icd"][0].shape == masked["icd"][1].shape == batch["icd"].shape
     # chance: the mean over the ICD (6 rows), drug (5) and note (5) terms of log(n − 1)
-    assert out["cl_chance"].item() == pytest.approx((math.log(5) + 2 * math.log(4)) / 3)
+    assert health.contrastive_chance(batch, False).item() == pytest.approx((math.log(5) + 2 * math.log(4)) / 3)
     assert out["loss"].item() == pytest.approx(out["mcp"].item() + cfg.cl_weight * out["cl"].item(), rel=1e-5)
     assert out["loss"].item() == pytest.approx(model(batch, generator=gen(8))["loss"].item())  # same masks
     official = AdmissionPretrainer(model.encoder, ModelConfig.from_meta(META, d_model=D, cl_include_positive=True))
@@ -311,20 +315,22 @@ def test_admission_pretrainer_skips_contrastive_terms_without_negatives(cfg):
     batch["drug"], batch["drug_mask"] = torch.zeros(2, V_DRUG), torch.zeros(2, dtype=torch.bool)
     out = model(batch, generator=gen(9))
     assert torch.isfinite(out["loss"]) and out["cl"] != 0  # only the ICD term is left
-    assert out["cl_chance"].item() == pytest.approx(math.log(1))  # the ICD term: 2 rows, 1 negative
+    assert health.contrastive_chance(batch, False).item() == pytest.approx(math.log(1))  # ICD: 1 negative
     single = admission_batch(counts=(1,))
     assert model(single, generator=gen(9))["cl"].item() == 0.0  # B = 1: no term at all
 
 
 def test_no_learning_priors_score_like_constant_predictions(cfg):
-    """mcp_<name> is the masked-code loss of constant probabilities on the batch's own masks; after
-    init_priors the heads predict exactly the prior (bias = logit, weight = 0), so mcp == mcp_frequency."""
+    """health.prior_losses: mcp_<name> is the masked-code loss of constant probabilities on the batch's own
+    masks; after init_priors the heads predict exactly the prior (bias = logit, weight = 0), so mcp ==
+    mcp_frequency."""
     model = AdmissionPretrainer(AdmissionEncoder(cfg), cfg).eval()
     batch = admission_batch()
     prior = {"icd": torch.full((V_ICD,), 0.02), "drug": torch.full((V_DRUG,), 0.05)}
     none = {"icd": torch.zeros(V_ICD), "drug": torch.zeros(V_DRUG)}
     model.init_priors(prior)
-    out = model(batch, generator=gen(8), priors={"frequency": prior, "none": none})
+    out = model(batch, generator=gen(8))
+    out.update(health.prior_losses(out["masked_codes"], {"frequency": prior, "none": none}, cfg.code_loss))
     assert out["mcp"].item() == pytest.approx(out["mcp_frequency"].item(), rel=1e-5)
     assert out["mcp_none"].item() != pytest.approx(out["mcp_frequency"].item())
     for kind in ("mse", "bce"):  # hand value: one position, target 1, p = 0.25

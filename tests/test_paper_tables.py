@@ -30,9 +30,9 @@ def calls(monkeypatch):
     seen = []
     monkeypatch.setattr(results, "plot_curves", lambda *a: False)
 
-    def finetune(model, sets, cfg, seed, *args):
+    def finetune(model, sets, run, seed, *args):
         seen.append(seed)
-        return {"epochs": 0, "best_epoch": 0, f"val_{cfg.select_on}": 0.5}
+        return {"epochs": 0, "best_epoch": 0, f"val_{run.cfg.select_on}": 0.5}
     monkeypatch.setattr(evaluate, "finetune", finetune)
     return seen
 

@@ -1,5 +1,7 @@
-"""House rules that can be checked mechanically (STYLE.md rules 1, 4, 15, 20): the one-way import graph,
-no private names across modules, a docstring on every module, no hard-coded CUDA device."""
+"""House rules that can be checked mechanically (docs/design.md, Modules): the one-way import graph, exactly
+as docs/design.md draws it; no private names across modules; the core modules copy with only what they
+import; a docstring on every module; no hard-coded CUDA device; every function on one screen; lines of at
+most 100 characters."""
 import ast
 import os
 import re
@@ -11,20 +13,27 @@ import pytest
 
 from conftest import REPO
 
-# module -> the project modules it may import. The core (models, data, train, evaluate, metrics and what they
-# import) never reaches the preprocessing package, which reads raw extracts and writes what data.py reads.
+# module -> the project modules it imports: exactly these for the root modules (docs/design.md's table says
+# the same, test_design_doc_draws_this_graph), at most these for the preprocessing package. The core (models,
+# data, checkpoints, train, evaluate, metrics and what they import) never reaches the preprocessing package,
+# which reads raw extracts and writes what data.py reads.
 ALLOWED = {
-    "medhmp": {"synthetic", "train", "evaluate", "embed", "paper_tables", "demo", "folders", "preprocessing.pipeline"},
-    "paper_tables": {"data", "evaluate", "folders", "metrics", "results", "tasks"},
-    "demo": {"synthetic", "data", "train", "evaluate", "results", "metrics", "progress", "preprocessing.pipeline"},
-    "embed": {"data", "models", "train", "evaluate", "folders", "progress"},
-    "evaluate": {"data", "models", "sequence", "baselines", "train", "metrics", "results", "folders", "progress",
-                 "tasks"},
+    "medhmp": {"synthetic", "train", "evaluate", "embed", "paper_tables", "demo", "folders", "runtime",
+               "preprocessing.pipeline"},
+    "paper_tables": {"checkpoints", "data", "evaluate", "folders", "metrics", "results", "tasks"},
+    "demo": {"synthetic", "checkpoints", "data", "train", "evaluate", "results", "runtime", "progress",
+             "preprocessing.pipeline"},
+    "embed": {"checkpoints", "data", "folders", "progress", "runtime"},
+    "evaluate": {"checkpoints", "data", "models", "sequence", "baselines", "runtime", "metrics", "results",
+                 "folders", "progress", "tasks"},
     "sequence": {"models"},
     "baselines": {"models"},
     "results": {"metrics", "progress", "folders"},
     "metrics": set(),
-    "train": {"data", "models", "progress", "folders"},
+    "train": {"checkpoints", "data", "health", "models", "progress", "runtime"},
+    "checkpoints": {"data", "folders", "models"},
+    "health": {"data", "models"},
+    "runtime": {"folders"},
     "data": {"folders"},
     "synthetic": {"folders", "progress", "preprocessing.tables", "tasks"},
     "folders": set(),
@@ -81,20 +90,40 @@ def _imports(path):
 def test_import_graph_points_one_way(module):
     path = path_of(module)
     assert path.exists(), f"{module} is listed but missing"
+    used = set()
     for top, name, names, node in _imports(path):
         assert top not in project_modules() | PACKAGES or name, f"{module} imports {top} (line {node.lineno})"
         if name:
             assert name in ALLOWED[module], f"{module} imports {name} (line {node.lineno})"
             private = [n for n in names if n.startswith("_")]
             assert not private, f"{module} imports private {private} from {name}"
+            used.add(name)
+    if not module.startswith("preprocessing"):  # the root modules: the graph is drawn exactly
+        assert used == ALLOWED[module], f"{module} no longer imports {sorted(ALLOWED[module] - used)}"
 
 
-def test_every_module_is_in_the_graph():
+def test_every_module_is_in_the_graph_and_it_has_no_cycle():
     assert project_modules() == set(ALLOWED)
-    # 12, tasks.py, the task registry that the generator shares without torch, embed.py, the representations
-    # for other people's code, baselines.py, the comparison models kept out of models.py like sequence.py, and
-    # paper_tables.py, the tables over every model; evaluate.py's budget holds neither (README: Layout of the code)
-    assert len(list(REPO.glob("*.py"))) <= 16, "the root holds at most 12 modules, or the README argues for more"
+    for module, imports in ALLOWED.items():
+        assert not any(module in closure(m) for m in imports), f"{module} imports itself through others"
+
+
+def test_design_doc_draws_this_graph():
+    """docs/design.md's Modules table has a row for each root module, naming exactly what it imports, and
+    every import points down the table (the preprocessing package is its one row, `preprocessing/`)."""
+    rows = {}
+    for line in (REPO / "docs" / "design.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.fullmatch(r"`\w+(\.py|/)`", cells[0]):
+            imports = cells[2].split("(")[0]   # "none (torch only)": no project module
+            rows[cells[0][1:].split(".")[0].rstrip("/`")] = {m.strip() for m in imports.split(",")} - {"none", ""}
+    root = {m for m in ALLOWED if "." not in m}
+    assert set(rows) == root, "docs/design.md's Modules table lists other modules than the root holds"
+    order = list(rows)
+    for module in root - PACKAGES:
+        assert rows[module] == ALLOWED[module], f"docs/design.md: {module} imports {sorted(ALLOWED[module])}"
+        below = [m for m in ALLOWED[module] if order.index(m.split(".")[0]) < order.index(module)]
+        assert not below, f"docs/design.md lists {below} above {module}, which imports them"
 
 
 def test_models_imports_only_torch():
@@ -113,7 +142,7 @@ def closure(module: str) -> set:
     return seen
 
 
-COPYABLE = ("models", "data", "train", "evaluate", "embed", "metrics")
+COPYABLE = ("models", "data", "runtime", "checkpoints", "health", "train", "evaluate", "embed", "metrics")
 
 
 def test_core_modules_copy_with_only_what_they_name(tmp_path):
@@ -143,20 +172,29 @@ def test_runtime_dependencies_are_the_declared_ones():
             assert top in stdlib | project_modules() | PACKAGES | THIRD_PARTY | OPTIONAL, f"{module} imports {top}"
 
 
-# lines (STYLE.md); medhmp.py: 150 was set for five commands, it has seven (embed, and --model all runs the tables)
-BUDGETS = {"models": 500, "data": 500, "train": 500, "evaluate": 440, "medhmp": 160}  # retired next (issue 19)
-LOOPS = {("train", "pretrain"), ("evaluate", "finetune")}   # the training loops may reach about 120 lines
-
-
 @pytest.mark.parametrize("module", sorted(ALLOWED))
-def test_size_budgets(module):
-    """A module within its line budget; every function on one screen (60 lines), a training loop 120."""
-    text = path_of(module).read_text()
-    assert len(text.splitlines()) <= BUDGETS.get(module, 10 ** 6), f"{module}.py is over its line budget"
-    for node in ast.walk(ast.parse(text)):
+def test_every_function_fits_on_one_screen(module):
+    """No function longer than 60 lines, the two training loops (train.pretrain, evaluate.finetune) included.
+    No line budget per file: a module is as long as what it owns (issue 19: budgets had become targets)."""
+    for node in ast.walk(ast.parse(path_of(module).read_text())):
         if isinstance(node, ast.FunctionDef):
-            lines, limit = node.end_lineno - node.lineno + 1, 120 if (module, node.name) in LOOPS else 60
-            assert lines <= limit, f"{module}.{node.name} is {lines} lines (at most {limit})"
+            lines = node.end_lineno - node.lineno + 1
+            assert lines <= 60, f"{module}.{node.name} is {lines} lines (at most 60)"
+
+
+# Lines of at most 100 characters in the root modules and bench/ (not tests/). Left for later, as
+# their owners are rewriting them now: the preprocessing package, synthetic.py, bench/transfer.py.
+LINE_LIMIT = 100
+LONG_LINES_LATER = {"synthetic.py", "bench/transfer.py", "bench/calibration.py", "bench/patient_inputs.py"}
+LINE_CHECKED = sorted(p.relative_to(REPO).as_posix()
+                      for p in [*REPO.glob("*.py"), *REPO.glob("bench/*.py")])
+
+
+@pytest.mark.parametrize("path", [p for p in LINE_CHECKED if p not in LONG_LINES_LATER])
+def test_lines_are_at_most_100_characters(path):
+    lines = (REPO / path).read_text().splitlines()
+    long = [i for i, line in enumerate(lines, 1) if len(line) > LINE_LIMIT]
+    assert not long, f"{path}: lines {long[:10]} are over {LINE_LIMIT} characters"
 
 
 @pytest.mark.parametrize("module", sorted(ALLOWED))

@@ -1,6 +1,7 @@
-"""Tests for train.py: checkpoints (weights_only round trip, atomic writes), exact resume, refused resume,
-stay → admission transfer, non-finite loss, devices and precisions, log.jsonl and config_<level>.json, a
-short run that lowers every loss on the synthetic cohort, and `pretrain` from the command line.
+"""Tests for train.py and the modules it builds on (checkpoints.py, runtime.py, health.py): checkpoints
+(weights_only round trip, atomic writes), exact resume, refused resume, stay → admission transfer,
+non-finite loss, devices and precisions, log.jsonl and config_<level>.json, a short run that lowers every
+loss on the synthetic cohort, and `pretrain` from the command line.
 
 Tiny widths (d_model 16; 64 for the learning test) and a few steps each, on the session's processed
 synthetic cohort (conftest.processed_cohort). Run: `python -m pytest -q tests/test_train.py`.
@@ -16,7 +17,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import checkpoints
 import data
+import health
+import runtime
 import train
 from medhmp import cli
 from models import AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer
@@ -26,7 +30,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
 
 
-CPU_BF16 = train.cpu_bf16_autocast_works()  # oneDNN has no bf16 LSTM on AVX2-only CPUs
+CPU_BF16 = runtime.cpu_bf16_autocast_works()  # oneDNN has no bf16 LSTM on AVX2-only CPUs
 
 
 
@@ -90,23 +94,23 @@ def both_stages(cohort, tmp_path_factory):
 
 # --------------------------------------------------------------------------------------------- helpers
 def test_resolve_device_and_dtype():
-    assert train.resolve_device("cpu") == torch.device("cpu")
-    assert train.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert runtime.resolve_device("cpu") == torch.device("cpu")
+    assert runtime.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     cpu = torch.device("cpu")
-    assert train.resolve_dtype("auto", cpu) == torch.float32  # fp32 on the CPU unless asked (docs/design.md)
+    assert runtime.resolve_dtype("auto", cpu) == torch.float32  # fp32 on the CPU unless asked (docs/design.md)
     if CPU_BF16:
-        assert train.resolve_dtype("bf16", cpu) == torch.bfloat16
+        assert runtime.resolve_dtype("bf16", cpu) == torch.bfloat16
     else:
         with pytest.raises(data.InputError, match="use --precision fp32"):
-            train.resolve_dtype("bf16", cpu)
+            runtime.resolve_dtype("bf16", cpu)
     with pytest.raises(data.InputError, match="fp16 needs CUDA"):
-        train.resolve_dtype("fp16", cpu)
+        runtime.resolve_dtype("fp16", cpu)
 
 
 @no_cuda
 def test_resolve_cuda_without_cuda_is_an_input_error():
     with pytest.raises(data.InputError, match="CUDA is not available"):
-        train.resolve_device("cuda")
+        runtime.resolve_device("cuda")
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -123,12 +127,12 @@ def test_checkpoint_round_trip_with_weights_only(cohort, tmp_path):
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1, "rng": {"torch": torch.get_rng_state()},
              "config": {"data": "some/where", "lr": 1e-3}, "model_config": asdict(mcfg)}
     path = tmp_path / "stay.pt"
-    train.save_checkpoint(state, path)
+    checkpoints.save_checkpoint(state, path)
     assert [p.name for p in tmp_path.iterdir()] == ["stay.pt"]  # no temporary left behind
 
     back = torch.load(path, map_location="cpu", weights_only=True)  # the plain loader, as evaluate.py would
     assert back.keys() == state.keys() and back["config"] == state["config"]
-    back = train.load_checkpoint(path)
+    back = checkpoints.load_checkpoint(path)
     rebuilt = ModelConfig(**back["model_config"])  # the architecture from the file alone
     clone = StayPretrainer(StayEncoder(rebuilt), rebuilt)
     clone.load_state_dict(back["model"])  # strict
@@ -146,21 +150,21 @@ def test_checkpoint_round_trip_with_weights_only(cohort, tmp_path):
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     """A save that fails half-way leaves the previous checkpoint whole."""
     path = tmp_path / "stay.pt"
-    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    checkpoints.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
 
     def broken(obj, f, *a, **k):
         f.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(data.InputError, match="cannot write .*stay.pt: No space left on device; the previous"):
-        train.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+        checkpoints.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
-    assert train.load_checkpoint(path)["step"] == 1 and not list(tmp_path.glob("*.tmp"))
+    assert checkpoints.load_checkpoint(path)["step"] == 1 and not list(tmp_path.glob("*.tmp"))
 
 
 def test_load_checkpoint_missing_file_names_the_fix(tmp_path):
     with pytest.raises(data.InputError, match=r"no checkpoint here \(run `python medhmp.py pretrain` first\)"):
-        train.load_checkpoint(tmp_path / "stay.pt")
+        checkpoints.load_checkpoint(tmp_path / "stay.pt")
 
 
 def test_pretrain_checkpoints_are_plain_dicts(both_stages, cohort):
@@ -212,8 +216,8 @@ def test_resume_equals_a_straight_run(level, cohort, stay_only, tmp_path):
         for key in ("loss", "mcp", "cl", "val_loss", "val_mcp", "val_cl"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
-    wa = train.load_checkpoint(runs["straight"] / f"{level}.pt")
-    wb = train.load_checkpoint(runs["resumed"] / f"{level}.pt")
+    wa = checkpoints.load_checkpoint(runs["straight"] / f"{level}.pt")
+    wb = checkpoints.load_checkpoint(runs["resumed"] / f"{level}.pt")
     assert wa["step"] == wb["step"] == total
     for k, v in wa["model"].items():
         torch.testing.assert_close(wb["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
@@ -237,7 +241,7 @@ def test_resume_with_changed_settings_is_refused_in_one_line(cohort, tmp_path):
     # the stopping point may change: the same settings with a later --max-steps continue the run
     result = runner.invoke(cli, args + ["--max-steps", "3", "--resume"])
     assert result.exit_code == 0, result.output
-    assert train.load_checkpoint(run / "stay.pt")["step"] == 3
+    assert checkpoints.load_checkpoint(run / "stay.pt")["step"] == 3
     assert [r["step"] for r in records(run)] == [2, 3]  # log_every 10: the last step of each call
 
 
@@ -250,8 +254,8 @@ def test_admission_stage_loads_every_stay_encoder_weight(resume, cohort, stay_on
     run = tmp_path / "run"
     shutil.copytree(stay_only, run)
     train.pretrain(config("admission", root, run, max_steps=1, lr=0.0, resume=resume))
-    stay = train.load_checkpoint(run / "stay.pt")["model"]
-    adm = train.load_checkpoint(run / "admission.pt")["model"]
+    stay = checkpoints.load_checkpoint(run / "stay.pt")["model"]
+    adm = checkpoints.load_checkpoint(run / "admission.pt")["model"]
     want = {k[len("encoder."):]: v for k, v in stay.items() if k.startswith("encoder.")}
     got = {k[len("encoder.stay_encoder."):]: v for k, v in adm.items() if k.startswith("encoder.stay_encoder.")}
     assert got.keys() == want.keys() and len(want) >= 20  # LSTMs, projection, static MLP, fusion, norms
@@ -265,9 +269,9 @@ def test_transfer_with_a_missing_stay_key_is_an_error(cohort, stay_only, tmp_pat
     root, _ = cohort
     run = tmp_path / "run"
     shutil.copytree(stay_only, run)
-    ckpt = train.load_checkpoint(run / "stay.pt")
+    ckpt = checkpoints.load_checkpoint(run / "stay.pt")
     del ckpt["model"]["encoder.static_encoder.mlp.0.weight"]
-    train.save_checkpoint(ckpt, run / "stay.pt")
+    checkpoints.save_checkpoint(ckpt, run / "stay.pt")
     with pytest.raises(data.InputError, match=r"stay\.pt: .*missing \['static_encoder\.mlp\.0\.weight'\]"):
         train.pretrain(config("admission", root, run, max_steps=1))
     assert not (run / "admission.pt").exists()
@@ -308,10 +312,10 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(level
     if level == "admission":
         shutil.copytree(stay_only, run)
     nan_at(monkeypatch, StayPretrainer if level == "stay" else AdmissionPretrainer, 5)
-    with pytest.raises(train.NonFiniteLoss, match=rf"the {level} loss became nan at step 5; the last good "
+    with pytest.raises(runtime.NonFiniteLoss, match=rf"the {level} loss became nan at step 5; the last good "
                                                   rf"checkpoint \(step 4\) is kept at .*{level}\.pt"):
         train.pretrain(config(level, root, run, max_steps=8, checkpoint_every=2, batch_size=16))
-    ckpt = train.load_checkpoint(run / f"{level}.pt")
+    ckpt = checkpoints.load_checkpoint(run / f"{level}.pt")
     assert ckpt["step"] == 4  # the step-4 checkpoint, not overwritten by the failed step 5
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert [r["step"] for r in records(run, level)] == [1, 2, 3, 4]
@@ -324,10 +328,10 @@ def test_non_finite_loss_between_log_lines_is_caught_before_the_next_checkpoint(
     root, _ = cohort
     run = tmp_path / "run"
     nan_at(monkeypatch, StayPretrainer, 5)
-    with pytest.raises(train.NonFiniteLoss, match=r"the stay loss became nan at step 5; the last good checkpoint "
+    with pytest.raises(runtime.NonFiniteLoss, match=r"the stay loss became nan at step 5; the last good checkpoint "
                                                   r"\(step 4\)"):
         train.pretrain(config("stay", root, run, max_steps=12, checkpoint_every=2, log_every=10, batch_size=16))
-    assert train.load_checkpoint(run / "stay.pt")["step"] == 4 and records(run) == []
+    assert checkpoints.load_checkpoint(run / "stay.pt")["step"] == 4 and records(run) == []
 
 
 def test_the_loop_reads_losses_back_per_log_line_not_per_step(cohort, tmp_path, monkeypatch):
@@ -350,7 +354,7 @@ def test_the_loop_reads_losses_back_per_log_line_not_per_step(cohort, tmp_path, 
 
 
 def test_prefetch_builds_the_next_batch_before_yielding_one():
-    """data.prefetch yields every batch in order, moved, one batch ahead of the consumer (CPU path)."""
+    """runtime.prefetch yields every batch in order, moved, one batch ahead of the consumer (CPU path)."""
     made = []
 
     def batches():
@@ -358,17 +362,17 @@ def test_prefetch_builds_the_next_batch_before_yielding_one():
             made.append(i)
             yield {"x": torch.full((2,), float(i))}
     seen = []
-    for batch in data.prefetch(batches(), torch.device("cpu")):
+    for batch in runtime.prefetch(batches(), torch.device("cpu")):
         seen.append((float(batch["x"][0]), list(made)))
     assert seen == [(0.0, [0, 1]), (1.0, [0, 1, 2]), (2.0, [0, 1, 2])]
-    assert list(data.prefetch(iter([]), torch.device("cpu"))) == []
+    assert list(runtime.prefetch(iter([]), torch.device("cpu"))) == []
 
 
 @pytest.mark.gpu
 @needs_cuda
 def test_prefetch_moves_batches_to_cuda_from_pinned_memory():
     batches = [{"x": torch.arange(4.0).pin_memory()}, {"x": torch.arange(4.0, 8.0).pin_memory()}]
-    out = [b["x"] for b in data.prefetch(batches, torch.device("cuda"))]
+    out = [b["x"] for b in runtime.prefetch(batches, torch.device("cuda"))]
     assert all(x.is_cuda for x in out) and torch.equal(torch.cat(out).cpu(), torch.arange(8.0))
 
 
@@ -434,7 +438,7 @@ def test_gpu_autocast_steps(precision, cohort, tmp_path):
         header = json.loads((run / f"config_{level}.json").read_text())
         assert header["device"].startswith("cuda") and header["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[precision]
         assert all(math.isfinite(r["loss"]) for r in records(run, level))
-        ckpt = train.load_checkpoint(run / f"{level}.pt")
+        ckpt = checkpoints.load_checkpoint(run / f"{level}.pt")
         assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
         assert ("scale" in ckpt["scaler"]) == (precision == "fp16")  # a disabled scaler saves an empty state
         assert "cuda" in ckpt["rng"]
@@ -467,7 +471,7 @@ def test_config_json_records_the_resolved_run(both_stages, cohort):
         assert header["config"] == {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
         mcfg = ModelConfig.from_meta(d.meta, d_model=D, dropout=cfg.dropout)
         assert header["model_config"] == asdict(mcfg)
-        saved = train.load_checkpoint(run / f"{level}.pt")["model"]     # the pretrainers hold no buffers
+        saved = checkpoints.load_checkpoint(run / f"{level}.pt")["model"]     # the pretrainers hold no buffers
         assert header["parameters"] == sum(v.numel() for v in saved.values()) > 0
         assert header["device"] == "cpu" and header["dtype"] == "float32"
         assert header["python"] == platform.python_version() and header["torch"] == str(torch.__version__)
@@ -510,7 +514,7 @@ def test_cli_pretrain_end_to_end(cohort, tmp_path):
                                      "--max-steps", "2", "--batch-size", "8", "--seed", "3"])
         assert result.exit_code == 0, result.output
         assert f"wrote {run / (level + '.pt')} (step 2)" in result.output
-        ckpt = train.load_checkpoint(run / f"{level}.pt")
+        ckpt = checkpoints.load_checkpoint(run / f"{level}.pt")
         assert ckpt["step"] == 2 and ckpt["config"]["seed"] == 3 and ckpt["config"]["batch_size"] == 8
         assert ckpt["model_config"]["d_model"] == 256  # the paper's width by default
         assert json.loads((run / f"config_{level}.json").read_text())["config"]["max_steps"] == 2
@@ -523,7 +527,7 @@ def test_baselines_are_exact(cohort):
     """stay_baselines from cell counts equals the MSE of each constant predictor computed on dense tensors."""
     _, d = cohort
     tr, va = d.pretrain_rows("stay", "train"), d.pretrain_rows("stay", "val")
-    (base, mean) = data.stay_baselines(d, tr, va)
+    (base, mean) = health.stay_baselines(d, tr, va)
     dense = {s: data.StayDataset(d, r).__getitems__(list(range(len(r)))) for s, r in (("train", tr), ("val", va))}
     T, F = d.meta["seq_len"], d.meta["n_features"]
     from models import densify
@@ -538,7 +542,7 @@ def test_code_priors_match_the_masked_target_rate(cohort):
     """The frequency prior is P(code is a masked target | not visible) = r f / (1 − (1 − r) f)."""
     _, d = cohort
     rows = d.pretrain_rows("admission", "train")
-    priors = data.code_priors(d, rows, 0.15)
+    priors = health.code_priors(d, rows, 0.15)
     icd = data.AdmissionDataset(d, rows).__getitems__(list(range(len(rows))))["icd"]
     f = icd.mean(0)
     torch.testing.assert_close(priors["frequency"]["icd"], 0.15 * f / (1 - 0.85 * f))
@@ -552,17 +556,17 @@ def test_early_stopping_keeps_the_best_weights(cohort, tmp_path, monkeypatch):
     root, d = cohort
     n = len(d.pretrain_rows("stay", "train"))
     losses, weights = iter([3.0, 1.0, 2.0, 2.0, 2.0]), {}
-    validate = train._validate
+    validate = train.validate
 
     def fake(model, *a, **kw):
         out = validate(model, *a, **kw)
         out["val_loss"] = next(losses)
         weights[len(weights) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
         return out
-    monkeypatch.setattr(train, "_validate", fake)
+    monkeypatch.setattr(train, "validate", fake)
     run = tmp_path / "run"
     out = train.pretrain(config("stay", root, run, max_steps=None, epochs=9, batch_size=n, patience=2))
-    ckpt = train.load_checkpoint(run / "stay.pt")
+    ckpt = checkpoints.load_checkpoint(run / "stay.pt")
     assert ckpt["step"] == 4 and ckpt["best"]["epoch"] == 2 and out["best"]["epoch"] == 2
     for k, v in ckpt["model"].items():
         torch.testing.assert_close(v, weights[2][k], msg=k)
@@ -592,7 +596,7 @@ def test_an_existing_checkpoint_is_not_overwritten_without_asking(cohort, stay_o
     assert "stay.pt exists" in msg and "--resume" in msg and "--overwrite" in msg
     assert (run / "stay.pt").read_bytes() == before
     assert CliRunner().invoke(cli, args + ["--overwrite"]).exit_code == 0
-    assert train.load_checkpoint(run / "stay.pt")["step"] == 1
+    assert checkpoints.load_checkpoint(run / "stay.pt")["step"] == 1
 
 
 def test_admission_checkpoint_records_its_stay_checkpoint(cohort, stay_only, tmp_path):
@@ -601,12 +605,11 @@ def test_admission_checkpoint_records_its_stay_checkpoint(cohort, stay_only, tmp
     run = tmp_path / "run"
     shutil.copytree(stay_only, run)
     train.pretrain(config("admission", root, run, max_steps=1))
-    stay, adm = (train.load_checkpoint(run / f"{n}.pt") for n in ("stay", "admission"))
-    assert adm["stay_digest"] == stay["digest"] == train.weights_digest(stay["model"])
-    from evaluate import Checkpoints
-    assert Checkpoints(run, d.meta).lineage() is None
+    stay, adm = (checkpoints.load_checkpoint(run / f"{n}.pt") for n in ("stay", "admission"))
+    assert adm["stay_digest"] == stay["digest"] == checkpoints.weights_digest(stay["model"])
+    assert checkpoints.Checkpoints(run, d.meta).lineage() is None
     train.pretrain(config("stay", root, run, max_steps=3, overwrite=True))
-    assert "was pretrained from another stay.pt" in Checkpoints(run, d.meta).lineage()
+    assert "was pretrained from another stay.pt" in checkpoints.Checkpoints(run, d.meta).lineage()
 
 
 def test_resume_survives_relative_paths_and_a_moved_run(cohort, tmp_path, monkeypatch):
@@ -618,7 +621,7 @@ def test_resume_survives_relative_paths_and_a_moved_run(cohort, tmp_path, monkey
     shutil.copytree(root, tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     train.pretrain(config("stay", Path("data"), Path("b/run"), max_steps=3, batch_size=8, resume=True))
-    assert train.load_checkpoint(moved / "run" / "stay.pt")["step"] == 3
+    assert checkpoints.load_checkpoint(moved / "run" / "stay.pt")["step"] == 3
 
 
 def test_resume_without_a_checkpoint_says_so(cohort, tmp_path):
@@ -631,7 +634,7 @@ def test_resume_without_a_checkpoint_says_so(cohort, tmp_path):
 def test_non_finite_loss_before_any_checkpoint_says_none_was_written(cohort, tmp_path, monkeypatch):
     root, _ = cohort
     nan_at(monkeypatch, StayPretrainer, 1)
-    with pytest.raises(train.NonFiniteLoss, match="at step 1; no checkpoint was written"):
+    with pytest.raises(runtime.NonFiniteLoss, match="at step 1; no checkpoint was written"):
         train.pretrain(config("stay", root, tmp_path / "run", max_steps=3))
     assert not (tmp_path / "run" / "stay.pt").exists()
 
@@ -651,7 +654,7 @@ def test_loader_processes_build_the_same_batches(cohort, tmp_path):
     for workers in (0, 2):
         run = tmp_path / f"workers{workers}"
         train.pretrain(config("stay", root, run, max_steps=3, num_workers=workers))
-        runs[workers] = train.load_checkpoint(run / "stay.pt"), [r["loss"] for r in records(run)]
+        runs[workers] = checkpoints.load_checkpoint(run / "stay.pt"), [r["loss"] for r in records(run)]
     (one, losses_one), (two, losses_two) = runs[0], runs[2]
     assert losses_one == losses_two and len(losses_one) == 3
     assert one["model"].keys() == two["model"].keys()

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import data
+import health
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -133,7 +134,7 @@ def test_the_shuffled_pool_keeps_frequencies_and_destroys_co_occurrence(quick):
     spread = {k: v.sum(1).var().item() for k, v in icd.items()}
     assert spread["shuffled"] < 0.5 * spread["real"], spread
     rows = np.flatnonzero(np.isin(real.stays["subject_id"].numpy(), subjects))
-    cells = {k: data.cell_counts(d, rows) for k, d in (("real", real), ("shuffled", shuf))}
+    cells = {k: health.cell_counts(d, rows) for k, d in (("real", real), ("shuffled", shuf))}
     np.testing.assert_array_equal(cells["real"], cells["shuffled"])  # every (hour, feature) count is kept
 
 
