@@ -38,6 +38,7 @@ class Built:
     splits: dict                # splits.json
     sources: dict               # table -> tables.Source of every table read, in reading order
     note_embeddings: dict = field(default_factory=dict)   # {text key: vector} computed here, for note_cache.pt
+    stay_intime: np.ndarray | None = None  # minutes, per row of `stays`: the MEDS label files' prediction times
 
 
 def _take(record: dict, rows) -> dict:
@@ -56,35 +57,37 @@ def _patient_steps(table: str, n_table: int, n_kept: int, cfg) -> list:
 
 
 # ------------------------------------------------------------------------------------------- MIMIC
-def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Built:
+def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict, reader=None) -> Built:
     """A MIMIC-III or MIMIC-IV extract: patients -> admissions -> adult MetaVision ICU stays with events.
-    The text model is loaded first, so that a bad --text-model fails before any table is read."""
+    The text model is loaded first, so that a bad --text-model fails before any table is read. `reader` gives
+    the tables (CsvReader's methods; meds.MedsReader for a MEDS extract)."""
     text_model = load_text_model(cfg.text_model, cfg.text_device)
-    core, sources = load_core(raw, layout)
+    reader = reader or CsvReader(raw, layout)
+    core, sources = reader.load_core()
     subjects = sample_patients(core["patients"]["subject_id"], cfg)
     attrition = {"patients": _patient_steps("patients table", len(core["patients"]["subject_id"]), len(subjects),
                                             cfg)}
     patients = _take(core["patients"], row_of(core["patients"]["subject_id"], subjects))  # rows as `subjects`
-    split = assign_splits(subjects, cfg.seed, cfg.split)                  # per patient, an index into SPLITS
+    split = reader.assign_splits(subjects, cfg.seed, cfg.split)           # per patient, an index into SPLITS
     admissions, attrition["admissions"] = _kept_admissions(core["admissions"], subjects)
     admission_patient = lookup(subjects, admissions["subject_id"])       # row in `patients` per admission
     stays, attrition["stays"] = _icu_stays(core["stays"], admissions, patients, admission_patient)
 
-    codes = _admission_codes(cfg, raw, layout, admissions, split[admission_patient] == 0, rep)  # small: first
+    codes = _admission_codes(cfg, reader, admissions, split[admission_patient] == 0, rep)  # small: first
     sources.update(codes["sources"])
     attrition["admissions"].append([CODED, codes["with_codes"]])
     _check_usable(raw, attrition, rep)
-    stays, events, onsets, skipped, event_sources = _stays_with_events(cfg, raw, layout, stays, rep)
+    stays, events, onsets, skipped, event_sources = _stays_with_events(cfg, reader, stays, rep)
     sources.update(event_sources)
     attrition["stays"].append([f"with events in the first {cfg.seq_len} h", len(stays["stay_id"])])
     _check_usable(raw, attrition, rep)
     train_stay = split[stays["patient_row"]] == 0
     rep.log(f"fitting features on {int(train_stay.sum())} training stays")
-    ts, ts_spec = _time_series(cfg, events, variable_names(raw, layout, events["var_keys"]), train_stay)
+    ts, ts_spec = _time_series(cfg, events, reader.variable_names(events["var_keys"]), train_stay)
     static, static_spec = _static_vectors(cfg, stays, admissions, patients, train_stay)
 
     skipped["diagnoses and prescriptions"] = codes["counts"]
-    notes = _admission_notes(cfg, raw, layout, admissions, rep=rep, note_cache=note_cache, text_model=text_model)
+    notes = _admission_notes(cfg, reader, admissions, rep=rep, note_cache=note_cache, text_model=text_model)
     sources.update(notes["sources"])
     skipped["notes"] = notes["counts"]
     admission_arrays = _admission_arrays(admissions, stays, codes["csr"], notes["arrays"])
@@ -104,7 +107,37 @@ def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Built:
                        "stays": len(stays["stay_id"]), "active_cells": len(ts["ts_feat"]),
                        "density": round(len(ts["ts_feat"]) / max(1, n_cells), 5)}}
     return Built(meta, stay_arrays, admission_arrays, labels, _splits_json(subjects, split, cfg), sources,
-                 notes["embeddings"])
+                 notes["embeddings"], stays["intime"])
+
+
+class CsvReader:
+    """The tables of a CSV layout as build_mimic reads them, through preprocessing.extract."""
+
+    def __init__(self, raw: Path, layout: str):
+        self.raw, self.layout = raw, layout
+
+    def load_core(self):
+        return load_core(self.raw, self.layout)
+
+    def assign_splits(self, subjects, seed, fractions):
+        return assign_splits(subjects, seed, fractions)
+
+    def read_diagnoses(self, systems):
+        return read_diagnoses(self.raw, self.layout, systems)
+
+    def read_drugs(self, code, progress):
+        return read_drugs(self.raw, self.layout, code, progress)
+
+    def stream_events(self, stays: dict, *, hours: int, exclude_label_items: bool, progress):
+        index = StayIndex(stays["hadm_id"], stays["intime"], stays["outtime"])
+        return stream_events(self.raw, self.layout, index, len(stays["stay_id"]), hours=hours,
+                             exclude_label_items=exclude_label_items, progress=progress)
+
+    def variable_names(self, keys):
+        return variable_names(self.raw, self.layout, keys)
+
+    def find_notes(self, notes):
+        return find_notes(self.raw, notes, self.layout)
 
 
 def _kept_admissions(admissions: dict, subjects: np.ndarray) -> tuple[dict, list]:
@@ -136,13 +169,12 @@ def _icu_stays(stays: dict, admissions: dict, patients: dict, admission_patient:
     return stays, steps
 
 
-def _stays_with_events(cfg, raw: Path, layout: str, stays: dict, rep):
+def _stays_with_events(cfg, reader, stays: dict, rep):
     """Stream the event tables for `stays` and keep the stays with an event in the first seq_len hours:
     (stays, events with "stay" renumbered over them, onsets, skipped counts, the Source of each event table)."""
-    index = StayIndex(stays["hadm_id"], stays["intime"], stays["outtime"])
-    events, onsets, skipped, sources = stream_events(raw, layout, index, len(stays["stay_id"]), hours=cfg.seq_len,
-                                                     exclude_label_items=cfg.exclude_label_items,
-                                                     progress=rep.bytes_task)
+    events, onsets, skipped, sources = reader.stream_events(stays, hours=cfg.seq_len,
+                                                            exclude_label_items=cfg.exclude_label_items,
+                                                            progress=rep.bytes_task)
     has_events = np.zeros(len(stays["stay_id"]), bool)
     has_events[events["stay"]] = True
     new_row = (np.cumsum(has_events) - 1).astype(np.int32)
@@ -243,13 +275,13 @@ def _vocabularies(cfg, icd_codes, drug_codes, icd_train, drug_train) -> tuple[li
     return other["icd_vocab"], other["drug_vocab"]
 
 
-def _admission_codes(cfg, raw: Path, layout: str, admissions: dict, train_admission: np.ndarray, rep) -> dict:
+def _admission_codes(cfg, reader, admissions: dict, train_admission: np.ndarray, rep) -> dict:
     """ICD and drug code sets per admission: {"diagnoses": (admission row, code) pairs (for the cohorts),
     "icd_vocab", "drug_vocab", "csr": the code arrays of admissions.pt, "with_codes": admissions with an ICD
     code, "icd": rows and admissions kept per ICD system (meta.json), "counts": rows dropped, "sources"}."""
     systems = icd_systems(cfg.icd)
-    diagnosis_hadm, diagnosis_code, counts, diagnoses_src = read_diagnoses(raw, layout, systems)
-    drug_hadm, drug_code, drugs_src = read_drugs(raw, layout, cfg.drug_code, rep.bytes_task)
+    diagnosis_hadm, diagnosis_code, counts, diagnoses_src = reader.read_diagnoses(systems)
+    drug_hadm, drug_code, drugs_src = reader.read_drugs(cfg.drug_code, rep.bytes_task)
     diagnosis_row = lookup(admissions["hadm_id"], diagnosis_hadm)     # admission row per pair, -1: not kept
     drug_row = lookup(admissions["hadm_id"], drug_hadm)
     diagnosis_row, diagnosis_code = diagnosis_row[diagnosis_row >= 0], diagnosis_code[diagnosis_row >= 0]
@@ -262,18 +294,18 @@ def _admission_codes(cfg, raw: Path, layout: str, admissions: dict, train_admiss
     icd = icd_record(cfg.icd, diagnosis_row, diagnosis_code)
     rep.log(f"codes: {len(icd_vocab)} ICD ({icd['admissions']} admissions per system), {len(drug_vocab)} drugs "
             f"({cfg.drug_code}); {counts}")
-    sources = {"diagnoses": diagnoses_src, **({"prescriptions": drugs_src} if drugs_src else {})}
+    sources = {k: v for k, v in (("diagnoses", diagnoses_src), ("prescriptions", drugs_src)) if v}   # MEDS: none
     return {"diagnoses": (diagnosis_row, diagnosis_code), "icd_vocab": icd_vocab, "drug_vocab": drug_vocab,
             "csr": {"icd_ptr": icd_ptr, "icd_idx": icd_idx, "drug_ptr": drug_ptr, "drug_idx": drug_idx},
             "with_codes": len(unique(diagnosis_row)), "sources": sources, "icd": icd,
             "counts": {**counts, "ICD codes outside the vocabulary": icd_oov, "drug codes outside": drug_oov}}
 
 
-def _admission_notes(cfg, raw: Path, layout: str, admissions: dict, *, rep, note_cache: dict, text_model) -> dict:
+def _admission_notes(cfg, reader, admissions: dict, *, rep, note_cache: dict, text_model) -> dict:
     """One embedded note per admission (its latest discharge summary), zeros and mask 0 where none:
     {"arrays": note and note_mask of admissions.pt, "dim", "info" (meta.json), "counts" (rows skipped),
     "sources", "embeddings" (those computed here)}."""
-    path = find_notes(raw, cfg.notes, layout)
+    path = reader.find_notes(cfg.notes)
     texts, counts, sources = {}, {"note table": "missing"}, {}
     if path is not None:
         texts, counts, sources["notes"] = read_notes(path, set(admissions["hadm_id"].tolist()), rep.bytes_task)
