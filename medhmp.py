@@ -76,14 +76,17 @@ def cli():
 @_options(synthetic.SynthConfig, "--patients", "--seed")
 @_option("--layout", synthetic.SynthConfig, type=click.Choice(synthetic.LAYOUTS))
 @_option("--event-scale", synthetic.SynthConfig, "Chart rows per stay-hour multiplier.", type=FiniteRange(min=0.1))
+@_option("--meds-etl", synthetic.SynthConfig, "meds: MIMIC_IV_MEDS lab codes.", type=click.Choice(synthetic.MEDS_ETLS))
 def synth(**options):
-    """Write a synthetic cohort (MIMIC-III, MIMIC-IV or diagnosis-extract layout) of a latent model (OUT/latents/)."""
+    """Write a synthetic cohort (MIMIC-III, MIMIC-IV, diagnosis-extract or MEDS layout) of a latent model (OUT/latents/)."""
     done = _run(synthetic.synthesize, synthetic.SynthConfig, **options)
     click.echo("wrote {out}: {patients} patients, {admissions} admissions, {stays} ICU stays".format(**done))
 
 
 @cli.command()
-@_option("--raw", pipeline.PreprocessConfig, "Folder of CSV extracts.", type=PathOption)
+@_option("--raw", pipeline.PreprocessConfig, "Folder of CSV extracts, or a MEDS root.", type=PathOption)
+@click.option("--meds-profile", help="MEDS root: a built-in profile (docs/meds.md) or a profile file. [default: from "
+              "metadata/dataset.json]")
 @click.option("--notes", type=PathOption, help="Note table or folder (NOTEEVENTS*, MIMIC-IV-Note discharge).")
 @_option("--text-model", pipeline.PreprocessConfig, "'hashing', a local Hugging Face folder, or a hub name.")
 @click.option("--limit-patients", type=Count, help="Keep a deterministic sample of N patients.")
