@@ -1,9 +1,11 @@
 """Synthetic MIMIC-style extracts drawn from an explicit latent model, for the demo, the tests and benchmarks.
 
-Usage: `python medhmp.py synth --out data/raw [--patients 400] [--layout mimic3|mimic4|trinetx] [--seed 0]`, or
-`synthesize(SynthConfig(out=Path("data/raw")))`, which returns a summary. Writes `.csv.gz` tables with the real
-column lists of mimic3 (one folder, upper-case MIMIC-III v1.4 names), mimic4 (hosp/, icu/, note/discharge of MIMIC-IV
-v2.2 and MIMIC-IV-Note) or trinetx (patient and diagnosis of a TriNetX-style extract, dotted codes), filling the ids
+Usage: `python medhmp.py synth --out data/raw [--patients 400] [--layout mimic3|mimic4|trinetx|meds|meds-eicu]
+[--seed 0]`, or `synthesize(SynthConfig(out=Path("data/raw")))`, which returns a summary. Writes `.csv.gz` tables
+with the real column lists of mimic3 (one folder, upper-case MIMIC-III v1.4 names), mimic4 (hosp/, icu/,
+note/discharge of MIMIC-IV v2.2 and MIMIC-IV-Note) or trinetx (patient and diagnosis of a TriNetX-style extract,
+dotted codes); meds and meds-eicu write the same cohort's MIMIC-IV tables as a MEDS root, as MIMIC_IV_MEDS
+(`meds_etl`: its lab codes up to 0.0.7 or from 0.1.0) or eICU_MEDS would (preprocessing/meds_etl.py), filling the ids
 and the columns the reader (preprocessing/extract.py) reads, the others blank; and latents/, true latents and flags,
 which preprocessing never reads (`read_latents` loads them for probes and benchmarks).
 
@@ -38,6 +40,7 @@ goes to a staging folder (folders.Staged), swapped in when complete: a folder th
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import re
 import zlib
@@ -48,11 +51,13 @@ from pathlib import Path
 import numpy as np
 
 from folders import InputError, Staged
+from preprocessing.meds_etl import MedsWriter
 from preprocessing.tables import group_rank
 from progress import Reporter
 from tasks import names_at
 
-LAYOUTS = ("mimic3", "mimic4", "trinetx")
+LAYOUTS = ("mimic3", "mimic4", "trinetx", "meds", "meds-eicu")   # meds: MIMIC_IV_MEDS, meds-eicu: eICU_MEDS shape
+MEDS_ETLS = ("0.0.7", "0.1.0")   # the MIMIC_IV_MEDS versions whose hospital lab codes the meds layout can write
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class SynthConfig:
     layout: str = "mimic3"     # one of LAYOUTS
     seed: int = 0
     event_scale: float = 1.0   # multiplies chart rows per stay-hour (extra measurements; < 1 drops rows), not stays
+    meds_etl: str = "0.1.0"    # meds layout: LAB//{itemid} (0.0.7) or LAB//RESULT//{itemid} (0.1.0) hospital labs
     quiet: bool = False
 
 
@@ -735,9 +741,11 @@ class _Sink:
     (source key -> column of ready-made text, or one constant) in the layout's column order; a column without a key
     stays blank and a table the layout lacks is skipped."""
 
-    def __init__(self, root: Path, layout: str):
-        self.schema, self.files, self.rows = {}, {}, {}
+    def __init__(self, root: Path, layout: str, only: tuple[str, ...] | None = None):
+        self.schema, self.files, self.rows, self.layout = {}, {}, {}, layout
         for table, (name, spec) in _SCHEMAS[layout].items():
+            if only is not None and table not in only:
+                continue
             columns = [c.split("=") if "=" in c else (c, c) for c in spec.split()]
             upper = layout == "mimic3" and not name.startswith("latents/")
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -754,18 +762,59 @@ class _Sink:
             self.files[table][1].write(("\n".join(map(",".join, zip(*fields))) + "\n").encode())
             self.rows[table] += n
 
+    def end_chunk(self) -> None:
+        """Nothing: rows go to the files as they are written."""
+
+    def tables(self) -> dict:
+        return {_SCHEMAS[self.layout][t][0]: rows for t, rows in self.rows.items()}
+
     def close(self) -> None:
         for raw, gz in self.files.values():
             gz.close()
             raw.close()
 
 
+class _MedsSink:
+    """The sink of the meds layouts: the MIMIC-IV tables become MEDS events (preprocessing.meds_etl.MedsWriter),
+    written sorted at the end of each chunk; the discharge notes (MIMIC-IV-Note, which no MEDS ETL reads; eICU has
+    none) and the latents stay CSV, in note/ and latents/ beside data/ and metadata/."""
+
+    def __init__(self, root: Path, cfg: SynthConfig):
+        eicu = cfg.layout == "meds-eicu"
+        self.csv = _Sink(root, "mimic4", only=("latent_patients", "latent_admissions", "latent_stays",
+                                               *(() if eicu else ("notes",))))
+        self.meds = MedsWriter(root, "eicu" if eicu else cfg.meds_etl, cfg.seed)
+
+    @property
+    def rows(self) -> dict:
+        return {**self.csv.rows, "MEDS events": self.meds.rows}
+
+    def write(self, table: str, n: int, cols: dict) -> None:
+        (self.csv.write if table in self.csv.schema or table == "notes" else self.meds.add)(table, n, cols)
+
+    def end_chunk(self) -> None:
+        self.meds.end_chunk()
+
+    def tables(self) -> dict:
+        return {**self.csv.tables(), "data/**/*.parquet (MEDS events)": self.meds.rows}
+
+    def close(self) -> None:
+        self.csv.close()
+        self.meds.close()
+
+
+def _generator_layout(layout: str) -> str:
+    """The CSV layout whose tables the generator draws: a MEDS extract is written from MIMIC-IV's."""
+    return "mimic4" if layout.startswith("meds") else layout
+
+
 def _replaceable(folder: Path) -> bool:
     """Whether an existing output folder holds nothing but an extract, so replacing it loses nothing else."""
     if not folder.is_dir() or folder.resolve() == Path.cwd().resolve():
         return False
-    return all(p.name.lower() in ("hosp", "icu", "note", "latents") and _replaceable(p) if p.is_dir()
-               else p.name.lower().endswith((".csv", ".csv.gz")) for p in folder.iterdir())
+    return all(p.name.lower() in ("hosp", "icu", "note", "latents", "data", "metadata", "train", "tuning",
+                                  "held_out") and _replaceable(p) if p.is_dir()
+               else p.name.lower().endswith((".csv", ".csv.gz", ".parquet", ".json")) for p in folder.iterdir())
 
 
 def synthesize(cfg: SynthConfig) -> dict:
@@ -774,31 +823,34 @@ def synthesize(cfg: SynthConfig) -> dict:
     rep, out = Reporter(quiet=cfg.quiet), Path(cfg.out)
     for bad, what in ((cfg.layout not in LAYOUTS, f"layout must be one of {', '.join(LAYOUTS)}, not {cfg.layout!r}"),
                       (cfg.patients < 1, f"patients must be at least 1, not {cfg.patients}"),
-                      (not cfg.event_scale > 0, f"event_scale must be positive, not {cfg.event_scale}")):
+                      (not cfg.event_scale > 0, f"event_scale must be positive, not {cfg.event_scale}"),
+                      (cfg.meds_etl not in MEDS_ETLS, f"meds_etl must be one of {', '.join(MEDS_ETLS)}")):
         if bad:
             raise ValueError(what)
     if out.exists() and not _replaceable(out):
-        raise InputError(f"{out} exists and is not a CSV extract (only .csv[.gz] files, hosp/ icu/ note/ latents/); "
-                         "remove it or choose another --out")
-    ids, totals = dict(zip(("subject", "hadm", "stay"), _FIRST_IDS[cfg.layout])), dict(patients=0, admissions=0)
+        raise InputError(f"{out} exists and is not an extract (only .csv[.gz] files, hosp/ icu/ note/ latents/, or "
+                         "a MEDS root's data/ and metadata/); remove it or choose another --out")
+    tables = _generator_layout(cfg.layout)
+    ids, totals = dict(zip(("subject", "hadm", "stay"), _FIRST_IDS[tables])), dict(patients=0, admissions=0)
     with Staged(cfg.out, "--out", log=rep.log) as stage:    # written whole under a staging name, then swapped in
         out = stage.out
         rep.log(f"synth: {cfg.patients:,} patients, {cfg.layout}, seed {cfg.seed}, event scale {cfg.event_scale:g}: "
                 f"{out}")
-        sink = _Sink(stage.tmp, cfg.layout)
+        sink = _Sink(stage.tmp, cfg.layout) if tables == cfg.layout else _MedsSink(stage.tmp, cfg)
         try:
             with rep.task("synth patients", total=cfg.patients, unit="patients") as advance:
                 for chunk, start in enumerate(range(0, cfg.patients, _CHUNK)):
                     n = min(_CHUNK, cfg.patients - start)
-                    pat, adm, st = _cohort(np.random.default_rng([cfg.seed & (2 ** 63 - 1), chunk]), n, ids, cfg.layout)
-                    _write_chunk(sink, cfg, chunk, pat, adm, st)
+                    pat, adm, st = _cohort(np.random.default_rng([cfg.seed & (2 ** 63 - 1), chunk]), n, ids, tables)
+                    _write_chunk(sink, dataclasses.replace(cfg, layout=tables), chunk, pat, adm, st)
+                    sink.end_chunk()
                     for key, rows in (("patients", n), ("admissions", len(adm["id"])), ("stays", len(st["id"]))):
                         totals[key] = totals.get(key, 0) + rows * (key != "stays" or cfg.layout != "trinetx")
                     advance(n, status=f"{sum(sink.rows.values()):,} rows")
         finally:
             sink.close()
         stage.commit()
-    tables = {_SCHEMAS[cfg.layout][t][0]: rows for t, rows in sink.rows.items()}
+    tables = sink.tables()
     rep.log(f"synth: wrote {out} ({', '.join(f'{name} {rows:,}' for name, rows in tables.items())})")
     return dict(tables=tables, out=str(out), **totals)
 
