@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from queue import Queue
+from threading import Thread
 
 import numpy as np
 
@@ -108,8 +110,10 @@ def columns(batch, scan: Scan, profile: dict) -> dict:
     names = batch.schema.names
 
     def ints(name):
-        return batch[name].fill_null(-1).to_numpy().astype(np.int64) if name in names else \
-            np.full(batch.num_rows, -1, np.int64)
+        if name not in names:
+            return np.full(batch.num_rows, -1, np.int64)
+        column = batch[name]
+        return (column.fill_null(-1) if column.null_count else column).to_numpy().astype(np.int64)
     time = batch["time"].cast(pa.timestamp("us")).cast(pa.int64())
     null = time.is_null().to_numpy(zero_copy_only=False)
     cols = {"subject": ints("subject_id"),
@@ -119,19 +123,51 @@ def columns(batch, scan: Scan, profile: dict) -> dict:
             if "numeric_value" in names else np.full(batch.num_rows, np.nan, np.float32),
             "hadm": ints(profile["admission_id"]) if profile["admission_id"] != "subject" else None,
             "stay": ints(profile["stay_id"]) if profile.get("stay_id") else None}
+    # text is a category only without a number (most MEDS rows repeat their number as text): map only those rows
+    numeric = (scan.codes.frozen()["values"][cols["code"]] & 1) > 0
+    wanted = np.isnan(cols["num"]) | ~numeric
     for name in ("text_value", *profile["admission_columns"]):
-        cols["text" if name == "text_value" else name] = _dictionary_ids(batch[name], scan.strings.ids, pc) \
+        cols["text" if name == "text_value" else name] = _dictionary_ids(
+            batch[name], scan.strings.ids, pc, wanted if name == "text_value" else None) \
             if name in names else np.full(batch.num_rows, -1, np.int32)
     return {k: v for k, v in cols.items() if v is not None}
 
 
-def _dictionary_ids(array, ids, pc) -> np.ndarray:
-    """Global ids of a string column: its dictionary mapped once by `ids`, then gathered per row (-1: null)."""
+def _dictionary_ids(array, ids, pc, rows: np.ndarray | None = None) -> np.ndarray:
+    """Global ids of a string column (-1: null, and outside `rows` when given): the dictionary entries used are
+    mapped once by `ids`, then gathered per row."""
     if not hasattr(array, "dictionary"):
         array = pc.dictionary_encode(array)
-    mapped = ids(array.dictionary.to_pylist())
-    index = array.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.where(index >= 0, mapped[np.maximum(index, 0)] if len(mapped) else -1, -1).astype(np.int32)
+    indices = array.indices
+    index = (indices.fill_null(-1) if indices.null_count else indices).to_numpy()
+    if rows is not None:
+        index = np.where(rows, index, -1)
+        used = np.flatnonzero(np.bincount(index[index >= 0], minlength=len(array.dictionary)))
+    else:
+        used = np.arange(len(array.dictionary))
+    mapped = np.full(len(array.dictionary) + 1, -1, np.int32)        # the last one: index -1 (null) -> -1
+    mapped[used] = ids(array.dictionary.take(used).to_pylist()) if len(used) else []
+    return mapped[index]
+
+
+def prefetch(items, depth: int = 2):
+    """The items of the iterator `items`, produced `depth` ahead in a thread: pyarrow decodes (and numpy converts)
+    the next batch while the scan works on this one; both release the GIL for most of their work. An error in the
+    thread is raised here."""
+    queue, done = Queue(depth), object()
+
+    def produce():
+        try:
+            for item in items:
+                queue.put(item)
+            queue.put(done)
+        except BaseException as err:       # handed to the consumer, which raises it
+            queue.put(err)
+    Thread(target=produce, daemon=True).start()
+    while (item := queue.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 # ------------------------------------------------------------------------------------------- reader
@@ -179,7 +215,7 @@ class MedsReader:
         with self.rep.task("MEDS events", total=sum(f.metadata.num_rows for f in parquet.values())) as advance:
             for path, f in parquet.items():
                 source.add(path)
-                self.scan.read(self._batches(f, wanted[path], advance))
+                self.scan.read(prefetch(self._batches(f, wanted[path], advance)))
         source.rows = sum(f.metadata.num_rows for f in parquet.values())
         self.result = self.scan.result()
         patients = {k: self.result["patients"][k] for k in ("subject_id", "gender", "year_of_birth")}

@@ -31,6 +31,7 @@ EICU_TREATMENTS = {  # procedure and vasopressor itemids -> eICU treatmentstring
     221289: "cardiovascular|shock|vasopressors|epinephrine > 0.1 micrograms/kg/min",
     221662: "cardiovascular|shock|vasopressors|dopamine  5-15 micrograms/kg/min",
     222315: "cardiovascular|shock|vasopressors|vasopressin", 221749: "cardiovascular|shock|vasopressors|phenylephrine"}
+ICU_TABLES = ("chartevents", "labevents", "outputevents", "inputevents", "procedureevents", "datetimeevents")
 EVENT_COLUMNS = ("subject", "time", "code", "num", "text", "hadm", "stay", "insurance", "language", "marital_status",
                  "race")
 
@@ -46,26 +47,53 @@ class MedsWriter:
     def __init__(self, root: Path, etl: str, seed: int):
         self.root, self.etl, self.eicu = Path(root), etl, etl == "eicu"
         self.rng = np.random.default_rng([seed & (2 ** 63 - 1), 20])     # splits and drug start times
-        self.tables, self.chunk, self.rows, self.splits, self.codes = {}, 0, 0, [], set()
+        self.tables, self.events, self.chunk, self.rows, self.splits = {}, [], 0, 0, []
+        self.names: dict = {}      # every code and text value written, numbered: events are kept as numbers
+        self.used = np.zeros(0, bool)    # per name: written as a code (for codes.parquet)
 
     def add(self, table: str, n: int, cols: dict) -> None:
-        if n:
+        """Event tables become compact events at once (their text would take gigabytes per chunk); the small
+        tables wait for end_chunk (diagnoses come before the admissions that date them)."""
+        if not n:
+            return
+        if table in ICU_TABLES:
+            self.events += [self._compact(e) for e in self._icu_events({table: _join([(n, cols)])})]
+        else:
             self.tables.setdefault(table, []).append((n, cols))
 
     def end_chunk(self) -> None:
-        """Convert the buffered tables of one chunk of patients into events and write them."""
+        """Convert the buffered tables of one chunk of patients into events and write them all, sorted."""
         t = {name: _join(parts) for name, parts in self.tables.items()}
-        self.tables = {}
         adm = _admissions(t["admissions"])
-        parts = self._eicu(t, adm) if self.eicu else self._mimic(t, adm)
+        parts = [self._compact(e) for e in (self._eicu(t, adm) if self.eicu else self._mimic(t, adm))] + self.events
+        self.tables, self.events = {}, []
         events = {k: np.concatenate([p[k] for p in parts]) for k in EVENT_COLUMNS}
-        order = np.lexsort((events["time"].view(np.int64), events["subject"]))
-        events = {k: v[order] for k, v in events.items()}
-        self._write(events)
+        order = np.lexsort((events["time"], events["subject"]))
+        self._write({k: v[order] for k, v in events.items()})
+
+    def _icu_events(self, t: dict) -> list[dict]:
+        if self.eicu:
+            return _eicu_icu(t)
+        return (self._mimic_labs(t["labevents"]) if "labevents" in t else []) + _mimic_icu(t)
+
+    def _compact(self, e: dict) -> dict:
+        """An _ev part with its time as int64 microseconds (NaT: the smallest int64, first in order) and its
+        strings (code, text, categories) as numbers into `names` (-1: null)."""
+        return {**e, "time": e["time"].view(np.int64), "num": e["num"].astype(np.float32),
+                **{k: self._ids(e[k]) for k in ("code", *EVENT_COLUMNS[4:5], *EVENT_COLUMNS[7:])}}
+
+    def _ids(self, values) -> np.ndarray:
+        values = np.asarray(values)
+        if values.dtype == object:
+            values = np.where(np.equal(values, None), "", values).astype(str)
+        uniq, inverse = np.unique(values, return_inverse=True)
+        ids = np.array([self.names.setdefault(u, len(self.names)) if u else -1 for u in uniq.tolist()], np.int32)
+        return ids[inverse.reshape(-1)] if len(uniq) else np.zeros(0, np.int32)
 
     def _write(self, events: dict) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
+        names = pa.array(list(self.names), pa.string())
         subjects = np.unique(events["subject"])
         split = np.array(["train", "tuning", "held_out"])[np.searchsorted([0.8, 0.9], self.rng.random(len(subjects)))]
         self.splits.append((subjects, split))
@@ -74,9 +102,10 @@ class MedsWriter:
             rows = of_row == name
             if rows.any():
                 (self.root / "data" / name).mkdir(parents=True, exist_ok=True)
-                pq.write_table(_arrow({k: v[rows] for k, v in events.items()}, pa, self.eicu),
+                pq.write_table(_arrow({k: v[rows] for k, v in events.items()}, pa, self.eicu, names),
                                self.root / "data" / name / f"{self.chunk}.parquet")
-        self.codes.update(np.unique(events["code"]).tolist())
+        self.used = np.append(self.used, np.zeros(len(names) - len(self.used), bool))
+        self.used[np.unique(events["code"])] = True
         self.rows += len(events["subject"])
         self.chunk += 1
 
@@ -90,7 +119,8 @@ class MedsWriter:
         (self.root / "metadata" / "dataset.json").write_text(json.dumps(
             {"dataset_name": name, "dataset_version": f"{release}:{version}", "etl_name": "medhmp synth",
              "etl_version": version, "meds_version": "0.4.0"}, indent=1))
-        codes = sorted(self.codes)
+        words = list(self.names)
+        codes = sorted(words[i] for i in np.flatnonzero(self.used))
         pq.write_table(pa.table({"code": pa.array(codes, pa.string()), "description": pa.nulls(len(codes), pa.string()),
                                  "parent_codes": pa.array([[] for _ in codes], pa.list_(pa.string()))}),
                        self.root / "metadata" / "codes.parquet")
@@ -122,11 +152,11 @@ class MedsWriter:
         r = t["prescriptions"]
         parts.append(_ev(_ints(r["subject_id"]), self._during(adm, _ints(r["hadm_id"])),
                          _cat("MEDICATION//START//", _u(r["drug"]))))
-        return parts + self._mimic_labs(t["labevents"]) + _mimic_icu(t)
+        return parts
 
     def _mimic_labs(self, lab: dict) -> list[dict]:
         item, when = _u(lab["itemid"]), _times(lab["charttime"])
-        values = dict(num=_floats(lab["valuenum"]), text=_strings(lab["value"]), hadm=_ints(lab.get("hadm_id")))
+        values = dict(num=_floats(lab["valuenum"]), text=_strings(lab["value"]), hadm=_ints(_get(lab, "hadm_id")))
         subject = _ints(lab["subject_id"])
         if self.etl.startswith("0.0"):
             return [_ev(subject, when, _cat("LAB//", item, "//UNK"), **values)]
@@ -168,7 +198,7 @@ class MedsWriter:
         r = t["prescriptions"]
         parts.append(_ev(_ints(r["hadm_id"]), self._during(adm, _ints(r["hadm_id"])),
                          _cat("MEDICATION//STARTED//", _u(r["drug"]))))
-        return parts + _eicu_icu(t)
+        return parts
 
 
 def _mimic_icu(t: dict) -> list[dict]:
@@ -201,7 +231,7 @@ def _eicu_icu(t: dict) -> list[dict]:
                          num=num[keep]))
     lab = t.get("labevents", {})
     if lab:
-        name, hadm = _lookup(EICU_LABS, lab["itemid"]), _ints(lab["hadm_id"])
+        name, hadm = _lookup(EICU_LABS, lab["itemid"]), _ints(_get(lab, "hadm_id"))
         keep = (name != "") & (hadm >= 0)                       # eICU has no labs outside the hospital stay
         parts.append(_ev(hadm[keep], _times(lab["charttime"])[keep], _cat("LAB//", name[keep]),
                          num=_floats(lab["valuenum"])[keep], text=_strings(lab["value"])[keep]))
@@ -225,6 +255,11 @@ def _join(parts: list) -> dict:
     keys = list(dict.fromkeys(k for _, cols in parts for k in cols))
     return {k: np.concatenate([np.full(n, cols.get(k, ""), dtype=object) if isinstance(cols.get(k, ""), str)
                                else np.asarray(cols[k], dtype=object) for n, cols in parts]) for k in keys}
+
+
+def _get(table: dict, key: str) -> np.ndarray:
+    """A column of `table`, or blanks where the table was written without it (outpatient labs: no hadm_id)."""
+    return table[key] if key in table else np.full(len(next(iter(table.values()))), "", dtype=object)
 
 
 def _u(a) -> np.ndarray:
@@ -311,17 +346,21 @@ def _ev(subject, time, code, num=None, text=None, hadm=None, stay=None, **catego
                for c in EVENT_COLUMNS[7:]}}
 
 
-def _arrow(e: dict, pa, eicu: bool):
-    """The events as a MEDS data table: subject_id int64, time timestamp[us], code string, numeric_value float32,
-    text_value string, then the ETL's id columns (and MIMIC's admission columns)."""
-    cols = {"subject_id": pa.array(e["subject"], pa.int64()), "time": pa.array(e["time"], pa.timestamp("us")),
-            "code": pa.array(e["code"], pa.string()),
-            "numeric_value": pa.array(e["num"].astype(np.float32), pa.float32(), mask=np.isnan(e["num"])),
-            "text_value": pa.array(e["text"], pa.string()),
+def _arrow(e: dict, pa, eicu: bool, names):
+    """Compact events as a MEDS data table: subject_id int64, time timestamp[us], code string, numeric_value
+    float32, text_value string, then the ETL's id columns (and MIMIC's admission columns)."""
+    def text(ids):
+        return pa.DictionaryArray.from_arrays(pa.array(ids, pa.int32(), mask=ids < 0), names).cast(pa.string())
+    no_time = e["time"] == np.iinfo(np.int64).min
+    cols = {"subject_id": pa.array(e["subject"], pa.int64()),
+            "time": pa.array(e["time"], pa.int64(), mask=no_time).cast(pa.timestamp("us")),
+            "code": text(e["code"]),
+            "numeric_value": pa.array(e["num"], pa.float32(), mask=np.isnan(e["num"])),
+            "text_value": text(e["text"]),
             "hadm_id": pa.array(e["hadm"], pa.int64(), mask=e["hadm"] < 0),
             "icustay_id": pa.array(e["stay"], pa.int64(), mask=e["stay"] < 0)}
     if not eicu:
-        cols.update({c: pa.array(e[c], pa.string()) for c in EVENT_COLUMNS[7:]})
+        cols.update({c: text(e[c]) for c in EVENT_COLUMNS[7:]})
     return pa.table(cols)
 
 

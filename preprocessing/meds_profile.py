@@ -137,7 +137,7 @@ def _regex(pattern: str, where: str, bad) -> re.Pattern:
 class CodeTable:
     """Every distinct code seen so far, numbered in order of appearance, with what the profile makes of it:
     `role` (ROLE_IDS, UNKNOWN), `var` (event variable key: table code x VAR_SPAN + item, -1 for others), `onset`
-    (index into `onset_tasks` of the task whose onset it marks, -1), `values` (bit 1: numeric_value, 2:
+    (index into `onset_tasks` of the task whose onset it marks, -1), `slot` (the variable's number, -1), `values` (bit 1: numeric_value, 2:
     text_value), `died` (a discharge that is a death) as numpy arrays (`frozen()`), and `fields` (the named groups)
     per code."""
 
@@ -148,7 +148,8 @@ class CodeTable:
             EVENT_TABLES[table]["code"] * VAR_SPAN + item: self.onset_tasks.index(t)
             for t, task in TASKS.items() for table, item in task.onset_items}
         self.items: dict = {}                  # (table code, item text) -> item id, for items that are not numbers
-        self.arrays = {k: [] for k in ("role", "var", "onset", "values", "died")}
+        self.arrays = {k: [] for k in ("role", "var", "slot", "onset", "values", "died")}
+        self.slots: dict = {}                  # variable key -> its number among the variables seen (for packed keys)
         self._frozen: dict = {}
 
     def ids(self, strings: list) -> np.ndarray:
@@ -166,10 +167,11 @@ class CodeTable:
         return out
 
     def frozen(self) -> dict:
-        """The per-code arrays {"role", "var", "onset", "values", "died"} over every code seen so far (rebuilt only
+        """The per-code arrays {"role", "var", "slot", "onset", "values", "died"} over every code seen so far (rebuilt only
         when codes were added since the last call)."""
         if self._frozen.get("n") != len(self.strings):
-            dtypes = {"role": np.int8, "var": np.int64, "onset": np.int8, "values": np.uint8, "died": bool}
+            dtypes = {"role": np.int8, "var": np.int64, "slot": np.int32, "onset": np.int8, "values": np.uint8,
+                      "died": bool}
             self._frozen = {"n": len(self.strings), **{k: np.array(v, dtypes[k]) for k, v in self.arrays.items()}}
         return self._frozen
 
@@ -183,7 +185,8 @@ class CodeTable:
             if var >= 0 and any(p.fullmatch(code) for p in patterns):
                 onset = self.onset_tasks.index(task)
         values = (1 if rule and "numeric" in rule["values"] else 0) | (2 if rule and "text" in rule["values"] else 0)
-        for k, v in (("role", role), ("var", var), ("onset", onset), ("values", values),
+        slot = self.slots.setdefault(var, len(self.slots)) if var >= 0 else -1
+        for k, v in (("role", role), ("var", var), ("slot", slot), ("onset", onset), ("values", values),
                      ("died", bool(rule and rule.get("died")))):
             self.arrays[k].append(v)
         self.fields.append(fields)

@@ -18,7 +18,7 @@ import numpy as np
 
 from data import lookup
 from folders import InputError
-from preprocessing.extract import STATIC_CATEGORIES, EventStore, StayIndex
+from preprocessing.extract import EVENT_ARRAYS, STATIC_CATEGORIES, StayIndex
 from preprocessing.meds_profile import ROLE_IDS, UNKNOWN, CodeTable
 from preprocessing.tables import group_rank, unique
 
@@ -43,6 +43,39 @@ class Strings:
         return out
 
 
+class Events:
+    """The last value of every (stay, hour, variable), unit by unit. A unit's cells are unique and sorted
+    (last_per_cell) and units hold consecutive candidate stays, so the parts laid end to end are already what
+    extract.EventStore.result gives (same arrays, same order, categories numbered alike): no merge is needed."""
+
+    def __init__(self):
+        self.parts, self.categories = [], {}
+
+    def category_ids(self, values: np.ndarray) -> np.ndarray:
+        uniq, inverse = unique(values, return_inverse=True)
+        ids = np.array([self.categories.setdefault(u, len(self.categories)) for u in uniq.tolist()], np.int32)
+        return ids[inverse] if len(uniq) else np.zeros(0, np.int32)
+
+    def add(self, stay, hour, var, num, cat) -> None:
+        if len(stay):
+            self.parts.append((stay.astype(np.int32), hour.astype(np.uint8), var, num.astype(np.float32),
+                               cat.astype(np.int32), unique(var)))
+
+    def result(self) -> dict:
+        """EventStore.result's arrays, filled part by part (each part freed once copied)."""
+        var_keys = unique(np.concatenate([np.zeros(0, np.int64)] + [p[5] for p in self.parts]))
+        out = {name: np.empty(sum(len(p[0]) for p in self.parts), dtype) for name, dtype in EVENT_ARRAYS.items()}
+        at = 0
+        while self.parts:
+            stay, hour, var, num, cat, _ = self.parts.pop(0)
+            rows = slice(at, at + len(stay))
+            out["stay"][rows], out["hour"][rows], out["var"][rows] = stay, hour, np.searchsorted(var_keys, var)
+            out["num"][rows], out["cat"][rows] = num, cat
+            at += len(stay)
+        names = {v: k.decode("utf-8", "replace").strip() for k, v in self.categories.items()}
+        return {**out, "var_keys": var_keys, "category_names": [names[i] for i in range(len(names))]}
+
+
 class Scan:
     """The accumulators of one pass: per-unit parts of the core records (PART_KEYS), the event store and the
     counts of what was skipped. `counts` maps a reason to a number of rows (or subjects, where it says so)."""
@@ -50,9 +83,8 @@ class Scan:
     def __init__(self, profile: dict, *, hours: int, exclude_label_items: bool):
         self.profile, self.codes, self.strings = profile, CodeTable(profile), Strings()
         self.hours, self.exclude = hours, exclude_label_items
-        self.store, self.parts = EventStore(), {k: [] for k in PART_KEYS}
+        self.store, self.parts = Events(), {k: [] for k in PART_KEYS}
         self.done, self.n_stays, self.counts = np.zeros(0, np.int64), 0, {}
-        self.hadm_subject = {}               # admission id -> subject, across units (the hadm_id trap)
 
     def count(self, reason: str, n) -> None:
         if int(n):
@@ -60,17 +92,25 @@ class Scan:
 
     # ------------------------------------------------------------------------------------------- units
     def read(self, batches) -> None:
-        """The column dicts (meds.columns) of one file's batches, cut into units of complete subjects."""
+        """The column dicts (meds.columns) of one file's batches, cut into units of complete subjects: a batch's
+        last subject waits for the rows of the next batch that continue it (only those are copied)."""
         carry = None
         for cols in batches:
+            subject, start = cols["subject"], 0
+            if not len(subject):
+                continue
             if carry is not None:
-                cols = {k: np.concatenate([carry[k], v]) for k, v in cols.items()}
-            subject = cols["subject"]
-            other = np.flatnonzero(subject != subject[-1]) if len(subject) else np.zeros(0, np.int64)
-            cut = int(other[-1]) + 1 if len(other) else 0            # the last subject waits for the next batch
+                other = subject != carry["subject"][0]
+                start = int(np.argmax(other)) if other.any() else len(subject)
+                carry = {k: np.concatenate([carry[k], v[:start]]) for k, v in cols.items()}
+                if start == len(subject):
+                    continue
+                self.unit(carry)
+            last = np.flatnonzero(subject[start:] != subject[-1])
+            cut = start + (int(last[-1]) + 1 if len(last) else 0)
+            if cut > start:
+                self.unit({k: v[start:cut] for k, v in cols.items()})
             carry = {k: v[cut:] for k, v in cols.items()}
-            if cut:
-                self.unit({k: v[:cut] for k, v in cols.items()})
         if carry is not None and len(carry["subject"]):
             self.unit(carry)
 
@@ -92,13 +132,16 @@ class Scan:
 
     def _usable(self, cols: dict) -> dict:
         """The rows of `cols` with a subject and a code, of subjects not read before (each skipped row counted);
-        subjects whose timed rows go back in time are counted."""
-        keep = (cols["code"] >= 0) & (cols["subject"] >= 0)
+        subjects whose timed rows go back in time are counted. Nothing is copied when every row is usable."""
+        subject = cols["subject"]
+        runs = np.flatnonzero(np.append(True, subject[1:] != subject[:-1]))     # subjects are contiguous runs
+        seen = np.repeat(np.isin(subject[runs], self.done), np.diff(np.append(runs, len(subject))))
+        keep = (cols["code"] >= 0) & (subject >= 0)
         self.count("rows with a null code or subject_id", (~keep).sum())
-        seen = np.isin(cols["subject"], self.done)
         self.count("rows of subjects already read (a subject split across files, or not contiguous)",
                    (seen & keep).sum())
-        cols = {k: v[keep & ~seen] for k, v in cols.items()}
+        if not keep.all() or seen.any():
+            cols = {k: v[keep & ~seen] for k, v in cols.items()}
         timed = cols["minutes"] != NO_TIME
         s, t = cols["subject"][timed], cols["minutes"][timed]
         back = (s[1:] == s[:-1]) & (t[1:] < t[:-1])
@@ -270,8 +313,11 @@ class Scan:
         last = np.where(end[rows] >= 0, (end[rows] - t[rows] + since - 1) // 60, hour)
         span = np.clip(np.minimum(last, self.hours - 1) - hour + 1, 1, self.hours)
         spread = np.repeat(np.arange(len(rows)), span)                    # the hours an interval covers
-        self.store.add(stays["meds_row"][stay][spread], hour[spread] + group_rank(span),
-                       arrays["var"][code[rows]][spread], t[rows][spread], num[spread], cat[spread])
+        stay, hour, since = stay[spread], hour[spread] + group_rank(span), since[spread]
+        rows, num, cat = rows[spread], num[spread], cat[spread]
+        var = arrays["var"][code[rows]]
+        keep = last_per_cell(stay, hour, var, since, self.hours)
+        self.store.add(stays["meds_row"][stay[keep]], hour[keep], var[keep], num[keep], cat[keep])
         return onsets
 
     def _interval_ends(self, cols: dict, role: np.ndarray):
@@ -339,6 +385,24 @@ def _concatenate(parts: list[dict]) -> dict:
         return {}
     return {k: np.concatenate([p[k] for p in parts]) if isinstance(parts[0][k], np.ndarray) else
             [x for p in parts for x in p[k]] for k in parts[0]}
+
+
+def last_per_cell(stay, hour, var, since, hours: int) -> np.ndarray:
+    """Indices of the last row of each (stay, hour, variable key), in that order: the latest `since` (minutes
+    since intime), the later row among equal ones, as extract.EventStore keeps them; one stable sort of a packed
+    key (a lexsort when the key does not fit 62 bits)."""
+    if not len(stay):
+        return np.zeros(0, np.int64)
+    bits = [int(x).bit_length() for x in (hours, int(var.max()), int(since.max()))]
+    if int(stay.max()).bit_length() + sum(bits) <= 62:
+        key = ((stay.astype(np.int64) << bits[0] | hour) << bits[1] | var) << bits[2] | since
+        order = np.argsort(key, kind="stable")
+        cell = key[order] >> bits[2]
+        new = cell[1:] != cell[:-1]
+    else:
+        order = np.lexsort((since, var, hour, stay))
+        new = (np.diff(stay[order]) != 0) | (np.diff(hour[order]) != 0) | (np.diff(var[order]) != 0)
+    return order[np.append(new, True)]
 
 
 def pair_in_order(sa, va, ta, sb, vb, tb) -> np.ndarray:
