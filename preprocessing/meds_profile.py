@@ -6,8 +6,8 @@ ids of a batch's distinct codes, whose per-code arrays (`codes.frozen()`: role, 
 reads.
 A profile is a small JSON file (its format: docs/meds.md, Profiles); the built-in ones, one per public ETL, are in
 preprocessing/meds_profiles/. Each code is classified once, by the first rule whose regular expression matches it
-whole, so a scan of millions of events costs one table look-up per event. Imports the stdlib, numpy and the
-preprocessing modules below it (tables for nothing but the registry of event tables).
+whole, so a scan of millions of events costs one table look-up per event. Imports the stdlib, numpy, the task
+registry and extract's event-table registry (so that a MIMIC-IV item keeps the variable key the CSV reader gives it).
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def _regex(pattern: str, where: str, bad) -> re.Pattern:
 class CodeTable:
     """Every distinct code seen so far, numbered in order of appearance, with what the profile makes of it:
     `role` (ROLE_IDS, UNKNOWN), `var` (event variable key: table code x VAR_SPAN + item, -1 for others), `onset`
-    (index into `onset_tasks` of the task whose onset it marks, -1), `slot` (the variable's number, -1), `values` (bit 1: numeric_value, 2:
+    (index into `onset_tasks` of the task whose onset it marks, -1), `values` (bit 1: numeric_value, 2:
     text_value), `died` (a discharge that is a death) as numpy arrays (`frozen()`), and `fields` (the named groups)
     per code."""
 
@@ -148,8 +148,7 @@ class CodeTable:
             EVENT_TABLES[table]["code"] * VAR_SPAN + item: self.onset_tasks.index(t)
             for t, task in TASKS.items() for table, item in task.onset_items}
         self.items: dict = {}                  # (table code, item text) -> item id, for items that are not numbers
-        self.arrays = {k: [] for k in ("role", "var", "slot", "onset", "values", "died")}
-        self.slots: dict = {}                  # variable key -> its number among the variables seen (for packed keys)
+        self.arrays = {k: [] for k in ("role", "var", "onset", "values", "died")}
         self._frozen: dict = {}
 
     def ids(self, strings: list) -> np.ndarray:
@@ -167,11 +166,10 @@ class CodeTable:
         return out
 
     def frozen(self) -> dict:
-        """The per-code arrays {"role", "var", "slot", "onset", "values", "died"} over every code seen so far (rebuilt only
+        """The per-code arrays {"role", "var", "onset", "values", "died"} over every code seen so far (rebuilt only
         when codes were added since the last call)."""
         if self._frozen.get("n") != len(self.strings):
-            dtypes = {"role": np.int8, "var": np.int64, "slot": np.int32, "onset": np.int8, "values": np.uint8,
-                      "died": bool}
+            dtypes = {"role": np.int8, "var": np.int64, "onset": np.int8, "values": np.uint8, "died": bool}
             self._frozen = {"n": len(self.strings), **{k: np.array(v, dtypes[k]) for k, v in self.arrays.items()}}
         return self._frozen
 
@@ -185,8 +183,7 @@ class CodeTable:
             if var >= 0 and any(p.fullmatch(code) for p in patterns):
                 onset = self.onset_tasks.index(task)
         values = (1 if rule and "numeric" in rule["values"] else 0) | (2 if rule and "text" in rule["values"] else 0)
-        slot = self.slots.setdefault(var, len(self.slots)) if var >= 0 else -1
-        for k, v in (("role", role), ("var", var), ("slot", slot), ("onset", onset), ("values", values),
+        for k, v in (("role", role), ("var", var), ("onset", onset), ("values", values),
                      ("died", bool(rule and rule.get("died")))):
             self.arrays[k].append(v)
         self.fields.append(fields)

@@ -4,10 +4,10 @@ Usage: `scan = Scan(profile, hours=48, exclude_label_items=True)`, `scan.read(ba
 batches (preprocessing/meds.py opens them), then `scan.result()`. MEDS keeps each subject in one file, contiguous
 and sorted by time, so the scan works on *units* of complete subjects (a batch less its last subject, which
 waits for the next batch): from a unit's own rows it builds the subjects' admissions, ICU stays, diagnoses and
-drugs, then places its events in those stays and keeps the last value of each (stay, hour, variable) in one
-`extract.EventStore`, as the CSV reader does. Events are kept for every ICU stay read ("candidate" stays,
-numbered in reading order); `build_mimic` filters the stays and `meds.MedsReader.stream_events` keeps the events
-of those left. Memory follows the kept values and the small core records, never the size of the files.
+drugs, then places its events in those stays and keeps the last value of each (stay, hour, variable) as the
+CSV reader's `extract.EventStore` does (`Events`: one sort per unit, no merge). Events are kept for every ICU
+stay read ("candidate" stays, numbered in reading order); `build_mimic` filters the stays and
+`meds.MedsReader.stream_events` keeps the events of those left. Memory follows the kept values and the small core records, never the size of the files.
 Rows the scan cannot use are skipped and counted (`counts`): a null code or subject, rows of a subject already
 read (split across files, or not contiguous), codes no profile rule matches; subjects whose times are out of
 order are counted (read all the same: nothing here depends on the order). Times are minutes since 1970.
@@ -77,8 +77,8 @@ class Events:
 
 
 class Scan:
-    """The accumulators of one pass: per-unit parts of the core records (PART_KEYS), the event store and the
-    counts of what was skipped. `counts` maps a reason to a number of rows (or subjects, where it says so)."""
+    """The accumulators of one pass: per-unit parts of the core records (PART_KEYS), the events (`store`) and
+    the counts of what was skipped. `counts` maps a reason to a number of rows (or subjects, where it says so)."""
 
     def __init__(self, profile: dict, *, hours: int, exclude_label_items: bool):
         self.profile, self.codes, self.strings = profile, CodeTable(profile), Strings()
