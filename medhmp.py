@@ -78,7 +78,7 @@ def cli():
 @_option("--event-scale", synthetic.SynthConfig, "Chart rows per stay-hour multiplier.", type=FiniteRange(min=0.1))
 @_option("--meds-etl", synthetic.SynthConfig, "meds: MIMIC_IV_MEDS lab codes.", type=click.Choice(synthetic.MEDS_ETLS))
 def synth(**options):
-    """Write a synthetic cohort (MIMIC-III, MIMIC-IV, diagnosis-extract or MEDS layout) of a latent model (OUT/latents/)."""
+    """Write a synthetic cohort (MIMIC-III, MIMIC-IV, diagnosis extract or MEDS) of a latent model (OUT/latents/)."""
     done = _run(synthetic.synthesize, synthetic.SynthConfig, **options)
     click.echo("wrote {out}: {patients} patients, {admissions} admissions, {stays} ICU stays".format(**done))
 

@@ -87,7 +87,8 @@ def main():
     print("| fraction | patients | ICU stays (featurised) | events | parquet | bare scan | preprocessing | events/s "
           "(x bare) | peak RSS |\n|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['fraction']:g} | {r['patients']:,} | {r['stays_read']:,} ({r['stays']:,}) | {r['events'] / 1e6:.0f} M "
+        print(f"| {r['fraction']:g} | {r['patients']:,} | {r['stays_read']:,} ({r['stays']:,}) "
+              f"| {r['events'] / 1e6:.0f} M "
               f"| {r['raw_gib']} GiB | {r['bare_s']:.0f} s ({r['bare_rows_per_s'] / 1e6:.1f} M/s) "
               f"| {r['seconds'] / 60:.1f} min | {r['rows_per_s'] / 1e6:.2f} M ({r['vs_bare']}x) "
               f"| {r['peak_rss_mib'] / 1024:.1f} GiB |")

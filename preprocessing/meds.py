@@ -27,10 +27,11 @@ from preprocessing.cohorts import assign_splits
 from preprocessing.extract import find_notes, namespace_icd
 from preprocessing.meds_profile import load_profile
 from preprocessing.meds_scan import NO_TIME, Scan
+from preprocessing.meds_write import MEDS_SPLIT_NAMES
 from tasks import TASKS
 
 BATCH_ROWS = 1 << 20                 # rows per record batch: large enough to amortise numpy calls, ~40 MB of columns
-MEDS_SPLITS = {"train": 0, "tuning": 1, "held_out": 2}     # MEDS split names -> index into data.SPLITS
+MEDS_SPLITS = {meds: SPLITS.index(ours) for ours, meds in MEDS_SPLIT_NAMES.items()}   # -> index into data.SPLITS
 REQUIRED = ("subject_id", "time", "code")
 INSTALL = "pip install -r requirements-meds.txt (pyarrow)"
 
@@ -269,7 +270,8 @@ class MedsReader:
             return ours
         table = pyarrow()[1].read_table(path)
         if not {"subject_id", "split"} <= set(table.column_names):
-            raise InputError(f"{path}: needs columns subject_id and split (columns are: {', '.join(table.column_names)})")
+            raise InputError(f"{path}: needs columns subject_id and split (columns are: "
+                             f"{', '.join(table.column_names)})")
         ids = table["subject_id"].to_numpy(zero_copy_only=False).astype(np.int64)
         names = np.array(table["split"].fill_null("").to_pylist(), dtype=object)
         order = np.argsort(ids, kind="stable")
@@ -291,7 +293,8 @@ class MedsReader:
         version = np.array([v.strip().encode() for v in d["version"]], dtype=bytes) if d["version"] else \
             np.zeros(0, "S1")
         out, kept, counts = namespace_icd(codes, version, systems)
-        counts["rows without code or admission"] = counts.pop("rows without code") + int((kept & (d["hadm_id"] < 0)).sum())
+        no_admission = int((kept & (d["hadm_id"] < 0)).sum())
+        counts["rows without code or admission"] = counts.pop("rows without code") + no_admission
         keep = kept & (d["hadm_id"] >= 0)
         return d["hadm_id"][keep], out[keep], counts, None
 

@@ -126,8 +126,8 @@ class MedsWriter:
                        self.root / "metadata" / "codes.parquet")
         ids = np.concatenate([s for s, _ in self.splits]) if self.splits else np.zeros(0, np.int64)
         names = np.concatenate([n for _, n in self.splits]) if self.splits else np.zeros(0, str)
-        pq.write_table(pa.table({"subject_id": pa.array(ids, pa.int64()), "split": pa.array(names.tolist(), pa.string())}),
-                       self.root / "metadata" / "subject_splits.parquet")
+        splits = pa.table({"subject_id": pa.array(ids, pa.int64()), "split": pa.array(names.tolist(), pa.string())})
+        pq.write_table(splits, self.root / "metadata" / "subject_splits.parquet")
 
     # ----------------------------------------------------------------------------------- MIMIC_IV_MEDS
     def _mimic(self, t: dict, adm: dict) -> list[dict]:
@@ -205,7 +205,8 @@ def _mimic_icu(t: dict) -> list[dict]:
     """Chart, output, input and procedure events as MIMIC_IV_MEDS codes them (datetimeevents: not in its configs)."""
     parts = []
     for table, code, when, values in (("chartevents", ("LAB//", "//UNK"), "charttime", ("valuenum", "value")),
-                                      ("outputevents", ("SUBJECT_FLUID_OUTPUT//", "//UNK"), "charttime", ("value", None)),
+                                      ("outputevents", ("SUBJECT_FLUID_OUTPUT//", "//UNK"), "charttime",
+                                       ("value", None)),
                                       ("inputevents", ("INFUSION_START//", ""), "starttime", (None, None)),
                                       ("inputevents", ("INFUSION_END//", ""), "endtime", ("amount", None)),
                                       ("procedureevents", ("PROCEDURE//START//", ""), "starttime", (None, None)),

@@ -7,7 +7,8 @@ waits for the next batch): from a unit's own rows it builds the subjects' admiss
 drugs, then places its events in those stays and keeps the last value of each (stay, hour, variable) as the
 CSV reader's `extract.EventStore` does (`Events`: one sort per unit, no merge). Events are kept for every ICU
 stay read ("candidate" stays, numbered in reading order); `build_mimic` filters the stays and
-`meds.MedsReader.stream_events` keeps the events of those left. Memory follows the kept values and the small core records, never the size of the files.
+`meds.MedsReader.stream_events` keeps the events of those left. Memory follows the kept values and the small
+core records, never the size of the files.
 Rows the scan cannot use are skipped and counted (`counts`): a null code or subject, rows of a subject already
 read (split across files, or not contiguous), codes no profile rule matches; subjects whose times are out of
 order are counted (read all the same: nothing here depends on the order). Times are minutes since 1970.
@@ -217,7 +218,8 @@ class Scan:
 
     def category_names(self) -> list[str]:
         """The static categories of admissions this profile can fill (STATIC_CATEGORIES order)."""
-        named = {g for r in self.profile["rules"] if r["role"] in ("admission", "category") for g in r["regex"].groupindex}
+        named = {g for r in self.profile["rules"] if r["role"] in ("admission", "category")
+                 for g in r["regex"].groupindex}
         named |= set(self.profile["admission_columns"])
         return [c for c in STATIC_CATEGORIES if c in named and c not in ("gender", "first_careunit")]
 

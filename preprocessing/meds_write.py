@@ -6,10 +6,7 @@ without pyarrow it writes nothing and returns a note. pyarrow is imported inside
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import numpy as np
 
 from data import SPLITS
 

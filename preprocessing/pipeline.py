@@ -55,7 +55,7 @@ class PreprocessConfig:
     readmission_days: int = 30                # paper §3.3: 30-day readmission
     patient_gap_days: int = 180               # paper App. A: history ends six months before diagnosis
     controls_per_case: int = 3                # paper App. A: three matched controls per case
-    meds_profile: str | None = None           # a MEDS root's profile: a built-in name or a file; None: from dataset.json
+    meds_profile: str | None = None           # a MEDS root's profile (built-in name or file); None: dataset.json
     quiet: bool = False
 
 
