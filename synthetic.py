@@ -828,8 +828,8 @@ def synthesize(cfg: SynthConfig) -> dict:
         if bad:
             raise ValueError(what)
     if out.exists() and not _replaceable(out):
-        raise InputError(f"{out} exists and is not an extract (only .csv[.gz] files, hosp/ icu/ note/ latents/, or "
-                         "a MEDS root's data/ and metadata/); remove it or choose another --out")
+        raise InputError(f"{out} exists and is not a CSV extract (only .csv[.gz] files, hosp/ icu/ note/ latents/) "
+                         "nor a MEDS root (data/, metadata/); remove it or choose another --out")
     tables = _generator_layout(cfg.layout)
     ids, totals = dict(zip(("subject", "hadm", "stay"), _FIRST_IDS[tables])), dict(patients=0, admissions=0)
     with Staged(cfg.out, "--out", log=rep.log) as stage:    # written whole under a staging name, then swapped in

@@ -271,3 +271,12 @@ def test_eicu_stay_labels_are_the_mimic_labels_of_the_same_stays(eicu_root, tmp_
     a, b = stay_labels(tmp_path / "a"), stay_labels(tmp_path / "b")
     both = set(a) & set(b)
     assert len(both) > 0.9 * len(a) and all(a[k] == b[k] for k in both)
+
+
+def test_synth_meds_replaces_its_own_folder(tmp_path):
+    """A MEDS root written by synth is an extract synth may replace (data/, metadata/, note/, latents/)."""
+    for patients in (6, 4):
+        synthesize(SynthConfig(out=tmp_path / "raw", patients=patients, layout="meds", quiet=True))
+    subjects = pq.read_table(tmp_path / "raw" / "metadata" / "subject_splits.parquet")["subject_id"]
+    assert len(subjects) == 4 and sorted(p.name for p in (tmp_path / "raw").iterdir()) == \
+        ["data", "latents", "metadata", "note"]
