@@ -87,6 +87,8 @@ def cli():
 @_option("--layout", synthetic.SynthConfig, type=click.Choice(synthetic.LAYOUTS))
 @_option("--event-scale", synthetic.SynthConfig, "Chart rows per stay-hour multiplier.",
          type=FiniteRange(min=0.1))
+@_option("--meds-etl", synthetic.SynthConfig, "meds: MIMIC_IV_MEDS lab codes.",
+         type=click.Choice(synthetic.MEDS_ETLS))
 @_option("--strength", synthetic.SynthConfig, "How strongly the latents drive the data and labels.",
          type=FiniteRange(min=0))
 @_option("--label-noise", synthetic.SynthConfig, "Share of each label drawn at its base rate.",
@@ -94,7 +96,7 @@ def cli():
 @click.option("--overwrite", is_flag=True, default=None,
               help="Replace an extract in OUT that synth did not write.")
 def synth(**options):
-    """Write a synthetic cohort (MIMIC-III, MIMIC-IV or diagnosis-extract layout) of a latent model
+    """Write a synthetic cohort (MIMIC-III, MIMIC-IV, diagnosis extract or MEDS) of a latent model
     (OUT/latents/)."""
     done = _run(synthetic.synthesize, synthetic.SynthConfig, **options)
     click.echo("wrote {out}: {patients} patients, {admissions} admissions, {stays} ICU "
@@ -102,7 +104,10 @@ def synth(**options):
 
 
 @cli.command()
-@_option("--raw", pipeline.PreprocessConfig, "Folder of CSV extracts.", type=PathOption)
+@_option("--raw", pipeline.PreprocessConfig, "Folder of CSV extracts, or a MEDS root.",
+         type=PathOption)
+@click.option("--meds-profile", help="MEDS root: a built-in profile (docs/meds.md) or a profile "
+              "file. [default: from metadata/dataset.json]")
 @click.option("--notes", type=PathOption,
               help="Note table or folder (NOTEEVENTS*, MIMIC-IV-Note discharge).")
 @_option("--text-model", pipeline.PreprocessConfig,

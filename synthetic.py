@@ -1,9 +1,11 @@
 """Synthetic MIMIC-style extracts drawn from an explicit latent model, for the demo, the tests and benchmarks.
 
-Usage: `python medhmp.py synth --out data/raw [--patients 400] [--layout mimic3|mimic4|trinetx] [--seed 0]`, or
-`synthesize(SynthConfig(out=Path("data/raw")))`, which returns a summary. Writes `.csv.gz` tables with the real
-column lists of mimic3 (one folder, upper-case MIMIC-III v1.4 names), mimic4 (hosp/, icu/, note/discharge of MIMIC-IV
-v2.2 and MIMIC-IV-Note) or trinetx (patient and diagnosis of a TriNetX-style extract, dotted codes), filling the ids
+Usage: `python medhmp.py synth --out data/raw [--patients 400] [--layout mimic3|mimic4|trinetx|meds|meds-eicu]
+[--seed 0]`, or `synthesize(SynthConfig(out=Path("data/raw")))`, which returns a summary. Writes `.csv.gz` tables
+with the real column lists of mimic3 (one folder, upper-case MIMIC-III v1.4 names), mimic4 (hosp/, icu/,
+note/discharge of MIMIC-IV v2.2 and MIMIC-IV-Note) or trinetx (patient and diagnosis of a TriNetX-style extract,
+dotted codes); meds and meds-eicu write the same cohort's MIMIC-IV tables as a MEDS root, as MIMIC_IV_MEDS
+(`meds_etl`: its lab codes up to 0.0.7 or from 0.1.0) or eICU_MEDS would (preprocessing/meds_etl.py), filling the ids
 and the columns the reader (preprocessing/extract.py) reads, the others blank; and latents/, true latents and flags,
 which preprocessing never reads (`read_latents` loads them for probes and benchmarks).
 
@@ -35,10 +37,12 @@ between two admissions: about half the admissions are coded in ICD-10), each ICD
 (a task code its ICD-10-CM equivalent in tasks.TASKS). Chunks of patients bound the
 memory; the same config gives the same bytes (a numpy `default_rng` per chunk and table, gzip `mtime=0`); output
 goes to a staging folder (folders.Staged), swapped in when complete: a folder that exists is always whole. An
-existing OUT is replaced only when synth wrote it (its MARKER file) or with `--overwrite` (`overwrite=True`).
+existing OUT (a CSV extract or a MEDS root) is replaced only when synth wrote it (its MARKER file) or with
+`--overwrite` (`overwrite=True`).
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import re
 import zlib
@@ -49,11 +53,13 @@ from pathlib import Path
 import numpy as np
 
 from folders import InputError, Staged
+from preprocessing.meds_etl import MedsWriter
 from preprocessing.tables import group_rank
 from progress import Reporter
 from tasks import names_at
 
-LAYOUTS = ("mimic3", "mimic4", "trinetx")
+LAYOUTS = ("mimic3", "mimic4", "trinetx", "meds", "meds-eicu")   # meds: MIMIC_IV_MEDS, meds-eicu: eICU_MEDS shape
+MEDS_ETLS = ("0.0.7", "0.1.0")   # the MIMIC_IV_MEDS versions whose hospital lab codes the meds layout can write
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class SynthConfig:
     label_noise: float = 0.0
     loadings_seed: int = 0     # 0: the designed latent-to-item loadings; another: re-drawn (an unrelated world)
     overwrite: bool = False    # replace an existing extract that synth did not write (MARKER)
+    meds_etl: str = "0.1.0"    # meds layout: LAB//{itemid} (0.0.7) or LAB//RESULT//{itemid} (0.1.0) hospital labs
     quiet: bool = False
 
 
@@ -801,9 +808,11 @@ class _Sink:
     (source key -> column of ready-made text, or one constant) in the layout's column order; a column without a key
     stays blank and a table the layout lacks is skipped."""
 
-    def __init__(self, root: Path, layout: str):
-        self.schema, self.files, self.rows = {}, {}, {}
+    def __init__(self, root: Path, layout: str, only: tuple[str, ...] | None = None):
+        self.schema, self.files, self.rows, self.layout = {}, {}, {}, layout
         for table, (name, spec) in _SCHEMAS[layout].items():
+            if only is not None and table not in only:
+                continue
             columns = [c.split("=") if "=" in c else (c, c) for c in spec.split()]
             upper = layout == "mimic3" and not name.startswith("latents/")
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -820,30 +829,74 @@ class _Sink:
             self.files[table][1].write(("\n".join(map(",".join, zip(*fields))) + "\n").encode())
             self.rows[table] += n
 
+    def end_chunk(self) -> None:
+        """Nothing: rows go to the files as they are written."""
+
+    def tables(self) -> dict:
+        return {_SCHEMAS[self.layout][t][0]: rows for t, rows in self.rows.items()}
+
     def close(self) -> None:
         for raw, gz in self.files.values():
             gz.close()
             raw.close()
 
 
+class _MedsSink:
+    """The sink of the meds layouts: the MIMIC-IV tables become MEDS events (preprocessing.meds_etl.MedsWriter),
+    written sorted at the end of each chunk; the discharge notes (MIMIC-IV-Note, which no MEDS ETL reads; eICU has
+    none) and the latents stay CSV, in note/ and latents/ beside data/ and metadata/."""
+
+    def __init__(self, root: Path, cfg: SynthConfig):
+        eicu = cfg.layout == "meds-eicu"
+        self.csv = _Sink(root, "mimic4", only=("latent_patients", "latent_admissions", "latent_stays",
+                                               *(() if eicu else ("notes",))))
+        self.meds = MedsWriter(root, "eicu" if eicu else cfg.meds_etl, cfg.seed)
+
+    @property
+    def rows(self) -> dict:
+        return {**self.csv.rows, "MEDS events": self.meds.rows}
+
+    def write(self, table: str, n: int, cols: dict) -> None:
+        (self.csv.write if table in self.csv.schema or table == "notes" else self.meds.add)(table, n, cols)
+
+    def end_chunk(self) -> None:
+        self.meds.end_chunk()
+
+    def tables(self) -> dict:
+        return {**self.csv.tables(), "data/**/*.parquet (MEDS events)": self.meds.rows}
+
+    def close(self) -> None:
+        self.csv.close()
+        self.meds.close()
+
+
+def _generator_layout(layout: str) -> str:
+    """The CSV layout whose tables the generator draws: a MEDS extract is written from MIMIC-IV's."""
+    return "mimic4" if layout.startswith("meds") else layout
+
+
 # written into every extract synth writes: only such a folder is replaced without --overwrite
 MARKER = ".medhmp-synth"
+EXTRACT_FOLDERS = ("hosp", "icu", "note", "latents",            # CSV layouts (MIMIC-IV's folders)
+                   "data", "metadata", "train", "tuning", "held_out")   # a MEDS root and its split folders
+EXTRACT_FILES = (".csv", ".csv.gz", ".parquet", ".json")          # tables; MEDS data, metadata, dataset.json
 
 
 def _extract_only(folder: Path) -> bool:
-    """Whether `folder` holds nothing but an extract (and synth's marker), so replacing it loses nothing else."""
-    return all(p.name.lower() in ("hosp", "icu", "note", "latents") and _extract_only(p) if p.is_dir()
-               else p.name.lower().endswith((".csv", ".csv.gz")) or p.name == MARKER for p in folder.iterdir())
+    """Whether `folder` holds nothing but an extract, CSV or MEDS (and synth's marker), so replacing it loses
+    nothing else."""
+    return all(p.name.lower() in EXTRACT_FOLDERS and _extract_only(p) if p.is_dir()
+               else p.name.lower().endswith(EXTRACT_FILES) or p.name == MARKER for p in folder.iterdir())
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    """An existing --out is replaced only when it holds an extract only, written by synth (its MARKER) or
-    replaced on purpose (--overwrite): a user's own extract is never deleted without asking."""
+    """An existing --out is replaced only when it holds an extract only (CSV or MEDS), written by synth (its
+    MARKER) or replaced on purpose (--overwrite): a user's own extract is never deleted without asking."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not out.is_dir() or out.resolve() == Path.cwd().resolve() or not _extract_only(out):
-        raise InputError(f"{out} exists and is not a CSV extract (only .csv[.gz] files, hosp/ icu/ note/ latents/); "
-                         "remove it or choose another --out")
+        raise InputError(f"{out} exists and is not a CSV extract (only .csv[.gz] files, hosp/ icu/ note/ latents/) "
+                         "nor a MEDS root (data/, metadata/); remove it or choose another --out")
     if not (out / MARKER).is_file() and not overwrite:
         raise InputError(f"{out} holds an extract that synth did not write; pass --overwrite to replace it, or "
                          "choose another --out")
@@ -857,24 +910,27 @@ def synthesize(cfg: SynthConfig) -> dict:
                       (cfg.patients < 1, f"patients must be at least 1, not {cfg.patients}"),
                       (not cfg.event_scale > 0, f"event_scale must be positive, not {cfg.event_scale}"),
                       (not 0 <= cfg.strength, f"strength must be at least 0, not {cfg.strength}"),
-                      (not 0 <= cfg.label_noise <= 1, f"label_noise must be in [0, 1], not {cfg.label_noise}")):
+                      (not 0 <= cfg.label_noise <= 1, f"label_noise must be in [0, 1], not {cfg.label_noise}"),
+                      (cfg.meds_etl not in MEDS_ETLS, f"meds_etl must be one of {', '.join(MEDS_ETLS)}")):
         if bad:
             raise ValueError(what)
     _check_out(out, cfg.overwrite)
-    ids, totals = dict(zip(("subject", "hadm", "stay"), _FIRST_IDS[cfg.layout])), dict(patients=0, admissions=0)
+    tables = _generator_layout(cfg.layout)
+    ids, totals = dict(zip(("subject", "hadm", "stay"), _FIRST_IDS[tables])), dict(patients=0, admissions=0)
     world = world_of(cfg)
     with Staged(cfg.out, "--out", log=rep.log) as stage:    # written whole under a staging name, then swapped in
         out = stage.out
         rep.log(f"synth: {cfg.patients:,} patients, {cfg.layout}, seed {cfg.seed}, event scale {cfg.event_scale:g}: "
                 f"{out}")
-        sink = _Sink(stage.tmp, cfg.layout)
+        sink = _Sink(stage.tmp, cfg.layout) if tables == cfg.layout else _MedsSink(stage.tmp, cfg)
         try:
             with rep.task("synth patients", total=cfg.patients, unit="patients") as advance:
                 for chunk, start in enumerate(range(0, cfg.patients, _CHUNK)):
                     n = min(_CHUNK, cfg.patients - start)
-                    pat, adm, st = _cohort(np.random.default_rng([cfg.seed & (2 ** 63 - 1), chunk]), n, ids, cfg.layout,
+                    pat, adm, st = _cohort(np.random.default_rng([cfg.seed & (2 ** 63 - 1), chunk]), n, ids, tables,
                                            world)
-                    _write_chunk(sink, cfg, world, chunk, pat, adm, st)
+                    _write_chunk(sink, dataclasses.replace(cfg, layout=tables), world, chunk, pat, adm, st)
+                    sink.end_chunk()
                     for key, rows in (("patients", n), ("admissions", len(adm["id"])), ("stays", len(st["id"]))):
                         totals[key] = totals.get(key, 0) + rows * (key != "stays" or cfg.layout != "trinetx")
                     advance(n, status=f"{sum(sink.rows.values()):,} rows")
@@ -883,7 +939,7 @@ def synthesize(cfg: SynthConfig) -> dict:
         (stage.tmp / MARKER).write_text("written by `python medhmp.py synth`; the next synth into this folder "
                                         "replaces it\n")
         stage.commit()
-    tables = {_SCHEMAS[cfg.layout][t][0]: rows for t, rows in sink.rows.items()}
+    tables = sink.tables()
     rep.log(f"synth: wrote {out} ({', '.join(f'{name} {rows:,}' for name, rows in tables.items())})")
     return dict(tables=tables, out=str(out), **totals)
 

@@ -40,6 +40,7 @@ class Built:
     note_embeddings: dict = field(default_factory=dict)   # {text key: vector} computed here, for note_cache.pt
     warnings: list = field(default_factory=list)          # `warning:` lines for the end of the run, beside each
                                                           # table's own (tables.Source.warnings)
+    stay_intime: np.ndarray | None = None  # minutes, per row of `stays`: the MEDS label files' prediction times
 
 
 def _take(record: dict, rows) -> dict:
@@ -58,39 +59,41 @@ def _patient_steps(table: str, n_table: int, n_kept: int, cfg) -> list:
 
 
 # ------------------------------------------------------------------------------------------- MIMIC
-def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Built:
+def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict, reader=None) -> Built:
     """A MIMIC-III or MIMIC-IV extract: patients -> admissions -> adult MetaVision ICU stays with events.
-    The text model is loaded first, so that a bad --text-model fails before any table is read."""
+    The text model is loaded first, so that a bad --text-model fails before any table is read. `reader` gives
+    the tables (CsvReader's methods; meds.MedsReader for a MEDS extract)."""
     text_model = load_text_model(cfg.text_model, cfg.text_device)
-    core, sources = load_core(raw, layout)
+    reader = reader or CsvReader(raw, layout)
+    core, sources = reader.load_core()
     subjects = sample_patients(core["patients"]["subject_id"], cfg)
     attrition = {"patients": _patient_steps("patients table", len(core["patients"]["subject_id"]), len(subjects),
                                             cfg)}
     patients = _take(core["patients"], row_of(core["patients"]["subject_id"], subjects))  # rows as `subjects`
-    split = assign_splits(subjects, cfg.seed, cfg.split)                  # per patient, an index into SPLITS
+    split = reader.assign_splits(subjects, cfg.seed, cfg.split)           # per patient, an index into SPLITS
     admissions, attrition["admissions"] = _kept_admissions(core["admissions"], subjects)
     admission_patient = lookup(subjects, admissions["subject_id"])       # row in `patients` per admission
     stays, attrition["stays"] = _icu_stays(core["stays"], admissions, patients, admission_patient)
 
-    codes = _admission_codes(cfg, raw, layout, admissions, split[admission_patient] == 0, rep,
+    codes = _admission_codes(cfg, reader, admissions, split[admission_patient] == 0, rep,
                              known=core["admissions"]["hadm_id"])   # small: first
     sources.update(codes["sources"])
     attrition["admissions"].append([CODED, codes["with_codes"]])
     warnings = codes["warnings"]
     _check_usable(raw, attrition, rep)
-    stays, events, onsets, skipped, event_sources, overlaps = _stays_with_events(cfg, raw, layout, stays, rep)
+    stays, events, onsets, skipped, event_sources, overlaps = _stays_with_events(cfg, reader, stays, rep)
     sources.update(event_sources)
     attrition["stays"].append([f"with events in the first {cfg.seq_len} h", len(stays["stay_id"])])
     _check_usable(raw, attrition, rep)
     train_stay = split[stays["patient_row"]] == 0
     rep.log(f"fitting features on {int(train_stay.sum())} training stays")
-    names, label_sources = variable_names(raw, layout, events["var_keys"])
+    names, label_sources = reader.variable_names(events["var_keys"])
     warnings += [line for src in label_sources for line in src.warnings()]
     ts, ts_spec = _time_series(cfg, events, names, train_stay)
     static, static_spec = _static_vectors(cfg, stays, admissions, patients, train_stay)
 
     skipped["diagnoses and prescriptions"] = codes["counts"]
-    notes = _admission_notes(cfg, raw, layout, admissions, rep=rep, note_cache=note_cache, text_model=text_model)
+    notes = _admission_notes(cfg, reader, admissions, rep=rep, note_cache=note_cache, text_model=text_model)
     sources.update(notes["sources"])
     skipped["notes"] = notes["counts"]
     warnings += notes["warnings"]
@@ -111,11 +114,45 @@ def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Built:
                        "stays": len(stays["stay_id"]), "active_cells": len(ts["ts_feat"]),
                        "density": round(len(ts["ts_feat"]) / max(1, n_cells), 5)}}
     if overlaps:
-        meta["overlapping_stays"], line = _overlap_record(overlaps)
+        meta["overlapping_stays"], line = _overlap_record(overlaps, reader.stay_group)
         warnings.append(line)
     meta["skipped"] = skipped_record(meta["skipped"], sources)
     return Built(meta, stay_arrays, admission_arrays, labels, _splits_json(subjects, split, cfg), sources,
-                 notes["embeddings"], warnings)
+                 notes["embeddings"], warnings, stays["intime"])
+
+
+class CsvReader:
+    """The tables of a CSV layout as build_mimic reads them, through preprocessing.extract. Another input
+    format hands build_mimic the same records through the same methods (meds.MedsReader)."""
+    stay_group = "admission"   # stays that overlap in time are those of one admission (StayIndex by hadm_id)
+
+    def __init__(self, raw: Path, layout: str):
+        self.raw, self.layout = raw, layout
+
+    def load_core(self):
+        return load_core(self.raw, self.layout)
+
+    def assign_splits(self, subjects, seed, fractions):
+        return assign_splits(subjects, seed, fractions)
+
+    def read_diagnoses(self, systems, known):
+        return read_diagnoses(self.raw, self.layout, systems, known)
+
+    def read_drugs(self, code, known, progress):
+        return read_drugs(self.raw, self.layout, code, known, progress)
+
+    def stream_events(self, stays: dict, *, hours: int, exclude_label_items: bool, progress):
+        """extract.stream_events's (events, onsets, skipped, sources), and the (row, row) pairs of `stays` of
+        one admission that overlap in time (StayIndex.overlaps)."""
+        index = StayIndex(stays["hadm_id"], stays["intime"], stays["outtime"])
+        return (*stream_events(self.raw, self.layout, index, len(stays["stay_id"]), hours=hours,
+                               exclude_label_items=exclude_label_items, progress=progress), index.overlaps)
+
+    def variable_names(self, keys):
+        return variable_names(self.raw, self.layout, keys)
+
+    def find_notes(self, notes):
+        return find_notes(self.raw, notes, self.layout)
 
 
 def _kept_admissions(admissions: dict, subjects: np.ndarray) -> tuple[dict, list]:
@@ -147,15 +184,13 @@ def _icu_stays(stays: dict, admissions: dict, patients: dict, admission_patient:
     return stays, steps
 
 
-def _stays_with_events(cfg, raw: Path, layout: str, stays: dict, rep):
+def _stays_with_events(cfg, reader, stays: dict, rep):
     """Stream the event tables for `stays` and keep the stays with an event in the first seq_len hours:
     (stays, events with "stay" renumbered over them, onsets, skipped counts, the Source of each event table,
-    the (stay_id, stay_id) pairs of stays of one admission that overlap in time)."""
-    index = StayIndex(stays["hadm_id"], stays["intime"], stays["outtime"])
-    overlaps = [(int(stays["stay_id"][i]), int(stays["stay_id"][j])) for i, j in index.overlaps]
-    events, onsets, skipped, sources = stream_events(raw, layout, index, len(stays["stay_id"]), hours=cfg.seq_len,
-                                                     exclude_label_items=cfg.exclude_label_items,
-                                                     progress=rep.bytes_task)
+    the (stay_id, stay_id) pairs of stays of one admission (MEDS: subject; reader.stay_group) that overlap)."""
+    events, onsets, skipped, sources, overlap_rows = reader.stream_events(
+        stays, hours=cfg.seq_len, exclude_label_items=cfg.exclude_label_items, progress=rep.bytes_task)
+    overlaps = [(int(stays["stay_id"][i]), int(stays["stay_id"][j])) for i, j in overlap_rows]
     has_events = np.zeros(len(stays["stay_id"]), bool)
     has_events[events["stay"]] = True
     new_row = (np.cumsum(has_events) - 1).astype(np.int32)
@@ -164,11 +199,12 @@ def _stays_with_events(cfg, raw: Path, layout: str, stays: dict, rep):
     return _take(stays, has_events), events, onsets, skipped, sources, overlaps
 
 
-def _overlap_record(overlaps: list) -> tuple[dict, str]:
-    """meta.json "overlapping_stays" and the warning line for the pairs of ICU stays of one admission that overlap."""
+def _overlap_record(overlaps: list, group: str) -> tuple[dict, str]:
+    """meta.json "overlapping_stays" and the warning line for the pairs of ICU stays of one `group` (admission;
+    a MEDS subject) that overlap."""
     (a, b), n = overlaps[0], len(overlaps)
     record = {"pairs": n, "first": [a, b], "rule": "an event inside both stays is an event of each"}
-    return record, (f"warning: {n:,} pairs of ICU stays of one admission overlap in time (first: stays {a} and {b}); "
+    return record, (f"warning: {n:,} pairs of ICU stays of one {group} overlap in time (first: stays {a} and {b}); "
                     "an event inside both is an event of each (meta.json: overlapping_stays)")
 
 
@@ -304,7 +340,7 @@ def _vocabularies(cfg, icd_codes, drug_codes, icd_train, drug_train) -> tuple[li
     return other["icd_vocab"], other["drug_vocab"]
 
 
-def _admission_codes(cfg, raw: Path, layout: str, admissions: dict, train_admission: np.ndarray, rep, *,
+def _admission_codes(cfg, reader, admissions: dict, train_admission: np.ndarray, rep, *,
                      known: np.ndarray) -> dict:
     """ICD and drug code sets per admission: {"diagnoses": (admission row, code) pairs (for the cohorts),
     "icd_vocab", "drug_vocab", "csr": the code arrays of admissions.pt, "with_codes": admissions with an ICD
@@ -312,8 +348,8 @@ def _admission_codes(cfg, raw: Path, layout: str, admissions: dict, train_admiss
     "warnings": a line when the admissions end with no ICD or no drug code}. `known`: every hadm_id of the
     admissions table (a code of another admission is counted on its table)."""
     systems, known = icd_systems(cfg.icd), np.sort(known)
-    diagnosis_hadm, diagnosis_code, counts, diagnoses_src = read_diagnoses(raw, layout, systems, known)
-    drug_hadm, drug_code, drugs_src = read_drugs(raw, layout, cfg.drug_code, known, rep.bytes_task)
+    diagnosis_hadm, diagnosis_code, counts, diagnoses_src = reader.read_diagnoses(systems, known)
+    drug_hadm, drug_code, drugs_src = reader.read_drugs(cfg.drug_code, known, rep.bytes_task)
     diagnosis_row = lookup(admissions["hadm_id"], diagnosis_hadm)     # admission row per pair, -1: not kept
     drug_row = lookup(admissions["hadm_id"], drug_hadm)
     diagnosis_row, diagnosis_code = diagnosis_row[diagnosis_row >= 0], diagnosis_code[diagnosis_row >= 0]
@@ -326,7 +362,8 @@ def _admission_codes(cfg, raw: Path, layout: str, admissions: dict, train_admiss
     icd = icd_record(cfg.icd, diagnosis_row, diagnosis_code)
     rep.log(f"codes: {len(icd_vocab)} ICD ({icd['admissions']} admissions per system), {len(drug_vocab)} drugs "
             f"({cfg.drug_code}); {counts}")
-    sources = {"diagnoses": diagnoses_src, **({"prescriptions": drugs_src} if drugs_src else {})}
+    # a MEDS extract has no diagnosis or drug table of its own (None): its codes come with the events
+    sources = {k: v for k, v in (("diagnoses", diagnoses_src), ("prescriptions", drugs_src)) if v is not None}
     warnings = [] if len(icd_idx) else [no_codes("ICD", diagnoses_src, {**counts, "outside the vocabulary": icd_oov})]
     if drugs_src is not None and not drugs_src.empty and len(drug_idx) == 0:
         warnings.append(no_codes("drug", drugs_src, {"outside the vocabulary": drug_oov}))
@@ -337,9 +374,11 @@ def _admission_codes(cfg, raw: Path, layout: str, admissions: dict, train_admiss
 
 
 def no_codes(kind: str, src, counts: dict) -> str:
-    """The warning line for a run whose admissions (or visits) end with no `kind` code at all."""
-    dropped = "; ".join(f"{what} {n:,}" for what, n in {**counts, **src.skipped}.items() if n)
-    return (f"warning: no {kind} code is left for any admission ({src.path}: {src.rows:,} rows read"
+    """The warning line for a run whose admissions (or visits) end with no `kind` code at all; `src` is the
+    table read, None where the codes came with the events (MEDS)."""
+    dropped = "; ".join(f"{what} {n:,}" for what, n in {**counts, **(src.skipped if src is not None else {})}.items() if n)
+    where = f"{src.path}: {src.rows:,} rows read" if src is not None else "read with the events"
+    return (f"warning: no {kind} code is left for any admission ({where}"
             f"{'; ' + dropped if dropped else ''}); the {kind} modality is empty")
 
 
@@ -354,11 +393,11 @@ def check_notes(notes: Path | None, raw: Path, layout: str) -> None:
     find_notes(raw, Path(notes), layout)
 
 
-def _admission_notes(cfg, raw: Path, layout: str, admissions: dict, *, rep, note_cache: dict, text_model) -> dict:
+def _admission_notes(cfg, reader, admissions: dict, *, rep, note_cache: dict, text_model) -> dict:
     """One embedded note per admission (its latest discharge summary), zeros and mask 0 where none:
     {"arrays": note and note_mask of admissions.pt, "dim", "info" (meta.json), "counts" (rows skipped),
     "sources", "embeddings" (those computed here), "warnings" (an empty note table)}."""
-    path = find_notes(raw, cfg.notes, layout)
+    path = reader.find_notes(cfg.notes)
     texts, counts, sources, warnings = {}, {"note table": "missing"}, {}, []
     if path is not None:
         try:

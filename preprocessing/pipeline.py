@@ -22,6 +22,8 @@ from data import FORMAT_VERSION, LABEL_COLUMNS, SPLITS, InputError, config_recor
 from folders import Staged
 from preprocessing.build import ICD_OPTIONS, Built, build_mimic, build_trinetx, check_notes, icd_systems
 from preprocessing.cohorts import task_counts
+from preprocessing.meds import build_meds, is_meds_root
+from preprocessing.meds_write import write_labels
 from preprocessing.tables import find_layout
 from progress import Reporter
 
@@ -53,7 +55,11 @@ class PreprocessConfig:
     readmission_days: int = 30                # paper §3.3: 30-day readmission
     patient_gap_days: int = 180               # paper App. A: history ends six months before diagnosis
     controls_per_case: int = 3                # paper App. A: three matched controls per case
+    meds_profile: str | None = None           # a MEDS root's profile (built-in name or file); None: dataset.json
     quiet: bool = False
+
+
+MEDS_ONLY = ("meds_profile",)   # config fields left out of meta.json for CSV layouts, whose meta stays as it was
 
 
 def preprocess(cfg: PreprocessConfig) -> dict:
@@ -63,21 +69,21 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     rep = Reporter(cfg.quiet)
     raw = Path(cfg.raw)
     icd_systems(cfg.icd)                      # a bad --icd fails before anything is read (ICD_OPTIONS)
-    layout = find_layout(raw)
+    layout = "meds" if is_meds_root(raw) else find_layout(raw)
     check_notes(cfg.notes, raw, layout)       # so does a mistyped --notes
     with Staged(cfg.out, "--out", log=rep.log) as stage:
         out = stage.out
         _check_out(out)
         rep.log(f"reading {raw} ({layout} layout)")
         cache = _load_cache(out, rep)
-        build = build_trinetx if layout == "trinetx" else build_mimic
+        build = {"trinetx": build_trinetx, "meds": build_meds}.get(layout, build_mimic)
         built = build(cfg, raw, layout, rep=rep, note_cache=cache)
         meta = built.meta
         meta["tasks"] = task_counts(built.labels, built.splits)
         meta.update(format_version=FORMAT_VERSION, layout=layout, created=time.strftime("%Y-%m-%d %H:%M:%S"),
-                    config=config_record(cfg),
+                    config={k: v for k, v in config_record(cfg).items() if layout == "meds" or k not in MEDS_ONLY},
                     sources={k: s.describe() for k, s in built.sources.items()})
-        stage.commit(lambda tmp: _write_folder(tmp, built, {**cache, **built.note_embeddings}))
+        stage.commit(lambda tmp: _write_folder(tmp, built, {**cache, **built.note_embeddings}, rep))
     _print_attrition(meta, rep)
     for task, c in meta["tasks"].items():
         parts = [f"{s} {c[s][0]} ({c[s][1]} positive)" for s in SPLITS]
@@ -120,9 +126,10 @@ def _save_cache(cache: dict, path: Path) -> None:
     torch_save(saved, path)
 
 
-def _write_folder(folder: Path, built: Built, cache: dict) -> None:
+def _write_folder(folder: Path, built: Built, cache: dict, rep: Reporter) -> None:
     """Every file of the processed folder into `folder` (the staging folder that then becomes --out);
-    `cache` is the note cache to save: the earlier runs' embeddings and this run's."""
+    `cache` is the note cache to save: the earlier runs' embeddings and this run's. Each task's cohort is also
+    written as MEDS label files (meds_write.write_labels) when pyarrow is installed."""
     for name, arrays in (("stays", built.stays), ("admissions", built.admissions)):
         torch_save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, folder / f"{name}.pt")
     with open(folder / "labels.csv", "w", newline="") as f:
@@ -130,6 +137,7 @@ def _write_folder(folder: Path, built: Built, cache: dict) -> None:
         w.writerow(LABEL_COLUMNS)
         w.writerows(built.labels)
     (folder / "splits.json").write_text(json.dumps(built.splits))
+    rep.log(write_labels(folder / "meds_labels", built))
     _save_cache(cache, folder / "note_cache.pt")
     (folder / "meta.json").write_text(json.dumps(built.meta, indent=1))
 

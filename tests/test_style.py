@@ -35,14 +35,22 @@ ALLOWED = {
     "health": {"data", "models"},
     "runtime": {"folders"},
     "data": {"folders"},
-    "synthetic": {"folders", "progress", "preprocessing.tables", "tasks"},
+    "synthetic": {"folders", "progress", "preprocessing.meds_etl", "preprocessing.tables", "tasks"},
     "folders": set(),
     "models": set(),
     "progress": set(),
     "tasks": set(),
     "preprocessing": set(),
     "preprocessing.pipeline": {"data", "folders", "progress", "preprocessing.build", "preprocessing.cohorts",
-                               "preprocessing.tables"},
+                               "preprocessing.meds", "preprocessing.meds_write", "preprocessing.tables"},
+    "preprocessing.meds": {"data", "folders", "preprocessing.build", "preprocessing.cohorts",
+                           "preprocessing.extract", "preprocessing.meds_profile", "preprocessing.meds_scan",
+                           "preprocessing.meds_write", "preprocessing.tables", "tasks"},
+    "preprocessing.meds_scan": {"data", "folders", "preprocessing.extract", "preprocessing.meds_profile",
+                                "preprocessing.tables"},
+    "preprocessing.meds_profile": {"folders", "preprocessing.extract", "tasks"},
+    "preprocessing.meds_write": {"data"},
+    "preprocessing.meds_etl": set(),
     "preprocessing.build": {"data", "folders", "preprocessing.cohorts", "preprocessing.extract",
                             "preprocessing.features", "preprocessing.tables", "tasks"},
     "preprocessing.cohorts": {"data", "preprocessing.extract", "preprocessing.tables", "tasks"},
@@ -51,7 +59,8 @@ ALLOWED = {
     "preprocessing.tables": {"folders"},
 }
 THIRD_PARTY = {"numpy", "torch", "transformers", "click", "rich"}
-OPTIONAL = {"matplotlib"}   # imported inside a try block, used when installed (ROC/PR curve images)
+OPTIONAL = {"matplotlib",   # imported inside a try block, used when installed (ROC/PR curve images)
+            "pyarrow"}      # MEDS in and out (requirements-meds.txt), imported inside functions
 PACKAGES = {"preprocessing"}
 
 
