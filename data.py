@@ -31,6 +31,11 @@ from folders import InputError, repair
 FORMAT_VERSION = 3                            # 3: ICD codes namespaced by system ('ICD9:4280')
 LABEL_COLUMNS = ("task", "level", "subject_id", "hadm_id", "stay_id", "label", "cutoff")  # labels
 SPLITS = ("train", "val", "test")             # splits.json: patient-level, for every stage and task
+# MEDS label files (meds_labels/<task>/<split>.parquet, docs/meds.md): MEDS's names of our splits,
+# and what to install to read or write them (pyarrow, optional)
+MEDS_SPLIT_NAMES = dict(zip(SPLITS, ("train", "tuning", "held_out")))
+MEDS_INSTALL = "pip install -r requirements-meds.txt (pyarrow)"
+MICROS_PER_MINUTE = 60_000_000
 
 
 def config_record(cfg) -> dict:
@@ -80,6 +85,18 @@ def row_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     order = np.argsort(ids, kind="stable")
     pos = lookup(ids[order], wanted)
     return np.where(pos >= 0, order[np.maximum(pos, 0)], -1)
+
+
+def data_end(level: str, minutes, seq_len: int) -> np.ndarray:
+    """The inclusive end of the data an example's inputs may hold, in microseconds since 1970 (a
+    MEDS label's prediction_time), from the example's anchor in minutes (times are read to the
+    minute): a stay's intime (its seq_len hourly bins hold events before intime + seq_len h), an
+    admission's dischtime (its codes and note come with the discharge), a patient's cutoff (the
+    visits discharged by then)."""
+    minutes = np.asarray(minutes, dtype=np.int64)
+    if level == "stay":
+        return (minutes + seq_len * 60) * MICROS_PER_MINUTE - 1
+    return minutes * MICROS_PER_MINUTE
 
 
 def admission_requirements(admissions: dict) -> list[tuple[str, np.ndarray]]:

@@ -40,7 +40,6 @@ class Built:
     note_embeddings: dict = field(default_factory=dict)   # {text key: vector} computed here, for note_cache.pt
     warnings: list = field(default_factory=list)          # `warning:` lines for the end of the run, beside each
                                                           # table's own (tables.Source.warnings)
-    stay_intime: np.ndarray | None = None  # minutes, per row of `stays`: the MEDS label files' prediction times
 
 
 def _take(record: dict, rows) -> dict:
@@ -99,7 +98,7 @@ def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict, reader=No
     warnings += notes["warnings"]
     admission_arrays = _admission_arrays(admissions, stays, codes["csr"], notes["arrays"])
     stay_arrays = {"stay_id": stays["stay_id"], "hadm_id": stays["hadm_id"], "subject_id": stays["subject_id"],
-                   **ts, "static": static}
+                   "intime": stays["intime"] / 60.0, **ts, "static": static}      # hours, as admissions.pt
     labels, task_steps = stay_labels(stays, admissions, onsets, cfg)
     for rows, steps in (readmission_labels(admissions, admission_arrays, cfg),
                         patient_labels(admissions, codes["diagnoses"], patients, subjects, cfg)):
@@ -118,7 +117,7 @@ def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict, reader=No
         warnings.append(line)
     meta["skipped"] = skipped_record(meta["skipped"], sources)
     return Built(meta, stay_arrays, admission_arrays, labels, _splits_json(subjects, split, cfg), sources,
-                 notes["embeddings"], warnings, stays["intime"])
+                 notes["embeddings"], warnings)
 
 
 class CsvReader:
@@ -475,7 +474,7 @@ def build_trinetx(cfg, raw: Path, layout: str, *, rep, note_cache: dict) -> Buil
                                       sources),
             "counts": {"patients": len(subjects), "admissions": n, "stays": 0}}
     stay_arrays = {"stay_id": np.zeros(0, np.int64), "hadm_id": np.zeros(0, np.int64),
-                   "subject_id": np.zeros(0, np.int64), "ts_ptr": np.zeros(1, np.int64),
+                   "subject_id": np.zeros(0, np.int64), "intime": np.zeros(0), "ts_ptr": np.zeros(1, np.int64),
                    "ts_count": np.zeros((0, cfg.seq_len), np.int16), "ts_feat": np.zeros(0, np.int16),
                    "static": np.zeros((0, 0), np.uint8)}
     warnings = [no_codes("ICD", sources["diagnoses"], meta["skipped"]["diagnoses"])] if len(icd_idx) == 0 else []

@@ -20,21 +20,19 @@ from threading import Thread
 
 import numpy as np
 
-from data import SPLITS, lookup
+from data import MEDS_INSTALL, MEDS_SPLIT_NAMES, SPLITS, lookup
 from folders import InputError
 from preprocessing.build import Built, build_mimic
 from preprocessing.cohorts import assign_splits
 from preprocessing.extract import StayIndex, find_notes, namespace_icd
 from preprocessing.meds_profile import load_profile
 from preprocessing.meds_scan import BY_DESIGN, Scan
-from preprocessing.meds_write import MEDS_SPLIT_NAMES
 from preprocessing.tables import NO_TIME
 from tasks import TASKS
 
 BATCH_ROWS = 1 << 20                 # rows per record batch: large enough to amortise numpy calls, ~40 MB of columns
 MEDS_SPLITS = {meds: SPLITS.index(ours) for ours, meds in MEDS_SPLIT_NAMES.items()}   # -> index into data.SPLITS
 REQUIRED = ("subject_id", "time", "code")
-INSTALL = "pip install -r requirements-meds.txt (pyarrow)"
 
 
 def pyarrow():
@@ -44,7 +42,7 @@ def pyarrow():
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
     except ImportError:
-        raise InputError(f"reading or writing MEDS needs pyarrow, which is not installed: {INSTALL}") from None
+        raise InputError(f"reading or writing MEDS needs pyarrow, which is not installed: {MEDS_INSTALL}") from None
     return pa, pq, pc
 
 

@@ -8,23 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data import SPLITS
-
-MEDS_SPLIT_NAMES = dict(zip(SPLITS, ("train", "tuning", "held_out")))   # ours -> MEDS's sentinel names
-MICROS_PER_MINUTE = 60_000_000
+from data import MEDS_INSTALL, MEDS_SPLIT_NAMES, SPLITS, data_end
 
 
 def write_labels(folder: Path, built) -> str:
     """`folder/<task>/<split>.parquet` for every task of `built` (a build.Built); returns the line to log.
-    prediction_time is the inclusive end of the data our model may use: a stay task's first seq_len hours end
-    one microsecond before intime + seq_len h (its events are binned by minute from the intime's minute), an
-    admission task's data end at the discharge, a patient task's at its cutoff."""
+    prediction_time is the inclusive end of the data our model may use (data.data_end): a stay task's first
+    seq_len hours end one microsecond before intime + seq_len h (its events are binned by minute from the
+    intime's minute), an admission task's data end at the discharge, a patient task's at its cutoff.
+    meds_labels.py reads such a folder back (evaluate --labels-from)."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        return "note: pyarrow is not installed, so no MEDS label files were written (pip install -r " \
-               "requirements-meds.txt)"
+        return f"note: pyarrow is not installed, so no MEDS label files were written ({MEDS_INSTALL})"
     times = _prediction_times(built)
     split_of = {s: MEDS_SPLIT_NAMES[name] for name in SPLITS for s in built.splits[name]}
     schema = pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")),
@@ -41,15 +38,15 @@ def write_labels(folder: Path, built) -> str:
 
 
 def _prediction_times(built):
-    """row of labels.csv -> prediction_time in microseconds since 1970."""
+    """row of labels.csv -> prediction_time in microseconds since 1970: data.data_end of the example's
+    intime, dischtime or cutoff (hours in stays.pt, admissions.pt and labels.csv)."""
     seq_len = built.meta["seq_len"]
-    stay_row = {int(s): i for i, s in enumerate(built.stays["stay_id"].tolist())}
+    intime = dict(zip(built.stays["stay_id"].tolist(), built.stays["intime"].tolist()))
     disch = dict(zip(built.admissions["hadm_id"].tolist(), built.admissions["dischtime"].tolist()))
 
     def time(row):
-        task, level, _, hadm, stay, _, cutoff = row
-        if level == "stay":
-            return int(built.stay_intime[stay_row[int(stay)]] + seq_len * 60) * MICROS_PER_MINUTE - 1
-        hours = disch[int(hadm)] if level == "admission" else float(cutoff)
-        return int(round(hours * 60)) * MICROS_PER_MINUTE
+        _, level, _, hadm, stay, _, cutoff = row
+        hours = intime[int(stay)] if level == "stay" else disch[int(hadm)] if level == "admission" \
+            else float(cutoff)
+        return int(data_end(level, round(hours * 60), seq_len))
     return time

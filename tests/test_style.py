@@ -45,7 +45,7 @@ ALLOWED = {
                                "preprocessing.meds", "preprocessing.meds_write", "preprocessing.tables"},
     "preprocessing.meds": {"data", "folders", "preprocessing.build", "preprocessing.cohorts",
                            "preprocessing.extract", "preprocessing.meds_profile", "preprocessing.meds_scan",
-                           "preprocessing.meds_write", "preprocessing.tables", "tasks"},
+                           "preprocessing.tables", "tasks"},
     "preprocessing.meds_scan": {"data", "folders", "preprocessing.extract", "preprocessing.meds_profile",
                                 "preprocessing.tables"},
     "preprocessing.meds_profile": {"folders", "preprocessing.extract", "tasks"},
