@@ -3,10 +3,14 @@
 Usage:
     python medhmp.py evaluate --task mortality --data data/processed --run runs/default
     python medhmp.py evaluate --task all --seeds 5 --model retain  # or baselines: f-lstm, bert-lstm
+    python medhmp.py evaluate --labels-from DIR [--level stay] [--task-name NAME]  # MEDS labels
 Reads DATA/ (labels, splits, tensors) and RUN/admission.pt or RUN/stay.pt (never writes them).
 Writes RUN/eval/<task>.json (config, n and prevalence per split, per-seed metrics, mean ± sd,
 bootstrap CIs), RUN/eval/<task>_predictions.csv (test probabilities per seed) and one row per (task,
 init, model) in RUN/results.csv; rows and entries of an earlier run with the same key are replaced.
+
+--labels-from evaluates a MEDS label folder as one custom binary task (meds_labels.py, imported only
+then; docs/meds.md, Labels in) through the same fine-tuning, intervals and files as a built-in task.
 
 Protocol (paper App. B; docs/design.md, Evaluation protocol): per seed, fine-tune every weight with
 SGD (weight decay 1e-2) on binary cross-entropy for up to `epochs`, stop after `patience` epochs
@@ -39,7 +43,7 @@ from results import (delta_record, paired_deltas, print_table, results_table, sk
 from runtime import (autocast, check_finite, grad_scaler, optimizer_step, resolve_device,
                      resolve_dtype, to_device)
 from sequence import SEQUENCE_MODELS, SequenceClassifier
-from tasks import TASKS
+from tasks import LEVELS, TASKS   # noqa: F401  (LEVELS: the command line's --level)
 
 
 INITS = ("admission", "stay", "none")    # MedHMP a+s, MedHMP s, random weights
@@ -50,7 +54,12 @@ MODELS = ("medhmp", *PATIENT_MODELS, *STAY_MODELS, *ADMISSION_MODELS)  # what --
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    task: str = "all"                 # a TASKS name, or "all"
+    task: str = "all"                 # a TASKS name, or "all"; not used with labels_from
+    # a MEDS label folder (or file) as one custom binary task at `level` (None: inferred from the
+    # prediction times), named task_name (None: "meds-<folder name>"); meds_labels.py
+    labels_from: Path | None = None
+    level: str | None = None
+    task_name: str | None = None
     data: Path = Path("data/processed")
     run: Path = Path("runs/default")  # reads the checkpoints here, writes eval/ and results.csv
     init: str = "admission"           # admission (MedHMP a+s) | stay (MedHMP s) | none (random)
@@ -129,12 +138,17 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------- datasets
+def task_level(task: str, data: Processed) -> str:
+    """A built-in task's level (tasks.TASKS), or a custom task's (its labels: --labels-from)."""
+    return TASKS[task].level if task in TASKS else data.labels[task]["level"]
+
+
 def all_examples(task: str, data: Processed) -> dict:
     """The task's raw examples per split (rows, subjects, labels, cutoffs), every training example
     included."""
     examples = {s: data.examples(task, s) for s in SPLITS}
     # a labelled stay or admission missing from the tensors cannot be scored
-    if TASKS[task].level != "patient":
+    if task_level(task, data) != "patient":
         examples = {s: select_rows(e, e["row"] >= 0) for s, e in examples.items()}
     return examples
 
@@ -185,7 +199,7 @@ def task_datasets(task: str, data: Processed, cfg: FinetuneConfig,
     """Labelled dataset per split and the raw examples per split, the training split as replicate
     `seed` (default cfg.seed) sees it."""
     examples = task_examples(task, data, cfg, seed)
-    return {s: labelled_dataset(TASKS[task].level, data, e, cfg)
+    return {s: labelled_dataset(task_level(task, data), data, e, cfg)
             for s, e in examples.items()}, examples
 
 
@@ -193,7 +207,7 @@ def replicate_sets(task: str, data: Processed, cfg: FinetuneConfig):
     """sets_for(seed) -> {split: dataset} of one replicate: its own training subset (train_subset
     with its seed) and the shared validation and test sets; each built once. Replicate `seed` of
     every init gets the same training subset, so that pretrained and scratch runs are paired."""
-    examples, level, built = all_examples(task, data), TASKS[task].level, {}
+    examples, level, built = all_examples(task, data), task_level(task, data), {}
     fixed = {s: labelled_dataset(level, data, examples[s], cfg) for s in ("val", "test")}
     varies = cfg.labels is not None or cfg.label_fraction < 1.0
 
@@ -220,10 +234,11 @@ def level_model(model: str, level: str) -> str | None:
 
 
 def build_model(task: str, init: str, cfg: FinetuneConfig, ckpts: Checkpoints,
-                mcfg: ModelConfig | None = None) -> tuple[nn.Module, int]:
+                mcfg: ModelConfig | None = None, level: str | None = None) -> tuple[nn.Module, int]:
     """The fine-tuning model of `task` and the number of pretrained tensors loaded into it (0 for
-    none); `mcfg` overrides the architecture that `ckpts` would give (benchmarks)."""
-    level, mcfg = TASKS[task].level, mcfg or ckpts.model_config(init)
+    none); `mcfg` overrides the architecture that `ckpts` would give (benchmarks); `level` is the
+    task's (task_level; default: the built-in task's)."""
+    level, mcfg = level or TASKS[task].level, mcfg or ckpts.model_config(init)
     kind = level_model(cfg.model, level)
     if kind in BASELINES[level]:  # random weights only (evaluate_task skips a pretrained init)
         return BASELINES[level][kind](mcfg, dropout=cfg.dropout), 0
@@ -330,7 +345,8 @@ def run_seeds(task: str, init: str, sets_for, run: Run, lr: float) -> tuple[list
         seed, start = cfg.seed + i, time.perf_counter()
         sets = sets_for(seed)
         torch.manual_seed(seed)
-        model, loaded = build_model(task, init, cfg, run.checkpoints)
+        model, loaded = build_model(task, init, cfg, run.checkpoints,
+                                    level=task_level(task, run.data))
         model.to(run.device)
         bar = run.rep.task(f"{task} init={init} seed {seed} lr {lr:g}", cfg.epochs, "epochs")
         with bar as advance:
@@ -350,7 +366,7 @@ def run_init(task: str, init: str, sets_for, run: Run) -> tuple[dict, np.ndarray
     test probs (seeds, n)."""
     cfg, runs = run.cfg, {}
     y_test = sets_for(cfg.seed)["test"].labels.numpy()
-    for lr in level_lrs(cfg, TASKS[task].level):
+    for lr in level_lrs(cfg, task_level(task, run.data)):
         runs[lr] = run_seeds(task, init, sets_for, run, lr)
     val = {lr: float(np.mean([r[f"val_{cfg.select_on}"] for r in recs]))
            for lr, (recs, _) in runs.items()}
@@ -372,7 +388,7 @@ def run_init(task: str, init: str, sets_for, run: Run) -> tuple[dict, np.ndarray
 # ------------------------------------------------------------------------------------------ outputs
 def _ids(task: str, data: Processed, examples: dict) -> dict:
     """subject/hadm/stay id columns of the test examples ('' where the level has none)."""
-    level, rows, n = TASKS[task].level, examples["row"], len(examples["label"])
+    level, rows, n = task_level(task, data), examples["row"], len(examples["label"])
     ids = {"subject_id": examples["subject_id"], "hadm_id": [""] * n, "stay_id": [""] * n}
     if level == "stay":
         ids.update(hadm_id=data.stays["hadm_id"].numpy()[rows],
@@ -383,9 +399,10 @@ def _ids(task: str, data: Processed, examples: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- entry
-def evaluate_task(task: str, run: Run) -> dict:
-    """Fine-tune and score one task for each init; writes its files and returns its report."""
-    cfg, data, level = run.cfg, run.data, TASKS[task].level
+def evaluate_task(task: str, run: Run, labels_from: dict | None = None) -> dict:
+    """Fine-tune and score one task for each init; writes its files and returns its report
+    (`labels_from`: how a custom task's labels were read, meds_labels.CustomTask.info)."""
+    cfg, data, level = run.cfg, run.data, task_level(task, run.data)
     sets_for, examples = replicate_sets(task, data, cfg), task_examples(task, data, cfg)
     # the training split as replicate 0 sees it (each replicate: its "n_train")
     stats = split_stats(examples)
@@ -393,7 +410,8 @@ def evaluate_task(task: str, run: Run) -> dict:
     kind = level_model(cfg.model, level)
     model = kind + ("-probe" if cfg.probe else "")
     report = {"task": task, "level": level, "model": model, "config": config_record(cfg),
-              "splits": stats, "results": {}}
+              "splits": stats, **({"labels_from": labels_from} if labels_from else {}),
+              "results": {}}
     probs, cohort_reason = {}, skip_reason(stats)
     for init in inits:
         reason = cohort_reason
@@ -415,28 +433,59 @@ def evaluate_task(task: str, run: Run) -> dict:
 
 
 def evaluate(cfg: FinetuneConfig) -> dict:
-    """Evaluate `cfg.task` (or every task); returns {task: report} and prints the results table."""
-    for name, value, allowed in (("task", cfg.task, [*TASKS, "all"]), ("init", cfg.init, INITS),
-                                 ("model", cfg.model, MODELS),
-                                 ("select_on", cfg.select_on, METRICS)):
-        if value not in allowed:
-            raise InputError(f"--{name.replace('_', '-')} {value!r} is not one of "
-                             f"{', '.join(allowed)}")
-    # a baseline runs at its own level only: --task all keeps that level's tasks
-    tasks = [t for t in (TASKS if cfg.task == "all" else [cfg.task])
-             if level_model(cfg.model, TASKS[t].level)]
-    baseline_level = next((lv for lv, models in BASELINES.items() if cfg.model in models), None)
-    if not tasks or (baseline_level and cfg.probe):
-        why = ("it has no pretrained encoder to probe" if tasks else
-               f"it cannot run --task {cfg.task}")
-        raise InputError(f"--model {cfg.model} is a {baseline_level}-level baseline: {why}")
+    """Evaluate `cfg.task` (or every task, or the custom task of cfg.labels_from); returns {task:
+    report} and prints the results table."""
+    tasks = _builtin_tasks(cfg)
     run = Run.open(cfg, "eval")
+    sources = dict([custom_task(run)]) if cfg.labels_from is not None else {}
+    tasks += list(sources)
     run.rep.log(f"evaluating {', '.join(tasks)} on {cfg.data} (init={cfg.init}, seeds={cfg.seeds}, "
                 f"device {run.device}, {str(run.amp).replace('torch.', '')})")
-    reports = {t: evaluate_task(t, run) for t in tasks}
+    reports = {t: evaluate_task(t, run, sources.get(t)) for t in tasks}
     if cfg.table:
         print_table(*results_table(reports), run.rep, f"MedHMP downstream results ({cfg.data})")
         for line in skipped_lines(reports):
             run.rep.log(line)
     run.rep.log(f"wrote {Path(cfg.run) / 'eval'} and {Path(cfg.run) / 'results.csv'}")
     return reports
+
+
+def _builtin_tasks(cfg: FinetuneConfig) -> list[str]:
+    """The built-in tasks `cfg` asks for (none with labels_from), after checking its options; a bad
+    one is an InputError, before any data is read."""
+    for name, value, allowed in (("task", cfg.task, [*TASKS, "all"]), ("init", cfg.init, INITS),
+                                 ("model", cfg.model, MODELS),
+                                 ("select_on", cfg.select_on, METRICS)):
+        if value not in allowed:
+            raise InputError(f"--{name.replace('_', '-')} {value!r} is not one of "
+                             f"{', '.join(allowed)}")
+    if cfg.labels_from is None and (cfg.level or cfg.task_name):
+        raise InputError("--level and --task-name name a custom task: give --labels-from too")
+    baseline_level = next((lv for lv, models in BASELINES.items() if cfg.model in models), None)
+    if baseline_level and cfg.probe:
+        raise InputError(f"--model {cfg.model} is a {baseline_level}-level baseline: it has no "
+                         "pretrained encoder to probe")
+    if cfg.labels_from is not None:
+        return []
+    # a baseline runs at its own level only: --task all keeps that level's tasks
+    tasks = [t for t in (TASKS if cfg.task == "all" else [cfg.task])
+             if level_model(cfg.model, TASKS[t].level)]
+    if not tasks:
+        raise InputError(f"--model {cfg.model} is a {baseline_level}-level baseline: it cannot run "
+                         f"--task {cfg.task}")
+    return tasks
+
+
+def custom_task(run: Run) -> tuple[str, dict]:
+    """The task of --labels-from, added to run.data's labels: (its name, how its labels were read:
+    meds_labels.CustomTask.info, for RUN/eval/<name>.json)."""
+    import meds_labels   # here only: MEDS labels need pyarrow, an optional dependency
+    cfg = run.cfg
+    custom = meds_labels.read_task(cfg.labels_from, run.data, cfg.level, cfg.task_name)
+    for line in custom.lines():
+        run.rep.log(line)
+    if not level_model(cfg.model, custom.level):
+        raise InputError(f"--model {cfg.model} does not run at the {custom.level} level, the level "
+                         f"of --labels-from {cfg.labels_from}")
+    run.data.labels[custom.name] = custom.examples
+    return custom.name, custom.info

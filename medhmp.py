@@ -143,8 +143,13 @@ def pretrain(level, **options):
 
 
 @cli.command(name="evaluate")
-@click.option("--task", type=click.Choice([*evaluate.TASKS, "all"]), required=True,
-              help="Downstream task.")
+@click.option("--task", type=click.Choice([*evaluate.TASKS, "all"]),
+              help="Downstream task (or --labels-from).")
+@click.option("--labels-from", type=PathOption,
+              help="A MEDS label folder (or file) as one custom binary task (docs/meds.md).")
+@click.option("--level", type=click.Choice(evaluate.LEVELS),
+              help="--labels-from: the task's level. [default: inferred from the times]")
+@click.option("--task-name", help="--labels-from: the task's name. [default: meds-<folder name>]")
 @_options(evaluate.FinetuneConfig, "--data", "--run")
 @_option("--init", evaluate.FinetuneConfig, type=click.Choice(evaluate.INITS))
 @_option("--model", evaluate.FinetuneConfig, "all: the paper's tables.",
@@ -163,6 +168,11 @@ def pretrain(level, **options):
 def evaluate_command(**options):
     """Fine-tune on downstream tasks and write metrics with CIs; --model all: the paper's Tables 1-3
     (RUN/tables/)."""
+    if (options["task"] is None) == (options["labels_from"] is None):
+        raise click.ClickException("give --task or --labels-from (one of them)")
+    if options["labels_from"] is not None and options["model"] == "all":
+        raise click.ClickException("--model all builds the paper's tables of the built-in tasks; "
+                                   "with --labels-from name one model")
     _run(paper_tables.tables if options["model"] == "all" else evaluate.evaluate,
          evaluate.FinetuneConfig, **options)
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 # vocabulary, so that an ICD-9 and an ICD-10 code spelled alike (V and E codes exist in both) stay
 # apart.
 ICD_SYSTEMS = {"9": "ICD9:", "10": "ICD10:"}
+LEVELS = ("stay", "admission", "patient")       # what a task is fine-tuned on (Task.level)
 
 
 @dataclass(frozen=True)
 class Task:
-    level: str                                   # stay | admission | patient
+    level: str                                   # one of LEVELS
     description: str
     onset_items: tuple[tuple[str, int], ...] = ()  # (event table, itemid): the first is the onset
     icd9_prefixes: tuple[str, ...] = ()          # a diagnosis: ICD-9-CM codes (no dots) by prefix
