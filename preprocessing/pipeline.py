@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import FORMAT_VERSION, LABEL_COLUMNS, SPLITS, InputError, config_record, read_file, torch_save
+from data import (DATA_FILES, FORMAT_VERSION, LABEL_COLUMNS, SPLITS, InputError, config_record, file_facts, read_file,
+                  torch_save)
 from folders import Staged
 from preprocessing.build import ICD_OPTIONS, Built, build_mimic, build_trinetx, check_notes, icd_systems
 from preprocessing.cohorts import task_counts
@@ -131,6 +132,8 @@ def _write_folder(folder: Path, built: Built, cache: dict) -> None:
         w.writerows(built.labels)
     (folder / "splits.json").write_text(json.dumps(built.splits))
     _save_cache(cache, folder / "note_cache.pt")
+    # what data.load_processed checks each file against: a file copied in from another folder is named
+    built.meta["files"] = {name: file_facts(folder / name) for name in DATA_FILES}
     (folder / "meta.json").write_text(json.dumps(built.meta, indent=1))
 
 
