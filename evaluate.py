@@ -34,10 +34,10 @@ from folders import check_writable
 from metrics import INTERVAL_METHOD, METRIC_FUNCTIONS, METRICS, binary_metrics, replicate_interval
 from models import Classifier, ModelConfig
 from progress import Reporter
-from results import (delta_record, paired_deltas, print_table, results_table, skip_reason,
-                     skipped_lines, split_stats, write_task)
-from runtime import (autocast, check_finite, grad_scaler, optimizer_step, resolve_device,
-                     resolve_dtype, to_device)
+from results import (check_outputs, delta_record, paired_deltas, print_table, results_table,
+                     skip_reason, skipped_lines, split_stats, write_task)
+from runtime import (autocast, check_finite, check_seed, grad_scaler, optimizer_step,
+                     resolve_device, resolve_dtype, to_device)
 from sequence import SEQUENCE_MODELS, SequenceClassifier
 from tasks import TASKS
 
@@ -111,12 +111,14 @@ class Run:
     rep: Reporter
 
     @classmethod
-    def open(cls, cfg: FinetuneConfig, folder: str) -> Run:
-        """The run of `cfg`, RUN/<folder> checked writable before any fine-tuning, and a warning
-        when RUN's two checkpoints do not belong together (Checkpoints.lineage)."""
+    def open(cls, cfg: FinetuneConfig, folder: str, tasks: list) -> Run:
+        """The run of `cfg`, RUN/<folder> checked writable and the result files of `tasks` checked
+        to be medhmp's (results.check_outputs) before any fine-tuning, and a warning when RUN's two
+        checkpoints do not belong together (Checkpoints.lineage)."""
         rep, device = Reporter(cfg.quiet), resolve_device(cfg.device)
         amp = resolve_dtype(cfg.precision, device)
         check_writable(Path(cfg.run) / folder, "--run")
+        check_outputs(Path(cfg.run), tasks)
         data = load_processed(cfg.data)
         ckpts = Checkpoints(cfg.run, data.meta)
         if cfg.init != "none" and (warning := ckpts.lineage()):
@@ -414,14 +416,24 @@ def evaluate_task(task: str, run: Run) -> dict:
     return report
 
 
+def check_options(cfg: FinetuneConfig, choices: tuple = ("task", "init", "model",
+                                                          "select_on")) -> None:
+    """One InputError line, before any work, for an option outside its choices (`choices`: the
+    fields checked), a seed the generators cannot take, or two options that contradict."""
+    allowed = {"task": [*TASKS, "all"], "init": INITS, "model": MODELS, "select_on": METRICS}
+    for name in choices:
+        if getattr(cfg, name) not in allowed[name]:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of "
+                             f"{', '.join(allowed[name])}")
+    check_seed(cfg.seed)
+    if cfg.labels is not None and cfg.label_fraction < 1.0:
+        raise InputError(f"--labels {cfg.labels} and --label-fraction {cfg.label_fraction:g} both "
+                         "choose the training examples; give one of them")
+
+
 def evaluate(cfg: FinetuneConfig) -> dict:
     """Evaluate `cfg.task` (or every task); returns {task: report} and prints the results table."""
-    for name, value, allowed in (("task", cfg.task, [*TASKS, "all"]), ("init", cfg.init, INITS),
-                                 ("model", cfg.model, MODELS),
-                                 ("select_on", cfg.select_on, METRICS)):
-        if value not in allowed:
-            raise InputError(f"--{name.replace('_', '-')} {value!r} is not one of "
-                             f"{', '.join(allowed)}")
+    check_options(cfg)
     # a baseline runs at its own level only: --task all keeps that level's tasks
     tasks = [t for t in (TASKS if cfg.task == "all" else [cfg.task])
              if level_model(cfg.model, TASKS[t].level)]
@@ -430,7 +442,7 @@ def evaluate(cfg: FinetuneConfig) -> dict:
         why = ("it has no pretrained encoder to probe" if tasks else
                f"it cannot run --task {cfg.task}")
         raise InputError(f"--model {cfg.model} is a {baseline_level}-level baseline: {why}")
-    run = Run.open(cfg, "eval")
+    run = Run.open(cfg, "eval", tasks)
     run.rep.log(f"evaluating {', '.join(tasks)} on {cfg.data} (init={cfg.init}, seeds={cfg.seeds}, "
                 f"device {run.device}, {str(run.amp).replace('torch.', '')})")
     reports = {t: evaluate_task(t, run) for t in tasks}
