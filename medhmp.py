@@ -19,7 +19,7 @@ import paper_tables
 import runtime
 import synthetic
 import train
-from folders import InputError, sigterm_as_interrupt
+from folders import WRITE_ERRNOS, InputError, cannot_write, sigterm_as_interrupt
 from preprocessing import pipeline
 
 
@@ -31,6 +31,11 @@ def _run(function, config_class, **options):
             return function(cfg)
     except (InputError, runtime.NonFiniteLoss) as err:
         raise click.ClickException(str(err)) from None
+    except OSError as err:   # a write failed whatever the file (full disk, read-only): one line
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        raise click.ClickException(str(cannot_write(Path(err.filename or "."), err,
+                                                    "place to write"))) from None
 
 
 def _option(name: str, config_class, text: str = "", **kw):

@@ -101,11 +101,15 @@ def stamp(task: str, init: str, cfg: FinetuneConfig, ckpts: Checkpoints) -> dict
 
 
 def stored_cell(path: Path, want: dict) -> dict | None:
-    """The cell stored at `path` when it ran with the stamp `want`, else None."""
+    """The cell stored at `path` when it ran with the stamp `want`, else None (also for a damaged
+    file)."""
     if not path.is_file():
         return None
-    cell = json.loads(path.read_text())
-    return cell if {k: cell.get(k) for k in want} == want else None
+    try:
+        cell = json.loads(path.read_text())
+    except ValueError:   # damaged: run it again, as a changed protocol is
+        return None
+    return cell if isinstance(cell, dict) and {k: cell.get(k) for k in want} == want else None
 
 
 def run_cell(task: str, model: str, init: str, run: Run) -> tuple[dict, str]:

@@ -90,9 +90,20 @@ def preprocess(cfg: PreprocessConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- writing
+# every file preprocess has ever written into a processed folder: anything else there is someone's own
+PROCESSED_FILES = ("meta.json", *DATA_FILES, "note_cache.pt")
+
+
 def _check_out(out: Path) -> None:
+    """An existing --out is replaced whole only when it is a processed folder holding nothing else (a RUN
+    or a user's file inside it would be lost with it)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").exists())):
         raise InputError(f"{out}: exists and is not a processed folder; choose another --out")
+    other = sorted(p.name for p in out.iterdir() if p.name not in PROCESSED_FILES) if out.is_dir() else []
+    if other:
+        raise InputError(f"{out}: holds files preprocess did not write ({', '.join(other[:3])}"
+                         f"{', ...' if len(other) > 3 else ''}), which replacing the folder would lose; move "
+                         "them, or choose another --out")
 
 
 def _load_cache(out: Path, rep: Reporter) -> dict:

@@ -504,6 +504,52 @@ def test_a_mimic_folder_without_icu_stays_gets_advice_for_mimic(tmp_path):
     assert "lost every stay of this mimic3 extract at 'MetaVision" in msg and "attrition" in msg
 
 
+# ------------------------------------------------------------------------- the sweep: other commands
+def test_preprocess_never_replaces_a_folder_that_holds_other_files(two_folders, tmp_path):
+    """A RUN (or any file) inside a processed folder would be lost when preprocess swaps it whole."""
+    folder = Path(shutil.copytree(two_folders[0], tmp_path / "processed"))
+    (folder / "run").mkdir()
+    (folder / "run" / "stay.pt").write_bytes(b"weeks of pretraining")
+    raw = _tiny(2).write(tmp_path / "raw")
+    msg = one_line_error(_cli("preprocess", "--raw", raw, "--out", folder))
+    assert f"{folder}: holds files preprocess did not write (run)" in msg
+    assert (folder / "run" / "stay.pt").read_bytes() == b"weeks of pretraining"
+
+
+@pytest.mark.parametrize("name", ["results.csv", "eval/mortality.json"])
+def test_a_result_path_that_is_a_folder_is_one_line(name, two_folders, tmp_path, no_work):
+    (tmp_path / "run" / name).mkdir(parents=True)
+    msg = one_line_error(_cli("evaluate", "--task", "mortality", "--data", two_folders[0], "--run",
+                              tmp_path / "run", "--init", "none"))
+    assert f"{tmp_path / 'run' / name}: is not a file" in msg
+
+
+def test_a_damaged_table_cell_is_run_again_not_a_traceback(tmp_path):
+    path = tmp_path / "cell.json"
+    path.write_text('{"task": "mortality", "protocol"')          # cut by a full disk, say
+    assert paper_tables.stored_cell(path, {"protocol": {}, "checkpoint": None}) is None
+
+
+def test_pretrain_into_a_run_that_is_a_file_is_one_line(tmp_path, no_work):
+    (tmp_path / "run").write_text("my notes")
+    msg = one_line_error(_cli("pretrain", "--level", "stay", "--run", tmp_path / "run"))
+    assert f"{tmp_path / 'run'}: is a file, not a folder; choose another --run" in msg
+    assert (tmp_path / "run").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_write_that_fails_whatever_the_file_is_one_line_from_every_command(code, tmp_path,
+                                                                             monkeypatch):
+    def fail(cfg):
+        raise OSError(code, os.strerror(code), str(tmp_path / "run" / "log.jsonl"))
+    for module, name, args in ((evaluate, "evaluate", ["evaluate", "--task", "mortality"]),
+                               (embed, "embed", ["embed", "--level", "stay"]),
+                               (train, "run_stage", ["pretrain", "--level", "stay"])):
+        monkeypatch.setattr(module, name, fail)
+        msg = one_line_error(_cli(*args, "--run", tmp_path / "run"))
+        assert f"cannot write there ({os.strerror(code)}" in msg, msg
+
+
 @pytest.mark.slow
 def test_a_second_demo_into_its_own_out_runs_and_a_changed_checkpoint_stops_the_third(tmp_path,
                                                                                    monkeypatch):
