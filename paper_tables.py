@@ -256,7 +256,8 @@ def check_tables(folder: Path) -> None:
     for table in TABLES:
         read_rows(folder / f"{table}.csv", CSV_COLUMNS)
         md = folder / f"{table}.md"
-        if md.is_file() and not md.read_text(errors="replace").startswith("# Table"):
+        if md.exists() and (not md.is_file()
+                            or not md.read_text(errors="replace").startswith("# Table")):
             raise InputError(f"{md}: not a table medhmp wrote; move it away, or choose another "
                              "--run")
 
