@@ -410,7 +410,7 @@ def unvalidated(stage: Stage, st: LoopState) -> str:
         return "validation switched off (eval_every 0)"
     first = stage.steps_per_epoch * cfg.eval_every
     return (f"it stopped at step {st.step}, before the first validation pass (step {first}, the "
-            f"end of epoch {cfg.eval_every}); run more steps")
+            f"end of epoch {cfg.eval_every})")
 
 
 def run_stage(cfg) -> dict:
