@@ -6,7 +6,8 @@ step ahead). Reads the folder that `python medhmp.py preprocess` writes (meta.js
 admissions.pt, labels.csv, splits.json; docs/data-format.md). It holds what the format is
 (`FORMAT_VERSION`, `LABEL_COLUMNS`, `SPLITS`, the usable-admission rule `admission_requirements`),
 how a batch is laid out (`collate_stay` writes the `ts_idx` cells that models.py reads,
-`collate_admission`), the identity of a processed folder (`data_digest`), the small helpers the
+`collate_admission`), the identity of a processed folder (`data_digest`) and of each of its files
+(`file_facts`, recorded in meta.json `files` and checked on loading), the small helpers the
 preprocessing package shares (`lookup`, `row_of`, `read_file`, `torch_save`, `config_record`), and
 the views of a folder with other splits or shuffled columns (the negative control of pretraining).
 The package builds on this module, never the other way round: data.py imports numpy, torch and
@@ -34,8 +35,16 @@ SPLITS = ("train", "val", "test")             # splits.json: patient-level, for 
 # MEDS label files (meds_labels/<task>/<split>.parquet, docs/meds.md): MEDS's names of our splits,
 # and what to install to read or write them (pyarrow, optional)
 MEDS_SPLIT_NAMES = dict(zip(SPLITS, ("train", "tuning", "held_out")))
+MEDS_LABELS_DIR = "meds_labels"
 MEDS_INSTALL = "pip install -r requirements-meds.txt (pyarrow)"
 MICROS_PER_MINUTE = 60_000_000
+# the files `load_processed` reads besides meta.json, whose facts meta.json `files` records
+DATA_FILES = ("stays.pt", "admissions.pt", "labels.csv", "splits.json")
+# file_facts: a file up to this size is hashed whole (64 MiB: a tenth of a second); a larger one
+# (stays.pt of MIMIC-IV: gigabytes) by its size and SAMPLES blocks spread over it, so that loading
+# still reads megabytes, not the file twice
+WHOLE_HASH_BYTES = 64 << 20
+SAMPLES, SAMPLE_BYTES = 64, 64 << 10
 
 
 def config_record(cfg) -> dict:
@@ -65,11 +74,74 @@ def data_digest(root: Path) -> str:
     return hashlib.sha256((Path(root) / "meta.json").read_bytes()).hexdigest()[:16]
 
 
+class _Sink:
+    """A file object for torch.save that remembers the OSError of a failed write: torch swallows it
+    and raises "RuntimeError: ... unexpected pos" instead (a full disk, a quota)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def torch_save(obj, path: Path) -> None:
-    """torch.save through a Python file, so that a full disk is an OSError (ENOSPC), not a
-    RuntimeError."""
+    """torch.save through a Python file, so that a full disk is an OSError (ENOSPC), as every other
+    write's, not torch's RuntimeError."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        sink = _Sink(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError as err:
+            if sink.error is None:
+                raise
+            raise sink.error from err
+
+
+def file_facts(path: Path) -> dict:
+    """What meta.json `files` records of a file of a processed folder: its size in bytes and a
+    sha256 (16 hex digits) of its bytes, whole up to WHOLE_HASH_BYTES, else of SAMPLES blocks spread
+    over it ("hashed": "whole" or "sampled")."""
+    size, h = Path(path).stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= WHOLE_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            for i in range(SAMPLES):
+                f.seek(max(size - SAMPLE_BYTES, 0) * i // (SAMPLES - 1))
+                h.update(f.read(SAMPLE_BYTES))
+    return {"bytes": size, "sha256": h.hexdigest()[:16],
+            "hashed": "whole" if size <= WHOLE_HASH_BYTES else "sampled"}
+
+
+def check_files(root: Path, meta: dict, fix: str) -> None:
+    """One InputError line naming the first file of DATA_FILES that is not the one meta.json
+    recorded when the folder was written (another size or content: copied in from another processed
+    folder, or damaged). Folders written before meta.json recorded `files` are not checked; a
+    missing file is left to the read that follows (which says so)."""
+    files = meta.get("files")
+    for name in DATA_FILES if isinstance(files, dict) else ():
+        path, want = Path(root) / name, files.get(name)
+        if not isinstance(want, dict) or not path.is_file():
+            continue
+        got = file_facts(path)
+        if got["bytes"] != want.get("bytes"):
+            why = f"{got['bytes']} bytes, but meta.json recorded {want.get('bytes')}"
+        elif got["sha256"] != want.get("sha256"):
+            why = "its bytes are not those meta.json recorded"
+        else:
+            continue
+        raise InputError(f"{path}: not the file this folder was written with ({why}: copied in "
+                         f"from another processed folder, or damaged); {fix} (changed on purpose: "
+                         "delete its entry under `files` in meta.json)")
 
 
 def lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -172,6 +244,7 @@ def load_processed(root: Path) -> Processed:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise InputError(f"{root}: format version {version}, this medhmp reads {FORMAT_VERSION}; "
                          f"{fix}")
+    check_files(root, meta, fix)
     stays, admissions = (read_file(root / f"{name}.pt", lambda p: _tensors(p, keys), fix)
                          for name, keys in (("stays", ("stay_id", "ts_ptr")),
                                             ("admissions", ("hadm_id", "icd_ptr"))))
@@ -365,18 +438,27 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
 # ------------------------------------------------------------------------------- views and controls
 def write_view(source: Path, view: Path, splits: dict, tensors: dict | None = None) -> Path:
     """A processed folder `view` that is `source` with other splits ({"train", "val", "test"}:
-    subject ids): its files are links to the source's, except splits.json and the `tensors` files
-    given ({file name: dict of tensors}, e.g. a shuffled control's stays.pt). Replaces an existing
-    `view`."""
+    subject ids): its files are links to the source's, except splits.json, the `tensors` files
+    given ({file name: dict of tensors}, e.g. a shuffled control's stays.pt) and meta.json (the
+    source's, with the facts of the files written here). Replaces an existing view (a folder whose
+    labels.csv is a link); any other folder there is refused in one line."""
+    view, own = Path(view), {"splits.json", "meta.json", *(tensors or {})}
+    if view.exists() and any(view.iterdir()) and not (view / "labels.csv").is_symlink():
+        raise InputError(f"{view}: exists and is not a view of a processed folder; remove it or "
+                         "choose another folder")
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
     for f in Path(source).iterdir():
-        if f.name != "splits.json" and f.name not in (tensors or {}) and not f.name.startswith("."):
+        if f.name not in own and not f.name.startswith("."):
             (view / f.name).symlink_to(f.resolve())
     for name, value in (tensors or {}).items():
         torch_save(value, view / name)
     ids = {k: [int(i) for i in v] for k, v in splits.items()}
     (view / "splits.json").write_text(json.dumps(ids))
+    meta = json.loads((Path(source) / "meta.json").read_text())
+    if isinstance(meta.get("files"), dict):
+        meta["files"].update({name: file_facts(view / name) for name in own - {"meta.json"}})
+    (view / "meta.json").write_text(json.dumps(meta, indent=1))
     return view
 
 

@@ -11,7 +11,10 @@ Ends with two tables: every task with all training labels, pretrained (init=admi
 same model from scratch; and every task with `labels` training examples, from scratch against MedHMP
 against the control, with paired Δ CIs (also OUT/low_label.json). About 9 minutes on a 2-core CPU.
 It is its own module because it chains every stage (synthetic → data → train → evaluate) with sizes
-of its own; each stage's defaults stay the paper's.
+of its own; each stage's defaults stay the paper's. OUT is locked for the run (folders.Locked), and
+what demo replaces there that a user may have made too (`PRODUCTS`: checkpoints, processed folders,
+extracts) is replaced only when demo wrote it, as its marker `OUT/.medhmp-demo` records, or with
+`--overwrite`; anything else is refused before any work (`check_out`).
 """
 from __future__ import annotations
 
@@ -33,8 +36,20 @@ import results
 import runtime
 import synthetic
 import train
+from folders import InputError, Locked, replace_file
 from preprocessing import pipeline
 from progress import Reporter
+
+# written by demo into OUT: the facts (data.file_facts) of each of PRODUCTS it wrote
+MARKER = ".medhmp-demo"
+# what demo writes under OUT that could also be a user's own work: replaced only when MARKER holds
+# its facts (demo wrote it, and nothing changed it since) or with --overwrite (a processed folder
+# stands for its meta.json)
+PRODUCTS = ("processed/meta.json", "run/stay.pt", "run/admission.pt",
+            "control/processed/meta.json", "control/run/stay.pt", "control/run/admission.pt",
+            "trinetx/processed/meta.json", "trinetx/run/admission.pt",
+            "trinetx/control/admission.pt", "low_label.json")
+EXTRACTS = ("raw", "trinetx/raw")    # replaced by synth, which has a marker of its own
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,7 @@ class DemoConfig:
     # spin-waiting threads ran fine-tuning 7x slower than one
     threads: int = 1
     device: str = "auto"
+    overwrite: bool = False           # replace outputs in OUT that demo did not write (PRODUCTS)
     quiet: bool = False
 
 
@@ -101,7 +117,7 @@ def _mimic(cfg: DemoConfig) -> tuple[dict, dict]:
     out = Path(cfg.out)
     raw, processed, run = out / "raw", out / "processed", out / "run"
     synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=cfg.patients, seed=cfg.seed,
-                                               quiet=cfg.quiet))
+                                               overwrite=cfg.overwrite, quiet=cfg.quiet))
     pipeline.preprocess(pipeline.PreprocessConfig(raw=raw, out=processed, split=cfg.split,
                                                   seed=cfg.seed, quiet=cfg.quiet))
     d = data.load_processed(processed)
@@ -127,7 +143,8 @@ def _trinetx(cfg: DemoConfig) -> tuple[dict, dict]:
     out = Path(cfg.out)
     raw, processed = out / "trinetx" / "raw", out / "trinetx" / "processed"
     synthetic.synthesize(synthetic.SynthConfig(out=raw, patients=cfg.trinetx_patients,
-                                               layout="trinetx", seed=cfg.seed, quiet=cfg.quiet))
+                                               layout="trinetx", seed=cfg.seed,
+                                               overwrite=cfg.overwrite, quiet=cfg.quiet))
     # --icd 9: the MIMIC-III vocabulary knows no ICD-10 code, so the extract's ICD-10 encounters
     # would be empty visits (README, Inputs); its cases diagnosed after their switch to ICD-10 are
     # left out instead
@@ -195,10 +212,67 @@ def low_label_table(few: dict) -> tuple[list, list]:
     return header, rows
 
 
+# ------------------------------------------------------------------------------------ OUT's files
+def _recorded(out: Path) -> dict:
+    """{product: facts} of MARKER ({} without one, or a damaged one)."""
+    try:
+        recorded = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def check_out(cfg: DemoConfig) -> None:
+    """Before any work: each of PRODUCTS already in OUT is one demo wrote and nothing changed since,
+    and each extract folder is synth's; else one InputError line naming it (--overwrite: none)."""
+    out = Path(cfg.out)
+    if cfg.overwrite or not out.is_dir():
+        return
+    recorded = _recorded(out)
+    for name in PRODUCTS:
+        path = out / name
+        if path.is_file() and recorded.get(name) != data.file_facts(path):
+            what = "its folder" if name.endswith("meta.json") else "it"
+            raise InputError(f"{path}: demo did not write {what} (or it changed since); pass "
+                             "--overwrite to replace it, or choose another --out")
+    for name in EXTRACTS:
+        folder = out / name
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / synthetic.MARKER).is_file():
+            raise InputError(f"{folder}: holds files synth did not write; pass --overwrite to "
+                             "replace the extract, or choose another --out")
+
+
+def record(out: Path, since: float) -> None:
+    """MARKER: the facts of each of PRODUCTS that demo wrote, in this run (modified at or after
+    `since`) or in an earlier one (recorded, unchanged); a file that --overwrite found but this run
+    did not replace is not recorded."""
+    recorded, facts = _recorded(out), {}
+    for name in PRODUCTS:
+        path = out / name
+        if path.is_file() and (path.stat().st_mtime >= since
+                               or recorded.get(name) == data.file_facts(path)):
+            facts[name] = data.file_facts(path)
+    if out.is_dir():
+        replace_file(out / MARKER, lambda tmp: tmp.write_text(json.dumps(facts, indent=1)))
+
+
+# -------------------------------------------------------------------------------------------- entry
 def demo(cfg: DemoConfig) -> dict:
-    """Run the demo; returns {"full": {task: report}, "few": {task: low-label result}}
-    (TriNetX-style tasks as '<task> (trinetx)') and prints both tables; the low-label one is also
-    written to OUT/low_label.json."""
+    """Run the demo, OUT locked and checked (check_out) before any work; returns {"full": {task:
+    report}, "few": {task: low-label result}} (TriNetX-style tasks as '<task> (trinetx)') and
+    prints both tables; the low-label one is also written to OUT/low_label.json."""
+    runtime.check_seed(cfg.seed)
+    with Locked(cfg.out, "--out"):
+        check_out(cfg)
+        since = time.time() - 1     # file times may be rounded to the second
+        try:
+            return _demo(cfg)
+        finally:                    # also after Ctrl-C: what this run wrote is demo's
+            record(Path(cfg.out), since)
+
+
+def _demo(cfg: DemoConfig) -> dict:
+    """The demo's stages and tables (`demo`, with OUT locked and checked)."""
     rep, start, threads = Reporter(cfg.quiet), time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
     try:

@@ -5,13 +5,14 @@ Usage:
     encoder = load_pretrained("runs/mimic", "stay")  # in your code: the checkpoint alone, no data
 Reads DATA/ and RUN/admission.pt (or RUN/stay.pt with `--init stay`, stay level only), never writes
 them. Writes one `.npz` file (numpy only, no pickle; replaced whole, so a failed or interrupted run
-leaves the old file or none): `embeddings` float32 (N, D); per row `subject_id`, `hadm_id`,
-`stay_id` int64 (-1 where the level has none) and `split` ("train", "val", "test"; fit on train rows
-only); `info`, a JSON string saying what the rows are (`LEVELS` below), the checkpoint, its digest
-and the data's. Rows are in the order of the processed tensors (stays.pt, admissions.pt) or of
-subject_id (patients). The encoders run in eval mode (no dropout), in fp32. The checkpoint is
-checked against the data as evaluate checks it (`checkpoints.Checkpoints`), and the encoder is
-rebuilt from the checkpoint alone (`checkpoints.build_encoder`).
+leaves the old file or none; a file there that embed did not write is refused, `check_out`):
+`embeddings` float32 (N, D); per row `subject_id`, `hadm_id`, `stay_id` int64 (-1 where the level
+has none) and `split` ("train", "val", "test"; fit on train rows only); `info`, a JSON string
+saying what the rows are (`LEVELS` below), the checkpoint, its digest and the data's. Rows are in
+the order of the processed tensors (stays.pt, admissions.pt) or of subject_id (patients). The
+encoders run in eval mode (no dropout), in fp32. The checkpoint is checked against the data as
+evaluate checks it (`checkpoints.Checkpoints`), and the encoder is rebuilt from the checkpoint alone
+(`checkpoints.build_encoder`).
 """
 from __future__ import annotations
 
@@ -133,6 +134,23 @@ def encode(encoder: torch.nn.Module, level: str, dataset, dim: int, batch_size: 
     return np.concatenate(out)
 
 
+def check_out(out: Path) -> None:
+    """Before any work: --out names a .npz that is absent, or one embed wrote (its `info` says so),
+    which is replaced whole; anything else there is refused in one line, never replaced."""
+    if out.suffix != ".npz":
+        raise InputError(f"{out}: --out must name a .npz file (numpy's np.load reads it)")
+    if not out.exists() and not out.is_symlink():
+        return
+    try:
+        with np.load(out) as f:
+            ours = json.loads(str(f["info"])).get("format", "").startswith("medhmp-embeddings")
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        ours = False
+    if not ours:
+        raise InputError(f"{out}: exists and is not an embeddings file medhmp wrote; remove it or "
+                         "choose another --out")
+
+
 def _save(path: Path, arrays: dict) -> None:
     with open(path, "wb") as f:   # a file object: np.savez would append .npz to a name
         np.savez(f, **arrays)
@@ -142,8 +160,7 @@ def embed(cfg: EmbedConfig) -> dict:
     """Write the `cfg.level` vectors of every row of cfg.data to cfg.out (module docstring); returns
     {"out", "rows", "dim"}."""
     out = Path(cfg.out)
-    if out.suffix != ".npz":
-        raise InputError(f"{out}: --out must name a .npz file (numpy's np.load reads it)")
+    check_out(out)
     rep, device = Reporter(cfg.quiet), resolve_device(cfg.device)
     check_writable(out.parent, "--out")   # before any work, not after it
     data = load_processed(cfg.data)

@@ -38,10 +38,10 @@ from folders import check_writable
 from metrics import INTERVAL_METHOD, METRIC_FUNCTIONS, METRICS, binary_metrics, replicate_interval
 from models import Classifier, ModelConfig
 from progress import Reporter
-from results import (delta_record, paired_deltas, print_table, results_table, skip_reason,
-                     skipped_lines, split_stats, write_task)
-from runtime import (autocast, check_finite, grad_scaler, optimizer_step, resolve_device,
-                     resolve_dtype, to_device)
+from results import (check_outputs, delta_record, paired_deltas, print_table, results_table,
+                     skip_reason, skipped_lines, split_stats, write_task)
+from runtime import (autocast, check_finite, check_seed, grad_scaler, optimizer_step,
+                     resolve_device, resolve_dtype, to_device)
 from sequence import SEQUENCE_MODELS, SequenceClassifier
 from tasks import LEVELS, TASKS   # noqa: F401  (LEVELS: the command line's --level)
 
@@ -120,12 +120,14 @@ class Run:
     rep: Reporter
 
     @classmethod
-    def open(cls, cfg: FinetuneConfig, folder: str) -> Run:
-        """The run of `cfg`, RUN/<folder> checked writable before any fine-tuning, and a warning
-        when RUN's two checkpoints do not belong together (Checkpoints.lineage)."""
+    def open(cls, cfg: FinetuneConfig, folder: str, tasks: list) -> Run:
+        """The run of `cfg`, RUN/<folder> checked writable and the result files of `tasks` checked
+        to be medhmp's (results.check_outputs) before any fine-tuning, and a warning when RUN's two
+        checkpoints do not belong together (Checkpoints.lineage)."""
         rep, device = Reporter(cfg.quiet), resolve_device(cfg.device)
         amp = resolve_dtype(cfg.precision, device)
         check_writable(Path(cfg.run) / folder, "--run")
+        check_outputs(Path(cfg.run), tasks)
         data = load_processed(cfg.data)
         ckpts = Checkpoints(cfg.run, data.meta)
         if cfg.init != "none" and (warning := ckpts.lineage()):
@@ -432,11 +434,26 @@ def evaluate_task(task: str, run: Run, labels_from: dict | None = None) -> dict:
     return report
 
 
+def check_options(cfg: FinetuneConfig, choices: tuple = ("task", "init", "model",
+                                                          "select_on")) -> None:
+    """One InputError line, before any work, for an option outside its choices (`choices`: the
+    fields checked), a seed the generators cannot take, or two options that contradict."""
+    allowed = {"task": [*TASKS, "all"], "init": INITS, "model": MODELS, "select_on": METRICS}
+    for name in choices:
+        if getattr(cfg, name) not in allowed[name]:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of "
+                             f"{', '.join(allowed[name])}")
+    check_seed(cfg.seed)
+    if cfg.labels is not None and cfg.label_fraction < 1.0:
+        raise InputError(f"--labels {cfg.labels} and --label-fraction {cfg.label_fraction:g} both "
+                         "choose the training examples; give one of them")
+
+
 def evaluate(cfg: FinetuneConfig) -> dict:
     """Evaluate `cfg.task` (or every task, or the custom task of cfg.labels_from); returns {task:
     report} and prints the results table."""
     tasks = _builtin_tasks(cfg)
-    run = Run.open(cfg, "eval")
+    run = Run.open(cfg, "eval", tasks)
     sources = dict([custom_task(run)]) if cfg.labels_from is not None else {}
     tasks += list(sources)
     run.rep.log(f"evaluating {', '.join(tasks)} on {cfg.data} (init={cfg.init}, seeds={cfg.seeds}, "
@@ -453,12 +470,7 @@ def evaluate(cfg: FinetuneConfig) -> dict:
 def _builtin_tasks(cfg: FinetuneConfig) -> list[str]:
     """The built-in tasks `cfg` asks for (none with labels_from), after checking its options; a bad
     one is an InputError, before any data is read."""
-    for name, value, allowed in (("task", cfg.task, [*TASKS, "all"]), ("init", cfg.init, INITS),
-                                 ("model", cfg.model, MODELS),
-                                 ("select_on", cfg.select_on, METRICS)):
-        if value not in allowed:
-            raise InputError(f"--{name.replace('_', '-')} {value!r} is not one of "
-                             f"{', '.join(allowed)}")
+    check_options(cfg)
     if cfg.labels_from is None and (cfg.level or cfg.task_name):
         raise InputError("--level and --task-name name a custom task: give --labels-from too")
     baseline_level = next((lv for lv, models in BASELINES.items() if cfg.model in models), None)

@@ -5,12 +5,14 @@ Usage:
         ...                                          # the work; files go to stage.tmp
         stage.commit(write)                          # write(stage.tmp), then swap it in as OUT
 Used by `preprocessing.pipeline.preprocess` (the processed folder) and `synthetic.synthesize` (an
-extract); `check_writable` serves outputs written file by file (evaluate's RUN/eval), and
-`replace_file` writes one file whole (checkpoints, result files). Beside OUT live, for the length of
-a run, a lock `.OUT.lock` (the writer's PID) and the staging folder `.OUT.tmp-PID`; a swap briefly
-renames the old OUT to `.OUT.old-PID`. A run killed outright (kill -9, power loss) leaves those
-behind: the next run removes the ones whose PID is no longer alive, and completes (or undoes) a swap
-cut between its two renames.
+extract); `check_writable` serves outputs written file by file (evaluate's RUN/eval), `Locked` a
+folder that one command at a time adds files to (a pretraining RUN, a demo OUT), and `replace_file`
+writes one file whole (checkpoints, result files), under a lock of its own (`Lock.waiting`) where
+several runs update it. Beside OUT live, for the length of a run, a lock `.OUT.lock` (the writer's
+PID) and the staging folder `.OUT.tmp-PID`; a swap briefly renames the old OUT to `.OUT.old-PID`; a
+file is written as `.NAME.tmp-PID` beside it. A run killed outright (kill -9, power loss) leaves
+those behind: the next run removes the ones whose PID is no longer alive, and completes (or undoes)
+a swap cut between its two renames.
 A `--out` that is a symlink is written through: the link stays and its target is replaced. It also
 defines `InputError`, the one-line error for bad user input that every stage raises (here, in the
 lowest module, so that every other module can import it). Imports the stdlib only.
@@ -32,6 +34,10 @@ from pathlib import Path
 LEFTOVER = re.compile(r"\.?(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
 # a write failed whatever the file
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+# seconds a run waits for another run's update of a shared file (results.csv: a read, a merge and a
+# rename, milliseconds) before it gives up in one line
+FILE_LOCK_WAIT = 120.0
+STALE = "stale"       # Lock._take_over removed a lock whose process is gone
 
 
 class InputError(Exception):
@@ -103,39 +109,57 @@ def check_writable(folder: Path, option: str) -> Path:
 
 class Lock:
     """`.OUT.lock` holding the writer's PID, created exclusively; a lock whose process is gone is
-    taken over."""
+    taken over. While a live process holds it, a second run is refused in one line, or with `wait`
+    seconds, waits for it (a shared file's update: `Lock.waiting`)."""
 
-    def __init__(self, out: Path, option: str):
+    def __init__(self, out: Path, option: str, wait: float = 0.0):
         self.path, self.out, self.option = out.with_name(f".{out.name}.lock"), out, option
+        self.wait = wait
+
+    @classmethod
+    def waiting(cls, path: Path, option: str = "--run") -> Lock:
+        """The lock of one file that several runs update (read, merge, replace), waited for."""
+        return cls(Path(path), option, wait=FILE_LOCK_WAIT)
 
     def __enter__(self):
-        for _ in range(3):
+        deadline, stale = time.monotonic() + self.wait, 0
+        while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                self._take_over()
+                holder = self._take_over()
+                stale += holder == STALE
+                if stale >= 3:
+                    raise InputError(f"{self.out}: cannot take the lock {self.path}; remove it if "
+                                     "no run is writing there") from None
+                if holder and holder != STALE:
+                    if time.monotonic() >= deadline:
+                        raise self._busy(holder) from None
+                    time.sleep(0.005)
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
             return self
-        raise InputError(f"{self.out}: cannot take the lock {self.path}; remove it if no run is "
-                         "writing there")
 
-    def _take_over(self) -> None:
-        """Remove a stale lock, or stop when a live process holds it."""
+    def _take_over(self) -> str:
+        """Remove a stale lock (STALE), or say who holds a live one ("" when it is gone already)."""
         try:
             text = self.path.read_text().strip()
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
-            return
+            return ""
         pid = int(text) if text.isdigit() else None
         alive = pid is not None and pid != os.getpid() and pid_alive(pid)
         if (pid is None and age < 10) or alive:
-            who = f"process {pid}" if pid else "another run"
-            raise InputError(f"{self.out}: {who} is writing there (lock {self.path.name}); wait "
-                             f"for it to finish or choose another {self.option} (if no run is "
-                             "writing, remove the lock)")
+            return f"process {pid}" if pid else "another run"
         self.path.unlink(missing_ok=True)
+        return STALE
+
+    def _busy(self, who: str) -> InputError:
+        waited = f" (waited {self.wait:g} s)" if self.wait else ""
+        return InputError(f"{self.out}: {who} is writing there{waited} (lock {self.path.name}); "
+                          f"wait for it to finish or choose another {self.option} (if no run is "
+                          "writing, remove the lock)")
 
     def __exit__(self, *exc):
         try:
@@ -202,16 +226,20 @@ def swap_in(tmp: Path, out: Path) -> None:
 
 
 def replace_file(path: Path, write) -> None:
-    """`write(tmp)` to a temporary name beside `path`, then rename it over `path`: a file on disk is
-    always whole. On any failure (a full disk, Ctrl-C) the temporary file is removed before the
-    error goes on, and the previous `path` is untouched. The file-sized counterpart of `Staged`."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    """`write(tmp)` to a temporary name of this process beside `path` (`.NAME.tmp-PID`), then rename
+    it over `path`: a file on disk is always whole, and two runs writing one file never share a
+    temporary name. On any failure (a full disk, Ctrl-C) the temporary file is removed before the
+    error goes on, and the previous `path` is untouched; the temporary files of writers that died
+    (kill -9) are removed by the next write. The file-sized counterpart of `Staged`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    recover(path)
 
 
 def _is_write_error(err: BaseException, tmp: Path) -> bool:
@@ -219,6 +247,51 @@ def _is_write_error(err: BaseException, tmp: Path) -> bool:
         return False
     return err.errno in WRITE_ERRNOS or (err.filename is not None
                                          and str(err.filename).startswith(str(tmp)))
+
+
+def take_lock(lock: Lock) -> None:
+    """Create the folder that holds `lock.out` and take the lock: one InputError line when a file
+    is in the way, the folder cannot be written or a live run holds the lock."""
+    out, option = lock.out, lock.option
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise InputError(f"{out}: {blocker} is a file, not a folder; choose another {option}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock.__enter__()
+    except OSError as err:
+        raise cannot_write(out, err, option) from None
+
+
+class Locked:
+    """A folder that one command at a time writes file by file (a pretraining RUN, a demo OUT): its
+    lock taken (a second run is refused in one line) and the folder (or, until the run creates it,
+    its parent) checked writable, before any work; a run that fails before writing leaves no folder.
+    Inside, SIGTERM is raised as `Terminated` (see `Staged`)."""
+
+    def __init__(self, out: Path, option: str):
+        self.out, self.option = resolve(out), option
+        self.lock, self.terminate = Lock(self.out, option), sigterm_as_interrupt()
+
+    def __enter__(self):
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(f"{self.out}: is a file, not a folder; choose another {self.option}")
+        take_lock(self.lock)
+        try:
+            with tempfile.TemporaryFile(dir=self.out if self.out.is_dir() else self.out.parent):
+                pass
+        except OSError as err:
+            self.lock.__exit__()
+            raise cannot_write(self.out, err, self.option) from None
+        self.terminate.__enter__()
+        return self
+
+    def __exit__(self, kind, err, tb):
+        self.terminate.__exit__(None, None, None)
+        self.lock.__exit__()
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+            raise cannot_write(self.out, err, self.option) from None
+        return False
 
 
 class Staged:
@@ -235,15 +308,7 @@ class Staged:
         if Path.cwd().resolve().is_relative_to(self.out.resolve()):
             raise InputError(f"{self.out}: is the current folder (or holds it); choose another "
                              f"{self.option}")
-        blocker = next((p for p in self.out.parents if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise InputError(f"{self.out}: {blocker} is a file, not a folder; choose another "
-                             f"{self.option}")
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.lock.__enter__()
-        except OSError as err:
-            raise cannot_write(self.out, err, self.option) from None
+        take_lock(self.lock)
         try:
             recover(self.out, self.log)
             shutil.rmtree(self.tmp, ignore_errors=True)

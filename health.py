@@ -131,12 +131,13 @@ def health_status(h: dict) -> str:
             + (f", cl {h['cl_gain']:+.2f} vs chance" if "cl_gain" in h else ""))
 
 
-def verdict(level: str, h: dict | None, epoch: float | None) -> tuple[str, bool]:
+def verdict(level: str, h: dict | None, epoch: float | None,
+            unvalidated: str = "no validation split") -> tuple[str, bool]:
     """One plain sentence on what the stage learned (at its best validation pass), and whether it
-    learned."""
+    learned; without a validation pass (h None), `unvalidated` says why."""
     if h is None:
         stage = 1 if level == "stay" else 2
-        return f"stage {stage}: no validation split, so nothing shows whether it learned", True
+        return f"stage {stage}: {unvalidated}, so nothing shows whether it learned", True
     where, pct = f" (best validation pass, epoch {epoch:g})", 100 * abs(h["gain"])
     side, base = "below" if h["gain"] > 0 else "above", BASELINE_NAMES[h["baseline"]]
     if level == "stay":

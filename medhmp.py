@@ -19,7 +19,7 @@ import paper_tables
 import runtime
 import synthetic
 import train
-from folders import InputError, sigterm_as_interrupt
+from folders import WRITE_ERRNOS, InputError, cannot_write, sigterm_as_interrupt
 from preprocessing import pipeline
 
 
@@ -31,6 +31,11 @@ def _run(function, config_class, **options):
             return function(cfg)
     except (InputError, runtime.NonFiniteLoss) as err:
         raise click.ClickException(str(err)) from None
+    except OSError as err:   # a write failed whatever the file (full disk, read-only): one line
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        raise click.ClickException(str(cannot_write(Path(err.filename or "."), err,
+                                                    "place to write"))) from None
 
 
 def _option(name: str, config_class, text: str = "", **kw):
@@ -60,6 +65,7 @@ class FiniteRange(click.FloatRange):
 
 PathOption, PositiveFloat = click.Path(path_type=Path), FiniteRange(min=0, min_open=True)
 Count = click.IntRange(min=1)
+Seed = click.IntRange(0, runtime.SEED_MAX)   # pretrain, evaluate, demo: what their generators take
 TYPES = {"--seed": int, "--device": click.Choice(runtime.DEVICES),
          "--precision": click.Choice(runtime.PRECISIONS),
          **dict.fromkeys("--batch-size --epochs --seeds --d-model --patients".split(), Count),
@@ -135,8 +141,8 @@ def preprocess(**options):
          "Stop after N passes without improvement (0: never).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from RUN/<level>.pt.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing RUN/<level>.pt.")
-@_options(train.StayPretrainConfig, "--device", "--precision", "--num-workers", "--d-model",
-          "--seed")
+@_options(train.StayPretrainConfig, "--device", "--precision", "--num-workers", "--d-model")
+@_option("--seed", train.StayPretrainConfig, type=Seed)
 def pretrain(level, **options):
     """Pretrain the stay level (reconstruction), then the admission level (MCP + contrastive)."""
     _run(train.pretrain, train.LEVELS[level], **options)
@@ -163,8 +169,8 @@ def pretrain(level, **options):
          type=FiniteRange(0, 1, min_open=True))
 @_option("--labels", evaluate.FinetuneConfig, "Or this many, stratified.",
          type=click.IntRange(min=4))
-@_options(evaluate.FinetuneConfig, "--seeds", "--batch-size", "--epochs", "--device", "--precision",
-          "--seed")
+@_options(evaluate.FinetuneConfig, "--seeds", "--batch-size", "--epochs", "--device", "--precision")
+@_option("--seed", evaluate.FinetuneConfig, type=Seed)
 def evaluate_command(**options):
     """Fine-tune on downstream tasks and write metrics with CIs; --model all: the paper's Tables 1-3
     (RUN/tables/)."""
@@ -192,8 +198,12 @@ def embed_command(**options):
 
 
 @cli.command(name="demo")
-@_options(demo.DemoConfig, "--out", "--seed")
+@_option("--out", demo.DemoConfig)
+@_option("--seed", demo.DemoConfig, type=Seed)
 @_option("--patients", demo.DemoConfig, type=click.IntRange(min=50))
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Replace checkpoints, processed folders and extracts in OUT that demo did not "
+                   "write.")
 def demo_command(**options):
     """Synthetic cohort -> preprocess -> pretrain (and a shuffled control) -> every task, in minutes
     on a CPU."""

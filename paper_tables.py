@@ -30,10 +30,11 @@ import numpy as np
 
 from checkpoints import TRANSFERS, Checkpoints
 from data import config_record
-from evaluate import BASELINES, INITS, PATIENT_MODELS, FinetuneConfig, Run, evaluate_task
-from folders import InputError, replace_file
+from evaluate import BASELINES, PATIENT_MODELS, FinetuneConfig, Run, check_options, evaluate_task
+from folders import InputError
 from metrics import METRICS
-from results import interval_text, paired_deltas, print_table, read_predictions
+from results import (interval_text, paired_deltas, print_table, read_predictions, read_rows,
+                     update_file)
 from tasks import TASKS
 
 # table file name -> (level, metrics shown; the first is the one its Δ column compares)
@@ -100,11 +101,15 @@ def stamp(task: str, init: str, cfg: FinetuneConfig, ckpts: Checkpoints) -> dict
 
 
 def stored_cell(path: Path, want: dict) -> dict | None:
-    """The cell stored at `path` when it ran with the stamp `want`, else None."""
+    """The cell stored at `path` when it ran with the stamp `want`, else None (also for a damaged
+    file)."""
     if not path.is_file():
         return None
-    cell = json.loads(path.read_text())
-    return cell if {k: cell.get(k) for k in want} == want else None
+    try:
+        cell = json.loads(path.read_text())
+    except ValueError:   # damaged: run it again, as a changed protocol is
+        return None
+    return cell if isinstance(cell, dict) and {k: cell.get(k) for k in want} == want else None
 
 
 def run_cell(task: str, model: str, init: str, run: Run) -> tuple[dict, str]:
@@ -128,7 +133,7 @@ def run_cell(task: str, model: str, init: str, run: Run) -> tuple[dict, str]:
     cell = {"task": task, "model": model, "init": init, **want, "splits": report["splits"],
             "result": result, "y": y, "probs": probs}
     path.parent.mkdir(parents=True, exist_ok=True)
-    replace_file(path, lambda tmp: tmp.write_text(json.dumps(cell)))
+    update_file(path, lambda tmp: tmp.write_text(json.dumps(cell)))
     return cell, "run"
 
 
@@ -235,29 +240,40 @@ def write_table(folder: Path, table: str, heading: str, header: list, rows: list
     whole."""
     md = [f"# {heading}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
           *("| " + " | ".join(r) + " |" for r in rows), "", *lines]
-    replace_file(folder / f"{table}.md", lambda tmp: tmp.write_text("\n".join(md) + "\n"))
+    update_file(folder / f"{table}.md", lambda tmp: tmp.write_text("\n".join(md) + "\n"))
 
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
             w.writeheader()
             w.writerows(csv_rows)
-    replace_file(folder / f"{table}.csv", write_csv)
+    update_file(folder / f"{table}.csv", write_csv)
+
+
+def check_tables(folder: Path) -> None:
+    """Before any fine-tuning: the tables already in RUN/tables/ are ones medhmp wrote (an
+    InputError line naming the first that is not: rewriting it would lose it)."""
+    for table in TABLES:
+        read_rows(folder / f"{table}.csv", CSV_COLUMNS)
+        md = folder / f"{table}.md"
+        if md.exists() and (not md.is_file()
+                            or not md.read_text(errors="replace").startswith("# Table")):
+            raise InputError(f"{md}: not a table medhmp wrote; move it away, or choose another "
+                             "--run")
 
 
 def tables(cfg: FinetuneConfig) -> dict:
     """Run, or read back, every cell of `cfg.task` (or of every task), then write the tables of
     every cell stored with this protocol to RUN/tables/ and print them; returns {table: (header,
     rows)}."""
-    for name, value, allowed in (("task", cfg.task, [*TASKS, "all"]), ("init", cfg.init, INITS)):
-        if value not in allowed:
-            raise InputError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+    check_options(cfg, ("task", "init", "select_on"))
     if cfg.probe:
         raise InputError("--model all compares fine-tuned models; --probe is for one model at a "
                          "time")
-    run = Run.open(cfg, "tables")
-    out, rep = Path(cfg.run) / "tables", run.rep
     tasks = list(TASKS) if cfg.task == "all" else [cfg.task]
+    run = Run.open(cfg, "tables", tasks)
+    out, rep = Path(cfg.run) / "tables", run.rep
+    check_tables(out)
     how = [run_cell(t, m, i, run)[1] for t in tasks for m, i in cell_plan(TASKS[t].level, cfg)]
     missing = (f", {how.count('missing')} not run (no checkpoint: pretrain first)"
                if "missing" in how else "")

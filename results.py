@@ -3,8 +3,11 @@
 Usage: `write_task(task, report, probs, ids, y)` writes RUN/eval/<task>.json,
 RUN/eval/<task>_predictions.csv, the task's rows of RUN/results.csv and (with matplotlib)
 RUN/eval/<task>_curves.png; `results_table(reports)` and `print_table(...)` show them. Rows and
-entries of an earlier run with the same key are replaced. A module of its own (docs/design.md,
-Modules) so that evaluate.py stays the fine-tuning protocol; it needs no torch.
+entries of an earlier run with the same key are replaced, each file updated under a lock of its own
+(folders.Lock.waiting), so that runs evaluating into one RUN at once lose no row; a file there that
+medhmp did not write (another header, not a report) is refused, never rewritten (`check_outputs`,
+before any fine-tuning). A module of its own (docs/design.md, Modules) so that evaluate.py stays the
+fine-tuning protocol; it needs no torch.
 """
 from __future__ import annotations
 
@@ -17,28 +20,83 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from folders import replace_file
+from folders import InputError, Lock, cannot_write, replace_file
 from metrics import (INTERVAL_METHOD, METRIC_FUNCTIONS, METRICS, auprc, auroc, both_classes,
                      pr_points, replicate_interval, roc_points)
 from progress import Reporter
 
 
+# the first columns of each CSV medhmp writes in RUN: a file that starts otherwise is not medhmp's
+OWN_HEADER = 4
+
+
+def read_rows(path: Path, columns: list) -> list[dict]:
+    """The rows of a CSV medhmp wrote (its header starts as `columns` does); [] when absent; an
+    InputError line for a file of another header, which rewriting would lose."""
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: is not a file; move it away, or choose another --run")
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if (reader.fieldnames or [])[:OWN_HEADER] != columns[:OWN_HEADER]:
+            raise InputError(f"{path}: not a file medhmp wrote (its header is not "
+                             f"{','.join(columns[:OWN_HEADER])},...); move it away, or choose "
+                             "another --run")
+        return list(reader)
+
+
+def _read_report(path: Path, task: str) -> dict:
+    """RUN/eval/<task>.json as an earlier run wrote it ({} when absent); an InputError line for a
+    file that is not a report of `task`."""
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: is not a file; move it away, or choose another --run")
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:
+        report = None
+    if not isinstance(report, dict) or report.get("task") != task \
+            or not isinstance(report.get("results"), dict):
+        raise InputError(f"{path}: not a {task} report medhmp wrote; move it away, or choose "
+                         "another --run")
+    return report
+
+
+def check_outputs(run: Path, tasks: list) -> None:
+    """Before any fine-tuning: every result file of `tasks` already in RUN is one medhmp wrote (an
+    InputError line naming the first that is not)."""
+    read_rows(run / "results.csv", RESULT_COLUMNS)
+    for task in tasks:
+        _read_report(run / "eval" / f"{task}.json", task)
+        read_rows(run / "eval" / f"{task}_predictions.csv", PREDICTION_COLUMNS)
+
+
+def update_file(path: Path, write) -> None:
+    """`write(tmp)` replaces `path` whole (folders.replace_file); a full disk is one InputError
+    line. A run that merges into `path` calls it holding the file's lock (folders.Lock.waiting)
+    from its read to here."""
+    try:
+        replace_file(path, write)
+    except OSError as err:
+        raise cannot_write(path, err, "--run") from None
+
+
 def _replace_rows(path: Path, columns: list, rows: list[dict], key: tuple) -> None:
     """Rewrite the CSV at `path` with `rows`, dropping earlier rows with the same `key` values;
-    atomic."""
-    old = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-    new_keys = {tuple(str(r[k]) for k in key) for r in rows}
-    kept = [r for r in old if tuple(r.get(k, "") for k in key) not in new_keys]
+    atomic, under the file's lock."""
+    with Lock.waiting(path):
+        old = read_rows(path, columns)
+        new_keys = {tuple(str(r[k]) for k in key) for r in rows}
+        kept = [r for r in old if tuple(r.get(k, "") for k in key) not in new_keys]
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(kept + rows)
-    replace_file(path, write)
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, columns, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(kept + rows)
+        update_file(path, write)
 
 
 def split_stats(examples: dict) -> dict:
@@ -112,9 +170,10 @@ def write_task(task: str, report: dict, probs: dict, ids: dict, y: np.ndarray) -
     _replace_rows(Path(cfg["run"]) / "results.csv", RESULT_COLUMNS, _result_rows(task, report),
                   ("task", "init", "model"))
     path = out / f"{task}.json"
-    merged = json.loads(path.read_text()) if path.is_file() else {}
-    report = {**report, "results": {**merged.get("results", {}), **report["results"]}}
-    replace_file(path, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+    with Lock.waiting(path):
+        merged = _read_report(path, task)
+        report = {**report, "results": {**merged.get("results", {}), **report["results"]}}
+        update_file(path, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
     model = report["model"]
     rows = [{"subject_id": int(ids["subject_id"][j]), "hadm_id": ids["hadm_id"][j],
              "stay_id": ids["stay_id"][j], "split": "test", "seed": cfg["seed"] + i, "init": init,

@@ -7,7 +7,7 @@ fine-tuning (evaluate.py) and embedding (embed.py) import it; it imports torch a
 (InputError) only. One mixed-precision path: bf16 or fp16 autocast on CUDA (a GradScaler for fp16),
 fp32 (or bf16 when asked) on the CPU. A non-finite loss is a NonFiniteLoss: fine-tuning checks each
 step (`check_finite`); pretraining keeps the flag on the device (`FiniteWatch`) and reads it at each
-log line and checkpoint.
+log line and checkpoint. `check_seed` says which seeds those loops' generators take.
 """
 from __future__ import annotations
 
@@ -19,10 +19,19 @@ from folders import InputError
 
 # the --device, --precision choices
 DEVICES, PRECISIONS = ("auto", "cpu", "cuda"), ("auto", "fp32", "bf16", "fp16")
+# the largest --seed of pretraining and fine-tuning: their generators take seed * 100003 + epoch
+# (train.shuffled_batches), which must stay below torch's 2**64, and numpy's take no negative seed
+SEED_MAX = 2 ** 32 - 1
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def check_seed(seed: int) -> None:
+    """One InputError line for a seed the training loops' generators cannot take."""
+    if not 0 <= seed <= SEED_MAX:
+        raise InputError(f"--seed {seed}: must be between 0 and {SEED_MAX}")
 
 
 # -------------------------------------------------------------------------------- device, precision

@@ -11,7 +11,8 @@ where the last checkpoint stopped. Pretraining sees the training split only; the
 gives a held-out loss per epoch. The loop is `pretrain`: `start` sets a stage up once (model, data,
 optimiser, resume, no-learning baselines, run header), then a plain `while` over epochs and steps
 whose body is the step, a log line (`log_step`) and a checkpoint (`save`); its state is one
-`LoopState`.
+`LoopState`. One run at a time writes a RUN: `pretrain` holds its lock (folders.Locked) from the
+checks before any work to the last checkpoint.
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ from checkpoints import (check_resumable, load_checkpoint, save_checkpoint, star
                          versions, weights_digest)
 from data import (AdmissionDataset, InputError, Processed, StayDataset, config_record, data_digest,
                   load_processed, make_loader)
+from folders import Locked
 from health import (code_priors, contrastive_chance, health, health_status, prior_losses,
                     stay_baselines, verdict)
 from models import (AdmissionEncoder, AdmissionPretrainer, ModelConfig, StayEncoder, StayPretrainer,
                     count_parameters)
 from progress import Reporter
-from runtime import (FiniteWatch, autocast, grad_scaler, optimizer_step, prefetch, resolve_device,
-                     resolve_dtype)
+from runtime import (FiniteWatch, autocast, check_seed, grad_scaler, optimizer_step, prefetch,
+                     resolve_device, resolve_dtype)
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,8 @@ def build(cfg, data: Processed, rep: Reporter):
                                  decoder_input=cfg.decoder_input, recon_loss=cfg.recon_loss,
                                  code_loss=cfg.code_loss, hour_bias=cfg.hour_bias)
     # both stages need ICU stays (admission pretraining reads their features)
-    if data.meta["n_features"] == 0:
-        raise InputError(f"{cfg.data}: no ICU stays to pretrain on (a diagnosis extract has none; "
-                         "pretrain on a MIMIC extract and preprocess this one with --vocab-from)")
+    if data.meta["n_features"] == 0 or len(data.stays["stay_id"]) == 0:
+        raise InputError(f"{cfg.data}: no ICU stays to pretrain on ({no_stays_why(data.meta)})")
     if cfg.level == "stay":
         model = StayPretrainer(StayEncoder(mcfg), mcfg)
         sets = [StayDataset(data, data.pretrain_rows("stay", s)) for s in ("train", "val")]
@@ -113,6 +114,21 @@ def build(cfg, data: Processed, rep: Reporter):
     sets = [AdmissionDataset(data, data.pretrain_rows("admission", s), max_stays=cfg.max_stays)
             for s in ("train", "val")]
     return model, mcfg, sets, parent
+
+
+def no_stays_why(meta: dict) -> str:
+    """Why a processed folder has no ICU stay, and what to do: a diagnosis extract has none; a MIMIC
+    extract lost them at an attrition step of preprocessing (meta.json `attrition`, which its
+    preprocess warning explained)."""
+    if meta.get("layout") == "trinetx":
+        return ("a diagnosis extract has none; pretrain on a MIMIC extract and preprocess this one "
+                "with --vocab-from")
+    steps = meta.get("attrition", {}).get("stays", [])
+    step = next((name for name, n in steps if n == 0), None)
+    where = f" at '{step}'" if step else ""
+    return (f"preprocessing lost every stay of this {meta.get('layout', 'MIMIC')} extract{where}, "
+            "see meta.json attrition and the warning preprocess printed; pretrain on an extract "
+            "with ICU stays and their chart events (MetaVision, for MIMIC-III)")
 
 
 def no_learning(cfg, data: Processed, model, sets, mask_rate: float, device, fresh: bool) -> tuple:
@@ -132,6 +148,15 @@ def no_learning(cfg, data: Processed, model, sets, mask_rate: float, device, fre
     if fresh:
         model.init_priors(priors["frequency"])
     return {}, priors
+
+
+def check_options(cfg) -> None:
+    """Refuse, before any work, options the model or the generators cannot take (one line each)."""
+    check_seed(cfg.seed)
+    heads = ModelConfig.n_heads
+    if cfg.d_model % heads:
+        raise InputError(f"--d-model {cfg.d_model}: must be a multiple of {heads}, the number of "
+                         f"attention heads (e.g. {max(heads, cfg.d_model // heads * heads)})")
 
 
 def check_start(cfg, path: Path) -> None:
@@ -369,8 +394,27 @@ def save(stage: Stage, st: LoopState) -> None:
 
 
 def pretrain(cfg) -> dict:
-    """Run one pretraining stage (cfg.level); returns the final log record, with the stage's
-    verdict."""
+    """Run one pretraining stage (cfg.level), holding RUN's lock; returns the final log record, with
+    the stage's verdict."""
+    check_options(cfg)
+    with Locked(cfg.run, "--run"):  # a second run into RUN is refused: no checkpoint lost
+        return run_stage(cfg)
+
+
+def unvalidated(stage: Stage, st: LoopState) -> str:
+    """Why a stage has no validation pass to judge it by."""
+    cfg = stage.cfg
+    if len(stage.val_set) == 0:
+        return "no validation split"
+    if not cfg.eval_every:
+        return "validation switched off (eval_every 0)"
+    first = stage.steps_per_epoch * cfg.eval_every
+    return (f"it stopped at step {st.step}, before the first validation pass (step {first}, the "
+            f"end of epoch {cfg.eval_every})")
+
+
+def run_stage(cfg) -> dict:
+    """The stage itself, RUN locked: set up, the loop, the last checkpoint and the verdict."""
     rep = Reporter(cfg.quiet)
     stage, st = start(cfg, rep)
     model, watch = stage.model, FiniteWatch(stage.device)
@@ -403,7 +447,8 @@ def pretrain(cfg) -> dict:
                 if st.step >= stage.total or st.stopped:
                     break
                 t_wait = time.perf_counter()
-        sentence, learned = verdict(cfg.level, st.best.health, st.best.epoch)
+        sentence, learned = verdict(cfg.level, st.best.health, st.best.epoch,
+                                    unvalidated(stage, st))
         log.write(json.dumps({"event": "end", "level": cfg.level, "step": st.step,
                               "stopped_early": st.stopped, "best": st.best.record(),
                               "verdict": sentence, "learned": learned}) + "\n")

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import FORMAT_VERSION, LABEL_COLUMNS, SPLITS, InputError, config_record, read_file, torch_save
+from data import (DATA_FILES, FORMAT_VERSION, LABEL_COLUMNS, MEDS_LABELS_DIR, SPLITS, InputError, config_record,
+                  file_facts, read_file, torch_save)
 from folders import Staged
 from preprocessing.build import ICD_OPTIONS, Built, build_mimic, build_trinetx, check_notes, icd_systems
 from preprocessing.cohorts import task_counts
@@ -95,9 +96,20 @@ def preprocess(cfg: PreprocessConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- writing
+# every file preprocess has ever written into a processed folder: anything else there is someone's own
+PROCESSED_FILES = ("meta.json", *DATA_FILES, "note_cache.pt", MEDS_LABELS_DIR)
+
+
 def _check_out(out: Path) -> None:
+    """An existing --out is replaced whole only when it is a processed folder holding nothing else (a RUN
+    or a user's file inside it would be lost with it)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").exists())):
         raise InputError(f"{out}: exists and is not a processed folder; choose another --out")
+    other = sorted(p.name for p in out.iterdir() if p.name not in PROCESSED_FILES) if out.is_dir() else []
+    if other:
+        raise InputError(f"{out}: holds files preprocess did not write ({', '.join(other[:3])}"
+                         f"{', ...' if len(other) > 3 else ''}), which replacing the folder would lose; move "
+                         "them, or choose another --out")
 
 
 def _load_cache(out: Path, rep: Reporter) -> dict:
@@ -137,8 +149,10 @@ def _write_folder(folder: Path, built: Built, cache: dict, rep: Reporter) -> Non
         w.writerow(LABEL_COLUMNS)
         w.writerows(built.labels)
     (folder / "splits.json").write_text(json.dumps(built.splits))
-    rep.log(write_labels(folder / "meds_labels", built))
+    rep.log(write_labels(folder / MEDS_LABELS_DIR, built))
     _save_cache(cache, folder / "note_cache.pt")
+    # what data.load_processed checks each file against: a file copied in from another folder is named
+    built.meta["files"] = {name: file_facts(folder / name) for name in DATA_FILES}
     (folder / "meta.json").write_text(json.dumps(built.meta, indent=1))
 
 

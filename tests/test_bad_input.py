@@ -68,9 +68,10 @@ def _as_floats(raw: Path) -> None:
 
 
 def _read(out: Path) -> dict:
-    """What a processed folder holds, less what names the run (meta.json's created, config, sources, note source)."""
+    """What a processed folder holds, less what names the run (meta.json's created, config, sources, note source)
+    and meta.json's files (the bytes of the files compared here by content)."""
     meta = json.loads((out / "meta.json").read_text())
-    for key in ("created", "config", "sources"):
+    for key in ("created", "config", "sources", "files"):
         meta.pop(key)
     meta.get("notes", {}).pop("source", None)
     for v in meta.get("features", {}).get("variables", []):   # category numbers follow the read blocks of the

@@ -156,13 +156,14 @@ def test_other_data_is_one_line_and_leaves_the_old_file(processed_cohort, pretra
     (other / "meta.json").write_text(json.dumps({**meta, "n_static": meta["n_static"] + 1,
                                                  "icd_vocab": meta["icd_vocab"][::-1]}))
     out = tmp_path / "old.npz"
-    out.write_bytes(b"an earlier file")
+    np.savez(out, info=np.array(json.dumps({"format": "medhmp-embeddings 1"})))   # an earlier file
+    before = out.read_bytes()
     for level, pattern in (("stay", "pretrained on other data .*n_static.*as --data"),
                            ("patient", "ICD vocabulary.*--vocab-from")):
         result = CliRunner().invoke(cli, ["embed", "--level", level, "--data", str(other), "--run",
                                           str(pretrained_run), "--out", str(out)])
         one_line_error(result, pattern)
-    assert out.read_bytes() == b"an earlier file"
+    assert out.read_bytes() == before
 
 
 def test_out_must_be_an_npz_file(processed_cohort, pretrained_run, tmp_path):

@@ -263,12 +263,14 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+# a file of DATA that is not the one meta.json recorded is named before it is read (tests/test_run_safety.py)
+NOT_RECORDED = "not the file this folder was written with"
 DAMAGE = {
-    "stays.pt truncated": ("stays.pt", _truncate, "cannot be read, it is truncated or corrupt"),
-    "admissions.pt random bytes": ("admissions.pt", lambda p: p.write_bytes(os.urandom(5000)), "cannot be read"),
+    "stays.pt truncated": ("stays.pt", _truncate, NOT_RECORDED),
+    "admissions.pt random bytes": ("admissions.pt", lambda p: p.write_bytes(os.urandom(5000)), NOT_RECORDED),
     "meta.json truncated": ("meta.json", _truncate, "cannot be read, it is truncated or corrupt"),
     "labels.csv missing": ("labels.csv", lambda p: p.unlink(), "missing"),
-    "splits.json garbage": ("splits.json", lambda p: p.write_text("[1, 2"), "cannot be read"),
+    "splits.json garbage": ("splits.json", lambda p: p.write_text("[1, 2"), NOT_RECORDED),
 }
 
 
