@@ -226,7 +226,10 @@ class Ranks:
             y = torch.cat([y, y.new_zeros(longest - len(y), *y.shape[1:])])  # (longest, ...)
         # imported here: a torch built without distributed support still runs one process
         from torch.distributed import _functional_collectives as functional
-        y = functional.all_gather_single(y, 0, dist.group.WORLD)  # (world * longest, ...)
+        # all_gather_single (torch 2.13), all_gather_tensor_autograd before it: the same gather
+        gather = (getattr(functional, "all_gather_single", None)
+                  or functional.all_gather_tensor_autograd)
+        y = gather(y, 0, dist.group.WORLD)  # (world * longest, ...)
         if min(sizes) < longest:
             y = torch.cat([y[r * longest:r * longest + n] for r, n in enumerate(sizes)])
         return y.bool() if flag else y
@@ -272,7 +275,7 @@ def processes(device: torch.device):
     except RuntimeError as err:
         if not (ranks.many and lost_process(err)):
             raise
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:200]
         raise RankFailure(f"process {ranks.rank} of {ranks.world} stopped: a collective of the run "
                           f"failed, most often because another process died ({reason}); the "
                           "checkpoints on disk are whole and --resume continues from the last "
