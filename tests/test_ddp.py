@@ -4,12 +4,14 @@ skipped validation masks), then two processes spawned here and joined through a 
 test's folder: step 1's loss and gradients equal one process's at the same whole batch, K steps of both stages
 end at one process's weights, process 0 alone writes the run folder, --resume at two processes is bit for bit
 an uninterrupted two-process run, a changed number of processes is refused, a process that dies stops the
-other in one line; and `torchrun --nproc-per-node 2 medhmp.py pretrain` writes the run folder one process
-writes, which `evaluate` reads.
+other in one line; `torchrun --nproc-per-node 2 -- medhmp.py pretrain` writes the run folder one process
+writes, which `evaluate` reads; and bench/gpu.py, the GPU check, runs its CPU parts and says it found no GPU.
 
 Every test that spawns processes is marked slow (each process imports torch: seconds). Run:
 `python -m pytest -q tests/test_ddp.py`.
 """
+import argparse
+import importlib.util
 import json
 import math
 import os
@@ -327,3 +329,30 @@ def test_torchrun_writes_the_run_folder_one_process_writes_and_evaluate_reads_it
                            "--epochs", "1"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (folders["two"] / "eval" / "mortality.json").is_file()
+
+
+# ------------------------------------------------------------------------------------ the GPU check
+def test_the_gpu_check_runs_its_cpu_parts_and_says_it_found_no_gpu(tmp_path, monkeypatch):
+    """bench/gpu.py (what bench/gpu.sh runs) without a GPU: every part at tiny sizes on the CPU, in fp32,
+    and one JSON file that says no GPU was found. `pytest -m gpu` is left out here (it is this suite)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # as on CI, also on a GPU machine
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    threads = torch.get_num_threads()
+    args = argparse.Namespace(budget=300.0, tiny=True, no_tests=True, work=tmp_path)
+    report = gpu.run(args, tmp_path / "out" / "gpu.json")
+    torch.set_num_threads(threads)
+    found = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    assert found == report.record and found["scale"] == "tiny"
+    parts = found["parts"]
+    assert not parts["machine"]["cuda"] and "no GPU found" in parts["machine"]["note"]
+    assert found["skipped_precisions"] == {"bf16": "needs CUDA", "fp16": "needs CUDA"}
+    assert parts["nccl"] == {"skipped": "needs two GPUs"} and "tests" not in parts
+    errors = {name: p["error"] for name, p in parts.items() if "error" in p}
+    assert not errors, errors
+    for level in ("stay", "admission"):
+        s = parts[f"stage_{level}_fp32"]
+        assert s["loss_finite"] and s["samples_per_s"] > 0 and s["peak_gpu_mib"] is None
+        assert parts[f"official_{level}_fp32"]["samples_per_s"] > 0
+    assert parts["predict_fp32"]["samples_per_s"] > 0 and parts["official_infer_fp32"]["samples_per_s"] > 0
