@@ -3,8 +3,8 @@ on the CPU with gloo: the pieces alone (torchrun's environment, the split of a b
 skipped validation masks), then two processes spawned here and joined through a file:// rendezvous in the
 test's folder: step 1's loss and gradients equal one process's at the same whole batch, K steps of both stages
 end at one process's weights, process 0 alone writes the run folder, --resume at two processes is bit for bit
-an uninterrupted two-process run, a changed number of processes is refused, a process that dies stops the
-other in one line; `torchrun --nproc-per-node 2 -- medhmp.py pretrain` writes the run folder one process
+an uninterrupted two-process run, a changed number of processes is refused, a NaN in one process stops
+both at the same step, a process that dies stops the other in one line; `torchrun --nproc-per-node 2 -- medhmp.py pretrain` writes the run folder one process
 writes, which `evaluate` reads; and bench/gpu.py, the GPU check, runs its CPU parts and says it found no GPU.
 
 Every test that spawns processes is marked slow (each process imports torch: seconds). Run:
@@ -68,10 +68,29 @@ def joined(rank: int, world: int, rendezvous: str, target, args) -> None:
         dist.destroy_process_group()
 
 
-def pretrain_all(rank: int, cfgs: list) -> None:
-    """train.pretrain of each config in turn (inside the group the test started)."""
-    for cfg in cfgs:
+def pretrain_all(rank: int, cfgs: list, out: str | None = None) -> None:
+    """train.pretrain of each config in turn (inside the group the test started); with `out`, what each
+    returned (the last log record, the best pass, the verdict) goes to OUT/returned_<rank>.json."""
+    returned = [train.pretrain(cfg) for cfg in cfgs]
+    if out:
+        (Path(out) / f"returned_{rank}.json").write_text(json.dumps(returned))
+
+
+def nan_at(rank: int, cfg, step: int, out: str) -> None:
+    """Process 1's loss is NaN in its step `step`: every process must stop with the same NonFiniteLoss,
+    which it writes down."""
+    if rank == 1:
+        forward, calls = StayPretrainer.forward, []
+
+        def poisoned(self, batch, *a, **kw):
+            found = forward(self, batch, *a, **kw)
+            calls.append(1)
+            return {**found, "loss": found["loss"] * float("nan")} if len(calls) == step else found
+        StayPretrainer.forward = poisoned
+    try:
         train.pretrain(cfg)
+    except runtime.NonFiniteLoss as err:
+        (Path(out) / f"nan_{rank}.txt").write_text(str(err))
 
 
 def step_one(rank: int, root: str, out: str) -> None:
@@ -215,8 +234,12 @@ def test_two_processes_train_both_stages_as_one_does(processed_cohort, tmp_path)
             for name, run in runs.items()}
     for stage, (level, steps) in enumerate((("stay", 4), ("admission", 3))):
         pretrain_all(0, cfgs["one"][stage:stage + 1])
-        launch(pretrain_all, tmp_path, cfgs["two"][stage:stage + 1])
+        launch(pretrain_all, tmp_path, cfgs["two"][stage:stage + 1], str(tmp_path))
         same_run(runs, level, steps, sizes[level])
+        # every process ends with the same record, best pass and verdict (not the same clock)
+        returned = [{k: v for k, v in json.loads((tmp_path / f"returned_{r}.json").read_text())[0].items()
+                     if k not in ("time", "samples_per_s", "data_wait")} for r in range(WORLD)]
+        assert returned[1] == returned[0] and returned[0]["best"]["health"]
         if level == "stay":  # stage 2 of both from the same stay.pt
             shutil.copy(runs["one"] / "stay.pt", runs["two"] / "stay.pt")
     assert sorted(p.name for p in runs["two"].iterdir()) == sorted(p.name for p in runs["one"].iterdir())
@@ -288,6 +311,19 @@ def same_run(runs: dict, level: str, steps: int, batch_size: int) -> None:
         torch.testing.assert_close(wb["last_model"][k], v, rtol=1e-4, atol=5e-5, msg=k)
     header = json.loads((runs["two"] / f"config_{level}.json").read_text())
     assert header["world_size"] == WORLD and header["config"]["batch_size"] == batch_size
+
+
+@pytest.mark.slow
+def test_a_nan_in_one_process_stops_every_process_at_its_step(processed_cohort, tmp_path):
+    """Process 1's loss is NaN at step 3 (DDP's all-reduce then spreads it to process 0's weights): both
+    processes stop at the step-4 checkpoint with the same line, naming step 3 and keeping step 2's file."""
+    run = tmp_path / "run"
+    cfg = config("stay", processed_cohort, run, max_steps=8, checkpoint_every=2, log_every=10)
+    launch(nan_at, tmp_path, cfg, 3, str(tmp_path))
+    said = [(tmp_path / f"nan_{rank}.txt").read_text() for rank in range(WORLD)]
+    assert said[0] == said[1] and said[0].startswith("the stay loss became nan at step 3; the last good "
+                                                     "checkpoint (step 2) is kept")
+    assert checkpoints.load_checkpoint(run / "stay.pt")["step"] == 2 and not list(run.glob("*.tmp"))
 
 
 def launch_one_dies(folder: Path, cfg) -> None:
