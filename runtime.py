@@ -263,13 +263,10 @@ def processes(device: torch.device):
     ranks = (Ranks(dist.get_rank(), dist.get_world_size(),
                    int(os.environ.get("LOCAL_RANK", dist.get_rank()))) if started
              else from_env(os.environ))
-    if ranks.many and device.type == "cuda":  # one GPU per process; no device index is written
-        device = torch.device("cuda", ranks.local)
-        torch.cuda.set_device(device)
-    ranks = Ranks(ranks.rank, ranks.world, ranks.local, device)
+    ranks = Ranks(ranks.rank, ranks.world, ranks.local, own_device(ranks, device))
     owned = ranks.many and not started
     if owned:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if ranks.device.type == "cuda" else "gloo")
     try:
         yield ranks
     except RuntimeError as err:
@@ -283,6 +280,20 @@ def processes(device: torch.device):
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+def own_device(ranks: Ranks, device: torch.device) -> torch.device:
+    """Where a process of `ranks` computes: `device`, except that each of several processes on CUDA
+    takes the GPU of its LOCAL_RANK (made current; no device index is written anywhere)."""
+    if not (ranks.many and device.type == "cuda"):
+        return device
+    if ranks.local >= torch.cuda.device_count():
+        raise InputError(f"process {ranks.rank} (LOCAL_RANK {ranks.local}) has no GPU of its own: "
+                         f"this machine has {torch.cuda.device_count()}; start at most that many "
+                         "processes on it, or pass --device cpu")
+    device = torch.device("cuda", ranks.local)
+    torch.cuda.set_device(device)
+    return device
 
 
 def lost_process(err: RuntimeError) -> bool:

@@ -153,6 +153,14 @@ def test_torchruns_environment_names_the_process():
     assert not runtime.Ranks().many
 
 
+def test_a_process_without_a_gpu_of_its_own_is_refused_in_one_line():
+    n = torch.cuda.device_count()
+    with pytest.raises(data.InputError, match=rf"LOCAL_RANK {n}\) has no GPU of its own: this machine has {n}"):
+        runtime.own_device(runtime.Ranks(n, n + 2, n), torch.device("cuda"))
+    cpu = torch.device("cpu")
+    assert runtime.own_device(runtime.Ranks(1, 2, 1), cpu) == cpu
+
+
 def test_a_batch_splits_into_contiguous_parts_in_rank_order():
     parts = [runtime.Ranks(r, 3).part(list(range(8))) for r in range(3)]
     assert parts == [[0, 1, 2], [3, 4, 5], [6, 7]] and runtime.Ranks(0, 3).sizes(8) == (3, 3, 2)
