@@ -10,7 +10,9 @@ best validation pass), "last_model", "optimizer", "scaler", "rng", "step", "epoc
 resume), "level", "config", "model_config" (every field of models.ModelConfig: the architecture
 needs nothing else), "digest" (weights_digest of "model"), "stay_digest" (the stay.pt an
 admission.pt grew from), "data_digest", "sizes" and "icd_vocab" (what `data_mismatch` compares with
-a processed folder) and the versions. TRANSFERS says which weights each level's encoder takes from
+a processed folder) and the versions; a run of several processes adds "world_size", "rng_ranks"
+(every process's random state) and "mask_rng" (the code-mask stream they share), written by
+process 0 alone. TRANSFERS says which weights each level's encoder takes from
 which checkpoint; `transfer` strips their prefix and loads them strictly, every key of the encoder
 found and none left over (as MoCo renames and checks the keys of the encoder it loads). Imports
 torch, models, data and folders.
@@ -134,9 +136,17 @@ def same_model(state: dict, mcfg: ModelConfig, meta: dict, names=None) -> bool:
     return same and not data_mismatch(state, meta)
 
 
-def check_resumable(state: dict, cfg, mcfg: ModelConfig, meta: dict) -> None:
+def check_resumable(state: dict, cfg, mcfg: ModelConfig, meta: dict, world: int = 1) -> None:
     """Only the stopping point and runtime options of a pretraining config may change on --resume;
-    the data are compared by content, so relative paths and a moved folder resume."""
+    the data are compared by content, so relative paths and a moved folder resume. The number of
+    processes (`world`; "world_size" in a checkpoint of several, none in one of one) may not
+    change: each process's part of every batch and its random streams depend on it."""
+    was = state.get("world_size", 1)
+    if was != world:
+        raise InputError(f"cannot resume {cfg.run}/{cfg.level}.pt: it was trained by {was} "
+                         f"process{'es' * (was > 1)} and this run has {world}; resume it with "
+                         f"WORLD_SIZE {was} (torchrun --nproc-per-node {was} on one machine), or "
+                         "start a new --run")
     free = {"data", "run", "epochs", "max_steps", "resume", "overwrite", "quiet", "device",
             "num_workers", "log_every", "checkpoint_every", "eval_every", "patience"}
     was = state["config"]

@@ -11,7 +11,9 @@ The no-learning predictors are fitted on the training split from counts of the p
 feature) cell's mean, scored exactly from counts; at the admission level predicting no code and each
 code's training frequency, scored on each batch's own masks, and the contrastive loss of uniform
 similarities (chance). The objectives (models.py) return their losses only; this module keeps the
-books. Imports numpy, torch, data, models.
+books. In a run of several processes (`ranks`, a runtime.Ranks) each process counts its part of the
+rows and the counts are summed across them (`counted`): the same integers, so the same baselines
+and verdict as one process. Imports numpy, torch, data, models.
 """
 from __future__ import annotations
 
@@ -50,15 +52,25 @@ def code_counts(data: Processed, rows: np.ndarray, modality: str) -> tuple[np.nd
     return np.bincount(idx[take], minlength=data.meta[f"n_{modality}"]), int((counts > 0).sum())
 
 
+def counted(count, rows, ranks=None) -> np.ndarray:
+    """count(rows), an int64 array; with `ranks` of several processes (runtime.Ranks: `part`,
+    `total`), each process counts its part of `rows` and the parts are summed: the same counts, a
+    share of the work each."""
+    if ranks is None or not ranks.many:
+        return count(rows)
+    return ranks.total(torch.from_numpy(count(ranks.part(rows)))).numpy()
+
+
 # ------------------------------------------------------------------------------- no-learning scores
-def stay_baselines(data: Processed, train_rows, val_rows) -> tuple[dict, torch.Tensor]:
+def stay_baselines(data: Processed, train_rows, val_rows,
+                   ranks=None) -> tuple[dict, torch.Tensor]:
     """Validation MSE of three no-learning predictors fitted on the training stays: all zeros, each
     feature's rate, each (hour, feature) cell's mean. Exact, from cell counts: for binary y and a
     constant c per cell, Σ (c − y)² over n stays = n c² − 2 c Σy + Σy. Also returns the training
-    cell means (T, F)."""
+    cell means (T, F). `ranks`: counted across processes (`counted`)."""
     T, F = data.meta["seq_len"], data.meta["n_features"]
-    fit = cell_counts(data, train_rows).astype(float)                         # (T, F)
-    val = cell_counts(data, val_rows).astype(float)                           # (T, F)
+    fit = counted(lambda r: cell_counts(data, r), train_rows, ranks).astype(float)  # (T, F)
+    val = counted(lambda r: cell_counts(data, r), val_rows, ranks).astype(float)    # (T, F)
     n_fit, n_val = max(len(train_rows), 1), len(val_rows)
 
     def mse(c):  # c: constant prediction, broadcastable to (T, F)
@@ -68,15 +80,16 @@ def stay_baselines(data: Processed, train_rows, val_rows) -> tuple[dict, torch.T
     return baselines, torch.as_tensor(fit / n_fit, dtype=torch.float32)
 
 
-def code_priors(data: Processed, rows, mask_rate: float) -> dict:
+def code_priors(data: Processed, rows, mask_rate: float, ranks=None) -> dict:
     """Per-code probabilities of the two no-learning masked-code predictors, fitted on the
     admissions `rows` (the training split): "none" (0 everywhere) and "frequency": P(code is a
     masked target | not visible) = r f / (1 − (1 − r) f) for a code of frequency f and mask rate r
     (the best constant per code); {"none" | "frequency": {"icd": (V_icd,), "drug": (V_drug,)}}
-    float32 on the CPU."""
+    float32 on the CPU. `ranks`: counted across processes (`counted`)."""
     priors = {"none": {}, "frequency": {}}
     for m in ("icd", "drug"):
-        counts, n = code_counts(data, rows, m)
+        both = counted(lambda r: np.append(*code_counts(data, r, m)), rows, ranks)  # (V + 1,)
+        counts, n = both[:-1], int(both[-1])
         f = torch.as_tensor(counts / max(n, 1), dtype=torch.float32)  # (V,)
         priors["none"][m] = torch.zeros_like(f)
         priors["frequency"][m] = mask_rate * f / (1 - (1 - mask_rate) * f)

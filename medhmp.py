@@ -2,8 +2,9 @@
 
 Usage: python medhmp.py demo, or stage by stage: synth --out data/raw; preprocess --raw data/raw;
 pretrain --level stay; pretrain --level admission; evaluate --task all [--model all]; embed --level
-stay --out stays.npz. Options default to None: the command line only parses and delegates, every
-default lives in a config dataclass.
+stay --out stays.npz. Pretraining runs on several devices or machines under torchrun: `torchrun
+--nproc-per-node N -- medhmp.py pretrain ...` (docs/distributed.md). Options default to None: the
+command line only parses and delegates, every default lives in a config dataclass.
 """
 import dataclasses
 import functools
@@ -29,7 +30,7 @@ def _run(function, config_class, **options):
     try:
         with sigterm_as_interrupt():   # SIGTERM cleans up as Ctrl-C does (no .tmp left behind)
             return function(cfg)
-    except (InputError, runtime.NonFiniteLoss) as err:
+    except (InputError, runtime.NonFiniteLoss, runtime.RankFailure) as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:   # a write failed whatever the file (full disk, read-only): one line
         if err.errno not in WRITE_ERRNOS:
@@ -135,7 +136,9 @@ def preprocess(**options):
 @_options(train.StayPretrainConfig, "--data", "--run")
 @click.option("--epochs", type=Count, help="[default: 200 stay, 300 admission (paper)]")
 @click.option("--max-steps", type=Count, help="Stop after this many optimiser steps.")
-@click.option("--batch-size", type=Count, help="[default: 128 stay, 4096 admission (paper)]")
+@click.option("--batch-size", type=Count,
+              help="The global batch: under torchrun each of its N processes takes 1/N of it. "
+                   "[default: 128 stay, 4096 admission (paper)]")
 @click.option("--lr", type=PositiveFloat, help="[default: 5e-4 stay, 2e-5 admission (paper)]")
 @_option("--patience", train.StayPretrainConfig,
          "Stop after N passes without improvement (0: never).")
@@ -144,7 +147,8 @@ def preprocess(**options):
 @_options(train.StayPretrainConfig, "--device", "--precision", "--num-workers", "--d-model")
 @_option("--seed", train.StayPretrainConfig, type=Seed)
 def pretrain(level, **options):
-    """Pretrain the stay level (reconstruction), then the admission level (MCP + contrastive)."""
+    """Pretrain the stay level (reconstruction), then the admission level (MCP + contrastive); on N
+    devices: torchrun --nproc-per-node N -- medhmp.py pretrain ... (docs/distributed.md)."""
     _run(train.pretrain, train.LEVELS[level], **options)
 
 

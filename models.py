@@ -5,7 +5,10 @@ cfg)(batch)["loss"]`, `AdmissionPretrainer(AdmissionEncoder(cfg), cfg)(batch)`,
 `Classifier(encoder)(batch)` → logits. Reads and writes nothing: pure torch modules and functions.
 Batches are the `dict[str, Tensor]` of docs/data-format.md, already on the module's device. Imports
 no project module. The patient-level sequence models (LSTM, RETAIN, Dipole, AdaCare, HiTANet) that
-build on CodeEncoder are in sequence.py.
+build on CodeEncoder are in sequence.py. A pretrainer given a `Shard` (a run of several processes,
+docs/distributed.md) returns its process's share of the loss of the whole batch split across the
+processes: the contrastive negatives are gathered from every process, and every mean over rows or
+masked cells divides by the whole batch's count.
 
 Shape legend:
     B  batch                          T  hours (seq_len, 48)       F  features (n_features)
@@ -63,6 +66,18 @@ class ModelConfig:
         return cls(**{**{k: int(meta[k]) for k in cls.SIZES}, **overrides})
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's rows of a batch split across the processes of a run (DDP): rows offset ...
+    offset + b of the whole batch of `size` rows. The training loop builds it with the run's
+    collectives (runtime.Ranks), so this module needs nothing beyond torch. None (one process)
+    everywhere: the batch is the whole batch."""
+    offset: int       # this process's first row in the whole batch
+    size: int         # B: rows of the whole batch (this process holds b of them)
+    gather: object    # (b, ...) → (B, ...): every process's rows in order, gradients flowing back
+    total: object     # tensor → its sum over the processes (counts; no gradient)
+
+
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax over dim 1 of scores (B, L) restricted to mask (B, L) bool (None: all); a row with no
     True is all zeros, not NaN. The attention of the patient-level models and of the baselines."""
@@ -88,25 +103,30 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def masked_code_loss(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor,
-                     kind: str = "mse") -> torch.Tensor:
+                     kind: str = "mse", total=None) -> torch.Tensor:
     """L = Σ m ⊙ ℓ(pred, target) / Σ m; pred logits, target 0/1, loss_mask m bool, all (B, V) →
     scalar.
 
     kind "mse": ℓ = (σ(pred) − target)², paper Eq. 9, an MSE between σ(logits) and the masked codes;
     its element-wise product (lost in the printed equation) is read as restricting the mean to the
     positions the model cannot see (m = every position except the still-visible present codes). kind
-    "bce": ℓ is the binary cross-entropy of the logits. An empty mask gives 0.
+    "bce": ℓ is the binary cross-entropy of the logits. An empty mask gives 0. `total` (Shard.total,
+    a batch split across processes): Σ m is the whole batch's, so the processes' results add up to
+    the loss of the whole batch.
     """
     if kind == "mse":
         err = (torch.sigmoid(pred) - target) ** 2  # (B, V)
     else:
         err = F.binary_cross_entropy_with_logits(pred.float(), target.float(), reduction="none")
     m = loss_mask.to(err.dtype)
-    return (err * m).sum() / m.sum().clamp(min=1.0)
+    if total is None:
+        return (err * m).sum() / m.sum().clamp(min=1.0)
+    return (err * m).sum() / total(m.sum().float()).clamp(min=1.0)  # the whole batch's Σ m
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1,
-             include_positive: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+             include_positive: bool = False, rows: torch.Tensor | None = None,
+             shard: Shard | None = None) -> torch.Tensor:
     """One-directional InfoNCE a → b with in-batch negatives; a, b (B, D) → scalar (mean over B).
 
     s_ij = cos(a_i, b_j) / τ. Paper Eq. 10 (include_positive=False): u_i = −s_ii + log Σ_{j≠i}
@@ -115,8 +135,11 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1,
     denominator: −inf). `rows` (B,) bool: the loss of the rows a[rows], b[rows] alone (the others
     are neither anchors nor negatives; 0 when no row is kept), without indexing by the mask, which
     would read it back to the host. The caller keeps at least two rows (one in the paper form gives
-    an empty denominator).
+    an empty denominator). `shard`: a, b and rows are this process's rows of a batch split across
+    processes (`sharded_info_nce`).
     """
+    if shard is not None:
+        return sharded_info_nce(a, b, temperature, include_positive, rows, shard)
     s = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature  # (B, B)
     pos = s.diagonal()  # (B,)
     if not include_positive:
@@ -130,14 +153,41 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1,
     return u.sum() / rows.sum().clamp(min=1)
 
 
-def random_code_mask(codes: torch.Tensor, rate: float,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def sharded_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, include_positive: bool,
+                     rows: torch.Tensor | None, shard: Shard) -> torch.Tensor:
+    """info_nce's rows a (b, D) of this process against the columns b of the whole batch (B, D),
+    gathered from every process with their gradients: the negatives are the whole batch's, row i's
+    positive is column offset + i, and the result is this process's share (its rows' terms over
+    the whole batch's count), so the processes' shares add up to info_nce of the whole batch.
+    Memory is (b, B): linear in this process's rows."""
+    cols = shard.gather(b)  # (B, D)
+    s = F.normalize(a, dim=-1) @ F.normalize(cols, dim=-1).T / temperature  # (b, B)
+    own = torch.arange(len(a), device=s.device) + shard.offset  # (b,) each row's positive column
+    pos = s.gather(1, own[:, None]).squeeze(1)  # (b,)
+    if not include_positive:
+        s = s.masked_fill(own[:, None] == torch.arange(s.shape[1], device=s.device), float("-inf"))
+    if rows is None:
+        return (torch.logsumexp(s, dim=1) - pos).sum() / shard.size
+    kept = shard.gather(rows)  # (B,) the whole batch's rows kept
+    s = torch.where(rows[:, None], s.masked_fill(~kept[None, :], float("-inf")), 0.0)  # (b, B)
+    u = torch.where(rows, torch.logsumexp(s, dim=1) - pos, 0.0)  # (b,)
+    return u.sum() / kept.sum().clamp(min=1)
+
+
+def random_code_mask(codes: torch.Tensor, rate: float, generator: torch.Generator | None = None,
+                     shard: Shard | None = None) -> torch.Tensor:
     """keep (bool, same shape as codes): False exactly at the present codes that got masked.
 
     Each present code is masked independently with probability `rate` (paper App. B: 15 %); absent
-    codes are always kept, and no code is guaranteed to be masked (as in the official code).
+    codes are always kept, and no code is guaranteed to be masked (as in the official code). With a
+    `shard` the draws are the whole batch's (B, V), of which this process keeps its rows, so that
+    processes drawing from generators in the same state mask as one process would.
     """
-    u = torch.rand(codes.shape, generator=generator, device=codes.device)
+    if shard is None:
+        u = torch.rand(codes.shape, generator=generator, device=codes.device)
+    else:
+        u = torch.rand((shard.size, *codes.shape[1:]), generator=generator, device=codes.device)
+        u = u[shard.offset:shard.offset + len(codes)]  # (b, V) this process's rows
     return (u >= rate) | (codes == 0)
 
 
@@ -410,7 +460,9 @@ class StayPretrainer(nn.Module):
         else:  # no (T, F) bias: the read-out's (F,) bias starts at each feature's rate
             self.readout.bias.copy_(torch.logit(cell_mean.mean(0).clamp(1e-4, 1 - 1e-4)))
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, shard: Shard | None = None) -> dict:
+        """"loss" and "mse" (means over the batch's stays, hours and features) and "recon"; with a
+        `shard`, this process's share of the whole batch's means (its stays' mean times b / B)."""
         b = self.encoder(batch)  # (B, D)
         B = b.shape[0]
         h0 = b.unsqueeze(0)  # (1, B, D)
@@ -428,6 +480,8 @@ class StayPretrainer(nn.Module):
             loss = mse
         else:
             loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+        if shard is not None:
+            loss, mse = loss * (B / shard.size), mse * (B / shard.size)
         return {"loss": loss, "mse": mse.detach(), "recon": recon}
 
 
@@ -455,19 +509,22 @@ class AdmissionPretrainer(nn.Module):
             head.bias.copy_(torch.logit(prior[m].clamp(1e-6, 1 - 1e-6)))
             head.weight.zero_()
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+    def forward(self, batch: dict, generator: torch.Generator | None = None,
+                shard: Shard | None = None) -> dict:
         """Loss parts of one batch: "loss" (Eq. 11), "mcp", "cl", and "masked_codes" {"icd" |
         "drug": (targets, scored)} (B, V) each, the masks the code loss was scored on, so that the
-        trainer can score the no-learning predictors on the same masks (health.prior_losses)."""
+        trainer can score the no-learning predictors on the same masks (health.prior_losses). With
+        a `shard`, each part is this process's share of the whole batch's (module docstring)."""
         enc, cfg = self.encoder, self.cfg
+        total = None if shard is None else shard.total
         x, mask = enc.tokens(batch)  # (B, 4, D), (B, 4): full inputs, stays encoded once per step
         icd, drug = batch["icd"], batch["drug"]  # (B, V_icd), (B, V_drug)
 
         # (a) MCP: one view ⟨s, c', g', l⟩ with both code sets masked (paper Eq. 6; the official
         # code builds one view per code set and adds a learned count-of-masked-codes embedding; we
         # follow the paper)
-        keep_icd = random_code_mask(icd, cfg.mask_rate, generator)  # (B, V_icd)
-        keep_drug = random_code_mask(drug, cfg.mask_rate, generator)  # (B, V_drug)
+        keep_icd = random_code_mask(icd, cfg.mask_rate, generator, shard)  # (B, V_icd)
+        keep_drug = random_code_mask(drug, cfg.mask_rate, generator, shard)  # (B, V_drug)
         x_masked = torch.stack([x[:, 0], enc.icd_encoder(icd * keep_icd),
                                 enc.drug_encoder(drug * keep_drug), x[:, 3]],
                                dim=1)  # (B, 4, D), TOKENS order: stay and note unchanged
@@ -480,23 +537,31 @@ class AdmissionPretrainer(nn.Module):
                             ~(drug.bool() & keep_drug) & batch["drug_mask"][:, None])}
         logits = {"icd": self.icd_head(a_masked), "drug": self.drug_head(a_masked)}  # (B, V) each
         # official ½(·+·) over the two code sets
-        mcp = 0.5 * sum(masked_code_loss(logits[m], *targets[m], kind=cfg.code_loss)
+        mcp = 0.5 * sum(masked_code_loss(logits[m], *targets[m], kind=cfg.code_loss, total=total)
                         for m in targets)
 
         # (b) CL: r ∈ {c, g, l} (s is never the anchor, paper §2.3.3) against the fusion of the
         # other three; a term needs an in-batch negative (n ≥ 2 rows with the modality), counted on
-        # the device (no host sync)
+        # the device (no host sync), over the whole batch
+        present = mask.sum(dim=0) if shard is None else shard.total(mask.sum(dim=0))  # (4,)
         terms, used = [], []
         for i, name in enumerate(enc.TOKENS[1:], start=1):
-            used.append(mask[:, i].sum() >= 2)  # rows with modality r
+            used.append(present[i] >= 2)  # rows with modality r
             key = enc.fuse(x, mask, keep=tuple(t for t in enc.TOKENS if t != name))  # (B, D) = a\r
             terms.append(info_nce(x[:, i], key, cfg.temperature, cfg.cl_include_positive,
-                                  rows=mask[:, i] & used[-1]))
+                                  rows=mask[:, i] & used[-1], shard=shard))
         used = torch.stack(used).float()  # (3,) the terms kept; cl is their mean (0: none)
         cl = (torch.stack(terms) * used).sum() / used.sum().clamp(min=1)
 
         loss = mcp + cfg.cl_weight * cl  # paper Eq. 11
         return {"loss": loss, "mcp": mcp.detach(), "cl": cl.detach(), "masked_codes": targets}
+
+    def skip_masks(self, n: int, generator: torch.Generator) -> None:
+        """Draw and drop the code masks of a batch of n admissions: `generator` then stands where
+        `forward` on such a batch leaves it, so a process that validates only some of the batches
+        still masks each of its batches as one process validating them all does."""
+        for size in (self.cfg.n_icd, self.cfg.n_drug):  # forward's draws, in its order
+            torch.rand((n, size), generator=generator, device=generator.device)
 
 
 # --------------------------------------------------------------------------------------- downstream

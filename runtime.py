@@ -1,4 +1,5 @@
-"""Runtime: where and in what precision the models compute, and the optimiser step both loops share.
+"""Runtime: where and in what precision the models compute, the optimiser step both loops share, and
+the processes of a run.
 
 Usage: `device = resolve_device("auto")`, `amp = resolve_dtype("auto", device)`, then per step `with
 autocast(device, amp): loss = model(batch)` and `optimizer_step(loss, model, opt, grad_scaler(amp),
@@ -7,13 +8,21 @@ fine-tuning (evaluate.py) and embedding (embed.py) import it; it imports torch a
 (InputError) only. One mixed-precision path: bf16 or fp16 autocast on CUDA (a GradScaler for fp16),
 fp32 (or bf16 when asked) on the CPU. A non-finite loss is a NonFiniteLoss: fine-tuning checks each
 step (`check_finite`); pretraining keeps the flag on the device (`FiniteWatch`) and reads it at each
-log line and checkpoint. `check_seed` says which seeds those loops' generators take.
+log line and checkpoint. A run of several processes (torchrun, DistributedDataParallel) is a
+`Ranks`: `processes(device)` joins torchrun's process group (gloo on the CPU, nccl on CUDA) and
+leaves it at the end or on an error, and its collectives (`total`, `gather`, `objects`) are all
+that pretraining needs beyond DDP's own gradient averaging; a lost process is one `RankFailure`
+line (docs/distributed.md). `check_seed` says which seeds those loops' generators take.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from folders import InputError
 
@@ -32,6 +41,10 @@ def check_seed(seed: int) -> None:
     """One InputError line for a seed the training loops' generators cannot take."""
     if not 0 <= seed <= SEED_MAX:
         raise InputError(f"--seed {seed}: must be between 0 and {SEED_MAX}")
+
+
+class RankFailure(RuntimeError):
+    """Another process of a run of several (torchrun) stopped; every checkpoint on disk is whole."""
 
 
 # -------------------------------------------------------------------------------- device, precision
@@ -108,9 +121,10 @@ class FiniteWatch:
     and raises NonFiniteLoss: a non-finite step is never logged, validated or written, and the error
     names it."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, ranks: Ranks | None = None):
         self.step = torch.zeros((), dtype=torch.long, device=device)
         self.value = torch.zeros((), device=device)
+        self.ranks = ranks or Ranks(device=device)
 
     def see(self, loss: torch.Tensor, step: int) -> None:
         new = ~torch.isfinite(loss.detach()) & (self.step == 0)
@@ -118,11 +132,23 @@ class FiniteWatch:
         self.value = torch.where(new, loss.detach().float(), self.value)
 
     def check(self, level: str, saved_step: int | None, path: Path) -> None:
-        if int(self.step):  # the one read-back
+        """Raise NonFiniteLoss when a step's loss was NaN or inf; over several processes, when any
+        process's was (every process reads the same first step, so all of them stop together)."""
+        step, value = self.first()
+        if step:
             kept = (f"the last good checkpoint (step {saved_step}) is kept at {path}" if saved_step
                     else "no checkpoint was written")
-            raise NonFiniteLoss(f"the {level} loss became {float(self.value)} at step "
-                                f"{int(self.step)}; {kept}; lower --lr")
+            raise NonFiniteLoss(f"the {level} loss became {value} at step {step}; {kept}; "
+                                "lower --lr")
+
+    def first(self) -> tuple[int, float]:
+        """(step, loss) of the first non-finite loss seen by any process, (0, 0.0) when none."""
+        if not self.ranks.many:
+            step = int(self.step)  # the one read-back while the losses are finite
+            return step, float(self.value) if step else 0.0
+        seen = torch.stack([self.step.double(), self.value.double()])[None]  # (1, 2)
+        hits = [(int(s), v) for s, v in self.ranks.gather(seen).tolist() if s > 0]  # (N, 2) read
+        return min(hits, key=lambda hit: hit[0]) if hits else (0, 0.0)
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -156,3 +182,131 @@ def prefetch(batches, device: torch.device):
                 v.record_stream(torch.cuda.current_stream(device))
         ahead = None if ahead is None else move(ahead)
         yield current
+
+
+# ------------------------------------------------------------------------------- processes (DDP)
+@dataclass(frozen=True)
+class Ranks:
+    """The processes of one run and this one's place among them. torchrun starts one process per
+    device with RANK, WORLD_SIZE and LOCAL_RANK in its environment (`from_env`); a run of one
+    process is Ranks(), whose collectives return their input. `device` is where this process
+    computes (its own GPU under torchrun on CUDA) and where the collectives' tensors go."""
+    rank: int = 0
+    world: int = 1
+    local: int = 0                    # rank on this machine: which GPU this process drives
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def many(self) -> bool:
+        return self.world > 1
+
+    def sizes(self, n: int) -> tuple[int, ...]:
+        """Rows of each process's part of n rows in rank order: n // world, one more for the first
+        n % world processes (every process has a row once n >= world)."""
+        return tuple(n // self.world + (r < n % self.world) for r in range(self.world))
+
+    def part(self, rows):
+        """This process's contiguous part of `rows` (a list, array or tensor), as `sizes` splits
+        it."""
+        sizes = self.sizes(len(rows))
+        start = sum(sizes[:self.rank])
+        return rows[start:start + sizes[self.rank]]
+
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the processes (counts and sums; no gradient), on x's device."""
+        if not self.many:
+            return x
+        summed = x.detach().to(self.device, copy=True)
+        dist.all_reduce(summed)
+        return summed.to(x.device)
+
+    def gather(self, x: torch.Tensor, sizes: tuple[int, ...] | None = None) -> torch.Tensor:
+        """(sizes[rank], ...) -> (sum(sizes), ...): every process's rows in rank order (`sizes`:
+        each process's row count, known to every process; None: all len(x)). The gradient of the
+        result flows back to each process's own rows, summed over the processes that used them
+        (the functional all-gather's reduce-scatter). Unequal parts are padded to the longest for
+        the collective and the padding is cut out again."""
+        if not self.many:
+            return x
+        sizes = sizes or (len(x),) * self.world
+        longest, flag = max(sizes), x.dtype == torch.bool
+        y = x.to(torch.uint8) if flag else x  # the collectives move no bool
+        if len(y) < longest:
+            y = torch.cat([y, y.new_zeros(longest - len(y), *y.shape[1:])])  # (longest, ...)
+        # imported here: a torch built without distributed support still runs one process
+        from torch.distributed import _functional_collectives as functional
+        # all_gather_single (torch 2.13), all_gather_tensor_autograd before it: the same gather
+        gather = (getattr(functional, "all_gather_single", None)
+                  or functional.all_gather_tensor_autograd)
+        y = gather(y, 0, dist.group.WORLD)  # (world * longest, ...)
+        if min(sizes) < longest:
+            y = torch.cat([y[r * longest:r * longest + n] for r, n in enumerate(sizes)])
+        return y.bool() if flag else y
+
+    def objects(self, obj) -> list:
+        """Every process's `obj` (picklable), in rank order."""
+        if not self.many:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def from_env(environ) -> Ranks:
+    """The Ranks torchrun describes in `environ` (RANK, WORLD_SIZE, LOCAL_RANK); Ranks() when it
+    does not (a plain `python medhmp.py` run)."""
+    rank, world, local = (int(environ.get(name, default))
+                          for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    return Ranks(rank, world, local)
+
+
+@contextlib.contextmanager
+def processes(device: torch.device):
+    """The Ranks of this run, computing on `device`. Under torchrun (WORLD_SIZE > 1) it joins the
+    run's process group through torchrun's rendezvous (env://): gloo on the CPU, nccl on CUDA, where
+    each process takes the GPU of its LOCAL_RANK; the group is destroyed at the end and on any
+    error. A group the caller started already (the tests, a program that runs pretraining inside
+    its own) is used and left to the caller. A collective that fails because another process died
+    is one RankFailure line."""
+    started = dist.is_available() and dist.is_initialized()
+    ranks = (Ranks(dist.get_rank(), dist.get_world_size(),
+                   int(os.environ.get("LOCAL_RANK", dist.get_rank()))) if started
+             else from_env(os.environ))
+    ranks = Ranks(ranks.rank, ranks.world, ranks.local, own_device(ranks, device))
+    owned = ranks.many and not started
+    if owned:
+        dist.init_process_group("nccl" if ranks.device.type == "cuda" else "gloo")
+    try:
+        yield ranks
+    except RuntimeError as err:
+        if not (ranks.many and lost_process(err)):
+            raise
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:200]
+        raise RankFailure(f"process {ranks.rank} of {ranks.world} stopped: a collective of the run "
+                          f"failed, most often because another process died ({reason}); the "
+                          "checkpoints on disk are whole and --resume continues from the last "
+                          "one") from None
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def own_device(ranks: Ranks, device: torch.device) -> torch.device:
+    """Where a process of `ranks` computes: `device`, except that each of several processes on CUDA
+    takes the GPU of its LOCAL_RANK (made current; no device index is written anywhere)."""
+    if not (ranks.many and device.type == "cuda"):
+        return device
+    if ranks.local >= torch.cuda.device_count():
+        raise InputError(f"process {ranks.rank} (LOCAL_RANK {ranks.local}) has no GPU of its own: "
+                         f"this machine has {torch.cuda.device_count()}; start at most that many "
+                         "processes on it, or pass --device cpu")
+    device = torch.device("cuda", ranks.local)
+    torch.cuda.set_device(device)
+    return device
+
+
+def lost_process(err: RuntimeError) -> bool:
+    """Whether `err` is a collective that failed: torch's DistError, or gloo's and nccl's plain
+    RuntimeError (gloo says "Connection closed by peer" when a process of the run died)."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(s in text for s in ("gloo", "NCCL", "by peer"))

@@ -439,6 +439,7 @@ def test_sequence_classifier_respects_visit_mask(cfg, kind):
     assert not torch.allclose(out, model(changed))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pretrainers_on_cuda_with_bf16_autocast(cfg):
     dev = torch.device("cuda")

@@ -544,7 +544,7 @@ def test_a_write_that_fails_whatever_the_file_is_one_line_from_every_command(cod
         raise OSError(code, os.strerror(code), str(tmp_path / "run" / "log.jsonl"))
     for module, name, args in ((evaluate, "evaluate", ["evaluate", "--task", "mortality"]),
                                (embed, "embed", ["embed", "--level", "stay"]),
-                               (train, "run_stage", ["pretrain", "--level", "stay"])):
+                               (train, "pretrain_stage", ["pretrain", "--level", "stay"])):
         monkeypatch.setattr(module, name, fail)
         msg = one_line_error(_cli(*args, "--run", tmp_path / "run"))
         assert f"cannot write there ({os.strerror(code)}" in msg, msg
