@@ -540,7 +540,7 @@ def test_pretrain_into_a_run_that_is_a_file_is_one_line(tmp_path, no_work):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_a_write_that_fails_whatever_the_file_is_one_line_from_every_command(code, tmp_path,
                                                                              monkeypatch):
-    def fail(cfg):
+    def fail(cfg, *rest):
         raise OSError(code, os.strerror(code), str(tmp_path / "run" / "log.jsonl"))
     for module, name, args in ((evaluate, "evaluate", ["evaluate", "--task", "mortality"]),
                                (embed, "embed", ["embed", "--level", "stay"]),
