@@ -58,7 +58,7 @@ class DemoConfig:
     patients: int = 400
     seed: int = 0
     # demo sizes, not the paper's, so that the demo (with its shuffled control) ends in under 10
-    # minutes on a 2-core CPU (README, Results)
+    # minutes on a 2-core CPU (docs/results.md)
     # (paper: d = 256, 200 + 300 pretraining epochs, 5 seeds of up to 30 fine-tuning epochs)
     d_model: int = 64                 # paper 256; 64 fine-tunes ~6x faster per sample on a CPU
     stay_epochs: int = 40             # stage 1 reconstruction, batch 32, early-stopped
@@ -146,8 +146,8 @@ def _trinetx(cfg: DemoConfig) -> tuple[dict, dict]:
                                                layout="trinetx", seed=cfg.seed,
                                                overwrite=cfg.overwrite, quiet=cfg.quiet))
     # --icd 9: the MIMIC-III vocabulary knows no ICD-10 code, so the extract's ICD-10 encounters
-    # would be empty visits (README, Inputs); its cases diagnosed after their switch to ICD-10 are
-    # left out instead
+    # would be empty visits (docs/preprocessing.md, Inputs); its cases diagnosed after their switch
+    # to ICD-10 are left out instead
     pipeline.preprocess(pipeline.PreprocessConfig(raw=raw, out=processed, split=cfg.split,
                                                   seed=cfg.seed, icd="9",
                                                   vocab_from=out / "processed", quiet=cfg.quiet))
@@ -294,8 +294,7 @@ def _demo(cfg: DemoConfig) -> dict:
     rep.log(f"what this shows: a {cfg.patients}-patient demo shows that every stage runs and says "
             f"whether it learned; with test splits of a few dozen examples and {cfg.seeds} seeds "
             "its intervals (which hold the seed and test-set spread) are too wide to say whether "
-            "pretraining helps: bench/transfer.py answers that (README, Does pretraining "
-            "transfer?)")
+            "pretraining helps: bench/transfer.py answers that (docs/results.md)")
     (Path(cfg.out) / "low_label.json").write_text(json.dumps(few, indent=1, default=float))
     rep.log(f"demo finished in {time.perf_counter() - start:.0f} s; results in "
             f"{Path(cfg.out) / 'run' / 'results.csv'}"

@@ -75,8 +75,9 @@ class FinetuneConfig:
     # applies to every level when given, else the level's own. Paper App. B grid: batch {16, 32,
     # 64} x lr [2e-5, 5e-3]. Stay/admission: the grid's top, 5e-3 with batch 16, was the best of
     # {5e-3, 2e-2, 5e-2} on the synthetic demo cohort. Patient: 5e-2, beyond the grid: ~100
-    # training patients give SGD ~200 steps in 30 epochs, too few at 5e-3 (README, What does not
-    # work yet; the paper's cohorts are 10-100x larger, and the official patient code uses Adam).
+    # training patients give SGD ~200 steps in 30 epochs, too few at 5e-3 (docs/results.md,
+    # Fine-tuning choices; the paper's cohorts are 10-100x larger, and the official patient code
+    # uses Adam).
     lr: tuple[float, ...] | None = None
     lr_stay: float = 5e-3
     lr_admission: float = 5e-3
@@ -90,7 +91,7 @@ class FinetuneConfig:
     select_on: str = "auprc"
     # dropout before the output layer. fidelity: official HMP uses 0.2 (stay), HADM_CLS and the
     # patient models 0.8; on the synthetic demo cohort 0.8 hurt readmission and did not help the
-    # patient tasks (README, What does not work yet), so 0.2 everywhere.
+    # patient tasks (docs/results.md, Fine-tuning choices), so 0.2 everywhere.
     dropout: float = 0.2
     # train only the head on the frozen encoder (a linear probe at stay and admission level; the
     # sequence model on frozen code embeddings at patient level)

@@ -3,7 +3,8 @@
 Usage: `binary_metrics(y, p)` -> {"auroc", "auprc", "auprc_trapezoid", "f1", "kappa"};
 `replicate_interval(y, a, auroc, b=b)` -> the mean Δ over paired replicates with an interval that
 holds both the replicate spread and the test-set spread (the one evaluate, the demo and the paper
-tables print; chosen by the coverage bench/calibration.py measures, README "How sure is a Δ?");
+tables print; chosen by the coverage bench/calibration.py measures: README, "Evaluation, and how
+sure a Δ is");
 `bootstrap_ci` and `paired_delta` resample the test examples only (kept for comparison). Checked
 against scikit-learn and scipy in the tests (tests/test_evaluate.py, tests/test_intervals.py), which
 they are only test dependencies of. A module of its own (docs/design.md, Modules): it imports

@@ -268,8 +268,8 @@ class TimeSeriesEncoder(nn.Module):
             return self.input_proj.new_zeros(0, self.input_proj.shape[1])  # (0, D)
         x = self.project(ts_idx, n)  # (n, T, D)
         # perf: on the CPU, oneDNN's LSTMs over thousands of stays at once lose cache locality;
-        # chunks of `rnn_chunk` stays give the same result faster at admission batch sizes (README,
-        # Performance). cuDNN wants the whole batch, so CUDA runs it in one piece.
+        # chunks of `rnn_chunk` stays give the same result faster at admission batch sizes (docs/
+        # performance.md). cuDNN wants the whole batch, so CUDA runs it in one piece.
         size = n if x.is_cuda or self.rnn_chunk <= 0 else self.rnn_chunk
         return torch.cat([self._recur(x[i:i + size]) for i in range(0, n, size)])  # (n, D)
 
@@ -440,8 +440,8 @@ class StayPretrainer(nn.Module):
         # width D and a linear read-out to F (the official code feeds b as the first input of an
         # F-wide LSTM instead). With b as the initial state only (decoder_input "zeros") the decoder
         # learns the features' average pattern and b carries little; feeding b as every hour's input
-        # as well ("stay", the default) lets it carry the stay (README, "Why pretraining did not
-        # learn": bench/learning.py).
+        # as well ("stay", the default) lets it carry the stay (docs/results.md, "Why
+        # pretraining did not learn": bench/learning.py).
         self.decoder_input, self.recon_loss = cfg.decoder_input, cfg.recon_loss
         self.decoder = nn.LSTM(cfg.d_model if cfg.decoder_input == "stay" else 1, cfg.d_model,
                                batch_first=True)

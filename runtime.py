@@ -286,6 +286,9 @@ def processes(device: torch.device):
                           f"failed, most often because another process died ({reason}); the "
                           "checkpoints on disk are whole and --resume continues from the last "
                           "one") from None
+    else:
+        if owned:   # every process reaches the end before any tears its connections down: gloo
+            dist.barrier()   # aborted a process whose peer was still connected (seen under load)
     finally:
         if owned:
             dist.destroy_process_group()

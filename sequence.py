@@ -207,7 +207,7 @@ class SequenceClassifier(nn.Module):
         real visits of `batches` (codes only, no labels). fidelity: the paper feeds the ICD MLP's
         output to the sequence model as it is; pretrained, that output is ~4x smaller and sparser
         than a fresh MLP's, and SGD on a fresh sequence model did not use it with <= 100 labels
-        (README, Results: patient level)."""
+        (docs/results.md, Patient-level inputs)."""
         # (visits, D): every real visit's embedding
         z = torch.cat([self.code_encoder(b["icd"])[b["visit_mask"]] for b in batches])
         self.code_mean.copy_(z.mean(0))
