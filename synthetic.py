@@ -840,6 +840,14 @@ def _write_chunk(sink, cfg: SynthConfig, world: World, chunk: int, pat: dict, ad
         # MIMIC-III: a date, MIMIC-IV: midnight
         **{"chartdate" if cfg.layout == "mimic3" else "charttime":
            _ts(adm["disch"][k] // _DAY * _DAY, "date" if cfg.layout == "mimic3" else "datetime")}))
+    _write_icu_events(sink, cfg, world, rng, ids, a_ids, adm, st)
+
+
+def _write_icu_events(sink, cfg: SynthConfig, world: World, rng, ids, a_ids: dict, adm: dict,
+                      st: dict) -> None:
+    """The event tables of one chunk (labs, outputs, datetime, input, procedure and chart events;
+    _write_chunk's second half): `rng(purpose)` is the chunk's random stream of a table, `ids(rows)`
+    the id columns of stays `rows`."""
     hourly = world.hourly
     offsets = rng(5).standard_normal((len(st["id"]), len(hourly["item"])))   # per stay and variable
     for table, purpose in (("lab", 6), ("output", 7), ("datetime", 8), ("input", 9),

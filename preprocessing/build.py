@@ -118,21 +118,30 @@ def build_mimic(cfg, raw: Path, layout: str, *, rep, note_cache: dict, reader=No
     for rows, steps in (readmission_labels(admissions, admission_arrays, cfg),
                         patient_labels(admissions, codes["diagnoses"], patients, subjects, cfg)):
         labels, task_steps = labels + rows, {**task_steps, **steps}
-    n_cells = len(stays["stay_id"]) * cfg.seq_len * max(1, len(ts_spec["columns"]))
-    meta = {"seq_len": cfg.seq_len, **_feature_meta(cfg, ts_spec, static_spec),
-            "n_icd": len(codes["icd_vocab"]), "n_drug": len(codes["drug_vocab"]),
-            "note_dim": notes["dim"], "icd_vocab": codes["icd_vocab"],
-            "drug_vocab": codes["drug_vocab"], "drug_code": cfg.drug_code, "icd": codes["icd"],
-            "notes": notes["info"], "attrition": {**attrition, **task_steps}, "skipped": skipped,
-            "counts": {"patients": len(subjects), "admissions": len(admissions["hadm_id"]),
-                       "stays": len(stays["stay_id"]), "active_cells": len(ts["ts_feat"]),
-                       "density": round(len(ts["ts_feat"]) / max(1, n_cells), 5)}}
+    meta = _mimic_meta(cfg, subjects, admissions, stays, codes, notes, ts, ts_spec, static_spec,
+                       {**attrition, **task_steps}, skipped)
     if overlaps:
         meta["overlapping_stays"], line = _overlap_record(overlaps, reader.stay_group)
         warnings.append(line)
     meta["skipped"] = skipped_record(meta["skipped"], sources)
     return Built(meta, stay_arrays, admission_arrays, labels,
                  _splits_json(subjects, split, cfg), sources, notes["embeddings"], warnings)
+
+
+def _mimic_meta(cfg, subjects, admissions: dict, stays: dict, codes: dict, notes: dict, ts: dict,
+                ts_spec: dict, static_spec: dict, attrition: dict, skipped: dict) -> dict:
+    """build_mimic's meta.json before the overlapping stays and the tables' own skipped rows: the
+    features, code vocabularies, notes, `attrition` (the cohorts' and the tasks'), `skipped` and the
+    counts of what was kept."""
+    n_cells = len(stays["stay_id"]) * cfg.seq_len * max(1, len(ts_spec["columns"]))
+    return {"seq_len": cfg.seq_len, **_feature_meta(cfg, ts_spec, static_spec),
+            "n_icd": len(codes["icd_vocab"]), "n_drug": len(codes["drug_vocab"]),
+            "note_dim": notes["dim"], "icd_vocab": codes["icd_vocab"],
+            "drug_vocab": codes["drug_vocab"], "drug_code": cfg.drug_code, "icd": codes["icd"],
+            "notes": notes["info"], "attrition": attrition, "skipped": skipped,
+            "counts": {"patients": len(subjects), "admissions": len(admissions["hadm_id"]),
+                       "stays": len(stays["stay_id"]), "active_cells": len(ts["ts_feat"]),
+                       "density": round(len(ts["ts_feat"]) / max(1, n_cells), 5)}}
 
 
 class CsvReader:
