@@ -32,7 +32,7 @@ Steps (each reuses what an earlier run finished, so a stopped run continues wher
 Cache keys hold a digest of the settings that shape each result and of the code (every root module
 and the preprocessing package), so a rerun after a change recomputes what the change touches.
 Progress and times go to stdout and OUT/log.jsonl. One torch thread per process; `--jobs` processes.
-Times: README, Does pretraining transfer?
+Times and results: docs/results.md.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ METRICS = {"auroc": auroc, "auprc": auprc}
 @dataclass(frozen=True)
 class TransferConfig:
     out: Path = Path("runs/transfer")
-    seed: int = 1                         # the data world; 0 is the development world (README)
+    seed: int = 1                         # the data world; 0: the development one (results.md)
     # synthetic.SynthConfig: how strongly the latents drive the data
     strength: float = 1.0
     label_noise: float = 0.0
@@ -572,10 +572,10 @@ def holm(lines: list[dict], cfg: TransferConfig) -> None:
 
 
 def verdict(cfg: TransferConfig, lines: list[dict]) -> dict:
-    """The pass criteria (README): A/A covers 0 in >= 93% of its cells; neither negative control has
-    its interval wholly above 0 in more than 5% of its cells; MedHMP's Δ AUROC >= 0.03 with its
-    Holm-corrected interval above 0 at every label count <= holm_max_labels on >= 5 of the 8 rows;
-    and where MedHMP passes, whether it is ahead of raw-linear."""
+    """The pass criteria (docs/results.md): A/A covers 0 in >= 93% of its cells; neither negative
+    control has its interval wholly above 0 in more than 5% of its cells; MedHMP's Δ AUROC >= 0.03
+    with its Holm-corrected interval above 0 at every label count <= holm_max_labels on >= 5 of the
+    8 rows; and where MedHMP passes, whether it is ahead of raw-linear."""
     get = {(x["task"], x["labels"], x["arm"]): x for x in lines}
     few = [n for n in cfg.labels if 0 < n <= cfg.holm_max_labels]
     out = {"kind": "verdict", "seed": cfg.seed, "strength": cfg.strength,

@@ -53,7 +53,7 @@ class PreprocessConfig:
     drug_code: str = "drug"
     # ICD systems kept: 9 | 10 | both. fidelity: the paper (MIMIC-III) has ICD-9 only, where
     # both = 9; on MIMIC-IV `9` drops every admission coded after October 2015, about half of them
-    # (README, Inputs)
+    # (docs/preprocessing.md, Inputs)
     icd: str = "both"
     # reuse another processed folder's vocabularies and features
     vocab_from: Path | None = None

@@ -737,7 +737,7 @@ def _days_from_civil(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 def unique(x: np.ndarray, return_inverse: bool = False, return_counts: bool = False):
     """np.unique by sorting. numpy 2.x hashes integers in np.unique, far slower than a sort on wide
-    int64 keys (README, Performance), and our composite keys are wide."""
+    int64 keys (docs/performance.md), and our composite keys are wide."""
     if not (return_inverse or return_counts):
         s = np.sort(x)
         return s[np.append(True, s[1:] != s[:-1])] if len(s) else s
